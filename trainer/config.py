@@ -1,4 +1,8 @@
-"""Config sections owned by stage 2 (see pipeline/config.py for the whole schema)."""
+"""Config sections owned by stage 2 (see pipeline/config.py for the whole schema).
+
+Every key is documented here next to its default; `trainer/train.py` validates the combinations that a
+dataclass cannot (e.g. segment names) before any step runs.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,40 @@ from typing import Literal
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
+    """The stage-2 student loop (AdamW, warmup + cosine LR, lambda_kv schedule, checkpoints)."""
+
+    store: str | None = None  # the teacher-state store to train from; None = `extract.store`
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # samples per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     aligner_lr: float | None = None  # None = same as lr
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
+    weight_decay: float = 0.01  # on the student's matrices only (not norms/biases, not the aligner)
+    warmup_steps: int = 20  # linear LR warm-up from 0, then cosine down to lr * min_lr_ratio at `steps`
     min_lr_ratio: float = 0.1
-    clip_grad: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    ckpt_every: int = 100
-    log_every: int = 10
-    num_workers: int = 1
-    prefetch_factor: int = 4
-    ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])
-    struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])
+    clip_grad: float = 1.0  # max global grad norm over student + aligner (0 = no clipping)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # passed to accelerate (fp16 needs a GPU)
+    # How lambda_kv (the top-level weight of loss_struct) changes over the run:
+    # "constant"; "linear" = linear decay to 0 at `steps`; "cosine" = cosine decay to 0 at `steps`.
+    # `lambda_warmup_steps` > 0 first ramps lambda linearly from 0 up to lambda_kv (decay starts after it).
+    lambda_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lambda_warmup_steps: int = 0
+    ckpt_every: int = 100  # accelerate.save_state every N steps (and always at the end; 0 = end only)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (>= 1)
+    log_every: int = 10  # steps between metrics.jsonl rows (the first and last steps are always logged)
+    num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
+    prefetch_factor: int = 4  # batches each worker reads ahead
+    ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
+    struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
+    progress: bool = True  # tqdm progress bar on the main process
 
 
 @dataclass
 class EvalConfig:
-    every: int = 100
+    """Held-out evaluation on the store's eval split (CE per segment, answer-token accuracy, greedy EM)."""
+
+    every: int = 100  # steps between evaluations (0 = only at the end); the end always evaluates
     batch_size: int = 16
-    max_samples: int | None = None
+    max_samples: int | None = None  # cap on eval samples for CE / accuracy (None = the whole split)
     greedy_samples: int = 64  # held-out samples decoded greedily for answer exact-match (0 = skip)
     max_new_tokens: int = 32
