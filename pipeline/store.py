@@ -1,0 +1,342 @@
+"""The kvmap teacher-state store: a Zarr v3 group with a packed, token-major layout (schema v1).
+
+Shape glossary: N tokens in a split (all samples packed end to end, no padding), S samples, L stored
+teacher layers, H query heads, G KV heads, D head dim, T tokens of one sample.
+
+Schema (schema_version 1)::
+
+    STORE.zarr/                       Zarr v3 group; attributes below
+      train/
+        input_ids     (N,) int32      token ids of all kept samples, packed in sample order
+        segment_ids   (N,) int8       P=0 prompt, R=1 reasoning, A=2 answer (padding is never stored)
+        answer_mask   (N,) uint8      1 on answer-bearing tokens (the answer string inside R and A)
+        offsets       (S,) int64      first token of sample i on the packed axis
+        lengths       (S,) int32      tokens of sample i (sample i = [offsets[i], offsets[i] + lengths[i]))
+        rows          (S,) int64      row index of sample i in the source dataset (skipped rows are absent)
+        layers/{l}/q  (N, H, D)       teacher layer l (0-based), post-RoPE queries
+        layers/{l}/k  (N, G, D)       post-RoPE keys, KV heads before any GQA repeat
+        layers/{l}/v  (N, G, D)       values, KV heads before any GQA repeat
+      eval/                           the held-out split: input_ids, segment_ids, answer_mask, offsets,
+                                      lengths, rows only (no states); absent when the config has no eval data
+      _kvmap_progress/                only while incomplete: one JSON done-marker per finished write chunk
+
+    dtype "bfloat16": states are stored as the raw 16-bit words (zarr dtype uint16; numpy and zarr have no
+    bfloat16) and viewed back on read; dtype "float16": stored as float16 (overflow is an extraction error).
+    State arrays are sharded: one shard = `chunk_tokens` tokens (the unit of writing, resuming and rank
+    ownership), holding inner chunks of `inner_chunk_tokens` tokens (the unit of random-access reads).
+    Codec "zstd-shuffle" (default) = byte shuffle (element size 2) + Zstd (lossless; ~1.46x on bf16).
+
+Group attributes: schema_version, complete (true only once every chunk is written), teacher {path,
+model_type, config_hash, num_layers, num_heads, num_kv_heads, head_dim, hidden_size, rope}, layers (stored
+teacher layers, ascending), components, tokenizer {name, vocab_size, hash}, dtype, storage_dtype, codec,
+compression_level, chunk_tokens, inner_chunk_tokens, segments, dataset {train|eval: {source, rows, kept,
+skipped}}, config_fingerprint (of the extraction config + data; a re-run with another config is refused),
+and, once complete, summary (tokens, bytes, compression ratio, wall time, teacher accuracy).
+
+Example:
+    store = KVStore("stores/default.zarr", require_complete=True)
+    s = store.read_sample(0)  # s["k"]: (L, G, T, D) float32
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "eval")
+COMPONENTS = ("q", "k", "v")
+TOKEN_ARRAYS = {"input_ids": "int32", "segment_ids": "int8", "answer_mask": "uint8"}
+SAMPLE_ARRAYS = {"offsets": "int64", "lengths": "int32", "rows": "int64"}
+PROGRESS_DIR = "_kvmap_progress"
+# Attributes that change between otherwise identical stores (timings) are left out of the fingerprint.
+VOLATILE_ATTRS = ("complete", "summary")
+STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16"}
+FP16_MAX = 65504.0
+
+
+@contextlib.contextmanager
+def quiet_codecs():
+    """Silence zarr's "Numcodecs codecs are not in the Zarr version 3 specification" warning.
+
+    zarr emits it whenever an array using the byte-shuffle codec is created or opened; kvmap stores are
+    read back with zarr-python (which ships the codec), so the portability note is noise.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Numcodecs codecs are not in the Zarr", category=UserWarning
+        )
+        yield
+
+
+def make_compressors(codec: str, level: int = 1) -> list:
+    """Zarr v3 compressor list for a codec name ("zstd-shuffle" | "zstd" | "blosc-lz4" | "none")."""
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [zarr.codecs.ZstdCodec(level=level)]
+    if codec == "blosc-lz4":
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle", typesize=2)]
+    if codec == "zstd-shuffle":
+        from zarr.codecs.numcodecs import Shuffle
+
+        with quiet_codecs():
+            return [Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=level)]
+    raise ValueError(f"codec={codec!r}: expected one of 'zstd-shuffle', 'zstd', 'blosc-lz4', 'none'")
+
+
+def fingerprint_of(attrs: dict) -> str:
+    """Stable short hash of store attributes (volatile keys such as `complete` and `summary` excluded)."""
+    stable = {k: v for k, v in attrs.items() if k not in VOLATILE_ATTRS}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_states(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Float tensor -> numpy array of the storage dtype (bf16 as uint16 words). Callers check range first."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
+    if dtype == "float16":
+        return x.to(torch.float16).cpu().numpy()
+    raise ValueError(f"dtype={dtype!r}: expected 'bfloat16' or 'float16'")
+
+
+def decode_states(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Numpy array of the storage dtype -> float32 torch tensor (exact: every 16-bit value is a float32)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype == "bfloat16":
+        return t.view(torch.bfloat16).float()
+    return t.float()
+
+
+@dataclass
+class PackedSplit:
+    """One split's samples packed end to end: token arrays (N,) plus per-sample offsets/lengths/rows (S,)."""
+
+    input_ids: np.ndarray
+    segment_ids: np.ndarray
+    answer_mask: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[dict], rows: Sequence[int]) -> PackedSplit:
+        """Pack tokenised samples (dicts with 1-D `input_ids`, `segment_ids`, `answer_mask`)."""
+        lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int32)
+        if len(samples) and lengths.min() < 1:
+            raise ValueError(f"sample {int(lengths.argmin())} has 0 tokens: expected at least 1")
+        offsets = np.zeros(len(samples), dtype=np.int64)
+        offsets[1:] = np.cumsum(lengths[:-1], dtype=np.int64)
+
+        def cat(key, dt):
+            parts = [np.asarray(torch.as_tensor(s[key]).cpu(), dtype=dt).reshape(-1) for s in samples]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
+
+        return cls(
+            input_ids=cat("input_ids", np.int32),
+            segment_ids=cat("segment_ids", np.int8),
+            answer_mask=cat("answer_mask", np.uint8),
+            offsets=offsets,
+            lengths=lengths,
+            rows=np.asarray(rows, dtype=np.int64).reshape(-1),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.input_ids, self.segment_ids, self.answer_mask, self.lengths, self.rows):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def samples_in(self, start: int, end: int) -> np.ndarray:
+        """Indices of the samples overlapping packed token range [start, end)."""
+        ends = self.offsets + self.lengths
+        lo = int(np.searchsorted(ends, start, side="right"))
+        hi = int(np.searchsorted(self.offsets, end, side="left"))
+        return np.arange(lo, hi)
+
+
+class KVStore:
+    """Reader for a kvmap store (see the module docstring for the schema).
+
+    Args:
+        path: the store folder (`*.zarr`).
+        require_complete: raise if the store is not marked complete (an interrupted extraction).
+    Example:
+        store = KVStore("stores/default.zarr")
+        s = store.read_sample(3, layers=store.layers[:2], components=("k", "v"))  # s["k"]: (2, G, T, D)
+    """
+
+    def __init__(self, path: str | Path, require_complete: bool = False):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise FileNotFoundError(
+                f"store '{self.path}' does not exist (no zarr.json): run pipeline/extract.py"
+            )
+        self.group = zarr.open_group(str(self.path), mode="r")
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        version = self.attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"store '{self.path}': schema_version={version!r}, expected {SCHEMA_VERSION}")
+        if require_complete and not self.complete:
+            raise ValueError(f"store '{self.path}' is not complete (interrupted extraction?): re-run extract")
+        self.dtype: str = self.attrs["dtype"]
+        self.layers: list[int] = list(self.attrs["layers"])
+        self.components: list[str] = list(self.attrs["components"])
+        self._sample_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.attrs)
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.group]
+
+    def _split(self, split: str):
+        if split not in self.splits:
+            raise KeyError(f"split={split!r}: store '{self.path}' has splits {self.splits}")
+        return self.group[split]
+
+    def _array(self, split: str, name: str) -> zarr.Array:
+        key = (split, name)
+        if key not in self._arrays:
+            g = self._split(split)
+            with quiet_codecs():
+                self._arrays[key] = g[name]
+        return self._arrays[key]
+
+    def _per_sample(self, split: str, name: str) -> np.ndarray:
+        key = (split, name)
+        if key not in self._sample_cache:
+            self._sample_cache[key] = np.asarray(self._array(split, name)[:])
+        return self._sample_cache[key]
+
+    def num_samples(self, split: str = "train") -> int:
+        return int(self._array(split, "lengths").shape[0])
+
+    def num_tokens(self, split: str = "train") -> int:
+        return int(self._array(split, "input_ids").shape[0])
+
+    def lengths(self, split: str = "train") -> np.ndarray:
+        """(S,) int32 sample lengths in tokens."""
+        return self._per_sample(split, "lengths")
+
+    def offsets(self, split: str = "train") -> np.ndarray:
+        """(S,) int64 start of each sample on the packed token axis."""
+        return self._per_sample(split, "offsets")
+
+    def array(self, layer: int, component: str, split: str = "train") -> zarr.Array:
+        """The raw zarr array (N, H|G, D) of one teacher layer / component (storage dtype)."""
+        if layer not in self.layers:
+            raise KeyError(f"layer={layer}: store '{self.path}' holds teacher layers {self.layers}")
+        if component not in self.components:
+            raise KeyError(f"component={component!r}: store '{self.path}' holds {self.components}")
+        return self._array(split, f"layers/{layer}/{component}")
+
+    def read_samples(
+        self,
+        indices: Sequence[int],
+        split: str = "train",
+        layers: Sequence[int] | None = None,
+        components: Sequence[str] = COMPONENTS,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Read several samples with all zarr reads issued concurrently (the trainer's batch loader).
+
+        Returns one dict per index, as `read_sample`.
+        """
+        offsets, lengths = self.offsets(split), self.lengths(split)
+        n = len(lengths)
+        for i in indices:
+            if not -n <= int(i) < n:
+                raise IndexError(f"sample index {i}: split {split!r} has {n} samples")
+        layers = self.layers if layers is None else [int(x) for x in layers]
+        comps = list(components) if "layers" in self._split(split) else []
+        token_arrays = [self._array(split, name) for name in TOKEN_ARRAYS]
+        state_arrays = [self.array(layer, c, split) for c in comps for layer in layers]
+        sels = [slice(int(offsets[i]), int(offsets[i]) + int(lengths[i])) for i in indices]
+
+        async def fetch():
+            jobs = [a.async_array.getitem(s) for s in sels for a in token_arrays + state_arrays]
+            return await asyncio.gather(*jobs)
+
+        flat = sync(fetch()) if sels else []
+        per = len(token_arrays) + len(state_arrays)
+        out = []
+        for j in range(len(sels)):
+            got = flat[j * per : (j + 1) * per]
+            s = {
+                "input_ids": torch.from_numpy(got[0].astype(np.int64)),  # (T,)
+                "segment_ids": torch.from_numpy(got[1].astype(np.int64)),  # (T,)
+                "answer_mask": torch.from_numpy(got[2].astype(bool)),  # (T,)
+            }
+            for ci, c in enumerate(comps):
+                parts = got[3 + ci * len(layers) : 3 + (ci + 1) * len(layers)]
+                x = decode_states(np.stack(parts), self.dtype)  # (L, T, H|G, D)
+                s[c] = x.permute(0, 2, 1, 3).contiguous()  # (L, H|G, T, D)
+            out.append(s)
+        return out
+
+    def read_sample(
+        self,
+        i: int,
+        split: str = "train",
+        layers: Sequence[int] | None = None,
+        components: Sequence[str] = COMPONENTS,
+    ) -> dict[str, torch.Tensor]:
+        """One sample: input_ids/segment_ids (T,) int64, answer_mask (T,) bool, q (L, H, T, D),
+        k/v (L, G, T, D) float32 for `layers` (default: all stored, ascending). The eval split has no states.
+        """
+        return self.read_samples([i], split, layers, components)[0]
+
+    def stored_bytes(self) -> int:
+        """Bytes on disk under the store folder."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def __repr__(self) -> str:
+        return (
+            f"KVStore('{self.path}', samples={self.num_samples()}, tokens={self.num_tokens()}, "
+            f"layers={self.layers}, dtype={self.dtype}, complete={self.complete})"
+        )
+
+
+def __getattr__(name: str):
+    # StoreWriter lives in pipeline/writer.py (stage 1 only); imported lazily to avoid an import cycle.
+    if name == "StoreWriter":
+        from pipeline.writer import StoreWriter
+
+        return StoreWriter
+    raise AttributeError(f"module 'pipeline.store' has no attribute {name!r}")
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a store folder, refusing anything that is not a kvmap store (guards `--overwrite`)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    meta = path / "zarr.json"
+    is_store = meta.is_file() and "schema_version" in json.loads(meta.read_text()).get("attributes", {})
+    if not is_store and any(path.iterdir()):
+        raise ValueError(f"--overwrite: '{path}' exists and is not a kvmap store; refusing to delete it")
+    shutil.rmtree(path)

@@ -1,0 +1,247 @@
+"""Stage-1 store writing: create the schema (pipeline/store.py), write whole chunks, mark them done.
+
+Shape glossary: N tokens in the packed train split, C = ceil(N / chunk_tokens) write chunks, H query heads,
+G KV heads, D head dim.
+
+Crash safety (why the pieces are ordered as they are):
+- All arrays and the token/sample arrays are created and written before any teacher forward, so every
+  rank knows the packed layout and the chunk it owns.
+- A write chunk (= one zarr shard of every state array) is written whole, then its done-marker file is
+  written atomically (tmp + rename). A chunk without a marker is recomputed on resume, so a chunk half
+  written when the process was killed is never taken as done.
+- `complete` is set in the group attributes only after every marker exists; the progress folder is then
+  removed so the finished store is a plain zarr hierarchy.
+Zarr's LocalStore itself writes every object atomically, so a killed write leaves the old object or none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from pipeline.store import (
+    PROGRESS_DIR,
+    SAMPLE_ARRAYS,
+    SCHEMA_VERSION,
+    STORAGE_DTYPES,
+    TOKEN_ARRAYS,
+    PackedSplit,
+    make_compressors,
+    quiet_codecs,
+)
+
+# Test hook (used by tests/test_extract_resume.py): SIGKILL this process in the middle of writing the
+# (N+1)-th chunk it writes, after part of the chunk's arrays are on disk and before its marker.
+KILL_ENV = "KVMAP_TEST_KILL_AT_CHUNK"
+
+
+class StoreWriter:
+    """Writes a kvmap store chunk by chunk (one instance per process; ranks write disjoint chunks).
+
+    Example:
+        w = StoreWriter.create(path, attrs=attrs, train=packed, eval=None, state_shapes={"q": (9, 64), ...},
+                               layers=[0, 9], chunk_tokens=4096, inner_chunk_tokens=256)
+        for c in w.todo_chunks(): w.write_chunk(c, {(0, "q"): array_T_H_D, ...}, stats={})
+        w.mark_complete(summary)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        self.attrs = dict(self.group.attrs)
+        self.chunk_tokens = int(self.attrs["chunk_tokens"])
+        self.layers = list(self.attrs["layers"])
+        self.components = list(self.attrs["components"])
+        self.num_tokens = int(self.group["train/input_ids"].shape[0])
+        self.num_chunks = -(-self.num_tokens // self.chunk_tokens)
+        self.progress = self.path / PROGRESS_DIR
+        self._written = 0
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
+
+    def _array(self, layer: int, comp: str) -> zarr.Array:
+        if (layer, comp) not in self._arrays:
+            with quiet_codecs():
+                self._arrays[(layer, comp)] = self.group[f"train/layers/{layer}/{comp}"]
+        return self._arrays[(layer, comp)]
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        attrs: dict,
+        train: PackedSplit,
+        eval: PackedSplit | None,
+        state_shapes: dict[str, tuple[int, int]],
+        chunk_tokens: int,
+        inner_chunk_tokens: int,
+    ) -> StoreWriter:
+        """Create the store: every array (states empty), token/sample arrays filled, attrs incomplete.
+
+        Args:
+            attrs: group attributes (must hold layers, components, dtype, codec, compression_level).
+            state_shapes: per component the (heads, head_dim) of one token, e.g. {"q": (H, D), "k": (G, D)}.
+        """
+        if chunk_tokens < 1 or inner_chunk_tokens < 1 or chunk_tokens % inner_chunk_tokens:
+            raise ValueError(
+                f"extract.chunk_tokens={chunk_tokens}, extract.inner_chunk_tokens={inner_chunk_tokens}: "
+                "expected positive ints with chunk_tokens a multiple of inner_chunk_tokens"
+            )
+        if train.num_tokens == 0:
+            raise ValueError("train split has 0 tokens: no sample was kept")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        full = {
+            **attrs,
+            "schema_version": SCHEMA_VERSION,
+            "complete": False,
+            "chunk_tokens": chunk_tokens,
+            "inner_chunk_tokens": inner_chunk_tokens,
+            "storage_dtype": STORAGE_DTYPES[attrs["dtype"]],
+        }
+        compressors = make_compressors(attrs["codec"], attrs["compression_level"])
+        for split, packed in (("train", train), ("eval", eval)):
+            if packed is None:
+                continue
+            g = group.create_group(split)
+            for name, dt in {**TOKEN_ARRAYS, **SAMPLE_ARRAYS}.items():
+                data = getattr(packed, name)
+                n = max(len(data), 1)
+                a = g.create_array(name, shape=data.shape, dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
+                if len(data):
+                    a[:] = data.astype(dt)
+            if split != "train":
+                continue  # only the train split holds teacher states
+            for layer in attrs["layers"]:
+                for comp in attrs["components"]:
+                    heads, dim = state_shapes[comp]
+                    with quiet_codecs():
+                        g.create_array(
+                            f"layers/{layer}/{comp}",
+                            shape=(packed.num_tokens, heads, dim),
+                            dtype=full["storage_dtype"],
+                            chunks=(inner_chunk_tokens, heads, dim),
+                            shards=(chunk_tokens, heads, dim),
+                            compressors=compressors,
+                            fill_value=0,
+                        )
+        (path / PROGRESS_DIR).mkdir()
+        # Attributes last: a store without them is not recognised as a kvmap store (and is overwritable).
+        group.attrs.update(full)
+        return cls(path)
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        """Packed token range [start, end) of write chunk c."""
+        start = c * self.chunk_tokens
+        return start, min(start + self.chunk_tokens, self.num_tokens)
+
+    def _marker(self, c: int) -> Path:
+        return self.progress / f"chunk_{c:07d}.json"
+
+    def done_chunks(self) -> dict[int, dict]:
+        """Finished chunks -> the stats recorded with them (all chunks once the store is complete)."""
+        if self.attrs.get("complete"):
+            return {c: {} for c in range(self.num_chunks)}
+        done = {}
+        for p in self.progress.glob("chunk_*.json"):
+            done[int(p.stem.split("_")[1])] = json.loads(p.read_text())
+        return done
+
+    def todo_chunks(self) -> list[int]:
+        done = self.done_chunks()
+        return [c for c in range(self.num_chunks) if c not in done]
+
+    def write_chunk(self, c: int, states: dict[tuple[int, str], np.ndarray], stats: dict) -> None:
+        """Write chunk c of every (layer, component) array, then its done-marker (with `stats`).
+
+        Shapes: states[(layer, comp)] is (end - start, H|G, D) in the storage dtype.
+        """
+        start, end = self.chunk_range(c)
+        expected = {(layer, comp) for layer in self.layers for comp in self.components}
+        if set(states) != expected:
+            raise ValueError(f"chunk {c}: got states for {sorted(states)}, expected {sorted(expected)}")
+        items = []
+        for (layer, comp), data in states.items():
+            arr = self._array(layer, comp)
+            if data.shape != (end - start, *arr.shape[1:]) or data.dtype != arr.dtype:
+                raise ValueError(
+                    f"chunk {c} layer {layer} {comp}: got {data.shape} {data.dtype}, "
+                    f"expected {(end - start, *arr.shape[1:])} {arr.dtype}"
+                )
+            items.append((arr, data))
+        kill = os.environ.get(KILL_ENV)
+        if kill is not None and self._written == int(kill):
+            self._set_all(items[: len(items) // 2 or 1], start, end)
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._set_all(items, start, end)
+        tmp = self._marker(c).with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats))
+        os.replace(tmp, self._marker(c))
+        self._written += 1
+
+    @staticmethod
+    def _set_all(items, start: int, end: int) -> None:
+        async def put():
+            await asyncio.gather(*[a.async_array.setitem(slice(start, end), d) for a, d in items])
+
+        sync(put())
+
+    def mark_complete(self, summary: dict) -> None:
+        """Set `complete` (after checking every chunk's marker) and drop the progress folder."""
+        missing = self.todo_chunks()
+        if missing:
+            raise RuntimeError(f"store '{self.path}': chunks {missing[:5]} not written; cannot mark complete")
+        self.group.attrs.update({"summary": summary, "complete": True})
+        self.attrs = dict(self.group.attrs)
+        for p in self.progress.glob("*"):
+            p.unlink()
+        self.progress.rmdir()
+
+
+class AsyncChunkWriter:
+    """Overlaps compression + IO with the teacher forward: `submit` hands a chunk to writer threads.
+
+    At most `max_pending` chunks are queued or being written (bounded memory); `submit` blocks beyond
+    that. A writer error is re-raised by the next `submit` or by `close`.
+    """
+
+    def __init__(self, writer: StoreWriter, threads: int = 2, max_pending: int = 2):
+        if threads < 1 or max_pending < 1:
+            raise ValueError(f"writer_threads={threads}, max_pending={max_pending}: expected >= 1")
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvmap-writer")
+        self._slots = threading.Semaphore(max_pending)
+        self._futures: list[Future] = []
+        self.bytes_written = 0
+
+    def _raise_errors(self) -> None:
+        for f in [f for f in self._futures if f.done()]:
+            self._futures.remove(f)
+            f.result()
+
+    def submit(self, c: int, states: dict[tuple[int, str], np.ndarray], stats: dict) -> None:
+        self._raise_errors()
+        self._slots.acquire()
+        fut = self._pool.submit(self.writer.write_chunk, c, states, stats)
+        fut.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(fut)
+        self.bytes_written += sum(a.nbytes for a in states.values())
+
+    def close(self) -> None:
+        """Wait for every pending chunk; re-raise the first writer error."""
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._futures.clear()
+            self._pool.shutdown(wait=True)
