@@ -1,0 +1,190 @@
+"""Stage-2 data: a map-style Dataset over a kvmap store, right-padding collate, a resumable seeded sampler.
+
+Shape glossary: B batch, L_sel selected teacher layers, H_t / G_t teacher query / KV heads, T tokens
+(the batch's longest sample), D_t teacher head dim.
+
+Why these pieces:
+- `StoreDataset.__getitems__` lets torch's DataLoader fetch a whole batch with one call, so the store's
+  concurrent `read_samples` issues every zarr read of the batch at once (per-sample reads would serialise
+  one small read per layer/component). `__getitem__` still works for single samples.
+- The store handle is opened lazily in each worker process (zarr groups are not meant to be pickled).
+- `ResumableSampler` defines the whole run's sample order up front (a fresh seeded permutation per epoch)
+  and can start at any global position, so a resumed run reads exactly the batches an uninterrupted run
+  would have read, without touching the skipped ones. Accelerate then shards its batches across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+PAD_SEGMENT = -1
+
+
+class StoreDataset(Dataset):
+    """Samples of one split of a kvmap store, with the teacher states of the selected layers.
+
+    Args:
+        store_path: the store folder.
+        split: "train" or "eval".
+        layers: teacher layers to read (ascending, as `aligner.teacher_layers`); ignored without components.
+        components: subset of ("q", "k", "v") to read; () reads tokens only (CE-only runs, the eval split).
+        indices: optional subset of sample indices (dataset index i reads store sample indices[i]).
+    Shapes:
+        item: input_ids / segment_ids (T,) int64, answer_mask (T,) bool, q (L_sel, H_t, T, D_t),
+        k / v (L_sel, G_t, T, D_t) float32, index () int64 (the store sample index).
+    Example:
+        ds = StoreDataset("stores/default.zarr", "train", layers=[7, 14], components=("q", "k", "v"))
+    """
+
+    def __init__(
+        self,
+        store_path: str,
+        split: str = "train",
+        layers: Sequence[int] = (),
+        components: Sequence[str] = (),
+        indices: Sequence[int] | None = None,
+    ):
+        self.store_path = str(store_path)
+        self.split = split
+        self.layers = [int(x) for x in layers]
+        self.components = tuple(components)
+        self._store = None
+        n = self.store.num_samples(split)
+        self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
+
+    @property
+    def store(self):
+        if self._store is None:
+            from pipeline.store import KVStore
+
+            self._store = KVStore(self.store_path)
+        return self._store
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None  # reopened in the worker
+        return state
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitems__(self, idx: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        store_idx = [self.indices[i] for i in idx]
+        samples = self.store.read_samples(
+            store_idx, split=self.split, layers=self.layers or None, components=self.components
+        )
+        for s, i in zip(samples, store_idx):
+            s["index"] = torch.tensor(i)
+        return samples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([i])[0]
+
+
+def collate_right_pad(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack samples, right-padding every tensor to the batch's longest sample.
+
+    Padding: input_ids <- pad_id, attention_mask <- 0, segment_ids <- -1, answer_mask <- False,
+    teacher states <- 0 (never read: every loss masks padding).
+    Shapes:
+        out: input_ids / attention_mask / segment_ids / answer_mask (B, T); q_t (B, L_sel, H_t, T, D_t);
+        k_t / v_t (B, L_sel, G_t, T, D_t); index (B,).
+    """
+    if not samples:
+        raise ValueError("collate_right_pad: got an empty batch")
+    T = max(int(s["input_ids"].shape[0]) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    segment_ids = torch.full((B, T), PAD_SEGMENT, dtype=torch.long)
+    answer_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        n = int(s["input_ids"].shape[0])
+        input_ids[b, :n] = s["input_ids"]
+        attention_mask[b, :n] = 1
+        segment_ids[b, :n] = s["segment_ids"]
+        answer_mask[b, :n] = s["answer_mask"].bool()
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "segment_ids": segment_ids,
+        "answer_mask": answer_mask,
+        "index": torch.stack([s["index"] for s in samples]),
+    }
+    for c in ("q", "k", "v"):
+        if c not in samples[0]:
+            continue
+        L, X, _, D = samples[0][c].shape  # (L_sel, H|G, T_i, D)
+        x = torch.zeros(B, L, X, T, D, dtype=samples[0][c].dtype)  # (B, L_sel, H|G, T, D)
+        for b, s in enumerate(samples):
+            x[b, :, :, : s[c].shape[2]] = s[c]
+        out[f"{c}_t"] = x
+    return out
+
+
+class ResumableSampler(Sampler[int]):
+    """Sample indices for a whole run: epoch e is `randperm(n)` seeded by (seed, e); starts at `start`.
+
+    Position p of the run's stream is `perm_{p // n}[p % n]`, so the stream is a pure function of
+    (n, seed) and a resumed run that starts at p = samples already consumed reads the same samples as an
+    uninterrupted one. Epochs run back to back (no sample is dropped at an epoch boundary).
+
+    Args:
+        num_samples: dataset size n >= 1.
+        seed: the run's seed.
+        total: length of the whole stream (samples the run consumes, all ranks together).
+        start: first stream position to yield (0 for a fresh run).
+    """
+
+    def __init__(self, num_samples: int, seed: int, total: int, start: int = 0):
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples}: expected a non-empty split")
+        if not 0 <= start <= total:
+            raise ValueError(f"start={start}: expected a position in [0, total={total}]")
+        self.num_samples, self.seed, self.total, self.start = num_samples, seed, total, start
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=g), epoch
+        return self._perm
+
+    def __iter__(self):
+        for p in range(self.start, self.total):
+            yield int(self._permutation(p // self.num_samples)[p % self.num_samples])
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+def make_loader(
+    dataset: StoreDataset,
+    batch_size: int,
+    pad_id: int,
+    sampler: Sampler | None = None,
+    num_workers: int = 0,
+    prefetch_factor: int = 4,
+) -> DataLoader:
+    """A DataLoader with right-padding collate, worker prefetch and (optionally) a resumable sampler.
+
+    Without a sampler the order is the dataset order (evaluation). `drop_last=False`: callers size the
+    sampler's stream as a multiple of the global batch.
+    """
+    kw = {}
+    if num_workers > 0:
+        kw = dict(prefetch_factor=prefetch_factor, persistent_workers=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=partial(collate_right_pad, pad_id=pad_id),
+        drop_last=False,
+        **kw,
+    )
