@@ -69,12 +69,18 @@ class ExtractConfig:
     # "map" = the teacher layers the layer map needs for `student`; "all"; or an explicit list.
     layers: str | list[int] = "map"
     components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error.
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    codec: Literal["zstd-shuffle", "zstd", "none"] = "zstd-shuffle"
+    # zstd-shuffle = byte shuffle + zstd (lossless, ~1.46x on bf16 states); blosc-lz4 is faster, weaker.
+    codec: Literal["zstd-shuffle", "zstd", "blosc-lz4", "none"] = "zstd-shuffle"
     compression_level: int = 1
-    batch_size: int = 8
-    chunk_tokens: int = 4096  # tokens per chunk on the packed token axis
+    batch_size: int = 8  # samples per teacher forward (sorted by length within a chunk to limit padding)
+    # Write chunk (= zarr shard) on the packed token axis: the unit of writing, resuming and rank
+    # ownership. Inner chunk: the unit of random-access reads (a sample read decodes only these).
+    chunk_tokens: int = 4096
+    inner_chunk_tokens: int = 256
     writer_threads: int = 2
+    max_pending_chunks: int = 2  # chunks buffered for the writer threads (bounds memory)
 
 
 @dataclass
