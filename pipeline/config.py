@@ -33,6 +33,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu (stage 2 lets accelerate place it)
     trust_remote_code: bool = False
+    # Capture (pipeline/capture.py) wraps "sdpa" or the model's own "eager" attention.
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):
