@@ -1,1 +1,55 @@
-"""kvmap: alignment."""
+"""kvmap alignment: map teacher attention states (Q/K/V) into student space and score the student on them.
+
+Public API (see each module's docstring for shapes):
+- layer map: `build_layer_map`, `teacher_layers_needed`
+- time warp: `SegmentTimeWarper`, `create_reasoning_focused_warper`, `WarpPlan`
+- projectors: `HeadwiseMapProjector` (structured), `KVDimensionProjector` (flat), `RopePairDimMap`
+- aligner: `MapProjectionAligner`, `AlignedKV`, `create_structured_aligner`, `create_flat_aligner`, `create_aligner`
+- loss: `StructuralKVLoss`, `create_structural_loss`, `attention_kl`, `naive_attention_kl`
+- diagnostics: `effective_rank`, `rms`
+"""
+
+from alignment.aligner import (
+    AlignedKV,
+    MapProjectionAligner,
+    create_aligner,
+    create_flat_aligner,
+    create_structured_aligner,
+)
+from alignment.attention_kl import attention_kl, naive_attention_kl
+from alignment.diagnostics import effective_rank, rms
+from alignment.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
+from alignment.layer_map import build_layer_map, teacher_layers_needed
+from alignment.loss import StructuralKVLoss, create_structural_loss
+from alignment.model_dims import AttentionDims, attention_dims, rope_inv_freq
+from alignment.projectors import HeadwiseMapProjector, KVDimensionProjector
+from alignment.rope import RopePairDimMap
+from alignment.time_warping import SegmentTimeWarper, WarpPlan, create_reasoning_focused_warper
+
+__all__ = [
+    "AlignedKV",
+    "AttentionDims",
+    "HeadwiseMapProjector",
+    "KVDimensionProjector",
+    "MapProjectionAligner",
+    "RopePairDimMap",
+    "SegmentTimeWarper",
+    "StructuralKVLoss",
+    "WarpPlan",
+    "attention_dims",
+    "attention_kl",
+    "build_layer_map",
+    "create_aligner",
+    "create_flat_aligner",
+    "create_reasoning_focused_warper",
+    "create_structural_loss",
+    "create_structured_aligner",
+    "effective_rank",
+    "gqa_query_mixer",
+    "naive_attention_kl",
+    "pair_selection",
+    "rms",
+    "rope_inv_freq",
+    "teacher_layers_needed",
+    "uniform_mixer",
+]

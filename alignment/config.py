@@ -20,6 +20,9 @@ class AlignConfig:
     constraint: Literal["constrained", "unconstrained", "frozen"] = "constrained"
     ratio_map: dict[str, float] = field(default_factory=lambda: {"P": 1.0, "R": 1.0, "A": 1.0})
     alpha_map: dict[str, float] = field(default_factory=lambda: {"P": 0.0, "R": 0.0, "A": 0.0})
+    # Structured mode: Q/K dim maps select the teacher rotary pair of the nearest frequency for each student
+    # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/rope.py).
+    rope_consistent: bool = False
 
 
 @dataclass
@@ -31,3 +34,7 @@ class LossConfig:
     alpha_attn: float = 0.5
     temperature: float = 1.0
     chunk_size: int = 128  # query rows per chunk of the streaming attention KL
+    # "projected": KL(attention of the projected teacher Q/K || student attention) (the design's loss);
+    # "teacher": KL(convex Q-head-mix of the teacher's own attention (stored Q/K, teacher scaling) || student
+    # attention): no learned projection in the target's path, so it cannot be gamed.
+    attn_target: Literal["projected", "teacher"] = "projected"

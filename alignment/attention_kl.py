@@ -1,0 +1,219 @@
+"""KL(teacher attention || student attention), streamed over query-row chunks, plus the naive reference.
+
+Shapes: B batch, L layers, H_s/H_t query heads, G_s/G_t KV heads, T tokens, c query rows per chunk,
+D_s/D_t head dims. Query heads read KV head h // (H/G) (GQA), on each side with its own H/G.
+
+    teacher side: q_t (B, L, H_t, T, D_t), k_t (B, L, G_t, T, D_t), scale_t
+    student side: q_s (B, L, H_s, T, D_s), k_s (B, L, G_s, T, D_s), scale_s
+    head_mix: None (then H_t must equal H_s: the teacher was projected into student head space) or
+              (H_s, H_t) / (L, H_s, H_t) convex weights: target row = sum_h head_mix[s, h] * p_t[h].
+
+Attention: causal, keys restricted to real tokens (`mask` (B, T), True = real), softmax(q k^T * scale / temperature).
+Result: mean over real query rows, layers and student heads of sum_j p_target[j] * (log p_target[j] - log p_s[j]).
+
+Memory: `attention_kl` computes one (B, L, H, c, t_end) block at a time under `torch.utils.checkpoint`, so
+backward recomputes the block instead of keeping T x T maps per layer alive: peak memory grows linearly in T
+for a fixed chunk. Causality also lets chunk rows [s, e) read only keys [0, e). Masked logits get a finite fill
+(-1e30), never -inf: with -inf, p * (log p - log q) is NaN at masked entries (0 * (-inf - -inf)). Work is done in
+float32 at least (bf16/fp16 inputs are upcast per chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_FILL = -1e30  # finite "minus infinity" for masked logits (exp underflows to exactly 0 in fp32/fp64)
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, L, H, c, D), k (B, L, G, t, D) -> (B, L, H, c, t) with query head h reading KV head h // (H/G)."""
+    B, L, H, c, D = q.shape
+    G = k.shape[2]
+    qg = q.view(B, L, G, H // G, c, D)  # (B, L, G, H/G, c, D)
+    s = qg @ k.unsqueeze(3).transpose(-1, -2)  # (B, L, G, H/G, c, t)
+    return s.view(B, L, H, c, k.shape[3]) * scale
+
+
+def _mix(head_mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """head_mix (H_s, H_t) | (L, H_s, H_t), p (B, L, H_t, c, t) -> (B, L, H_s, c, t)."""
+    B, L, H_t, c, t = p.shape
+    M = head_mix.to(p.dtype)
+    M = M[None] if M.dim() == 3 else M[None, None]  # (1, L|1, H_s, H_t)
+    return (M @ p.reshape(B, L, H_t, c * t)).view(B, L, M.shape[-2], c, t)
+
+
+def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _chunk_kl_sum(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    key_ok: torch.Tensor,
+    row_w: torch.Tensor,
+    head_mix: torch.Tensor | None,
+    start: int,
+    scale_s: float,
+    scale_t: float,
+) -> torch.Tensor:
+    """Sum over the chunk's rows (weighted by row_w (B, c)) of the row KL; q_* (.., c, D), k_* (.., e, D)."""
+    wd = _work_dtype(q_s, q_t)
+    c, e = q_s.shape[3], k_s.shape[3]
+    rows = torch.arange(start, start + c, device=q_s.device)[:, None]
+    allowed = (torch.arange(e, device=q_s.device)[None, :] <= rows) & key_ok[:, None, :]  # (B, c, e)
+    allowed = allowed[:, None, None]  # (B, 1, 1, c, e)
+    z_s = _logits(q_s.to(wd), k_s.to(wd), scale_s).masked_fill(~allowed, _FILL)  # (B, L, H_s, c, e)
+    z_t = _logits(q_t.to(wd), k_t.to(wd), scale_t).masked_fill(~allowed, _FILL)  # (B, L, H_t, c, e)
+    logp_s = torch.log_softmax(z_s, dim=-1)
+    if head_mix is None:
+        logp_t = torch.log_softmax(z_t, dim=-1)
+        p_t = logp_t.exp()
+    else:
+        p_t = _mix(head_mix, torch.softmax(z_t, dim=-1))  # (B, L, H_s, c, e)
+        logp_t = torch.log(p_t.clamp_min(torch.finfo(wd).tiny))
+    term = torch.where(allowed, p_t * (logp_t - logp_s), 0.0)  # masked entries: exactly 0, finite grads
+    return (term.sum(-1) * row_w.to(wd)[:, None, None, :]).sum()
+
+
+def _check(q_s, k_s, q_t, k_t, mask, head_mix) -> tuple[int, int, torch.Tensor]:
+    for name, x in (("s_q", q_s), ("s_k", k_s), ("t_q", q_t), ("t_k", k_t)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"attention KL input {name}: got shape {shape}, expected a 5-D (B, L, H, T, D) tensor"
+            )
+    B, L, H_s, T, D_s = q_s.shape
+    if k_s.shape[:2] != (B, L) or k_s.shape[3:] != (T, D_s) or H_s % k_s.shape[2]:
+        raise ValueError(
+            f"s_k shape {tuple(k_s.shape)}: expected (B={B}, L={L}, G_s | {H_s}, T={T}, D={D_s})"
+        )
+    H_t, D_t = q_t.shape[2], q_t.shape[4]
+    if q_t.shape[:2] != (B, L) or q_t.shape[3] != T:
+        raise ValueError(f"t_q shape {tuple(q_t.shape)}: expected (B={B}, L={L}, H_t, T={T}, D_t)")
+    if k_t.shape[:2] != (B, L) or k_t.shape[3:] != (T, D_t) or H_t % k_t.shape[2]:
+        raise ValueError(
+            f"t_k shape {tuple(k_t.shape)}: expected (B={B}, L={L}, G_t | {H_t}, T={T}, D={D_t})"
+        )
+    if head_mix is None and H_t != H_s:
+        raise ValueError(
+            f"teacher query heads {H_t} != student query heads {H_s}: expected equal, or pass head_mix"
+        )
+    if (
+        head_mix is not None
+        and tuple(head_mix.shape[-2:]) != (H_s, H_t)
+        or (head_mix is not None and head_mix.dim() == 3 and head_mix.shape[0] != L)
+    ):
+        raise ValueError(
+            f"head_mix shape {tuple(head_mix.shape)}: expected (H_s={H_s}, H_t={H_t}) or (L={L}, ...)"
+        )
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=q_s.device)
+    if mask.shape != (B, T) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"attention_mask shape {tuple(mask.shape)} dtype {mask.dtype}: expected a (B, T)={(B, T)} bool"
+        )
+    return L, H_s, mask
+
+
+def attention_kl(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    temperature: float = 1.0,
+    head_mix: torch.Tensor | None = None,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    """Mean row KL(teacher || student) of causal attention, streamed by query-row chunks (see module doc).
+
+    Args:
+        q_s, k_s: student (B, L, H_s, T, D_s), (B, L, G_s, T, D_s).
+        q_t, k_t: teacher (B, L, H_t, T, D_t), (B, L, G_t, T, D_t) (projected or the teacher's own).
+        mask: (B, T) bool, True = real token (None: all real).
+        scale_s, scale_t: logit scalings (default D_s**-0.5, D_t**-0.5).
+        temperature: both sides' logits are divided by it.
+        head_mix: None or (H_s, H_t) / (L, H_s, H_t) convex weights mixing teacher distributions.
+        chunk_size: query rows per checkpointed chunk.
+    Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
+    Example:
+        >>> kl = attention_kl(q_s, k_s, q_t, k_t, mask, chunk_size=128)
+    """
+    L, H_s, mask = _check(q_s, k_s, q_t, k_t, mask, head_mix)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a value > 0")
+    scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
+    scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
+    T = q_s.shape[3]
+    row_w = mask.to(_work_dtype(q_s, q_t))
+    need_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q_s, k_s, q_t, k_t, head_mix)
+    )
+    total = None
+    for s in range(0, T, chunk_size):
+        e = min(T, s + chunk_size)
+        args = (
+            q_s[..., s:e, :],
+            k_s[..., :e, :],
+            q_t[..., s:e, :],
+            k_t[..., :e, :],
+            mask[:, :e],
+            row_w[:, s:e],
+        )
+        if need_grad:
+            part = checkpoint(_chunk_kl_sum, *args, head_mix, s, scale_s, scale_t, use_reentrant=False)
+        else:
+            part = _chunk_kl_sum(*args, head_mix, s, scale_s, scale_t)
+        total = part if total is None else total + part
+    count = row_w.sum() * L * H_s
+    return total / count.clamp_min(1)
+
+
+def naive_attention_kl(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    temperature: float = 1.0,
+    head_mix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference for `attention_kl`: full T x T maps with explicit GQA repeats, masking by selection.
+
+    Same arguments and result; keeps every (B, L, H, T, T) map alive for backward (test/benchmark use only).
+    """
+    L, H_s, mask = _check(q_s, k_s, q_t, k_t, mask, head_mix)
+    scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
+    scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
+    T = q_s.shape[3]
+    wd = _work_dtype(q_s, q_t)
+    rep = lambda k, H: k.repeat_interleave(H // k.shape[2], dim=2)  # noqa: E731 - (B, L, H, T, D)
+    z_s = (q_s.to(wd) @ rep(k_s, H_s).to(wd).transpose(-1, -2)) * scale_s  # (B, L, H_s, T, T)
+    z_t = (q_t.to(wd) @ rep(k_t, q_t.shape[2]).to(wd).transpose(-1, -2)) * scale_t  # (B, L, H_t, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q_s.device).tril()
+    allowed = causal[None] & mask[:, None, :]  # (B, T, T)
+    # Padding query rows may have no allowed key; give them their diagonal so no row is empty (weight 0 anyway).
+    allowed = (allowed | torch.eye(T, dtype=torch.bool, device=q_s.device)[None])[:, None, None]
+    logp_s = torch.log_softmax(z_s.masked_fill(~allowed, float("-inf")), dim=-1)
+    logp_t = torch.log_softmax(z_t.masked_fill(~allowed, float("-inf")), dim=-1)
+    if head_mix is not None:
+        p_t = _mix(head_mix, logp_t.exp())
+    sel = allowed.expand_as(logp_s)
+    w = mask.to(wd)[:, None, None, :, None].expand_as(logp_s)[sel]
+    if head_mix is None:
+        total = (w * logp_t.exp()[sel] * (logp_t[sel] - logp_s[sel])).sum()
+    else:
+        pm = p_t[sel]
+        total = (w * pm * (torch.log(pm) - logp_s[sel])).sum()
+    return total / (mask.to(wd).sum() * L * H_s).clamp_min(1)
