@@ -101,6 +101,9 @@ class StoreWriter:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        # Mark the folder as a kvmap store at once (so a creation killed midway can be overwritten), but
+        # without `config_fingerprint`: extract treats such a store as never started and recreates it.
+        group.attrs.update({"schema_version": SCHEMA_VERSION, "complete": False})
         full = {
             **attrs,
             "schema_version": SCHEMA_VERSION,
@@ -136,8 +139,7 @@ class StoreWriter:
                             fill_value=0,
                         )
         (path / PROGRESS_DIR).mkdir()
-        # Attributes last: a store without them is not recognised as a kvmap store (and is overwritable).
-        group.attrs.update(full)
+        group.attrs.update(full)  # last: from here on the store can be resumed
         return cls(path)
 
     def chunk_range(self, c: int) -> tuple[int, int]:
@@ -237,11 +239,14 @@ class AsyncChunkWriter:
         self._futures.append(fut)
         self.bytes_written += sum(a.nbytes for a in states.values())
 
-    def close(self) -> None:
-        """Wait for every pending chunk; re-raise the first writer error."""
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every pending chunk; re-raise the first writer error (if `raise_errors`)."""
         try:
             for f in self._futures:
-                f.result()
+                if raise_errors:
+                    f.result()
+                else:
+                    f.exception()
         finally:
             self._futures.clear()
             self._pool.shutdown(wait=True)

@@ -83,3 +83,51 @@ def write_random_store(
         w.write_chunk(c, {key: encode_states(v[s:e], dtype) for key, v in truth.items()}, stats={})
     w.mark_complete({"tokens": train.num_tokens})
     return Path(path), train, truth
+
+
+def word_tokenizer(vocab_size: int = 101):
+    """A whitespace word-level fast tokenizer over "w3".."w{vocab_size-1}" (ids 0-2: pad, bos, eos)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tmodels
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(tmodels.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_teacher(folder: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a tiny random Llama teacher (tests/conftest.py sizes) + word tokenizer as an HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(**config_overrides))
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return Path(folder)
+
+
+def write_jsonl(path: str | Path, num_rows: int, seed: int = 0, bad_rows=()) -> Path:
+    """Prompt/reasoning/answer rows over the word tokenizer's vocabulary; rows in `bad_rows` lack a reasoning."""
+    import json
+
+    rng = np.random.default_rng(seed)
+
+    def words(n):
+        return " ".join(f"w{int(i)}" for i in rng.integers(3, 101, size=n))
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in range(num_rows):
+            answer = words(int(rng.integers(1, 3)))
+            row = {
+                "prompt": words(int(rng.integers(4, 20))),
+                "reasoning": "" if r in bad_rows else f"{words(int(rng.integers(2, 8)))} {answer}",
+                "answer": answer,
+            }
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,423 @@
+"""Stage 1: run the teacher over the dataset once and store its per-layer Q/K/V (schema: pipeline/store.py).
+
+    accelerate launch pipeline/extract.py --config configs/default.yaml [key=value ...] [--overwrite]
+    python pipeline/extract.py --config configs/default.yaml          # one process
+
+Shape glossary: B batch, T tokens (padded batch length), H query heads, G KV heads, D head dim,
+N packed tokens of the train split.
+
+How the work is split (why it is resumable and rank-count independent):
+- Every rank tokenises the data and computes the packed layout (offsets of all samples) before any
+  forward, so every rank knows where each sample's tokens go.
+- The packed axis is cut into write chunks of `extract.chunk_tokens` tokens (one zarr shard per state
+  array). A chunk is the unit of work: its owner forwards every sample overlapping it (a sample that
+  straddles a chunk boundary is forwarded by both owners; each keeps its own part), in batches of
+  `extract.batch_size` samples sorted by length within the chunk. Batches depend only on the chunk, so
+  the stored bits are the same with 1 or N processes and after a resume.
+- Rank r takes every world-th unfinished chunk; a chunk's done-marker is written after its data, so a
+  killed run recomputes only chunks without a marker. Writing (bf16/fp16 encode happens in the main
+  thread; compression + IO in `extract.writer_threads` threads) overlaps the next forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate launch pipeline/extract.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import KVMapConfig
+from pipeline.configlib import ConfigError, parse_cli, to_dict
+from pipeline.store import COMPONENTS, SCHEMA_VERSION, PackedSplit, remove_store
+from pipeline.writer import AsyncChunkWriter, StoreWriter
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def student_num_layers(model_cfg) -> int:
+    """Decoder layer count of the student named by a ModelConfig (config dict, HF folder, .gguf, builtin)."""
+    from transformers import AutoConfig
+
+    if model_cfg.config is not None:
+        d = dict(model_cfg.config)
+        hf = AutoConfig.for_model(d.pop("model_type"), **d)
+    else:
+        from pipeline.models import _from_pretrained_kwargs, _resolve_path
+
+        where, kw = _from_pretrained_kwargs(_resolve_path(model_cfg.path), model_cfg.trust_remote_code)
+        hf = AutoConfig.from_pretrained(where, **kw)
+    from pipeline.models import model_geometry
+
+    return model_geometry(hf)["layers"]
+
+
+def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, dict] | None:
+    """Tokenise one split into the packed layout; returns (packed, {"rows", "kept", "skipped"}) or None
+    when the split has no data file (eval_path null). Bad rows follow `data.on_bad_row`."""
+    from pipeline import data
+
+    path = cfg.data.train_path if split == "train" else cfg.data.eval_path
+    if path is None:
+        return None
+    samples, rows, skipped = [], [], 0
+    for r, row in enumerate(data.load_samples(cfg.data, split)):
+        s = data.tokenize_sample(row, tokenizer, cfg.data)
+        if s is None:
+            skipped += 1
+            continue
+        samples.append(s)
+        rows.append(r)
+    if split == "train" and not samples:
+        raise ValueError(f"data.train_path={path!r}: no usable sample ({skipped} rows skipped)")
+    counts = {"rows": len(rows) + skipped, "kept": len(rows), "skipped": skipped}
+    return PackedSplit.from_samples(samples, rows), counts
+
+
+def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
+    """Teacher layers to store: `extract.layers` = "all", "map" (what the layer map needs for `student`)
+    or an explicit list. Returns sorted unique indices."""
+    spec = cfg.extract.layers
+    if spec == "all":
+        return list(range(num_teacher_layers))
+    if spec == "map":
+        from alignment.layer_map import build_layer_map, teacher_layers_needed
+
+        layer_map = build_layer_map(cfg.align.layer_map, num_teacher_layers, student_num_layers(cfg.student))
+        return teacher_layers_needed(layer_map)
+    if isinstance(spec, list) and spec:
+        bad = [x for x in spec if not 0 <= x < num_teacher_layers]
+        if not bad:
+            return sorted(set(spec))
+    raise ConfigError(
+        f"extract.layers={spec!r}: expected 'map', 'all' or a non-empty list of teacher layer indices in "
+        f"[0, {num_teacher_layers})"
+    )
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict:
+    """Store attributes describing the teacher, tokenizer and extraction settings."""
+    from pipeline.models import model_geometry
+
+    geo = model_geometry(model.config)
+    hf = model.config.to_dict()
+    rope = {k: hf[k] for k in ("rope_parameters", "rope_theta", "rope_scaling") if hf.get(k) is not None}
+    vocab = tokenizer.get_vocab()
+    tok_hash = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return {
+        "teacher": {
+            "path": cfg.teacher.path,
+            "model_type": hf.get("model_type"),
+            "config_hash": _sha({k: v for k, v in hf.items() if not k.startswith("_") and k != "dtype"}),
+            "num_layers": geo["layers"],
+            "num_heads": geo["heads"],
+            "num_kv_heads": geo["kv_heads"],
+            "head_dim": geo["head_dim"],
+            "hidden_size": geo["hidden"],
+            "vocab_size": geo["vocab"],
+            "rope": rope,
+            "dtype": cfg.teacher.dtype,
+        },
+        "tokenizer": {"name": tokenizer.name_or_path, "vocab_size": len(tokenizer), "hash": tok_hash},
+        "layers": layers,
+        "components": list(cfg.extract.components),
+        "dtype": cfg.extract.dtype,
+        "codec": cfg.extract.codec,
+        "compression_level": cfg.extract.compression_level,
+        "segments": {"P": 0, "R": 1, "A": 2},
+    }
+
+
+def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: PackedSplit | None) -> str:
+    """What makes two extractions produce the same bits: teacher, tokens, layers, dtype, codec, batching."""
+    ex = to_dict(cfg.extract)
+    for k in ("store", "writer_threads", "max_pending_chunks", "layers"):
+        ex.pop(k)
+    teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k != "device"}
+    return _sha(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "teacher": teacher,
+            "teacher_attrs": attrs["teacher"],
+            "tokenizer": attrs["tokenizer"],
+            "layers": attrs["layers"],
+            "extract": ex,
+            "train_tokens": train.fingerprint(),
+            "eval_tokens": eval.fingerprint() if eval is not None else None,
+        }
+    )
+
+
+def _existing_attrs(path: Path) -> dict | None:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        if path.exists() and any(path.iterdir()):
+            raise ValueError(f"extract.store='{path}' exists and is not a kvmap store: choose another path")
+        return None
+    attrs = json.loads(meta.read_text()).get("attributes", {})
+    if "schema_version" not in attrs:
+        raise ValueError(f"extract.store='{path}' is a zarr group but not a kvmap store: choose another path")
+    return attrs
+
+
+def plan_store(path: Path, fingerprint: str, overwrite: bool) -> str:
+    """'create' | 'resume' | 'done' for the store at `path` (read-only; every rank computes the same)."""
+    attrs = _existing_attrs(path)
+    if attrs is None or "config_fingerprint" not in attrs or overwrite:
+        return "create"  # absent, killed during creation, or --overwrite
+    if attrs["config_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"extract.store='{path}' was made with a different config (fingerprint "
+            f"{attrs['config_fingerprint']} != {fingerprint}): pass --overwrite to replace it"
+        )
+    return "done" if attrs.get("complete") else "resume"
+
+
+def _bad_sample_error(kind, x, y, valid, batch, packed, layer, comp) -> ValueError:
+    """One-line error naming the first sample of `batch` whose (real-token) states are not storable."""
+    j = int(kind.nonzero()[0, 0])
+    i = int(batch[j])
+    where = f"train sample {i} (dataset row {int(packed.rows[i])}), teacher layer {layer}, component {comp}"
+    xs = x[j].transpose(0, 1)[valid[j]]  # (T_real, X, D) the raw teacher values of that sample
+    if not torch.isfinite(xs).all():
+        return ValueError(f"teacher states contain NaN/inf: {where}")
+    return ValueError(
+        f"teacher states overflow float16 (|x| max {xs.abs().max().item():.4g} > 65504): {where}; "
+        "use extract.dtype=bfloat16"
+    )
+
+
+def extract_chunk(
+    model, cap, packed: PackedSplit, writer: StoreWriter, c: int, cfg: KVMapConfig, pad_id: int
+):
+    """Forward every sample overlapping chunk c; return ({(layer, comp): (n, X, D) array}, stats)."""
+    from pipeline.metrics import answer_token_accuracy
+
+    start, end = writer.chunk_range(c)
+    idx = packed.samples_in(start, end)
+    idx = idx[np.argsort(-packed.lengths[idx], kind="stable")]  # longest first: batches of similar length
+    sdt = TORCH_DTYPES[cfg.extract.dtype]
+    bufs: dict[tuple[int, str], np.ndarray] = {}
+    stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}}
+    device = next(model.parameters()).device
+    for b0 in range(0, len(idx), cfg.extract.batch_size):
+        batch = idx[b0 : b0 + cfg.extract.batch_size]
+        lens = packed.lengths[batch]
+        ids = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)  # (B, T) right-padded
+        seg = torch.full_like(ids, -1)
+        ans = torch.zeros_like(ids, dtype=torch.bool)
+        for j, i in enumerate(batch):
+            o, n = int(packed.offsets[i]), int(lens[j])
+            ids[j, :n] = torch.from_numpy(packed.input_ids[o : o + n].astype(np.int64))
+            seg[j, :n] = torch.from_numpy(packed.segment_ids[o : o + n].astype(np.int64))
+            ans[j, :n] = torch.from_numpy(packed.answer_mask[o : o + n].astype(bool))
+        valid = seg >= 0  # (B, T)
+        cap.clear()
+        logits = model(
+            input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
+        ).logits
+        stats["forward_tokens"] += int(lens.sum())
+        # Accuracy counts each sample once: in the chunk where it starts.
+        own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
+        if own.any():
+            o = torch.from_numpy(own)
+            acc = answer_token_accuracy(logits[o.to(logits.device)].float().cpu(), ids[o], ans[o], seg[o])
+            for k, v in acc.items():
+                stats["acc"][k] = stats["acc"].get(k, 0) + v
+        for layer in writer.layers:
+            for comp in writer.components:
+                x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+                y = x.to(sdt)  # bf16: finite unless x is; fp16: inf where |x| overflows
+                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
+                if bad.any():
+                    raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
+                y = y.permute(0, 2, 1, 3).contiguous().cpu()  # (B, T, X, D) token-major like the store
+                yn = (y.view(torch.uint16) if sdt == torch.bfloat16 else y).numpy()
+                buf = bufs.get((layer, comp))
+                if buf is None:
+                    buf = bufs[(layer, comp)] = np.empty((end - start, *yn.shape[2:]), dtype=yn.dtype)
+                for j, i in enumerate(batch):
+                    o = int(packed.offsets[i])
+                    s0, s1 = max(o, start), min(o + int(lens[j]), end)
+                    buf[s0 - start : s1 - start] = yn[j, s0 - o : s1 - o]
+    return bufs, stats
+
+
+def _summarise(writer: StoreWriter, done: dict, counts: dict, wall_s: float, computed_tokens: int) -> dict:
+    """End summary from every chunk's recorded stats (also those of an earlier, interrupted run)."""
+    tokens = sum(d["tokens"] for d in done.values())
+    acc: dict[str, float] = {}
+    for d in done.values():
+        for k, v in d["acc"].items():
+            acc[k] = acc.get(k, 0) + v
+    layers_dir = writer.path / "train" / "layers"
+    stored = sum(p.stat().st_size for p in layers_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
+    per_token_raw = 0
+    for layer in writer.layers:
+        for comp in writer.components:
+            shape = writer._array(layer, comp).shape
+            per_token_raw += shape[1] * shape[2] * 2
+    raw = tokens * per_token_raw
+    summary = {
+        "samples": counts,
+        "tokens": tokens,
+        "stored_state_bytes": stored,
+        "raw_16bit_state_bytes": raw,
+        "compression_ratio": raw / max(stored, 1),
+        "bytes_per_token": stored / max(tokens, 1),
+        "wall_s_last_run": wall_s,
+        "tokens_computed_last_run": computed_tokens,
+    }
+    # Teacher-forced accuracy on answer-bearing tokens of R and A (counts summed over chunks).
+    for seg in ("R", "A", "all"):
+        n, k = acc.get(f"n_{seg}", 0), acc.get(f"correct_{seg}", 0)
+        summary[f"teacher_acc_{seg}"] = k / n if n else None
+    return summary
+
+
+def _print_summary(path, s: dict) -> None:
+    c = s["samples"]
+    acc = " ".join(
+        f"{seg}={s[f'teacher_acc_{seg}']:.3f}"
+        for seg in ("R", "A", "all")
+        if s[f"teacher_acc_{seg}"] is not None
+    )
+    print(
+        f"store {path}: train samples kept {c['train']['kept']} / skipped {c['train']['skipped']}"
+        + (f", eval kept {c['eval']['kept']} / skipped {c['eval']['skipped']}" if "eval" in c else "")
+        + f"\n  tokens {s['tokens']}, states {s['stored_state_bytes'] / 1e6:.1f} MB stored vs "
+        f"{s['raw_16bit_state_bytes'] / 1e6:.1f} MB raw 16-bit (ratio {s['compression_ratio']:.3f}x, "
+        f"{s['bytes_per_token']:.0f} B/token)\n  wall {s['wall_s_last_run']:.1f} s this run "
+        f"({s['tokens_computed_last_run']} tokens computed)\n  teacher teacher-forced answer-token accuracy: {acc}",
+        flush=True,
+    )
+
+
+def _maybe_generate_default(cfg: KVMapConfig) -> None:
+    if cfg.data.generate_default and not Path(cfg.data.train_path).exists():
+        from pipeline.make_default_data import generate
+
+        out = Path(cfg.data.train_path).parent
+        print(f"generating the default dataset in {out}", flush=True)
+        generate(out)
+
+
+def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
+    """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from pipeline.capture import capture_qkv
+    from pipeline.models import load_model, model_geometry
+
+    t0 = time.perf_counter()
+    state = PartialState()
+    bad = [c for c in cfg.extract.components if c not in COMPONENTS]
+    if bad or not cfg.extract.components:
+        raise ConfigError(
+            f"extract.components={cfg.extract.components!r}: expected a non-empty subset of q, k, v"
+        )
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.teacher)
+    if cfg.teacher.device == "auto" and state.num_processes > 1:
+        model.to(state.device)  # one device per rank
+    with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
+        if state.is_main_process:
+            _maybe_generate_default(cfg)
+        train, counts_train = load_split(cfg, "train", tokenizer)
+        ev = load_split(cfg, "eval", tokenizer)
+    counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})
+    eval = ev[0] if ev is not None else None
+    layers = resolve_layers(cfg, model_geometry(model.config)["layers"])
+    attrs = teacher_attrs(cfg, model, tokenizer, layers)
+    attrs["dataset"] = {
+        "train": {"source": cfg.data.train_path, **counts["train"]},
+        **({"eval": {"source": cfg.data.eval_path, **counts["eval"]}} if "eval" in counts else {}),
+    }
+    attrs["config_fingerprint"] = config_fingerprint(cfg, attrs, train, eval)
+    path = Path(cfg.extract.store)
+    action = plan_store(path, attrs["config_fingerprint"], overwrite)
+    state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it
+    if action == "done":
+        from pipeline.store import KVStore
+
+        if state.is_main_process:
+            print(
+                f"store {path} is complete (config fingerprint {attrs['config_fingerprint']}): nothing to do"
+            )
+        return KVStore(path).attrs["summary"]
+    if action == "create" and state.is_main_process:
+        remove_store(path)
+        geo = model_geometry(model.config)
+        shapes = {"q": (geo["heads"], geo["head_dim"]), "k": (geo["kv_heads"], geo["head_dim"])}
+        shapes["v"] = shapes["k"]
+        StoreWriter.create(
+            path,
+            attrs=attrs,
+            train=train,
+            eval=eval,
+            state_shapes=shapes,
+            chunk_tokens=cfg.extract.chunk_tokens,
+            inner_chunk_tokens=cfg.extract.inner_chunk_tokens,
+        )
+    state.wait_for_everyone()
+    writer = StoreWriter(path)
+    todo = writer.todo_chunks()
+    state.wait_for_everyone()  # every rank listed the same unfinished chunks before anyone writes
+    mine = todo[state.process_index :: state.num_processes]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    computed = 0
+    bar = tqdm(
+        total=sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in mine),
+        unit="tok",
+        unit_scale=True,
+        desc=f"extract rank {state.process_index}/{state.num_processes}",
+        disable=not state.is_main_process,
+    )
+    out = AsyncChunkWriter(writer, cfg.extract.writer_threads, cfg.extract.max_pending_chunks)
+    try:
+        with torch.inference_mode(), capture_qkv(model, layers, tuple(cfg.extract.components)) as cap:
+            for c in mine:
+                bufs, stats = extract_chunk(model, cap, train, writer, c, cfg, pad_id)
+                out.submit(c, bufs, stats)
+                computed += stats["tokens"]
+                bar.update(stats["tokens"])
+    except BaseException:
+        out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
+        raise
+    finally:
+        bar.close()
+    out.close()
+    state.wait_for_everyone()
+    summary = None
+    if state.is_main_process:
+        summary = _summarise(writer, writer.done_chunks(), counts, time.perf_counter() - t0, computed)
+        writer.mark_complete(summary)
+        _print_summary(path, summary)
+    state.wait_for_everyone()
+    return summary if summary is not None else StoreWriter(path).attrs.get("summary", {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_num_threads(torch.get_num_threads())  # respects OMP_NUM_THREADS
+    try:
+        cfg, flags = parse_cli(KVMapConfig, sys.argv[1:] if argv is None else argv, flags=("overwrite",))
+        run_extraction(cfg, overwrite=flags["overwrite"])
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"extract: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

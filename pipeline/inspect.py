@@ -1,0 +1,162 @@
+"""Inspect a kvmap store: schema, sizes (stored vs raw bytes) and per-layer statistics of the teacher states.
+
+    python -m pipeline.inspect stores/default.zarr [--max-tokens N] [--json]
+
+Shape glossary: N packed tokens of the train split, X heads of a component (H for q, G for k/v), D head dim.
+Statistics stream the arrays shard by shard (float64 accumulators), so memory stays at one shard;
+`--max-tokens` limits them to the first N tokens of the packed axis for a quick look at a large store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
+
+
+def _stored_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | None = None) -> dict:
+    """mean / std / absmax / NaN and inf counts of one stored (layer, component) array, as float32 values."""
+    arr = store.array(layer, comp)
+    n = arr.shape[0] if max_tokens is None else min(arr.shape[0], max_tokens)
+    step = int(store.attrs.get("chunk_tokens", 4096))
+    total = s1 = s2 = 0.0
+    absmax, nans, infs = 0.0, 0, 0
+    for a in range(0, n, step):
+        x = decode_states(arr[a : min(a + step, n)], store.dtype).double()  # (n_chunk, X, D)
+        nan, inf = x.isnan(), x.isinf()
+        nans, infs = nans + int(nan.sum()), infs + int(inf.sum())
+        x = x[~(nan | inf)]
+        total += x.numel()
+        s1 += float(x.sum())
+        s2 += float((x * x).sum())
+        if x.numel():
+            absmax = max(absmax, float(x.abs().max()))
+    mean = s1 / total if total else float("nan")
+    var = max(s2 / total - mean * mean, 0.0) if total else float("nan")
+    return {
+        "tokens": n,
+        "mean": mean,
+        "std": var**0.5,
+        "absmax": absmax,
+        "nan": nans,
+        "inf": infs,
+        "stored_bytes": _stored_bytes(store.path / "train" / "layers" / str(layer) / comp),
+        "raw_bytes": int(arr.nbytes),
+    }
+
+
+def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
+    """Everything the report prints, as a dict (schema, per-split sizes, per-array bytes, per-layer stats)."""
+    store = KVStore(path)
+    report = {
+        "path": str(store.path),
+        "fingerprint": store.fingerprint,
+        "attrs": store.attrs,
+        "splits": {},
+        "stats": {},
+    }
+    for split in store.splits:
+        arrays = {}
+        for name in (*TOKEN_ARRAYS, *SAMPLE_ARRAYS):
+            a = store._array(split, name)
+            arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+        lengths = store.lengths(split)
+        report["splits"][split] = {
+            "samples": int(len(lengths)),
+            "tokens": store.num_tokens(split),
+            "length_min_mean_max": [int(lengths.min()), float(lengths.mean()), int(lengths.max())]
+            if len(lengths)
+            else None,
+            "arrays": arrays,
+            "stored_bytes": _stored_bytes(store.path / split),
+        }
+    total_stored = total_raw = 0
+    for layer in store.layers:
+        for comp in store.components:
+            s = component_stats(store, layer, comp, max_tokens)
+            a = store.array(layer, comp)
+            s.update(shape=list(a.shape), chunks=list(a.chunks), shards=list(a.shards or a.chunks))
+            report["stats"][f"{layer}/{comp}"] = s
+            total_stored += s["stored_bytes"]
+            total_raw += s["raw_bytes"]
+    n = max(store.num_tokens("train"), 1)
+    report["sizes"] = {
+        "store_bytes": store.stored_bytes(),
+        "state_stored_bytes": total_stored,
+        "state_raw_bytes": total_raw,
+        "compression_ratio": total_raw / max(total_stored, 1),
+        "stored_bytes_per_token": total_stored / n,
+        "raw_bytes_per_token": total_raw / n,
+    }
+    return report
+
+
+def format_report(r: dict) -> str:
+    a = r["attrs"]
+    t = a.get("teacher", {})
+    lines = [
+        f"kvmap store {r['path']}  schema v{a.get('schema_version')}  complete={a.get('complete')}  "
+        f"fingerprint={r['fingerprint']}",
+        f"teacher {t.get('path')} ({t.get('model_type')}, config {t.get('config_hash')}): {t.get('num_layers')} "
+        f"layers, H={t.get('num_heads')} G={t.get('num_kv_heads')} D={t.get('head_dim')}, rope {t.get('rope')}",
+        f"tokenizer {a.get('tokenizer')}",
+        f"stored layers {a.get('layers')} components {a.get('components')} dtype {a.get('dtype')} "
+        f"(as {a.get('storage_dtype')}) codec {a.get('codec')}/{a.get('compression_level')} "
+        f"chunk {a.get('chunk_tokens')} tokens (read chunk {a.get('inner_chunk_tokens')})",
+        f"dataset {json.dumps(a.get('dataset'))}",
+    ]
+    for split, s in r["splits"].items():
+        lines.append(
+            f"[{split}] {s['samples']} samples, {s['tokens']} tokens, lengths min/mean/max "
+            f"{s['length_min_mean_max']}, {s['stored_bytes'] / 1e6:.2f} MB on disk"
+        )
+    z = r["sizes"]
+    lines.append(
+        f"states: {z['state_stored_bytes'] / 1e6:.2f} MB stored vs {z['state_raw_bytes'] / 1e6:.2f} MB raw "
+        f"(ratio {z['compression_ratio']:.3f}x; {z['stored_bytes_per_token']:.0f} vs "
+        f"{z['raw_bytes_per_token']:.0f} B/token); whole store {z['store_bytes'] / 1e6:.2f} MB"
+    )
+    lines.append(
+        f"{'layer/comp':>10} {'shape':>18} {'mean':>10} {'std':>10} {'absmax':>10} {'nan':>5} {'inf':>5} {'ratio':>6}"
+    )
+    for key, s in r["stats"].items():
+        ratio = s["raw_bytes"] / max(s["stored_bytes"], 1)
+        lines.append(
+            f"{key:>10} {str(tuple(s['shape'])):>18} {s['mean']:>10.4f} {s['std']:>10.4f} {s['absmax']:>10.3f} "
+            f"{s['nan']:>5d} {s['inf']:>5d} {ratio:>6.3f}"
+        )
+    if "summary" in a:
+        lines.append(f"extraction summary: {json.dumps(a['summary'], default=str)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.splitlines()[0])
+    p.add_argument("store", help="store folder (*.zarr)")
+    p.add_argument("--max-tokens", type=int, default=None, help="statistics over the first N tokens only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    try:
+        r = inspect_store(args.store, args.max_tokens)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(r, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
+        if args.json
+        else format_report(r)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
