@@ -1,0 +1,260 @@
+"""The ablation report: per-arm tables (mean ± std over seeds), deltas vs the control, and plots.
+
+    python -m trainer.report RUN_DIR [--control ARM] [--no-plots]
+
+RUN_DIR is an ablation out_dir (trainer/ablate.py calls this at the end of a sweep). Reads
+RUN_DIR/results.jsonl (one row per finished (arm, seed)), RUN_DIR/ablation.yaml when present (arm order,
+descriptions, control, planned seeds) and each run's metrics.jsonl (curves); writes RUN_DIR/report.md,
+loss_curves.png, cos_layers.png, deltas.png and prints the markdown.
+
+Statistics (stated once): std is the sample std over seeds (ddof=1; blank for one seed). A delta is
+mean(arm) - mean(control) with the standard error of that difference, SE = sqrt(s_a^2/n_a + s_c^2/n_c);
+a delta is marked better/worse only when |delta| > 2 SE, i.e. when it exceeds the seed-to-seed noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+
+from trainer.ablation_results import RESULTS_NAME, read_results
+
+# (metric key in metrics.json, column header, format, which direction is better (None = no direction))
+QUALITY_COLUMNS = [
+    ("eval/ce", "held-out CE", ".4f", "lower"),
+    ("eval/ce_P", "CE P", ".4f", "lower"),
+    ("eval/ce_R", "CE R", ".4f", "lower"),
+    ("eval/ce_A", "CE A", ".4f", "lower"),
+    ("eval/acc_R", "acc R", ".3f", "higher"),
+    ("eval/acc_A", "acc A", ".3f", "higher"),
+    ("eval/exact_match", "exact match", ".3f", "higher"),
+]
+ALIGN_COLUMNS = [
+    ("train/cos_k", "cos K", ".3f", None),
+    ("train/cos_v", "cos V", ".3f", None),
+    ("train/attn_kl", "attn KL", ".4f", None),
+    ("align/eff_rank_q", "eff rank Q", ".2f", None),
+    ("align/eff_rank_k", "eff rank K", ".2f", None),
+    ("align/eff_rank_v", "eff rank V", ".2f", None),
+    ("align/params", "aligner params", ",.0f", None),
+    ("wall_s", "wall s", ".0f", None),
+    ("steps", "steps", ".0f", None),
+]
+DELTA_KEYS = ["eval/ce", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A", "eval/exact_match"]
+
+
+def _num(x) -> float | None:
+    """A finite float, or None for missing / null / NaN / non-numeric values."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def mean_std(values: list) -> tuple[float, float, int]:
+    """(mean, sample std (ddof=1; nan when n < 2), n) over the numeric values; (nan, nan, 0) when none."""
+    xs = [v for v in (_num(x) for x in values) if v is not None]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan, 0
+    m = sum(xs) / n
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
+    return m, s, n
+
+
+def row_metric(row: dict, key: str):
+    """A row's final metric; `wall_s` falls back to the runner's wall time, `align/params` to aligner_params."""
+    m = row.get("metrics", {})
+    if key in m:
+        return m[key]
+    if key == "wall_s":
+        return row.get("wall_s")
+    if key == "align/params":
+        return row.get("aligner_params")
+    return None
+
+
+def load_ablation_meta(run_dir: Path) -> dict:
+    p = run_dir / "ablation.yaml"
+    return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
+
+
+def group_rows(rows: list[dict], arm_order: list[str]) -> dict[str, list[dict]]:
+    """Rows per arm, arms in `arm_order` first then by first appearance; rows within an arm by seed."""
+    groups: dict[str, list[dict]] = {a: [] for a in arm_order}
+    for row in rows:
+        groups.setdefault(row["arm"], []).append(row)
+    return {a: sorted(rs, key=lambda r: r["seed"]) for a, rs in groups.items() if rs}
+
+
+def arm_stats(
+    groups: dict[str, list[dict]], keys: list[str]
+) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{arm: {metric: (mean, std, n)}}."""
+    return {a: {k: mean_std([row_metric(r, k) for r in rs]) for k in keys} for a, rs in groups.items()}
+
+
+def fmt_ms(m: float, s: float, n: int, spec: str) -> str:
+    if n == 0:
+        return "–"
+    if n == 1 or math.isnan(s):
+        return format(m, spec)
+    return f"{format(m, spec)} ± {format(s, spec)}"
+
+
+def delta(stats: dict, arm: str, control: str, key: str) -> tuple[float, float]:
+    """(mean(arm) - mean(control), standard error of that difference (nan when a side has < 2 seeds))."""
+    ma, sa, na = stats[arm][key]
+    mc, sc, nc = stats[control][key]
+    if na == 0 or nc == 0:
+        return math.nan, math.nan
+    se = math.sqrt(sa**2 / na + sc**2 / nc) if na > 1 and nc > 1 else math.nan
+    return ma - mc, se
+
+
+def verdict(d: float, se: float, better: str | None) -> str:
+    """'better' / 'worse' when |d| > 2 SE, 'noise' when within, '' when SE is unknown."""
+    if math.isnan(d) or math.isnan(se):
+        return ""
+    if abs(d) <= 2 * se:
+        return "noise"
+    improved = d < 0 if better == "lower" else d > 0
+    return "better" if improved else "worse"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def stats_table(groups: dict, stats: dict, columns: list) -> str:
+    headers = ["arm", "n"] + [c[1] for c in columns]
+    body = []
+    for arm, rs in groups.items():
+        body.append([arm, str(len(rs))] + [fmt_ms(*stats[arm][k], spec) for k, _, spec, _ in columns])
+    return _table(headers, body)
+
+
+def delta_table(groups: dict, stats: dict, control: str) -> str:
+    cols = [c for c in QUALITY_COLUMNS if c[0] in DELTA_KEYS]
+    headers = ["arm"] + [f"Δ {c[1]}" for c in cols]
+    body = []
+    for arm in groups:
+        if arm == control:
+            continue
+        cells = [arm]
+        for key, _, spec, better in cols:
+            d, se = delta(stats, arm, control, key)
+            if math.isnan(d):
+                cells.append("–")
+                continue
+            dspec = "+" + spec.lstrip(",")
+            txt = format(d, dspec) + ("" if math.isnan(se) else f" ± {format(se, spec.lstrip(','))}")
+            v = verdict(d, se, better)
+            cells.append(f"{txt} **{v}**" if v in ("better", "worse") else txt)
+        body.append(cells)
+    return _table(headers, body)
+
+
+def build_report(run_dir: str | Path, control: str | None = None, plots: bool = True) -> str:
+    """Write RUN_DIR/report.md (+ PNG plots) from RUN_DIR/results.jsonl and return the markdown.
+
+    Args:
+        run_dir: an ablation out_dir holding results.jsonl.
+        control: the arm deltas are taken against; None = ablation.yaml's `control`, else the first arm
+            whose rows have lambda_kv == 0, else no delta table.
+        plots: also write loss_curves.png, cos_layers.png, deltas.png (matplotlib, Agg backend).
+    """
+    run_dir = Path(run_dir)
+    results = run_dir / RESULTS_NAME
+    rows = read_results(results)
+    if not rows:
+        raise FileNotFoundError(f"{results}: no results rows (run trainer/ablate.py first)")
+    meta = load_ablation_meta(run_dir)
+    arms_meta = {a["name"]: a for a in meta.get("arms", []) if isinstance(a, dict) and "name" in a}
+    groups = group_rows(rows, list(arms_meta))
+    keys = [c[0] for c in QUALITY_COLUMNS + ALIGN_COLUMNS]
+    stats = arm_stats(groups, keys)
+    if control is None:
+        control = meta.get("control") or next(
+            (a for a, rs in groups.items() if all(_num(r.get("lambda_kv")) == 0.0 for r in rs)), None
+        )
+    if control is not None and control not in groups:
+        raise ValueError(f"control={control!r}: no rows for that arm (arms with rows: {list(groups)})")
+
+    fps = sorted({str(r.get("store_fingerprint")) for r in rows})
+    shas = sorted({str(r.get("git_sha")) for r in rows})
+    out = [
+        f"# Ablation report: {run_dir}",
+        "",
+        f"{len(rows)} runs, {len(groups)} arms; store fingerprint {', '.join(fps)}; git {', '.join(shas)}; "
+        f"built {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "Cells: mean ± sample std over seeds (n = seeds finished).",
+        "",
+        "## Held-out quality",
+        "",
+        stats_table(groups, stats, QUALITY_COLUMNS),
+        "",
+        "## Alignment and cost (final training-batch values; eff rank = effective rank of the projected teacher)",
+        "",
+        stats_table(groups, stats, ALIGN_COLUMNS),
+    ]
+    if control is not None and len(groups) > 1:
+        out += [
+            "",
+            f"## Delta vs the control `{control}`",
+            "",
+            "Δ = mean(arm) − mean(control) ± its standard error over seeds; **better**/**worse** only when "
+            "|Δ| > 2 SE (beyond the seed-to-seed noise).",
+            "",
+            delta_table(groups, stats, control),
+        ]
+    planned = meta.get("seeds") or []
+    missing = [
+        f"`{a}` ({len(groups.get(a, []))}/{len(planned)} seeds)"
+        for a in arms_meta
+        if planned and len(groups.get(a, [])) < len(planned)
+    ]
+    if missing:
+        out += ["", "Incomplete arms: " + ", ".join(missing) + "."]
+    out += ["", "## Arms", ""]
+    for arm, rs in groups.items():
+        desc = arms_meta.get(arm, {}).get("description") or ""
+        ovr = " ".join(rs[0].get("overrides") or []) or "(base config)"
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        out.append(f"- `{arm}`{': ' + desc if desc else ''} — `{ovr}` — seeds {seeds}")
+    if plots:
+        from trainer.ablation_plots import write_plots
+
+        written = write_plots(run_dir, groups, stats, control)
+        if written:
+            out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written]
+    text = "\n".join(out) + "\n"
+    (run_dir / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", help="an ablation out_dir holding results.jsonl")
+    ap.add_argument("--control", default=None, help="arm the deltas are taken against")
+    ap.add_argument("--no-plots", action="store_true", help="tables only")
+    args = ap.parse_args(argv)
+    try:
+        print(build_report(args.run_dir, control=args.control, plots=not args.no_plots))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
