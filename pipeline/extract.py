@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate launch pipeline/extract.py`
@@ -35,10 +34,9 @@ if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate laun
 
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, parse_cli, to_dict
+from pipeline.extract_chunk import extract_chunk
 from pipeline.store import COMPONENTS, SCHEMA_VERSION, PackedSplit, remove_store
 from pipeline.writer import AsyncChunkWriter, StoreWriter
-
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def student_num_layers(model_cfg) -> int:
@@ -183,76 +181,6 @@ def plan_store(path: Path, fingerprint: str, overwrite: bool) -> str:
     return "done" if attrs.get("complete") else "resume"
 
 
-def _bad_sample_error(kind, x, y, valid, batch, packed, layer, comp) -> ValueError:
-    """One-line error naming the first sample of `batch` whose (real-token) states are not storable."""
-    j = int(kind.nonzero()[0, 0])
-    i = int(batch[j])
-    where = f"train sample {i} (dataset row {int(packed.rows[i])}), teacher layer {layer}, component {comp}"
-    xs = x[j].transpose(0, 1)[valid[j]]  # (T_real, X, D) the raw teacher values of that sample
-    if not torch.isfinite(xs).all():
-        return ValueError(f"teacher states contain NaN/inf: {where}")
-    return ValueError(
-        f"teacher states overflow float16 (|x| max {xs.abs().max().item():.4g} > 65504): {where}; "
-        "use extract.dtype=bfloat16"
-    )
-
-
-def extract_chunk(
-    model, cap, packed: PackedSplit, writer: StoreWriter, c: int, cfg: KVMapConfig, pad_id: int
-):
-    """Forward every sample overlapping chunk c; return ({(layer, comp): (n, X, D) array}, stats)."""
-    from pipeline.metrics import answer_token_accuracy
-
-    start, end = writer.chunk_range(c)
-    idx = packed.samples_in(start, end)
-    idx = idx[np.argsort(-packed.lengths[idx], kind="stable")]  # longest first: batches of similar length
-    sdt = TORCH_DTYPES[cfg.extract.dtype]
-    bufs: dict[tuple[int, str], np.ndarray] = {}
-    stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}}
-    device = next(model.parameters()).device
-    for b0 in range(0, len(idx), cfg.extract.batch_size):
-        batch = idx[b0 : b0 + cfg.extract.batch_size]
-        lens = packed.lengths[batch]
-        ids = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)  # (B, T) right-padded
-        seg = torch.full_like(ids, -1)
-        ans = torch.zeros_like(ids, dtype=torch.bool)
-        for j, i in enumerate(batch):
-            o, n = int(packed.offsets[i]), int(lens[j])
-            ids[j, :n] = torch.from_numpy(packed.input_ids[o : o + n].astype(np.int64))
-            seg[j, :n] = torch.from_numpy(packed.segment_ids[o : o + n].astype(np.int64))
-            ans[j, :n] = torch.from_numpy(packed.answer_mask[o : o + n].astype(bool))
-        valid = seg >= 0  # (B, T)
-        cap.clear()
-        logits = model(
-            input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
-        ).logits
-        stats["forward_tokens"] += int(lens.sum())
-        # Accuracy counts each sample once: in the chunk where it starts.
-        own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
-        if own.any():
-            o = torch.from_numpy(own)
-            acc = answer_token_accuracy(logits[o.to(logits.device)].float().cpu(), ids[o], ans[o], seg[o])
-            for k, v in acc.items():
-                stats["acc"][k] = stats["acc"].get(k, 0) + v
-        for layer in writer.layers:
-            for comp in writer.components:
-                x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
-                y = x.to(sdt)  # bf16: finite unless x is; fp16: inf where |x| overflows
-                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
-                if bad.any():
-                    raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
-                y = y.permute(0, 2, 1, 3).contiguous().cpu()  # (B, T, X, D) token-major like the store
-                yn = (y.view(torch.uint16) if sdt == torch.bfloat16 else y).numpy()
-                buf = bufs.get((layer, comp))
-                if buf is None:
-                    buf = bufs[(layer, comp)] = np.empty((end - start, *yn.shape[2:]), dtype=yn.dtype)
-                for j, i in enumerate(batch):
-                    o = int(packed.offsets[i])
-                    s0, s1 = max(o, start), min(o + int(lens[j]), end)
-                    buf[s0 - start : s1 - start] = yn[j, s0 - o : s1 - o]
-    return bufs, stats
-
-
 def _summarise(writer: StoreWriter, done: dict, counts: dict, wall_s: float, computed_tokens: int) -> dict:
     """End summary from every chunk's recorded stats (also those of an earlier, interrupted run)."""
     tokens = sum(d["tokens"] for d in done.values())
@@ -385,10 +313,15 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         disable=not state.is_main_process,
     )
     out = AsyncChunkWriter(writer, cfg.extract.writer_threads, cfg.extract.max_pending_chunks)
+    t_loop = time.perf_counter()
     try:
         with torch.inference_mode(), capture_qkv(model, layers, tuple(cfg.extract.components)) as cap:
             for c in mine:
-                bufs, stats = extract_chunk(model, cap, train, writer, c, cfg, pad_id)
+                start, end = writer.chunk_range(c)
+                bufs, stats = extract_chunk(
+                    model, cap, train, start, end, layers, cfg.extract.components, cfg.extract.dtype,
+                    cfg.extract.batch_size, pad_id,
+                )  # fmt: skip
                 out.submit(c, bufs, stats)
                 computed += stats["tokens"]
                 bar.update(stats["tokens"])
@@ -398,10 +331,12 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     finally:
         bar.close()
     out.close()
+    loop_s = time.perf_counter() - t_loop
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
         summary = _summarise(writer, writer.done_chunks(), counts, time.perf_counter() - t0, computed)
+        summary["extract_loop_s_last_run"] = loop_s  # forwards + capture + writing, no model load
         writer.mark_complete(summary)
         _print_summary(path, summary)
     state.wait_for_everyone()

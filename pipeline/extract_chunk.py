@@ -1,0 +1,117 @@
+"""Compute one write chunk of teacher states: batch the samples overlapping it, forward, check, pack.
+
+Shape glossary: B batch, T tokens (padded batch length), X heads of a component (H for q, G for k/v),
+D head dim; a chunk covers packed tokens [start, end) of the train split (see pipeline/store.py).
+
+Why per chunk: a chunk is the unit of writing, resuming and rank ownership (pipeline/extract.py). The
+batches are a function of the chunk alone (the overlapping samples, longest first), so the stored bits do
+not depend on the number of processes or on where a previous run was killed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.store import PackedSplit
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bad_sample_error(kind, x, y, valid, batch, packed, layer, comp) -> ValueError:
+    """One-line error naming the first sample of `batch` whose (real-token) states are not storable."""
+    j = int(kind.nonzero()[0, 0])
+    i = int(batch[j])
+    where = f"train sample {i} (dataset row {int(packed.rows[i])}), teacher layer {layer}, component {comp}"
+    xs = x[j].transpose(0, 1)[valid[j]]  # (T_real, X, D) the raw teacher values of that sample
+    if not torch.isfinite(xs).all():
+        return ValueError(f"teacher states contain NaN/inf: {where}")
+    return ValueError(
+        f"teacher states overflow float16 (|x| max {xs.abs().max().item():.4g} > 65504): {where}; "
+        "use extract.dtype=bfloat16"
+    )
+
+
+def chunk_batches(packed: PackedSplit, start: int, end: int, batch_size: int) -> list[np.ndarray]:
+    """Sample-index batches covering packed tokens [start, end): every overlapping sample, longest first
+    (batches of similar length pad little). Depends only on the chunk, never on the rank count."""
+    idx = packed.samples_in(start, end)
+    idx = idx[np.argsort(-packed.lengths[idx], kind="stable")]
+    return [idx[b : b + batch_size] for b in range(0, len(idx), batch_size)]
+
+
+def pad_batch(packed: PackedSplit, batch: np.ndarray, pad_id: int):
+    """Right-padded (B, T) input_ids, segment_ids (-1 on padding) and answer_mask (bool) of `batch`."""
+    lens = packed.lengths[batch]
+    ids = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)  # (B, T)
+    seg = torch.full_like(ids, -1)
+    ans = torch.zeros_like(ids, dtype=torch.bool)
+    for j, i in enumerate(batch):
+        o, n = int(packed.offsets[i]), int(lens[j])
+        ids[j, :n] = torch.from_numpy(packed.input_ids[o : o + n].astype(np.int64))
+        seg[j, :n] = torch.from_numpy(packed.segment_ids[o : o + n].astype(np.int64))
+        ans[j, :n] = torch.from_numpy(packed.answer_mask[o : o + n].astype(bool))
+    return ids, seg, ans
+
+
+def extract_chunk(
+    model,
+    cap,
+    packed: PackedSplit,
+    start: int,
+    end: int,
+    layers: list[int],
+    components: list[str],
+    dtype: str,
+    batch_size: int,
+    pad_id: int,
+) -> tuple[dict[tuple[int, str], np.ndarray], dict]:
+    """Teacher states of packed tokens [start, end) of `packed`.
+
+    Args:
+        model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`.
+        dtype: storage dtype "bfloat16" | "float16"; non-finite or fp16-overflowing states at real tokens
+            raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
+    Returns:
+        ({(layer, comp): (end - start, X, D) array in the storage dtype (bf16 as uint16 words)},
+         stats {"tokens", "forward_tokens", "acc": answer-token accuracy counts of the samples starting here})
+    """
+    from pipeline.metrics import answer_token_accuracy
+
+    sdt = TORCH_DTYPES[dtype]
+    bufs: dict[tuple[int, str], np.ndarray] = {}
+    stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}}
+    device = next(model.parameters()).device
+    for batch in chunk_batches(packed, start, end, batch_size):
+        lens = packed.lengths[batch]
+        ids, seg, ans = pad_batch(packed, batch, pad_id)
+        valid = seg >= 0  # (B, T)
+        cap.clear()
+        logits = model(
+            input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
+        ).logits
+        stats["forward_tokens"] += int(lens.sum())
+        # Accuracy counts each sample once: in the chunk where it starts.
+        own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
+        if own.any():
+            o = torch.from_numpy(own)
+            acc = answer_token_accuracy(logits[o.to(logits.device)].float().cpu(), ids[o], ans[o], seg[o])
+            for k, v in acc.items():
+                stats["acc"][k] = stats["acc"].get(k, 0) + v
+        for layer in layers:
+            for comp in components:
+                x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+                y = x.to(sdt)  # bf16: finite unless x is; fp16: inf where |x| overflows
+                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
+                if bad.any():
+                    raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
+                y = y.permute(0, 2, 1, 3).contiguous().cpu()  # (B, T, X, D) token-major like the store
+                yn = (y.view(torch.uint16) if sdt == torch.bfloat16 else y).numpy()
+                buf = bufs.get((layer, comp))
+                if buf is None:
+                    buf = bufs[(layer, comp)] = np.empty((end - start, *yn.shape[2:]), dtype=yn.dtype)
+                for j, i in enumerate(batch):
+                    o = int(packed.offsets[i])
+                    s0, s1 = max(o, start), min(o + int(lens[j]), end)
+                    buf[s0 - start : s1 - start] = yn[j, s0 - o : s1 - o]
+    return bufs, stats
