@@ -48,6 +48,14 @@ def read_curve(run_dir: Path, keys: tuple[str, ...]) -> dict[int, float]:
     return curve
 
 
+def _legend(axes) -> None:
+    """One legend, on the last panel that has labelled artists."""
+    for ax in reversed(list(axes)):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+            return
+
+
 def _band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
     """Steps logged by every seed, the mean and the sample std (0 for one seed) at each."""
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
@@ -90,7 +98,7 @@ def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | Non
     if not drawn:
         plt.close(fig)
         return None
-    axes[1].legend(fontsize=8)
+    _legend(axes)
     fig.suptitle("Loss per arm: mean over seeds, band = ± 1 std")
     fig.tight_layout()
     path = out_dir / "loss_curves.png"
@@ -135,7 +143,7 @@ def plot_cos_layers(out_dir: Path, groups: dict[str, list[dict]]) -> Path | None
         ax.set_xlabel("student layer")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("cosine(student, projected teacher)")
-    axes[1].legend(fontsize=8)
+    _legend(axes)
     fig.tight_layout()
     path = out_dir / "cos_layers.png"
     fig.savefig(path, dpi=110)

@@ -1,0 +1,307 @@
+"""trainer/ablate.py with stand-in trainers: planning/validation, resume after an interrupted sweep, a real
+SIGKILL of the sweep process (subprocess runner), and rows never duplicated.
+
+The real-trainer sweep on tiny models lives in tests/test_ablate_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.configlib import ConfigError
+from tests.helpers_store import write_random_store
+from trainer import ablate
+from trainer.ablation_config import flatten_overrides, load_ablation, plan_runs
+from trainer.ablation_results import read_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_base(tmp_path: Path) -> Path:
+    """A base experiment config that parses (the stand-in trainers never load its models)."""
+    base = {
+        "data": {"train_path": str(tmp_path / "train.jsonl"), "eval_path": None},
+        "teacher": {"path": "tiny-teacher"},
+        "student": {"config": {"model_type": "llama", "num_hidden_layers": 3}},
+        "extract": {"store": str(tmp_path / "store.zarr")},
+        "train": {"steps": 6},
+    }
+    p = tmp_path / "base.yaml"
+    p.write_text(yaml.safe_dump(base))
+    if not (tmp_path / "store.zarr").exists():
+        write_random_store(tmp_path / "store.zarr", layers=(0, 1, 2, 3))
+    return p
+
+
+def write_ablation(tmp_path: Path, arms=None, **extra) -> Path:
+    doc = {
+        "base_config": str(write_base(tmp_path)),
+        "seeds": [0, 1],
+        "out_dir": str(tmp_path / "out"),
+        "control": None if arms else "ce_only",
+        "arms": arms
+        or [
+            {"name": "ce_only", "overrides": ["lambda_kv=0"]},
+            {
+                "name": "struct",
+                "overrides": {"kv_projection_mode": "structured", "align": {"share_dim_proj": False}},
+            },
+        ],
+        **extra,
+    }
+    p = tmp_path / "abl.yaml"
+    p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return p
+
+
+def fake_metrics(cfg) -> dict:
+    return {
+        "eval/ce": 1.0 + 0.1 * cfg.seed - 0.05 * cfg.lambda_kv,
+        "eval/acc_R": 0.1 + 0.01 * cfg.seed,
+        "align/params": 100 if cfg.kv_projection_mode == "structured" else 50,
+        "steps": cfg.train.steps,
+        "train/cos_k_layer": [0.5, 0.6, 0.7],
+    }
+
+
+class FakeTrainer:
+    """Stand-in runner: writes what train.py writes; can die mid-run (checkpoint, no metrics.json) or
+    just after finishing (metrics.json, but the sweep dies before the row)."""
+
+    def __init__(self, die_mid_at=None, die_after_at=None):
+        self.calls: list[tuple[str, int, bool]] = []
+        self.die_mid_at, self.die_after_at = die_mid_at, die_after_at
+
+    def __call__(self, spec, resume, abl):
+        self.calls.append((spec.arm, spec.seed, resume))
+        rd = spec.run_dir
+        if not resume:
+            assert not rd.exists() or not any(rd.iterdir()), f"fresh run into a non-empty folder {rd}"
+        (rd / "checkpoints" / "step_3").mkdir(parents=True, exist_ok=True)
+        with open(rd / "metrics.jsonl", "a") as f:
+            for step in (1, 3, 6):
+                f.write(json.dumps({"step": step, "loss_ce": 2.0 / step}) + "\n")
+        if (spec.arm, spec.seed) == self.die_mid_at:
+            raise KeyboardInterrupt
+        (rd / "metrics.json").write_text(json.dumps(fake_metrics(spec.cfg)))
+        if (spec.arm, spec.seed) == self.die_after_at:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(**kw):
+        f = FakeTrainer(**kw)
+        monkeypatch.setitem(ablate.RUNNERS, "fake", f)
+        return f
+
+    return install
+
+
+def test_sweep_resumes_after_interruption_without_duplicates(tmp_path, fake):
+    abl = load_ablation(write_ablation(tmp_path, runner="fake"))
+    out = Path(abl.out_dir)
+    f = fake(die_mid_at=("struct", 0))
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_ablation(abl)
+    assert [(r["arm"], r["seed"]) for r in read_results(out / "results.jsonl")] == [
+        ("ce_only", 0),
+        ("ce_only", 1),
+    ]
+    assert f.calls == [("ce_only", 0, False), ("ce_only", 1, False), ("struct", 0, False)]
+
+    f = fake()
+    rows = ablate.run_ablation(abl)  # resumes the killed run from its checkpoint, then the last one
+    assert f.calls == [("struct", 0, True), ("struct", 1, False)]
+    keys = [(r["arm"], r["seed"]) for r in rows]
+    assert (
+        sorted(keys) == [("ce_only", 0), ("ce_only", 1), ("struct", 0), ("struct", 1)] and len(set(keys)) == 4
+    )
+    row = rows[2]
+    assert row["resumed"] is True and row["run_dir"] == str(out / "struct" / "seed_0")
+    assert row["overrides"] == ["kv_projection_mode=structured", "align.share_dim_proj=false"]
+    assert row["aligner_params"] == 100 and row["metrics"]["eval/ce"] == pytest.approx(0.95)
+    assert row["store_fingerprint"] and row["config_hash"] and row["wall_s"] >= 0
+
+    f = fake()
+    assert len(ablate.run_ablation(abl)) == 4 and f.calls == []  # nothing left to do
+    md = (out / "report.md").read_text()
+    assert "| ce_only | 2 | 1.0500 ± 0.0707 |" in md and "## Delta vs the control `ce_only`" in md
+
+
+def test_finished_run_whose_row_was_lost_is_recorded_without_retraining(tmp_path, fake):
+    abl = load_ablation(write_ablation(tmp_path, runner="fake", report=False))
+    fake(die_after_at=("ce_only", 1))
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_ablation(abl)
+    f = fake()
+    rows = ablate.run_ablation(abl)
+    assert ("ce_only", 1, False) not in f.calls and ("ce_only", 1, True) not in f.calls
+    assert len(rows) == 4 and rows[1]["seed"] == 1 and rows[1]["resumed"] is False
+
+
+def test_stale_run_folder_restarts_cleanly(tmp_path, fake):
+    abl = load_ablation(write_ablation(tmp_path, runner="fake", report=False))
+    junk = Path(abl.out_dir) / "ce_only" / "seed_0"
+    junk.mkdir(parents=True)
+    (junk / "metrics.json").write_text("{}")  # no config beside it: not from this arm, cannot count
+    f = fake()
+    rows = ablate.run_ablation(abl)
+    assert f.calls[0] == ("ce_only", 0, False) and rows[0]["metrics"]["eval/ce"] == pytest.approx(1.0)
+
+
+def test_bad_arm_fails_before_any_run(tmp_path, fake):
+    f = fake()
+    arms = [
+        {"name": "ok", "overrides": ["lambda_kv=0"]},
+        {"name": "typo", "overrides": ["align.share_dim_prj=false"]},
+    ]
+    with pytest.raises(ConfigError, match=r"arm 'typo' \(seed 0\): unknown config key 'align.share_dim_prj'"):
+        ablate.run_ablation(load_ablation(write_ablation(tmp_path, arms=arms, runner="fake")))
+    arms[1] = {"name": "badval", "overrides": {"train": {"steps": "many"}}}
+    with pytest.raises(ConfigError, match=r"arm 'badval'.*'train.steps': got 'many', expected an int"):
+        ablate.run_ablation(load_ablation(write_ablation(tmp_path, arms=arms, runner="fake")))
+    arms[1] = {"name": "other_store", "overrides": ["extract.dtype=float16"]}
+    with pytest.raises(ConfigError, match="arm 'other_store': its 'extract' section differs"):
+        ablate.run_ablation(load_ablation(write_ablation(tmp_path, arms=arms, runner="fake")))
+    arms[1] = {"name": "deep", "overrides": ["align.layer_map=[0, 0, 2]"]}
+    abl = load_ablation(write_ablation(tmp_path, arms=arms, runner="fake"))
+    shutil.rmtree(tmp_path / "store.zarr")
+    write_random_store(tmp_path / "store.zarr", layers=(1, 2, 3))  # what "uniform" needs, not "deep"
+    with pytest.raises(ValueError, match=r"arm 'deep': its layer map needs teacher layers \[0, 2\]"):
+        ablate.run_ablation(abl)
+    assert f.calls == []
+    for bad, msg in [
+        ({"arms": [{"name": "a/b"}]}, "arm name 'a/b'"),
+        ({"arms": [{"name": "a"}, {"name": "a"}]}, "duplicate arm name 'a'"),
+        ({"arms": [{"name": "a"}], "seeds": [1, 1]}, "distinct seeds"),
+        ({"arms": [{"name": "a"}], "control": "b"}, "control='b'"),
+        ({"arms": [{"name": "a"}], "sedes": [1]}, "unknown config key 'sedes'"),
+        ({"arms": [{"name": "a", "overrides": ["lambda_kv"]}]}, "expected 'dotted.key=value'"),
+    ]:
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump({"base_config": str(tmp_path / "base.yaml"), **bad}))
+        with pytest.raises(ConfigError, match=msg):
+            plan_runs(load_ablation(p))
+    with pytest.raises(ConfigError, match="runner='nope'"):
+        ablate.run_ablation(load_ablation(write_ablation(tmp_path, runner="nope")))
+
+
+def test_changed_arm_refuses_its_old_rows(tmp_path, fake):
+    path = write_ablation(tmp_path, runner="fake", report=False, seeds=[0])
+    fake()
+    ablate.run_ablation(load_ablation(path))
+    with pytest.raises(ConfigError, match="row for arm 'ce_only' seed 0 was made with another config"):
+        ablate.run_ablation(load_ablation(path, ["train.lr=0.5"]))
+
+
+def test_cli_overrides_and_mapping_equals_dotted(tmp_path):
+    path = write_ablation(tmp_path)
+    abl = load_ablation(path, ["seeds=[3]", "train.steps=2", "only_arms=[struct]"])
+    assert abl.seeds == [3] and abl.base_overrides == ["train.steps=2"] and abl.only_arms == ["struct"]
+    specs = plan_runs(abl)
+    assert [(s.arm, s.seed, s.cfg.train.steps) for s in specs] == [("ce_only", 3, 2), ("struct", 3, 2)]
+    assert (
+        specs[1].cfg.align.share_dim_proj is False
+        and specs[1].run_dir == Path(abl.out_dir) / "struct" / "seed_3"
+    )
+    dotted = ["kv_projection_mode=structured", "align.share_dim_proj=false"]
+    mapping = {"kv_projection_mode": "structured", "align": {"share_dim_proj": False}}
+    assert flatten_overrides(mapping, "x") == dotted
+    with pytest.raises(ConfigError, match="ablation field 'seeds' takes a whole value"):
+        load_ablation(path, ["seeds.0=1"])
+
+
+def test_default_matrix_resolves_every_arm():
+    abl = load_ablation(ROOT / "configs" / "ablations" / "default.yaml")
+    specs = plan_runs(abl)
+    arms = {s.arm: s.cfg for s in specs if s.seed == 0}
+    assert list(arms) == [
+        "ce_only", "baseline_flat", "v40_1", "v40_2", "v40_3", "v40_2_rope", "attn_teacher", "attn_teacher_decay",
+    ]  # fmt: skip
+    assert abl.seeds == [0, 1, 2] and len(specs) == 24 and abl.control == "ce_only"
+    assert arms["ce_only"].lambda_kv == 0 and arms["baseline_flat"].kv_projection_mode == "flat"
+    got = {a: (c.kv_projection_mode, c.align.share_dim_proj, c.align.init_uniform) for a, c in arms.items()}
+    assert got["v40_1"] == ("structured", True, False) and got["v40_2"] == ("structured", True, True)
+    assert got["v40_3"] == ("structured", False, True) and arms["v40_2_rope"].align.rope_consistent is True
+    for a in ("attn_teacher", "attn_teacher_decay"):
+        lc = arms[a].loss_config
+        assert (lc.attn_target, lc.alpha_k, lc.alpha_v) == ("teacher", 0.0, 0.0)
+    assert arms["attn_teacher_decay"].train.lambda_schedule == "linear"
+    assert arms["attn_teacher"].train.lambda_schedule == "constant"
+
+
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    import yaml
+    cfg = yaml.safe_load(open(sys.argv[sys.argv.index("--config") + 1]))
+    rd = Path(cfg["run_dir"]); resume = "--resume" in sys.argv
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps([rd.parent.name, cfg["seed"], resume]) + "\\n")
+    (rd / "checkpoints" / "step_1").mkdir(parents=True, exist_ok=True)
+    if os.environ.get("FAKE_HANG") == rd.parent.name and not resume:
+        time.sleep(120)  # the test kills the whole sweep here
+    (rd / "metrics.json").write_text(json.dumps({"eval/ce": 1.0 + cfg["seed"], "wall_s": 0.1}))
+    """
+)
+
+
+def _rows(path: Path) -> list:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sigkilled_sweep_resumes_with_subprocess_runner(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    calls = tmp_path / "calls.jsonl"
+    path = write_ablation(tmp_path, runner="subprocess", train_entry=str(script), report=False)
+    results = tmp_path / "out" / "results.jsonl"
+    env = {**os.environ, "FAKE_CALLS": str(calls), "FAKE_HANG": "struct"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "trainer" / "ablate.py"), "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 60
+        while len(_rows(calls)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert len(_rows(results)) == 2  # both ce_only rows written; struct seed 0 hangs mid-run
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its training child, like a lost machine
+        proc.wait()
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.delenv("FAKE_HANG", raising=False)
+    assert ablate.main(["--config", str(path)]) == 0
+    assert _rows(calls) == [
+        ["ce_only", 0, False],
+        ["ce_only", 1, False],
+        ["struct", 0, False],
+        ["struct", 0, True],
+        ["struct", 1, False],
+    ]
+    rows = read_results(results)
+    assert [(r["arm"], r["seed"]) for r in rows] == [
+        ("ce_only", 0),
+        ("ce_only", 1),
+        ("struct", 0),
+        ("struct", 1),
+    ]
+    assert "--resume" in (tmp_path / "out" / "struct" / "seed_0.log").read_text()

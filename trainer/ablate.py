@@ -1,0 +1,351 @@
+"""Run an ablation matrix (arms x seeds) of stage-2 trainings on ONE teacher-state store, resumably.
+
+    accelerate launch trainer/ablate.py --config configs/ablations/default.yaml [key=value ...] [--dry-run]
+    python trainer/ablate.py --config configs/ablations/default.yaml train.steps=50 seeds=[0]
+
+`key=value` sets an ablation field (`seeds=[0,1]`, `out_dir=runs/x`, `only_arms=[ce_only]`) or, for any
+other key, an experiment override applied to every arm (`train.steps=50`). The YAML format is documented
+in trainer/ablation_config.py.
+
+What it does, in order:
+1. Resolves and validates every (arm, seed) config strictly (unknown keys, bad values, arms that would
+   need a different store) before anything runs.
+2. Extracts the store (pipeline/extract.py) only if it is missing or incomplete; checks that it holds the
+   teacher layers every arm's layer map needs.
+3. For each (arm, seed) not already in OUT_DIR/results.jsonl: trains into OUT_DIR/ARM/seed_SEED (a fresh
+   process per run by default), then appends one row (see trainer/ablation_results.py). A run folder left
+   by a killed sweep resumes from its checkpoint (same config) or restarts cleanly; it never counts as done
+   until its row is written. A finished run whose row was lost (killed between the two) is recorded
+   without retraining.
+4. Writes OUT_DIR/report.md and plots (trainer/report.py) and prints the table.
+
+Runners (the `runner` field) are a dict, RUNNERS, so tests and users can add their own:
+`runner(spec, resume, abl) -> None` trains `spec.cfg` into `spec.run_dir` and leaves metrics.json there.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+from tqdm.auto import tqdm
+
+from pipeline.config import KVMapConfig
+from pipeline.configlib import ConfigError, git_sha, load_config, to_dict
+from trainer.ablation_config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
+from trainer.ablation_results import RESULTS_NAME, append_result, done_keys, read_results
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ("dry_run",)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def config_path(spec: RunSpec) -> Path:
+    """The resolved config ablate writes for a run (beside its run folder: the trainer owns the folder)."""
+    return spec.run_dir.parent / f"{spec.run_dir.name}.yaml"
+
+
+def log_path(spec: RunSpec) -> Path:
+    return spec.run_dir.parent / f"{spec.run_dir.name}.log"
+
+
+def run_subprocess(spec: RunSpec, resume: bool, abl: AblationConfig) -> None:
+    """Train in a fresh process: `[*launcher, train_entry, --config RUN.yaml, [--resume]]`, output to RUN.log."""
+    entry = abl.train_entry or str(REPO_ROOT / "trainer" / "train.py")
+    cmd = [*(abl.launcher or [sys.executable]), entry, "--config", str(config_path(spec))]
+    if resume:
+        cmd.append("--resume")
+    log = log_path(spec)
+    with open(log, "a") as f:
+        f.write(f"\n# {_dt.datetime.now(_dt.timezone.utc).isoformat()} $ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env()).returncode
+    if rc != 0:
+        raise RuntimeError(
+            f"arm '{spec.arm}' seed {spec.seed}: training exited with code {rc}; log {log}, last lines:\n"
+            + _tail(log)
+        )
+
+
+def run_inprocess(spec: RunSpec, resume: bool, abl: AblationConfig) -> None:
+    """Train in this process via trainer.train.run_training (every rank of a multi-process launch calls it)."""
+    from trainer.train import run_training
+
+    run_training(spec.cfg, resume=resume)
+
+
+RUNNERS: dict[str, Callable[[RunSpec, bool, AblationConfig], None]] = {
+    "subprocess": run_subprocess,
+    "inprocess": run_inprocess,
+}
+
+
+def pick_runner(abl: AblationConfig) -> tuple[str, Callable]:
+    """The runner the config names ("auto" = inprocess under a multi-process launch, else subprocess)."""
+    name = abl.runner
+    if name == "auto":
+        name = "inprocess" if _world_size() > 1 else "subprocess"
+    if name not in RUNNERS:
+        raise ConfigError(f"runner={abl.runner!r}: expected 'auto' or one of {sorted(RUNNERS)}")
+    if name == "subprocess" and _world_size() > 1:
+        raise ConfigError(
+            "runner='subprocess' under a multi-process launch would run every run once per process: use "
+            "runner=inprocess, or launch ablate.py as one process with launcher=[accelerate,launch,...]"
+        )
+    return name, RUNNERS[name]
+
+
+def store_path(cfg: KVMapConfig) -> str:
+    return cfg.train.store or cfg.extract.store
+
+
+def ensure_store(abl: AblationConfig, specs: list[RunSpec]) -> str | None:
+    """Extract the shared store if it is missing or incomplete; return its fingerprint (None on a dry run).
+
+    Raises ValueError when the store lacks teacher layers an arm's layer map needs (before any run).
+    """
+    from pipeline.store import KVStore
+
+    paths = sorted({store_path(s.cfg) for s in specs})
+    if len(paths) != 1:
+        raise ConfigError(f"arms train from different stores {paths}: the matrix must share one store")
+    path = Path(paths[0])
+
+    def is_complete() -> bool:
+        try:
+            return KVStore(path).complete
+        except FileNotFoundError:
+            return False
+
+    if not is_complete():
+        if not abl.extract_if_missing:
+            raise FileNotFoundError(f"store '{path}' is missing or incomplete and extract_if_missing=false")
+        cfg_file = Path(abl.out_dir) / "extract_config.yaml"
+        cfg_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(yaml.safe_dump(to_dict(specs[0].cfg), sort_keys=False))
+        cmd = [*(abl.launcher or [sys.executable]), str(REPO_ROOT / "pipeline" / "extract.py"), "--config"]
+        print(f"[ablate] store '{path}' missing or incomplete: extracting ({' '.join(cmd)} {cfg_file})")
+        rc = subprocess.run([*cmd, str(cfg_file)], env=_child_env()).returncode
+        if rc != 0 or not is_complete():
+            raise RuntimeError(f"extraction of store '{path}' failed (exit code {rc}); see its output above")
+    store = KVStore(path)
+    check_layers(store, specs)
+    return store.fingerprint
+
+
+def check_layers(store, specs: list[RunSpec]) -> None:
+    """Every arm's layer map must point at stored teacher layers (checked where the student's depth is known)."""
+    from alignment.layer_map import build_layer_map
+
+    L_t = int(store.attrs.get("teacher", {}).get("num_layers", 0))
+    if not L_t:
+        return
+    for spec in specs:
+        scfg = spec.cfg.student.config or {}
+        L_s = scfg.get("num_hidden_layers")
+        if not isinstance(L_s, int):
+            continue  # a student loaded from a path: the trainer checks it when it loads
+        need = sorted(set(build_layer_map(spec.cfg.align.layer_map, L_t, L_s)))
+        missing = [layer for layer in need if layer not in store.layers]
+        if missing:
+            raise ValueError(
+                f"arm '{spec.arm}': its layer map needs teacher layers {need} but store '{store.path}' holds "
+                f"{store.layers}; set extract.layers to cover every arm in base_overrides"
+            )
+
+
+def run_state(spec: RunSpec) -> str:
+    """'finished' (metrics.json from this exact config), 'resumable', 'stale' (restart) or 'new'."""
+    cfg_file = config_path(spec)
+    same = False
+    if cfg_file.is_file():
+        try:
+            same = config_hash(load_config(KVMapConfig, cfg_file)) == spec.config_hash
+        except ConfigError:
+            same = False
+    if not spec.run_dir.exists():
+        return "new"
+    if not same:
+        return "stale"
+    if (spec.run_dir / "metrics.json").is_file():
+        return "finished"
+    ckpt = spec.run_dir / "checkpoints"
+    return "resumable" if ckpt.is_dir() and any(ckpt.iterdir()) else "stale"
+
+
+def make_row(spec: RunSpec, wall_s: float, resumed: bool, fingerprint: str | None) -> dict:
+    metrics_file = spec.run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise RuntimeError(f"arm '{spec.arm}' seed {spec.seed}: training ended without {metrics_file}")
+    metrics = json.loads(metrics_file.read_text())
+    return {
+        "arm": spec.arm,
+        "seed": spec.seed,
+        "overrides": spec.overrides,
+        "run_dir": str(spec.run_dir),
+        "config_hash": spec.config_hash,
+        "store_fingerprint": fingerprint,
+        "lambda_kv": spec.cfg.lambda_kv,
+        "metrics": metrics,
+        "wall_s": round(wall_s, 3),
+        "aligner_params": metrics.get("align/params"),
+        "resumed": resumed,
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+    }
+
+
+def check_rows(rows: dict, specs: list[RunSpec], fingerprint: str | None, results: Path) -> None:
+    """Rows already present must come from the same config and store as the run they stand for."""
+    by_key = {s.key: s for s in specs}
+    for key, row in rows.items():
+        spec = by_key.get(key)
+        if spec is not None and row.get("config_hash") not in (None, spec.config_hash):
+            raise ConfigError(
+                f"{results}: the row for arm '{key[0]}' seed {key[1]} was made with another config "
+                f"(hash {row.get('config_hash')} != {spec.config_hash}): restore the arm, rename it, use "
+                "another out_dir, or delete that row"
+            )
+        fp = row.get("store_fingerprint")
+        if spec is not None and fingerprint and fp and fp != fingerprint:
+            raise ConfigError(
+                f"{results}: the row for arm '{key[0]}' seed {key[1]} came from store {fp}, the store is now "
+                f"{fingerprint}: use another out_dir or delete the old rows"
+            )
+
+
+def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
+    """Run every missing (arm, seed) of `abl`; returns all rows of the results file afterwards.
+
+    Example:
+        abl = load_ablation("configs/ablations/default.yaml", ["train.steps=20", "seeds=[0]"])
+        rows = run_ablation(abl)
+    """
+    specs = plan_runs(abl)  # raises on any bad arm before anything runs
+    runner_name, runner = pick_runner(abl)
+    out = Path(abl.out_dir)
+    results = out / RESULTS_NAME
+    todo_arms = set(abl.only_arms or [a.name for a in abl.arms])
+    rows = done_keys(read_results(results))
+    check_rows(rows, specs, None, results)
+    todo = [s for s in specs if s.arm in todo_arms and s.key not in rows]
+    print(
+        f"[ablate] {len(abl.arms)} arms x {len(abl.seeds)} seeds -> {out} ({runner_name}); "
+        f"{len(specs) - len(todo)} done or skipped, {len(todo)} to run"
+    )
+    if dry_run:
+        for s in todo:
+            print(f"  {s.arm} seed {s.seed}: {' '.join(s.overrides) or '(base)'} [{run_state(s)}]")
+        return list(rows.values())
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ablation.yaml").write_text(yaml.safe_dump(to_dict(abl), sort_keys=False))
+    fingerprint = _main_first(lambda: ensure_store(abl, specs)) if todo or not rows else None
+    if fingerprint:
+        check_rows(rows, specs, fingerprint, results)
+    bar = tqdm(total=len(todo), desc="ablation runs", unit="run", disable=not _is_main())
+    for spec in todo:
+        bar.set_postfix_str(f"{spec.arm} seed {spec.seed}")
+        state = run_state(spec)
+        t0 = time.perf_counter()
+        if state != "finished":
+            if _is_main():
+                if state == "stale":
+                    shutil.rmtree(spec.run_dir)  # half-written by a killed run with no usable checkpoint
+                spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                config_path(spec).write_text(yaml.safe_dump(to_dict(spec.cfg), sort_keys=False))
+            _barrier()
+            runner(spec, state == "resumable", abl)
+        if _is_main():
+            append_result(
+                results, make_row(spec, time.perf_counter() - t0, state == "resumable", fingerprint)
+            )
+        bar.update(1)
+    bar.close()
+    all_rows = read_results(results) if results.exists() else []
+    if abl.report and _is_main() and all_rows:
+        from trainer.report import build_report
+
+        print(build_report(out, control=abl.control))
+    return all_rows
+
+
+def _barrier() -> None:
+    if _world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _main_first(fn: Callable):
+    """Run `fn` on the main process first (e.g. extraction), then on the others (which then just read)."""
+    if _world_size() == 1:
+        return fn()
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        return fn()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, rest, flags = None, [], dict.fromkeys(FLAGS, False)
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            name = arg[2:].replace("-", "_")
+            if name not in flags:
+                print(f"error: unknown option '{arg}' (known: --config, --dry-run)", file=sys.stderr)
+                return 2
+            flags[name] = True
+        else:
+            rest.append(arg)
+    if path is None:
+        print("error: --config PATH is required (e.g. configs/ablations/default.yaml)", file=sys.stderr)
+        return 2
+    try:
+        abl = load_ablation(path, rest)
+        run_ablation(abl, dry_run=flags["dry_run"])
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
