@@ -1,0 +1,180 @@
+"""Tiny learnable stores for the trainer's tests, written with stage 1's own pieces.
+
+The teacher is the tiny random Llama of tests/conftest.py (4 layers / 6 heads / 2 KV heads / head_dim 16);
+its states are captured with `pipeline.capture.capture_qkv` and written with `pipeline.writer.StoreWriter`
+in the store schema, so the trainer reads exactly what extraction would write. The task is a toy
+key->value retrieval with a learnable structure (so CE falls within a few steps):
+
+    P: k1 v1 k2 v2 k3 v3 SEP q        R: q v(q)        A: ANS v(q)
+
+`v(q)` is answer-bearing in R and A (not trivially: with tied embeddings an untrained model already
+"copies" the current token, so A repeats nothing). Token ids live in [3, TINY_VOCAB).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.store import PackedSplit, encode_states
+from tests.conftest import TINY_VOCAB, tiny_llama_config, tiny_student_config
+
+SEP, ANS = 3, 4
+KEYS = range(10, 50)
+VALUES = range(50, TINY_VOCAB)
+
+
+def retrieval_samples(n: int, seed: int, facts: int = 3) -> list[dict]:
+    """Tokenised samples (input_ids, segment_ids, answer_mask) of the toy retrieval task."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        keys = rng.choice(list(KEYS), size=facts, replace=False)
+        vals = rng.choice(list(VALUES), size=facts, replace=False)
+        j = int(rng.integers(facts))
+        prompt = [int(x) for kv in zip(keys, vals) for x in kv] + [SEP, int(keys[j])]
+        reasoning = [int(keys[j]), int(vals[j])]
+        answer = [ANS, int(vals[j])]
+        ids = prompt + reasoning + answer
+        seg = [0] * len(prompt) + [1] * len(reasoning) + [2] * len(answer)
+        ans = [0] * len(prompt) + [0, 1] + [0, 1]
+        out.append(
+            {
+                "input_ids": torch.tensor(ids),
+                "segment_ids": torch.tensor(seg),
+                "answer_mask": torch.tensor(ans, dtype=torch.bool),
+            }
+        )
+    return out
+
+
+def make_tiny_store(
+    path: str | Path,
+    num_train: int = 32,
+    num_eval: int = 8,
+    layers=(0, 1, 2, 3),
+    components=("q", "k", "v"),
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    complete: bool = True,
+    tokenizer_record: dict | None = None,
+) -> Path:
+    """Write a tiny store of the tiny teacher's real Q/K/V on the retrieval task; returns its path."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.capture import capture_qkv
+    from pipeline.writer import StoreWriter
+
+    torch.manual_seed(seed)
+    tcfg = tiny_llama_config()
+    teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa").eval()
+    train_s, eval_s = retrieval_samples(num_train, seed), retrieval_samples(num_eval, seed + 1)
+    train = PackedSplit.from_samples(train_s, rows=range(num_train))
+    ev = PackedSplit.from_samples(eval_s, rows=range(num_eval)) if num_eval else None
+    H, G, D = tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.head_dim
+    shapes = {"q": (H, D), "k": (G, D), "v": (G, D)}
+    hf = tcfg.to_dict()
+    attrs = {
+        "teacher": {
+            "path": "tiny",
+            "model_type": "llama",
+            "num_layers": tcfg.num_hidden_layers,
+            "num_heads": H,
+            "num_kv_heads": G,
+            "head_dim": D,
+            "hidden_size": tcfg.hidden_size,
+            "vocab_size": TINY_VOCAB,
+            "rope": {k: hf[k] for k in ("rope_parameters", "rope_theta") if hf.get(k) is not None},
+        },
+        "tokenizer": tokenizer_record or {"name": "tiny", "vocab_size": TINY_VOCAB, "hash": None},
+        "layers": list(layers),
+        "components": list(components),
+        "dtype": dtype,
+        "codec": "zstd-shuffle",
+        "compression_level": 1,
+        "segments": {"P": 0, "R": 1, "A": 2},
+    }
+    states = {(layer, c): [] for layer in layers for c in components}
+    with torch.no_grad(), capture_qkv(teacher, layers=layers, components=components) as cap:
+        for s in train_s:
+            teacher(input_ids=s["input_ids"][None], use_cache=False)
+            for (layer, c), acc in states.items():
+                acc.append(getattr(cap, c)[layer][0].transpose(0, 1))  # (T, X, D)
+    full = {key: torch.cat(v) for key, v in states.items()}  # (N, X, D)
+    w = StoreWriter.create(
+        path,
+        attrs=attrs,
+        train=train,
+        eval=ev,
+        state_shapes={c: shapes[c] for c in components},
+        chunk_tokens=128,
+        inner_chunk_tokens=32,
+    )
+    for c in w.todo_chunks():
+        s, e = w.chunk_range(c)
+        w.write_chunk(c, {key: encode_states(v[s:e], dtype) for key, v in full.items()}, stats={})
+    if complete:
+        w.mark_complete({"tokens": train.num_tokens})
+    return Path(path)
+
+
+def tiny_train_config(tmp_path: Path, store: Path, **overrides) -> dict:
+    """A config dict for a few fast CPU steps of the tiny student on `store` (dotted keys in overrides)."""
+    scfg = tiny_student_config().to_dict()
+    keep = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rope_theta",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ]
+    student = {"model_type": "llama", **{k: scfg[k] for k in keep if k in scfg}}
+    cfg = {
+        "seed": 0,
+        "run_dir": str(tmp_path / "run"),
+        "student": {"config": student},
+        "extract": {"store": str(store)},
+        "kv_projection_mode": "structured",
+        "lambda_kv": 1.0,
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "warmup_steps": 1,
+            "ckpt_every": 3,
+            "log_every": 1,
+            "num_workers": 0,
+            "progress": False,
+        },
+        "eval": {"every": 0, "batch_size": 8, "greedy_samples": 0},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]

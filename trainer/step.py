@@ -1,0 +1,170 @@
+"""One forward of the stage-2 objective: loss = loss_ce + lambda_kv * loss_struct (no optimizer logic).
+
+Shape glossary: B batch, T tokens, V vocab, L_s student layers, L_sel teacher layers read from the store,
+H query heads, G KV heads, D head dim, T' aligned time (T unless the warper drops positions); `_t` teacher,
+`_s` student.
+
+`DistillModel` holds the student and the aligner in ONE nn.Module so that accelerate/DDP wraps a single
+forward that uses every trainable parameter (calling `aligner.align` beside a DDP-wrapped student would
+bypass DDP's gradient synchronisation for the aligner). Inside its forward the student's own Q/K/V are
+captured with gradients by `pipeline.capture.capture_qkv(detach=False)`; the teacher's come from the batch
+(read from the store) and go through the aligner (layer map + time warp + head-wise projection). When the
+warper keeps a subset of positions, the same plan is applied to the student's states (both sides are
+compared on the same T' positions). The structural loss sees only positions whose segment is in
+`struct_ids`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.capture import capture_qkv
+from trainer.losses import masked_ce, per_layer_cosine
+
+
+def student_layers(model) -> list[int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return list(range(int(cfg.num_hidden_layers)))
+
+
+@dataclass
+class StudentStates:
+    """Student Q/K/V of every layer on the aligned time axis: q (B, L_s, H_s, T', D_s), k/v (B, L_s, G_s, T', D_s)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class DistillModel(nn.Module):
+    """Student + aligner; `forward(batch)` -> (logits (B, T, V), StudentStates | None, AlignedKV | None).
+
+    Args:
+        student: an HF causal LM.
+        aligner: a `MapProjectionAligner`, or None for CE-only training (no capture, no teacher states).
+    """
+
+    def __init__(self, student: nn.Module, aligner: nn.Module | None):
+        super().__init__()
+        self.student = student
+        self.aligner = aligner
+        self.layers = student_layers(student)
+
+    def forward(self, input_ids, attention_mask, segment_ids=None, q_t=None, k_t=None, v_t=None):
+        if self.aligner is None:
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return logits, None, None  # (B, T, V)
+        with capture_qkv(self.student, layers=self.layers, detach=False) as cap:
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        out = self.aligner.align(
+            k_t, v_t, q_t, segment_ids
+        )  # k/v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s)
+        q_s = cap.stack("q", self.layers)  # (B, L_s, H_s, T, D_s)
+        k_s = cap.stack("k", self.layers)  # (B, L_s, G_s, T, D_s)
+        v_s = cap.stack("v", self.layers)  # (B, L_s, G_s, T, D_s)
+        if not out.plan.is_identity:
+            # Same tokens on both sides: warp the student with the teacher's plan (use (a) of the warper).
+            q_s, k_s, v_s = (self.aligner.warp_student(x, out.plan) for x in (q_s, k_s, v_s))  # (., T', .)
+        if (
+            k_s.shape != out.k.shape
+            or v_s.shape != out.v.shape
+            or (out.q is not None and q_s.shape != out.q.shape)
+        ):
+            raise ValueError(
+                f"aligned teacher k {tuple(out.k.shape)} / q {tuple(out.q.shape) if out.q is not None else None} "
+                f"vs student k {tuple(k_s.shape)} / q {tuple(q_s.shape)}: expected equal shapes"
+            )
+        return logits, StudentStates(q_s, k_s, v_s), out
+
+
+@dataclass
+class StepResult:
+    """The differentiable total loss, its terms (for the NaN check) and detached logs."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    logs: dict[str, float | list[float]] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+    student: StudentStates | None = None
+    aligned: object | None = None
+
+
+def structural_loss(loss_fn, student: StudentStates, out, struct_ids: list[int], scales=(None, None)):
+    """loss_struct and its metrics (plus per-layer cosines) on positions of the `struct_ids` segments.
+
+    Args:
+        scales: (student_scale, teacher_scale) attention scalings (the aligner's), for the attention term.
+    Shapes: student / out k, v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s); out.mask (B, T').
+    """
+    keep = out.mask & torch.isin(
+        out.segment_ids, torch.as_tensor(struct_ids, device=out.mask.device)
+    )  # (B, T')
+    loss, metrics = loss_fn(
+        student.k,
+        student.v,
+        student.q,
+        out.k,
+        out.v,
+        out.q,
+        attention_mask=keep,
+        t_q_raw=out.q_t_raw,
+        t_k_raw=out.k_t_raw,
+        head_mix=out.head_mix,
+        student_scale=scales[0],
+        teacher_scale=scales[1],
+    )
+    logs = {k: float(v) for k, v in metrics.items() if not isinstance(v, (list, tuple))}
+    logs["cos_k_layer"] = per_layer_cosine(student.k, out.k, keep).tolist()
+    logs["cos_v_layer"] = per_layer_cosine(student.v, out.v, keep).tolist()
+    if out.q is not None:
+        logs["cos_q_layer"] = per_layer_cosine(student.q, out.q, keep).tolist()
+    for c in ("k", "v", "q"):
+        if f"cos_{c}_layer" in logs:
+            vals = logs[f"cos_{c}_layer"]
+            logs.setdefault(f"cos_{c}", sum(vals) / len(vals))
+    return loss, logs
+
+
+def forward_step(
+    model,
+    batch: dict,
+    *,
+    ce_ids: list[int],
+    struct_ids: list[int],
+    lambda_kv: float,
+    loss_fn=None,
+    scales: tuple[float | None, float | None] = (None, None),
+) -> StepResult:
+    """Compute loss = loss_ce + lambda_kv * loss_struct for one batch.
+
+    Args:
+        model: a `DistillModel` (possibly wrapped by accelerate/DDP).
+        batch: collated batch (trainer.data.collate_right_pad) on the model's device; q_t/k_t/v_t only
+            when the model has an aligner.
+        ce_ids / struct_ids: segment ids counted by CE (by target token) / by the structural loss.
+        lambda_kv: weight of the structural term at this step.
+        loss_fn: the StructuralKVLoss (None for CE-only).
+        scales: (student, teacher) attention scalings for the attention term (`aligner.student_scaling`,
+            `aligner.teacher_scaling`).
+    Shapes:
+        batch input_ids (B, T) -> logits (B, T, V); loss scalar.
+    """
+    ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
+    logits, student, out = model(ids, attn, seg, batch.get("q_t"), batch.get("k_t"), batch.get("v_t"))
+    loss_ce = masked_ce(logits, ids, seg, ce_ids)
+    if out is None:
+        return StepResult(
+            loss_ce, {"loss_ce": loss_ce}, {"loss": float(loss_ce), "loss_ce": float(loss_ce)}, logits
+        )
+    loss_struct, logs = structural_loss(loss_fn, student, out, struct_ids, scales)
+    loss = loss_ce + lambda_kv * loss_struct
+    logs.update(
+        loss=float(loss.detach()),
+        loss_ce=float(loss_ce.detach()),
+        loss_struct=float(loss_struct.detach()),
+        lambda_kv=float(lambda_kv),
+    )
+    return StepResult(loss, {"loss_ce": loss_ce, "loss_struct": loss_struct}, logs, logits, student, out)
