@@ -57,24 +57,28 @@ def student_num_layers(model_cfg) -> int:
 
 
 def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, dict] | None:
-    """Tokenise one split into the packed layout; returns (packed, {"rows", "kept", "skipped"}) or None
-    when the split has no data file (eval_path null). Bad rows follow `data.on_bad_row`."""
-    from pipeline import data
+    """Tokenise one split (pipeline.data) into the packed layout.
 
-    path = cfg.data.train_path if split == "train" else cfg.data.eval_path
-    if path is None:
+    Returns (packed, counts) with counts {"rows", "kept", "skipped", "bad_rows", "dropped_too_long",
+    "truncated"}, or None when the split has no data (eval_path null). Bad rows follow `data.on_bad_row`.
+    """
+    from pipeline.data import tokenize_split
+
+    if split == "eval" and cfg.data.eval_path is None:
         return None
-    samples, rows, skipped = [], [], 0
-    for r, row in enumerate(data.load_samples(cfg.data, split)):
-        s = data.tokenize_sample(row, tokenizer, cfg.data)
-        if s is None:
-            skipped += 1
-            continue
-        samples.append(s)
-        rows.append(r)
+    samples, rows, c = tokenize_split(cfg.data, split, tokenizer)
+    counts = {
+        "rows": c["rows"],
+        "kept": c["samples"],
+        "skipped": c["rows"] - c["samples"],
+        "bad_rows": c["bad_rows"],
+        "dropped_too_long": c["dropped_too_long"],
+        "truncated": c["truncated"],
+    }
     if split == "train" and not samples:
-        raise ValueError(f"data.train_path={path!r}: no usable sample ({skipped} rows skipped)")
-    counts = {"rows": len(rows) + skipped, "kept": len(rows), "skipped": skipped}
+        raise ValueError(
+            f"data.train_path={cfg.data.train_path!r}: no usable sample ({counts['skipped']} rows skipped)"
+        )
     return PackedSplit.from_samples(samples, rows), counts
 
 

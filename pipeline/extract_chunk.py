@@ -95,9 +95,16 @@ def extract_chunk(
         own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
         if own.any():
             o = torch.from_numpy(own)
-            acc = answer_token_accuracy(logits[o.to(logits.device)].float().cpu(), ids[o], ans[o], seg[o])
-            for k, v in acc.items():
-                stats["acc"][k] = stats["acc"].get(k, 0) + v
+            acc = answer_token_accuracy(logits[o.to(logits.device)], ids[o], ans[o], seg[o])
+            for k in (
+                "n_R",
+                "correct_R",
+                "n_A",
+                "correct_A",
+                "n_all",
+                "correct_all",
+            ):  # counts sum over chunks
+                stats["acc"][k] = stats["acc"].get(k, 0) + int(acc[k])
         for layer in layers:
             for comp in components:
                 x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype

@@ -247,6 +247,10 @@ class KVStore:
         """(S,) int64 start of each sample on the packed token axis."""
         return self._per_sample(split, "offsets")
 
+    def rows(self, split: str = "train") -> np.ndarray:
+        """(S,) int64 row index of each sample in the source dataset (skipped rows are absent)."""
+        return self._per_sample(split, "rows")
+
     def array(self, layer: int, component: str, split: str = "train") -> zarr.Array:
         """The raw zarr array (N, H|G, D) of one teacher layer / component (storage dtype)."""
         if layer not in self.layers:

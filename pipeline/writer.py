@@ -66,6 +66,11 @@ class StoreWriter:
         self.progress = self.path / PROGRESS_DIR
         self._written = 0
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
+        # Open every state array now, in the calling thread: writer threads then only look them up
+        # (warnings.catch_warnings in `quiet_codecs` is not thread-safe).
+        for layer in self.layers:
+            for comp in self.components:
+                self._array(layer, comp)
 
     def _array(self, layer: int, comp: str) -> zarr.Array:
         if (layer, comp) not in self._arrays:

@@ -131,3 +131,67 @@ def write_jsonl(path: str | Path, num_rows: int, seed: int = 0, bad_rows=()) -> 
             }
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def write_extract_config(tmp_path: Path, teacher: Path, num_rows: int = 24, bad_rows=(), **extract) -> Path:
+    """A YAML config extracting the tiny teacher over fresh JSONL data into tmp_path/store.zarr."""
+    import yaml
+
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", num_rows, seed=0, bad_rows=bad_rows)
+    heldout = write_jsonl(tmp_path / "data" / "heldout.jsonl", 5, seed=1)
+    cfg = {
+        "data": {
+            "train_path": str(train),
+            "eval_path": str(heldout),
+            "reasoning_prefix": " ",
+            "answer_prefix": " w99 ",  # the word tokenizer knows only w3..w100
+            "max_length": 64,
+        },
+        "teacher": {"path": str(teacher)},
+        "student": {"config": dict(TINY_STUDENT)},
+        "extract": {
+            "store": str(tmp_path / "store.zarr"),
+            "layers": "map",
+            "batch_size": 3,
+            "chunk_tokens": 64,
+            "inner_chunk_tokens": 16,
+            **extract,
+        },
+    }
+    path = tmp_path / "extract.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tiny_student_dict() -> dict:
+    from tests.conftest import tiny_student_config
+
+    d = tiny_student_config().to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    keep += ("num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings")
+    return {"model_type": "llama", **{k: d[k] for k in keep}}
+
+
+TINY_STUDENT = _tiny_student_dict()
+
+
+def store_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a store (by zarr path) as numpy, for bit-exact comparisons between stores."""
+    import zarr
+
+    from pipeline.store import quiet_codecs
+
+    out = {}
+    with quiet_codecs():
+        g = zarr.open_group(str(path), mode="r")
+        for name, arr in _walk(g):
+            out[name] = np.asarray(arr[:])
+    return out
+
+
+def _walk(group, prefix=""):
+    for name, member in group.members():
+        if hasattr(member, "shape"):
+            yield prefix + name, member
+        else:
+            yield from _walk(member, prefix + name + "/")
