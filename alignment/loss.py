@@ -9,8 +9,10 @@ Means run over real tokens (attention_mask), heads and layers. KL(target || stud
 (`alignment.attention_kl`, streamed in query-row chunks). A term whose alpha is 0 is not computed at all.
 
 attn_target:
-  "projected": the target is the attention of the projected teacher (t_q, t_k: student head space, scaled
-      like the student, D_s**-0.5 unless `student_scale` is given).
+  "projected": the target is the attention of the projected teacher (t_q, t_k: student head space) scaled by
+      `teacher_scale` if given, else like the student (D_s**-0.5 or `student_scale`). The constrained
+      projectors keep teacher vector norms, so pass `teacher_scale=aligner.teacher_scaling` to keep the
+      projected logits on the teacher's scale.
   "teacher": the target is the teacher's own attention from `t_q_raw` (B, L, H_t, T, D_t) and `t_k_raw`
       (B, L, G_t, T, D_t) with `teacher_scale` (default D_t**-0.5), mixed over teacher query heads by
       `head_mix` (H_s, H_t) or (L, H_s, H_t) (the aligner's Q head mixer; detached here so the target is fixed:
@@ -158,7 +160,8 @@ class StructuralKVLoss(nn.Module):
             if t_q is None:
                 raise ValueError("t_q is None: expected projected teacher queries when alpha_attn > 0")
             _check_pair(s_q, t_q, "q")
-            return attention_kl(s_q, s_k, t_q, t_k, mask, scale_s=student_scale, scale_t=student_scale, **kw)
+            scale_t = teacher_scale if teacher_scale is not None else student_scale
+            return attention_kl(s_q, s_k, t_q, t_k, mask, scale_s=student_scale, scale_t=scale_t, **kw)
         if t_q_raw is None or t_k_raw is None:
             raise ValueError(
                 "attn_target='teacher': expected t_q_raw and t_k_raw (the aligner's out.q_t_raw/k_t_raw)"

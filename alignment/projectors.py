@@ -10,7 +10,13 @@ rank 1 and drive the structural loss down while carrying no teacher knowledge. B
 - head mixer rows live on the simplex (softmax parametrisation): each student head is a convex mix of
   teacher heads, so it cannot scale heads down (only average them) nor flip signs;
 - the dim map is (semi-)orthogonal (`torch.nn.utils.parametrizations.orthogonal`): it rotates/selects,
-  never shrinks (D_s >= D_t: norm-preserving; D_s < D_t: an orthogonal projection onto a D_s subspace).
+  never rescales (D_s >= D_t: norm-preserving; D_s < D_t: an orthogonal projection onto a D_s subspace);
+- a convex mix can still shrink vectors by averaging dissimilar heads (n independent heads: 1/sqrt(n)), and
+  a D_s < D_t subspace can hold little of the teacher's energy, so each projected vector is rescaled to the
+  convex mix of its teacher heads' norms: |y_s| = sum_h w_sh |x_h| per token (`norm_preserving`). The
+  projector can choose directions (which heads, which subspace, which rotation) but not the scale: a
+  one-hot row and a square orthogonal map are untouched by it, identical teacher heads come out unchanged,
+  and a per-token scalar commutes with RoPE. The flat baseline keeps each token's mean squared head norm the same way.
 `constraint="unconstrained"` keeps the same init with free parameters (for the ablation that shows the
 drift); `constraint="frozen"` keeps the init fixed (no trainable parameters).
 """
@@ -28,7 +34,18 @@ from alignment.head_maps import pair_selection, random_mixer, uniform_mixer
 
 Constraint = Literal["constrained", "unconstrained", "frozen"]
 CONSTRAINTS = ("constrained", "unconstrained", "frozen")
-_SIMPLEX_FLOOR = 1e-6  # zero init weights become ~1e-6: the sparsity pattern of the init is (nearly) kept
+_SIMPLEX_FLOOR = 1e-6  # zero init weights start at ~1e-6 (the optimiser may still grow them)
+_TINY = 1e-24  # inside sqrt: keeps the norm's gradient finite at zero vectors
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., 1) Euclidean norm with a finite gradient at 0."""
+    return (x.pow(2).sum(-1, keepdim=True) + _TINY).sqrt()
+
+
+def rescale_to(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """y (..., D) rescaled per vector to norm `target` (..., 1); tiny y (< 1e-6 of target) is not blown up."""
+    return y * (target / torch.maximum(_norm(y), 1e-6 * target))
 
 
 class Simplex(nn.Module):
@@ -146,6 +163,7 @@ class HeadwiseMapProjector(nn.Module):
         x (B, L, H_t, T, D_t) -> (B, L, H_s, T, D_s).
     Init of the dim map: identity when D_t == D_s; otherwise `pair_selection(D_t, D_s)`, which keeps HF
     rotary pairs together (inputs are post-RoPE, and a random map would scramble the rotation pairs).
+    Scale: under "constrained"/"frozen" each output vector is rescaled to sum_h w_sh |x_h| (module doc).
     Parameters: H_s*H_t + D_t*D_s shared (times H_s for the dim map if not shared, times L if per_layer).
     Example:
         >>> proj = HeadwiseMapProjector(6, 4, 16, 8)
@@ -186,6 +204,7 @@ class HeadwiseMapProjector(nn.Module):
                 init, None if share_dim_proj else H_s, per_layer, num_layers, constraint
             )
         self.dim_map = dim_map
+        self.norm_preserving = constraint != "unconstrained"
 
     def head_mix(self) -> torch.Tensor:
         """Effective (L?, H_s, H_t) head mixing weights (convex unless unconstrained)."""
@@ -197,7 +216,10 @@ class HeadwiseMapProjector(nn.Module):
             raise ValueError(
                 f"projector input layers {x.shape[1]}: expected L={self.num_layers} (per_layer=True)"
             )
-        return self.dim_map(self.mixer(x))  # (B, L, H_s, T, D_s)
+        y = self.dim_map(self.mixer(x))  # (B, L, H_s, T, D_s)
+        if not self.norm_preserving:
+            return y
+        return rescale_to(y, self.mixer(_norm(x)))  # target (B, L, H_s, T, 1): convex mix of head norms
 
 
 class KVDimensionProjector(nn.Module):
@@ -231,6 +253,7 @@ class KVDimensionProjector(nn.Module):
         init = torch.empty(H_t * D_t, H_s * D_s)
         nn.init.orthogonal_(init, generator=generator)
         self.dim_map = OrthogonalDimMap(init, None, per_layer, num_layers, constraint)
+        self.norm_preserving = constraint != "unconstrained"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_5d(x, "projector input", self.H_t, self.D_t)
@@ -239,4 +262,6 @@ class KVDimensionProjector(nn.Module):
             raise ValueError(f"projector input layers {L}: expected L={self.num_layers} (per_layer=True)")
         flat = x.transpose(2, 3).reshape(B, L, 1, T, H_t * D_t)  # (B, L, 1, T, H_t*D_t)
         y = self.dim_map(flat)  # (B, L, 1, T, H_s*D_s)
+        if self.norm_preserving:  # mean squared head norm per token kept: |y|^2 / H_s = |x|^2 / H_t
+            y = rescale_to(y, _norm(flat) * (self.H_s / self.H_t) ** 0.5)
         return y.view(B, L, T, self.H_s, self.D_s).transpose(2, 3)  # (B, L, H_s, T, D_s)
