@@ -130,9 +130,12 @@ def store_path(cfg: KVMapConfig) -> str:
     return cfg.train.store or cfg.extract.store
 
 
-def ensure_store(abl: AblationConfig, specs: list[RunSpec]) -> str | None:
-    """Extract the shared store if it is missing or incomplete; return its fingerprint (None on a dry run).
+def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> str:
+    """Extract the shared store if it is missing or incomplete; return its fingerprint.
 
+    `inprocess` runs `pipeline.extract.run_extraction` here (every rank of a multi-process launch takes
+    its share of chunks); otherwise `[*launcher, pipeline/extract.py, --config ...]` runs as a subprocess,
+    so the teacher's memory is returned to the OS before training starts. An incomplete store resumes.
     Raises ValueError when the store lacks teacher layers an arm's layer map needs (before any run).
     """
     from pipeline.store import KVStore
@@ -151,14 +154,27 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec]) -> str | None:
     if not is_complete():
         if not abl.extract_if_missing:
             raise FileNotFoundError(f"store '{path}' is missing or incomplete and extract_if_missing=false")
-        cfg_file = Path(abl.out_dir) / "extract_config.yaml"
-        cfg_file.parent.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(yaml.safe_dump(to_dict(specs[0].cfg), sort_keys=False))
-        cmd = [*(abl.launcher or [sys.executable]), str(REPO_ROOT / "pipeline" / "extract.py"), "--config"]
-        print(f"[ablate] store '{path}' missing or incomplete: extracting ({' '.join(cmd)} {cfg_file})")
-        rc = subprocess.run([*cmd, str(cfg_file)], env=_child_env()).returncode
-        if rc != 0 or not is_complete():
-            raise RuntimeError(f"extraction of store '{path}' failed (exit code {rc}); see its output above")
+        cfg = specs[0].cfg  # every arm has the same data/teacher/extract sections (plan_runs checked)
+        if inprocess:
+            from pipeline.extract import run_extraction
+
+            if _is_main():
+                print(f"[ablate] store '{path}' missing or incomplete: extracting in-process")
+            run_extraction(cfg)
+        else:
+            cfg_file = Path(abl.out_dir) / "extract_config.yaml"
+            cfg_file.parent.mkdir(parents=True, exist_ok=True)
+            cfg_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            cmd = [*(abl.launcher or [sys.executable]), str(REPO_ROOT / "pipeline" / "extract.py")]
+            cmd += ["--config", str(cfg_file)]
+            print(f"[ablate] store '{path}' missing or incomplete: {' '.join(cmd)}")
+            rc = subprocess.run(cmd, env=_child_env()).returncode
+            if rc != 0:
+                raise RuntimeError(
+                    f"extraction of store '{path}' failed (exit code {rc}); see its output above"
+                )
+        if not is_complete():
+            raise RuntimeError(f"extraction finished but store '{path}' is not marked complete")
     store = KVStore(path)
     check_layers(store, specs)
     return store.fingerprint
@@ -271,7 +287,7 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.yaml").write_text(yaml.safe_dump(to_dict(abl), sort_keys=False))
-    fingerprint = _main_first(lambda: ensure_store(abl, specs)) if todo or not rows else None
+    fingerprint = ensure_store(abl, specs, inprocess=runner_name != "subprocess") if todo else None
     if fingerprint:
         check_rows(rows, specs, fingerprint, results)
     bar = tqdm(total=len(todo), desc="ablation runs", unit="run", disable=not _is_main())
@@ -280,6 +296,7 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
         state = run_state(spec)
         t0 = time.perf_counter()
         if state != "finished":
+            _barrier()  # every rank has read the folder's state before the main one changes it
             if _is_main():
                 if state == "stale":
                     shutil.rmtree(spec.run_dir)  # half-written by a killed run with no usable checkpoint
@@ -306,16 +323,6 @@ def _barrier() -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
-
-
-def _main_first(fn: Callable):
-    """Run `fn` on the main process first (e.g. extraction), then on the others (which then just read)."""
-    if _world_size() == 1:
-        return fn()
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        return fn()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,7 +139,10 @@ def stats_table(groups: dict, stats: dict, columns: list) -> str:
     headers = ["arm", "n"] + [c[1] for c in columns]
     body = []
     for arm, rs in groups.items():
-        body.append([arm, str(len(rs))] + [fmt_ms(*stats[arm][k], spec) for k, _, spec, _ in columns])
+        cells = [fmt_ms(*stats[arm][k], spec) for k, _, spec, _ in columns]
+        if any(r.get("resumed") for r in rs):  # wall time of a resumed run covers its last attempt only
+            cells = [c + " †" if k == "wall_s" else c for c, (k, *_) in zip(cells, columns)]
+        body.append([arm, str(len(rs))] + cells)
     return _table(headers, body)
 
 
@@ -207,6 +210,11 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
         "",
         stats_table(groups, stats, ALIGN_COLUMNS),
     ]
+    if any(r.get("resumed") for r in rows):
+        out += [
+            "",
+            "† some runs of this arm were resumed after an interruption: their wall time is the last attempt's.",
+        ]
     if control is not None and len(groups) > 1:
         out += [
             "",
