@@ -97,7 +97,7 @@ def test_tables_hold_means_stds_and_deltas(ablation_dir):
     assert q2[6] == f"0.710 ± {statistics.stdev([0.70, 0.72]):.3f}"
     a = _row_cells(md, "Alignment and cost", "ce_only")
     assert a[2:5] == ["–", "–", "–"]  # no structural terms in the control
-    assert a[8] == "1,234 ± 0" and a[9] == "11 ± 1" and a[10] == "6 ± 0"
+    assert a[8] == "1,234" and a[9] == "11.0 ± 1.0" and a[10] == "6"
     a2 = _row_cells(md, "Alignment and cost", "v40_2")
     assert a2[2:5] == ["0.500 ± 0.000", "0.250 ± 0.000", "0.1250 ± 0.0000"]
     d = _row_cells(md, "Delta vs the control `ce_only`", "v40_2")

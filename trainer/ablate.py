@@ -276,10 +276,11 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
     rows = done_keys(read_results(results))
     check_rows(rows, specs, None, results)
     todo = [s for s in specs if s.arm in todo_arms and s.key not in rows]
-    print(
-        f"[ablate] {len(abl.arms)} arms x {len(abl.seeds)} seeds -> {out} ({runner_name}); "
-        f"{len(specs) - len(todo)} done or skipped, {len(todo)} to run"
-    )
+    if _is_main():
+        print(
+            f"[ablate] {len(abl.arms)} arms x {len(abl.seeds)} seeds -> {out} ({runner_name}); "
+            f"{len(specs) - len(todo)} done or skipped, {len(todo)} to run"
+        )
     if dry_run:
         for s in todo:
             print(f"  {s.arm} seed {s.seed}: {' '.join(s.overrides) or '(base)'} [{run_state(s)}]")

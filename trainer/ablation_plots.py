@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TRAIN_CE_KEYS = ("loss_ce", "train/loss_ce")
 EVAL_CE_KEY = "eval/ce"
@@ -93,6 +94,7 @@ def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | Non
             drawn = True
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
     if not drawn:

@@ -45,7 +45,7 @@ ALIGN_COLUMNS = [
     ("align/eff_rank_k", "eff rank K", ".2f", None),
     ("align/eff_rank_v", "eff rank V", ".2f", None),
     ("align/params", "aligner params", ",.0f", None),
-    ("wall_s", "wall s", ".0f", None),
+    ("wall_s", "wall s", ".1f", None),
     ("steps", "steps", ".0f", None),
 ]
 DELTA_KEYS = ["eval/ce", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A", "eval/exact_match"]
@@ -102,6 +102,7 @@ def arm_stats(
 
 
 def fmt_ms(m: float, s: float, n: int, spec: str) -> str:
+    """'mean ± std' in `spec`; just the mean for one seed, '–' for none."""
     if n == 0:
         return "–"
     if n == 1 or math.isnan(s):
@@ -140,6 +141,11 @@ def stats_table(groups: dict, stats: dict, columns: list) -> str:
     body = []
     for arm, rs in groups.items():
         cells = [fmt_ms(*stats[arm][k], spec) for k, _, spec, _ in columns]
+        # counts fixed by the config (parameter count, steps) read better without a "± 0"
+        cells = [
+            c.removesuffix(" ± 0") if k in ("align/params", "steps") else c
+            for c, (k, *_) in zip(cells, columns)
+        ]
         if any(r.get("resumed") for r in rs):  # wall time of a resumed run covers its last attempt only
             cells = [c + " †" if k == "wall_s" else c for c, (k, *_) in zip(cells, columns)]
         body.append([arm, str(len(rs))] + cells)
