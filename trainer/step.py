@@ -157,7 +157,10 @@ def forward_step(
     loss_ce = masked_ce(logits, ids, seg, ce_ids)
     if out is None:
         return StepResult(
-            loss_ce, {"loss_ce": loss_ce}, {"loss": float(loss_ce), "loss_ce": float(loss_ce)}, logits
+            loss_ce,
+            {"loss_ce": loss_ce},
+            {"loss": float(loss_ce.detach()), "loss_ce": float(loss_ce.detach())},
+            logits,
         )
     loss_struct, logs = structural_loss(loss_fn, student, out, struct_ids, scales)
     loss = loss_ce + lambda_kv * loss_struct
