@@ -21,16 +21,20 @@ How the work is split (why it is resumable and rank-count independent):
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate launch pipeline/extract.py`
+    # Run as a script, Python puts pipeline/ first on sys.path, where pipeline/inspect.py would shadow the
+    # standard library's `inspect`: replace that entry by the repository root before importing anything.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate launch pipeline/extract.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, parse_cli, to_dict
@@ -253,7 +257,9 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     from pipeline.models import load_model, model_geometry
 
     t0 = time.perf_counter()
-    state = PartialState()
+    # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
+    # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
+    state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
     bad = [c for c in cfg.extract.components if c not in COMPONENTS]
     if bad or not cfg.extract.components:
         raise ConfigError(
