@@ -258,6 +258,9 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     ce_ids, struct_ids = validate_config(cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = Accelerator(
+        # Without a GPU, cpu=True is what makes a multi-process launch use gloo (DistributedType.MULTI_CPU);
+        # otherwise accelerate sees LOCAL_RANK without CUDA and silently runs every rank as world size 1.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         step_scheduler_with_optimizer=False,  # the LR schedule counts optimizer steps, not per-rank batches
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -471,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     keys = [k for k in metrics if not isinstance(metrics[k], list)]
     print(
         "  ".join(
