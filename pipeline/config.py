@@ -45,22 +45,40 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompt / reasoning / answer samples read through `datasets`."""
+    """Prompt / reasoning / answer samples read through `datasets` (see pipeline/data.py).
+
+    Files: .jsonl / .json / .parquet, or a folder written by `Dataset.save_to_disk`. A row is rendered as
+    `prompt + reasoning_prefix + reasoning + answer_prefix + answer` (segments P, R, A; a prefix belongs to
+    the segment it introduces), or with `chat_template` as a user turn (prompt) and an assistant turn
+    (`reasoning + answer_prefix + answer`). A row with only `text_field` is one P segment.
+    """
 
     train_path: str = "data/default/train.jsonl"
     eval_path: str | None = "data/default/heldout.jsonl"
     # If set and train_path does not exist, generate the embedded default dataset there first.
     generate_default: bool = False
     prompt_field: str = "prompt"
-    reasoning_field: str = "reasoning"
+    reasoning_field: str | None = "reasoning"  # null: samples are P + A only
     answer_field: str = "answer"
     text_field: str = "text"  # used when a row has only this field: one P segment
+    reasoning_prefix: str = "\n"
+    answer_prefix: str = "\nSo the answer is "  # "\nAnswer: " made SmolLM2 guess "1" (52% first digit)
     max_length: int = 256
+    # drop: skip samples longer than max_length; truncate_reasoning: cut the end of R so P + R + A fits
+    # (dropped if P + A alone do not fit); truncate_end: keep the first max_length tokens.
     truncation: Literal["drop", "truncate_reasoning", "truncate_end"] = "drop"
     chat_template: bool = False
-    on_bad_row: Literal["skip", "error"] = "skip"
+    on_bad_row: Literal["skip", "error"] = "skip"  # a missing / empty required field
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length={self.max_length!r}: expected an int >= 2")
+        for key in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"data.{key}={v!r}: expected null or an int >= 1")
 
 
 @dataclass
