@@ -311,6 +311,7 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
             )
         bar.update(1)
     bar.close()
+    _barrier()  # the main rank has appended its last row
     all_rows = read_results(results) if results.exists() else []
     if abl.report and _is_main() and all_rows:
         from trainer.report import build_report
