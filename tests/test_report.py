@@ -138,6 +138,11 @@ def test_delta_and_verdict_directions():
     assert verdict(0.01, se, "lower") == "noise" and verdict(d, math.nan, "lower") == ""
 
 
+def test_control_without_rows_gives_no_deltas(ablation_dir):
+    md = build_report(ablation_dir, control="never_ran", plots=False)
+    assert "No deltas: the control `never_ran` has no finished runs yet." in md and "Δ" not in md
+
+
 def test_control_falls_back_to_lambda_zero_and_cli(ablation_dir, capsys):
     (ablation_dir / "ablation.yaml").unlink()
     md = build_report(ablation_dir, plots=False)

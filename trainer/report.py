@@ -196,8 +196,13 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
         control = meta.get("control") or next(
             (a for a, rs in groups.items() if all(_num(r.get("lambda_kv")) == 0.0 for r in rs)), None
         )
+    no_control_rows = None
     if control is not None and control not in groups:
-        raise ValueError(f"control={control!r}: no rows for that arm (arms with rows: {list(groups)})")
+        if control not in arms_meta:
+            raise ValueError(
+                f"control={control!r}: not an arm of this ablation (arms with rows: {list(groups)})"
+            )
+        no_control_rows, control = control, None  # planned but not run yet (e.g. only_arms): no deltas
 
     fps = sorted({str(r.get("store_fingerprint")) for r in rows})
     shas = sorted({str(r.get("git_sha")) for r in rows})
@@ -231,6 +236,8 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
             "",
             delta_table(groups, stats, control),
         ]
+    if no_control_rows:
+        out += ["", f"No deltas: the control `{no_control_rows}` has no finished runs yet."]
     planned = meta.get("seeds") or []
     missing = [
         f"`{a}` ({len(groups.get(a, []))}/{len(planned)} seeds)"
