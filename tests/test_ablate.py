@@ -219,6 +219,8 @@ def test_cli_overrides_and_mapping_equals_dotted(tmp_path):
     dotted = ["kv_projection_mode=structured", "align.share_dim_proj=false"]
     mapping = {"kv_projection_mode": "structured", "align": {"share_dim_proj": False}}
     assert flatten_overrides(mapping, "x") == dotted
+    with pytest.raises(ConfigError, match=r"base_overrides: unknown config key 'train.stepz'"):
+        plan_runs(load_ablation(path, ["train.stepz=2"]))
     with pytest.raises(ConfigError, match="ablation field 'seeds' takes a whole value"):
         load_ablation(path, ["seeds.0=1"])
 

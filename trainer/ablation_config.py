@@ -215,6 +215,10 @@ def plan_runs(abl: AblationConfig) -> list[RunSpec]:
     of the matrix is that only the stage-2 settings differ.
     """
     base = flatten_overrides(abl.base_overrides, "base_overrides")
+    try:  # a typo in the base or on the command line is named as such, not as the first arm's
+        load_config(KVMapConfig, abl.base_config, base)
+    except ConfigError as e:
+        raise ConfigError(f"base_config {abl.base_config} + base_overrides: {e}") from None
     specs: list[RunSpec] = []
     ref: tuple[str, dict] | None = None
     for arm in abl.arms:
