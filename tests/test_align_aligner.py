@@ -12,6 +12,7 @@ from alignment import (
 )
 from alignment.config import AlignConfig
 from tests.conftest import tiny_llama_config, tiny_qwen2_config, tiny_student_config
+from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 
 B, T = 2, 11
 

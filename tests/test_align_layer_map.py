@@ -3,6 +3,7 @@
 import pytest
 
 from alignment.layer_map import build_layer_map, layer_slots, teacher_layers_needed
+from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 
 
 def test_uniform_spreads_and_ends_at_last_layer():

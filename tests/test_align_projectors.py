@@ -5,6 +5,7 @@ import torch
 
 from alignment.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
 from alignment.projectors import HeadwiseMapProjector, KVDimensionProjector
+from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.parametrize("H_t, H_s", [(28, 12), (9, 8), (3, 2), (12, 14), (6, 4), (2, 2), (1, 5)])
