@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -52,122 +51,15 @@ from trainer.checkpoint import (
 )
 from trainer.data import ResumableSampler, StoreDataset, make_loader
 from trainer.evaluate import alignment_diagnostics, evaluate
-from trainer.losses import segment_ids_of
+from trainer.loop_utils import check_finite, final_train_metrics, flat_config, reduce_logs, trackers
 from trainer.schedules import lambda_kv_at, lr_multiplier
+from trainer.setup import build_aligner, needed_components, param_groups, store_path_of, validate_config
 from trainer.step import DistillModel, forward_step
 from trainer.store_checks import check_layers, check_tokenizer, open_store, teacher_config_from_attrs
 
 # Test hook (tests/test_train_resume.py): SIGKILL this process right after optimizer step N completes
 # (after its checkpoint, if one falls on N), to prove that --resume reproduces an uninterrupted run.
 KILL_ENV = "KVMAP_TEST_KILL_AFTER_STEP"
-FINAL_TRAIN_KEYS = ("loss", "loss_ce", "loss_struct", "cos_k", "cos_v", "cos_q", "attn_kl")
-
-
-def validate_config(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
-    """Checks a dataclass cannot express; returns (ce segment ids, struct segment ids)."""
-    t = cfg.train
-    for key, v, lo in (
-        ("train.steps", t.steps, 1),
-        ("train.batch_size", t.batch_size, 1),
-        ("train.grad_accum", t.grad_accum, 1),
-        ("train.warmup_steps", t.warmup_steps, 0),
-        ("train.lambda_warmup_steps", t.lambda_warmup_steps, 0),
-        ("train.ckpt_every", t.ckpt_every, 0),
-        ("train.keep_checkpoints", t.keep_checkpoints, 1),
-        ("train.log_every", t.log_every, 1),
-        ("train.num_workers", t.num_workers, 0),
-        ("train.prefetch_factor", t.prefetch_factor, 1),
-        ("eval.every", cfg.eval.every, 0),
-        ("eval.batch_size", cfg.eval.batch_size, 1),
-        ("eval.greedy_samples", cfg.eval.greedy_samples, 0),
-        ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),
-    ):
-        if v < lo:
-            raise ConfigError(f"config key '{key}': got {v!r}, expected an int >= {lo}")
-    for key, v in (("train.lr", t.lr), ("train.aligner_lr", t.aligner_lr)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise ConfigError(f"config key '{key}': got {v!r}, expected a finite value > 0")
-    if not (math.isfinite(cfg.lambda_kv) and cfg.lambda_kv >= 0):
-        raise ConfigError(f"config key 'lambda_kv': got {cfg.lambda_kv!r}, expected a finite value >= 0")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(
-            f"config key 'train.min_lr_ratio': got {t.min_lr_ratio!r}, expected a value in [0, 1]"
-        )
-    if t.clip_grad < 0:
-        raise ConfigError(
-            f"config key 'train.clip_grad': got {t.clip_grad!r}, expected a value >= 0 (0 = off)"
-        )
-    if cfg.eval.max_samples is not None and cfg.eval.max_samples < 1:
-        raise ConfigError(
-            f"config key 'eval.max_samples': got {cfg.eval.max_samples!r}, expected null or >= 1"
-        )
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(
-            "config key 'train.mixed_precision': got 'fp16', expected 'no' or 'bf16' without a GPU"
-        )
-    try:
-        ce = segment_ids_of(t.ce_segments, "train.ce_segments")
-        st = segment_ids_of(t.struct_segments, "train.struct_segments")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.kv_projection_mode not in ("structured", "flat"):
-        raise ConfigError(
-            f"config key 'kv_projection_mode': got {cfg.kv_projection_mode!r}, expected structured | flat"
-        )
-    return ce, st
-
-
-def store_path_of(cfg: KVMapConfig) -> str:
-    return cfg.train.store or cfg.extract.store
-
-
-def build_aligner(cfg: KVMapConfig, store, student):
-    """The aligner from the store's teacher geometry and the student's config; None when lambda_kv == 0."""
-    if cfg.lambda_kv == 0:
-        return None
-    from alignment import create_aligner
-
-    teacher_cfg = teacher_config_from_attrs(store.attrs)
-    try:
-        aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, cfg.align)
-    except ValueError as e:
-        raise ConfigError(f"aligner ({cfg.kv_projection_mode}): {e}".splitlines()[0]) from None
-    lc = cfg.loss_config
-    needs_mixer = lc.alpha_attn > 0 and lc.attn_target == "teacher" and aligner.q_head_mix() is None
-    if needs_mixer and aligner.H_t != aligner.H_s:
-        raise ConfigError(
-            f"config key 'loss_config.attn_target': 'teacher' with kv_projection_mode='{cfg.kv_projection_mode}' "
-            f"needs a Q head mixer (teacher {aligner.H_t} vs student {aligner.H_s} heads): expected 'structured'"
-        )
-    return aligner
-
-
-def needed_components(cfg: KVMapConfig) -> tuple[str, ...]:
-    """Store components the loss reads: K and V always (the aligner maps both), Q only for the attention term."""
-    return ("q", "k", "v") if cfg.loss_config.alpha_attn > 0 else ("k", "v")
-
-
-def param_groups(student, aligner, cfg: KVMapConfig) -> list[dict]:
-    """AdamW groups: student matrices (decayed), student norms/biases/1-D (not decayed), aligner (own lr, no decay).
-
-    The aligner is not decayed: its constrained parametrisations (simplex logits, orthogonal bases) have
-    no meaningful 'small weights' prior, and decay would pull an unconstrained projector toward zero, the
-    collapse the constraints exist to prevent.
-    """
-    decay, no_decay = [], []
-    for _, p in student.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay, "lr": cfg.train.lr, "name": "student"},
-        {"params": no_decay, "weight_decay": 0.0, "lr": cfg.train.lr, "name": "student_no_decay"},
-    ]
-    if aligner is not None:
-        ap = [p for p in aligner.parameters() if p.requires_grad]
-        if ap:
-            lr = cfg.train.aligner_lr if cfg.train.aligner_lr is not None else cfg.train.lr
-            groups.append({"params": ap, "weight_decay": 0.0, "lr": lr, "name": "aligner"})
-    return [g for g in groups if g["params"]]
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, accelerator) -> Path | None:
@@ -184,53 +76,6 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, accelerator) 
             shutil.rmtree(run_dir)
     accelerator.wait_for_everyone()
     return ckpt
-
-
-def _reduce_logs(accelerator, logs: list[dict]) -> dict:
-    """Mean over micro-batches and processes of every numeric log (per-layer lists elementwise)."""
-    keys = sorted(logs[0])
-    flat, spans = [], []
-    for k in keys:
-        vals = [r[k] for r in logs]
-        if isinstance(vals[0], list):
-            arr = torch.tensor(vals, dtype=torch.float64).mean(0)
-        else:
-            arr = torch.tensor([sum(vals) / len(vals)], dtype=torch.float64)
-        spans.append((k, len(arr), isinstance(vals[0], list)))
-        flat.append(arr)
-    vec = torch.cat(flat).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        vec = accelerator.reduce(vec, reduction="mean")
-    vec, out, i = vec.cpu().tolist(), {}, 0
-    for k, n, is_list in spans:
-        out[k] = vec[i : i + n] if is_list else vec[i]
-        i += n
-    return out
-
-
-def _check_finite(accelerator, res, step: int) -> None:
-    """Stop every rank together on a NaN/inf term, naming the step and the term."""
-    names = list(res.terms)
-    bad = torch.tensor(
-        [0.0 if math.isfinite(float(res.terms[n].detach())) else 1.0 for n in names],
-        device=accelerator.device,
-    )
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    for n, b in zip(names, bad.tolist()):
-        if b > 0:
-            raise FloatingPointError(
-                f"step {step}: {n} is not finite ({float(res.terms[n].detach())}); stopping (lower train.lr, check the store "
-                "with `python -m pipeline.inspect`, or run trainer/profile_alignment.py)"
-            )
-
-
-def _trackers(run_dir: Path) -> list[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        return ["tensorboard"]
-    return []
 
 
 def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False) -> dict:
@@ -264,7 +109,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         mixed_precision=cfg.train.mixed_precision,
         step_scheduler_with_optimizer=False,  # the LR schedule counts optimizer steps, not per-rank batches
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        log_with=_trackers(run_dir) or None,
+        log_with=trackers() or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
     is_main = accelerator.is_main_process
@@ -322,7 +167,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
             {"store": str(store.path), "store_fingerprint": store.fingerprint, "resumed_from_step": start_step,
              "num_processes": accelerator.num_processes},
         )  # fmt: skip
-        accelerator.init_trackers("kvmap", config=_flat_config(cfg)) if accelerator.log_with else None
+        accelerator.inittrackers("kvmap", config=flat_config(cfg)) if accelerator.log_with else None
 
     # --- data: the run's whole sample stream, restarted at the first unconsumed sample ---
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
@@ -365,7 +210,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                     loss_fn=loss_fn,
                     scales=scales,
                 )
-                _check_finite(accelerator, res, step)
+                check_finite(accelerator, res, step)
                 accelerator.backward(res.loss / cfg.train.grad_accum)
             micro_logs.append(res.logs)
         grad_norm = None
@@ -374,7 +219,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        logs = _reduce_logs(accelerator, micro_logs)
+        logs = reduce_logs(accelerator, micro_logs)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         logs.update(
             lr=lrs.get("student", next(iter(lrs.values()))), lambda_kv=lam, step_s=time.time() - t_step
@@ -412,7 +257,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         diag = alignment_diagnostics(accelerator, base.aligner, store.path, cfg, pad_id)
     metrics = {
         **final_eval,
-        **_final_train(recent),
+        **final_train_metrics(recent),
         **diag,
         "wall_s": time.time() - t0,
         "steps": cfg.train.steps,
@@ -432,37 +277,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     if accelerator.log_with:
         accelerator.end_training()
     return metrics
-
-
-def _final_train(recent: list[dict]) -> dict:
-    """train/* = mean over the last `log_every` steps (a less noisy end value than the last step)."""
-    out = {}
-    if not recent:
-        return out
-    for k in FINAL_TRAIN_KEYS:
-        vals = [r[k] for r in recent if k in r]
-        if vals:
-            out[f"train/{k}"] = sum(vals) / len(vals)
-    for k in ("cos_k_layer", "cos_v_layer", "cos_q_layer"):
-        rows = [r[k] for r in recent if k in r]
-        if rows:
-            out[f"train/{k}"] = [sum(c) / len(c) for c in zip(*rows)]
-    return out
-
-
-def _flat_config(cfg: KVMapConfig) -> dict:
-    """Scalar config values for trackers (TensorBoard hparams accept scalars only)."""
-    out = {}
-
-    def walk(prefix, d):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            elif isinstance(v, (int, float, str, bool)):
-                out[prefix + k] = v
-
-    walk("", to_dict(cfg))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
