@@ -22,10 +22,30 @@ import yaml
 
 from pipeline.store import PackedSplit, encode_states
 from tests.conftest import TINY_VOCAB, tiny_llama_config, tiny_student_config
+from trainer.store_checks import tokenizer_fingerprint
 
 SEP, ANS = 3, 4
 KEYS = range(10, 50)
 VALUES = range(50, TINY_VOCAB)
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocab: "<pad>" 0, "<s>" 1, "</s>" 2, "SEP" 3, "ANS" 4, "w5".."w100"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "SEP": SEP, "ANS": ANS} | {
+        f"w{i}": i for i in range(5, TINY_VOCAB)
+    }
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def teacher_dir(store: str | Path) -> Path:
+    """Where `make_tiny_store` saves the tiny teacher + tokenizer (an HF folder) next to the store."""
+    return Path(store).with_suffix(".teacher")
 
 
 def retrieval_samples(n: int, seed: int, facts: int = 3) -> list[dict]:
@@ -62,8 +82,13 @@ def make_tiny_store(
     seed: int = 0,
     complete: bool = True,
     tokenizer_record: dict | None = None,
+    poison: bool = False,
 ) -> Path:
-    """Write a tiny store of the tiny teacher's real Q/K/V on the retrieval task; returns its path."""
+    """Write a tiny store of the tiny teacher's real Q/K/V on the retrieval task; returns its path.
+
+    The teacher and its tokenizer are saved as an HF folder at `teacher_dir(path)` (for live-teacher tools).
+    `poison=True` writes a NaN into the teacher keys of the first sample (for NaN-detection tests).
+    """
     from transformers import AutoModelForCausalLM
 
     from pipeline.capture import capture_qkv
@@ -72,6 +97,9 @@ def make_tiny_store(
     torch.manual_seed(seed)
     tcfg = tiny_llama_config()
     teacher = AutoModelForCausalLM.from_config(tcfg, attn_implementation="sdpa").eval()
+    tok = tiny_tokenizer()
+    teacher.save_pretrained(teacher_dir(path))
+    tok.save_pretrained(teacher_dir(path))
     train_s, eval_s = retrieval_samples(num_train, seed), retrieval_samples(num_eval, seed + 1)
     train = PackedSplit.from_samples(train_s, rows=range(num_train))
     ev = PackedSplit.from_samples(eval_s, rows=range(num_eval)) if num_eval else None
@@ -90,7 +118,8 @@ def make_tiny_store(
             "vocab_size": TINY_VOCAB,
             "rope": {k: hf[k] for k in ("rope_parameters", "rope_theta") if hf.get(k) is not None},
         },
-        "tokenizer": tokenizer_record or {"name": "tiny", "vocab_size": TINY_VOCAB, "hash": None},
+        "tokenizer": tokenizer_record
+        or {"name": "tiny", "vocab_size": len(tok), "hash": tokenizer_fingerprint(tok)},
         "layers": list(layers),
         "components": list(components),
         "dtype": dtype,
@@ -105,6 +134,8 @@ def make_tiny_store(
             for (layer, c), acc in states.items():
                 acc.append(getattr(cap, c)[layer][0].transpose(0, 1))  # (T, X, D)
     full = {key: torch.cat(v) for key, v in states.items()}  # (N, X, D)
+    if poison:
+        full[(layers[-1], "k")][1, 0, 0] = float("nan")
     w = StoreWriter.create(
         path,
         attrs=attrs,
@@ -144,7 +175,8 @@ def tiny_train_config(tmp_path: Path, store: Path, **overrides) -> dict:
     cfg = {
         "seed": 0,
         "run_dir": str(tmp_path / "run"),
-        "student": {"config": student},
+        "student": {"config": student, "tokenizer": str(teacher_dir(store))},
+        "teacher": {"path": str(teacher_dir(store))},
         "extract": {"store": str(store)},
         "kv_projection_mode": "structured",
         "lambda_kv": 1.0,
@@ -158,7 +190,7 @@ def tiny_train_config(tmp_path: Path, store: Path, **overrides) -> dict:
             "num_workers": 0,
             "progress": False,
         },
-        "eval": {"every": 0, "batch_size": 8, "greedy_samples": 0},
+        "eval": {"every": 0, "batch_size": 8, "greedy_samples": 8, "max_new_tokens": 6},
     }
     for key, value in overrides.items():
         node = cfg
