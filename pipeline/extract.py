@@ -192,6 +192,7 @@ def plan_store(path: Path, fingerprint: str, overwrite: bool) -> str:
 def _summarise(writer: StoreWriter, done: dict, counts: dict, wall_s: float, computed_tokens: int) -> dict:
     """End summary from every chunk's recorded stats (also those of an earlier, interrupted run)."""
     tokens = sum(d["tokens"] for d in done.values())
+    forward_tokens = sum(d["forward_tokens"] for d in done.values())
     acc: dict[str, float] = {}
     for d in done.values():
         for k, v in d["acc"].items():
@@ -207,6 +208,8 @@ def _summarise(writer: StoreWriter, done: dict, counts: dict, wall_s: float, com
     summary = {
         "samples": counts,
         "tokens": tokens,
+        # > tokens: samples straddling a chunk boundary are forwarded by both chunks
+        "forward_tokens": forward_tokens,
         "stored_state_bytes": stored,
         "raw_16bit_state_bytes": raw,
         "compression_ratio": raw / max(stored, 1),
@@ -245,7 +248,11 @@ def _maybe_generate_default(cfg: KVMapConfig) -> None:
 
         out = Path(cfg.data.train_path).parent
         print(f"generating the default dataset in {out}", flush=True)
-        generate(out)
+        paths = generate(out)
+        if Path(cfg.data.train_path) != paths["train"]:
+            raise ValueError(
+                f"data.generate_default=true writes {paths['train']}, but data.train_path={cfg.data.train_path!r}"
+            )
 
 
 def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
@@ -323,7 +330,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         disable=not state.is_main_process,
     )
     out = AsyncChunkWriter(writer, cfg.extract.writer_threads, cfg.extract.max_pending_chunks)
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), time.process_time()
     try:
         with torch.inference_mode(), capture_qkv(model, layers, tuple(cfg.extract.components)) as cap:
             for c in mine:
@@ -341,12 +348,13 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     finally:
         bar.close()
     out.close()
-    loop_s = time.perf_counter() - t_loop
+    loop_s, loop_cpu_s = time.perf_counter() - t_loop, time.process_time() - cpu_loop
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
         summary = _summarise(writer, writer.done_chunks(), counts, time.perf_counter() - t0, computed)
         summary["extract_loop_s_last_run"] = loop_s  # forwards + capture + writing, no model load
+        summary["extract_loop_cpu_s_last_run"] = loop_cpu_s  # CPU seconds of all threads (writers too)
         writer.mark_complete(summary)
         _print_summary(path, summary)
     state.wait_for_everyone()

@@ -94,8 +94,11 @@ def extract_chunk(
         # Accuracy counts each sample once: in the chunk where it starts.
         own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
         if own.any():
-            o = torch.from_numpy(own)
-            acc = answer_token_accuracy(logits[o.to(logits.device)], ids[o], ans[o], seg[o])
+            if own.all():  # the usual case: no copy of the (B, T, V) logits
+                acc = answer_token_accuracy(logits, ids, ans, seg)
+            else:
+                o = torch.from_numpy(own)
+                acc = answer_token_accuracy(logits[o.to(logits.device)], ids[o], ans[o], seg[o])
             for k in (
                 "n_R",
                 "correct_R",
