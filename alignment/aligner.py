@@ -40,7 +40,7 @@ class AlignedKV:
     token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
     `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
     the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
-    head_mix: (L_s|absent, H_s, H_t) the Q head mixer's weights (structured mode, else None).
+    head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`).
     """
 
     k: torch.Tensor
@@ -129,6 +129,8 @@ class MapProjectionAligner(nn.Module):
             self.k_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
             self.v_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
             self.q_proj = KVDimensionProjector(H_t, H_s, D_t, D_s, **kw)
+            # Flat has no head mixer; attn_target="teacher" still needs one: the fixed GQA-consistent mix.
+            self.register_buffer("_flat_q_mix", gqa_query_mixer(uniform_mixer(G_t, G_s), H_t, G_t, H_s, G_s))
             return
         kv_init = uniform_mixer(G_t, G_s) if init_uniform else random_mixer(G_t, G_s)
         q_init = gqa_query_mixer(kv_init, H_t, G_t, H_s, G_s) if init_uniform else random_mixer(H_t, H_s)
@@ -164,9 +166,10 @@ class MapProjectionAligner(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def q_head_mix(self) -> torch.Tensor | None:
-        """(L_s?, H_s, H_t) convex Q head-mixing weights (structured mode), else None."""
-        return self.q_proj.head_mix() if self.mode == "structured" else None
+    def q_head_mix(self) -> torch.Tensor:
+        """(L_s?, H_s, H_t) convex Q head-mixing weights: the Q mixer (structured) or the fixed
+        GQA-consistent uniform mix (flat, which has no head structure of its own)."""
+        return self.q_proj.head_mix() if self.mode == "structured" else self._flat_q_mix
 
     def _select(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
         check_5d(x, name, heads, self.D_t)

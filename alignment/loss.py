@@ -56,7 +56,8 @@ class StructuralKVLoss(nn.Module):
                                 student_scale=None, teacher_scale=None)
         s_k/t_k (B, L, G_s, T, D_s), s_v/t_v (B, L, G_s, T, D_s), s_q/t_q (B, L, H_s, T, D_s);
         attention_mask (B, T) bool (True = real token). metrics: floats "loss_struct" and, per computed term,
-        "loss_k", "cos_k", "loss_v", "cos_v", "attn_kl".
+        "loss_k", "cos_k", "loss_v", "cos_v", "attn_kl". Inputs only a zero-alpha term would read may be None
+        (attention-only with attn_target="teacher" needs s_k, s_q, t_q_raw, t_k_raw, head_mix).
     Example:
         >>> loss_fn = create_structural_loss(alpha_attn=0.5)
         >>> out = aligner.align(k_t, v_t, q_t, seg)
@@ -121,9 +122,17 @@ class StructuralKVLoss(nn.Module):
         student_scale: float | None = None,
         teacher_scale: float | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        _check_pair(s_k, t_k, "k")
-        _check_pair(s_v, t_v, "v")
-        B, T = s_k.shape[0], s_k.shape[3]
+        # Tensors of a term whose alpha is 0 may be None (e.g. t_v / s_v for an attention-only loss).
+        if self.alpha_k != 0 or (self.alpha_attn != 0 and self.attn_target == "projected"):
+            _check_pair(s_k, t_k, "k")
+        if self.alpha_v != 0:
+            _check_pair(s_v, t_v, "v")
+        ref = s_k if s_k is not None else s_v
+        if not isinstance(ref, torch.Tensor) or ref.dim() != 5:
+            raise ValueError(
+                f"s_k: got {type(ref).__name__ if ref is None else tuple(ref.shape)}, expected a 5-D tensor"
+            )
+        B, T = ref.shape[0], ref.shape[3]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=s_k.device)
         if attention_mask.shape != (B, T) or attention_mask.dtype != torch.bool:
@@ -132,7 +141,7 @@ class StructuralKVLoss(nn.Module):
                 f"expected a (B, T)={(B, T)} bool tensor"
             )
         metrics: dict = {}
-        total = s_k.new_zeros((), dtype=torch.float32 if s_k.dtype != torch.float64 else torch.float64)
+        total = ref.new_zeros((), dtype=torch.float32 if ref.dtype != torch.float64 else torch.float64)
         for name, alpha, s, t in (("k", self.alpha_k, s_k, t_k), ("v", self.alpha_v, s_v, t_v)):
             if alpha == 0:
                 continue

@@ -138,8 +138,8 @@ def test_teacher_target_uses_raw_teacher_states_and_a_fixed_head_mix():
     q_s, k_s, q_t, k_t = _states(4, 2, 8, 6, 2, 16, torch.float32, 3)
     mix = torch.softmax(torch.randn(4, 6), -1).requires_grad_()
     fn = create_structural_loss(alpha_k=0.0, alpha_v=0.0, alpha_attn=1.0, attn_target="teacher", chunk_size=8)
-    dummy = torch.zeros(B, L, 2, T, 8)
-    loss, m = fn(k_s, dummy, q_s, dummy, dummy, None, attention_mask=_mask(), t_q_raw=q_t, t_k_raw=k_t,
+    # attention-only: the K/V cosine inputs may be None
+    loss, m = fn(k_s, None, q_s, None, None, None, attention_mask=_mask(), t_q_raw=q_t, t_k_raw=k_t,
                  head_mix=mix, teacher_scale=0.25, student_scale=8**-0.5)  # fmt: skip
     ref = naive_attention_kl(q_s, k_s, q_t, k_t, _mask(), scale_s=8**-0.5, scale_t=0.25, head_mix=mix)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and m["attn_kl"] == pytest.approx(
