@@ -102,6 +102,30 @@ class ExtractConfig:
     writer_threads: int = 2
     max_pending_chunks: int = 2  # chunks buffered for the writer threads (bounds memory)
 
+    def __post_init__(self):
+        for key in (
+            "batch_size",
+            "chunk_tokens",
+            "inner_chunk_tokens",
+            "writer_threads",
+            "max_pending_chunks",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"extract.{key}={getattr(self, key)!r}: expected an int >= 1")
+        if self.chunk_tokens % self.inner_chunk_tokens:
+            raise ValueError(
+                f"extract.chunk_tokens={self.chunk_tokens}: expected a multiple of "
+                f"extract.inner_chunk_tokens={self.inner_chunk_tokens}"
+            )
+        if not self.components or any(c not in ("q", "k", "v") for c in self.components):
+            raise ValueError(
+                f"extract.components={self.components!r}: expected a non-empty subset of q, k, v"
+            )
+        if isinstance(self.layers, str) and self.layers not in ("map", "all"):
+            raise ValueError(
+                f"extract.layers={self.layers!r}: expected 'map', 'all' or a list of layer indices"
+            )
+
 
 @dataclass
 class KVMapConfig:

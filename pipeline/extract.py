@@ -39,7 +39,7 @@ import torch
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, parse_cli, to_dict
 from pipeline.extract_chunk import extract_chunk
-from pipeline.store import COMPONENTS, SCHEMA_VERSION, PackedSplit, remove_store
+from pipeline.store import SCHEMA_VERSION, PackedSplit, remove_store
 from pipeline.writer import AsyncChunkWriter, StoreWriter
 
 
@@ -267,11 +267,6 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
     state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
-    bad = [c for c in cfg.extract.components if c not in COMPONENTS]
-    if bad or not cfg.extract.components:
-        raise ConfigError(
-            f"extract.components={cfg.extract.components!r}: expected a non-empty subset of q, k, v"
-        )
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.teacher)
     if cfg.teacher.device == "auto" and state.num_processes > 1:
@@ -362,7 +357,6 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    torch.set_num_threads(torch.get_num_threads())  # respects OMP_NUM_THREADS
     try:
         cfg, flags = parse_cli(KVMapConfig, sys.argv[1:] if argv is None else argv, flags=("overwrite",))
         run_extraction(cfg, overwrite=flags["overwrite"])
