@@ -180,3 +180,26 @@ def test_remove_store_refuses_foreign_folders(tmp_path):
     assert not path.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         KVStore(path)
+
+
+def test_inspect_reports_sizes_and_exact_stats(tmp_path, capsys):
+    from pipeline.inspect import inspect_store, main
+
+    path, train, truth = write_random_store(tmp_path / "s.zarr", chunk_tokens=32, inner_chunk_tokens=8)
+    r = inspect_store(path)
+    assert r["splits"]["train"]["samples"] == 7 and r["splits"]["eval"]["samples"] == 3
+    for (layer, comp), x in truth.items():
+        s = r["stats"][f"{layer}/{comp}"]
+        x = x.double()
+        assert s["tokens"] == train.num_tokens and s["nan"] == 0 and s["inf"] == 0
+        assert s["mean"] == pytest.approx(x.mean().item(), abs=1e-9)
+        assert s["std"] == pytest.approx(x.std(unbiased=False).item(), rel=1e-9)
+        assert s["absmax"] == x.abs().max().item()
+    z = r["sizes"]
+    assert z["state_raw_bytes"] == sum(v.numel() * 2 for v in truth.values())
+    assert z["compression_ratio"] == pytest.approx(z["state_raw_bytes"] / z["state_stored_bytes"])
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "schema v1" in out and "3/v" in out and "ratio" in out
+    assert main([str(tmp_path / "missing.zarr")]) == 2
+    assert "does not exist" in capsys.readouterr().err
