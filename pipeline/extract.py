@@ -107,6 +107,10 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
     )
 
 
+# HF config keys that do not change the teacher's function (left out of its config hash)
+VOLATILE_HF_KEYS = ("dtype", "torch_dtype", "transformers_version", "architectures", "attn_implementation")
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -124,7 +128,9 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
         "teacher": {
             "path": cfg.teacher.path,
             "model_type": hf.get("model_type"),
-            "config_hash": _sha({k: v for k, v in hf.items() if not k.startswith("_") and k != "dtype"}),
+            "config_hash": _sha(
+                {k: v for k, v in hf.items() if not k.startswith("_") and k not in VOLATILE_HF_KEYS}
+            ),
             "num_layers": geo["layers"],
             "num_heads": geo["heads"],
             "num_kv_heads": geo["kv_heads"],
@@ -134,7 +140,12 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
             "rope": rope,
             "dtype": cfg.teacher.dtype,
         },
-        "tokenizer": {"name": tokenizer.name_or_path, "vocab_size": len(tokenizer), "hash": tok_hash},
+        # the config spec (e.g. builtin:...), not the resolved cache folder: stable across machines
+        "tokenizer": {
+            "name": cfg.teacher.tokenizer or cfg.teacher.path,
+            "vocab_size": len(tokenizer),
+            "hash": tok_hash,
+        },
         "layers": layers,
         "components": list(cfg.extract.components),
         "dtype": cfg.extract.dtype,
