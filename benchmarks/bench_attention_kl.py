@@ -6,6 +6,10 @@ each first does one tiny pass so lazy one-time initialisation is not counted.
   set for both kinds (glibc otherwise keeps freed chunks and RSS hides what the algorithm really holds).
 - Time: without that variable; one warm-up, then the median of --repeats timed forward+backward passes.
 Shapes: B=1, L=1, H=9 query heads, G=3 KV heads, D=64 (SmolLM2-like), both sides trainable (projected target).
+Kinds: "naive" = the same per-row math on whole T x T maps without chunking or recomputation (what a direct
+implementation keeps alive for backward); "stream" = `alignment.attention_kl` (query-row chunks under
+checkpoint); "reference" (opt-in via --naive-kind reference) = `naive_attention_kl`, the test reference, which
+masks by selection and holds even more.
 
     python benchmarks/bench_attention_kl.py                 # T in 512 1024 2048 4096, 3 timing repeats
     python benchmarks/bench_attention_kl.py --T 1024 --repeats 5 --chunk 128 --threads 1
@@ -35,7 +39,7 @@ def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from alignment.attention_kl import attention_kl, naive_attention_kl
+    from alignment.attention_kl import _chunk_kl_sum, attention_kl, naive_attention_kl
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -44,7 +48,12 @@ def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) 
     q_s, k_s, q_t, k_t = mk(H), mk(G), mk(H), mk(G)
 
     def run(q_s, k_s, q_t, k_t):
-        if kind == "naive":
+        if kind == "naive":  # the same math on whole (B, L, H, T, T) maps, all kept alive for backward
+            mask = torch.ones(B, q_s.shape[3], dtype=torch.bool)
+            kl = _chunk_kl_sum(q_s, k_s, q_t, k_t, mask, mask.float(), None, 0, D**-0.5, D**-0.5) / (
+                q_s.shape[3] * H
+            )
+        elif kind == "reference":  # the test reference (selection-based masking: heavier still)
             kl = naive_attention_kl(q_s, k_s, q_t, k_t)
         else:
             kl = attention_kl(q_s, k_s, q_t, k_t, chunk_size=chunk)
@@ -90,6 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--naive-kind", choices=["naive", "reference"], default="naive")
     p.add_argument("--child", nargs=3, metavar=("KIND", "T", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
