@@ -149,10 +149,13 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     scales = (aligner.student_scaling, aligner.teacher_scaling) if aligner is not None else (None, None)
 
     start_step = 0
+    recent: list[dict] = []  # per-step logs of the last `log_every` steps (final train/* metrics)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        start_step = int(read_trainer_state(ckpt)["step"])
+        saved = read_trainer_state(ckpt)
+        start_step = int(saved["step"])
+        recent = saved.get("recent", [])  # the final train/* window continues exactly
         log.truncate_after(start_step)
         accelerator.print(f"resuming from {ckpt} at step {start_step}")
     elif resume:
@@ -181,7 +184,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     batches = iter(loader)
 
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
-    recent: list[dict] = []
     final_eval: dict = {}
     bar = tqdm(
         total=cfg.train.steps, initial=start_step, disable=not (is_main and cfg.train.progress), desc="train"
@@ -243,7 +245,9 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
             log.write({"step": done, **ev})
             model.train()
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == cfg.train.steps:
-            save_checkpoint(accelerator, run_dir, done, {"seed": cfg.seed}, cfg.train.keep_checkpoints)
+            save_checkpoint(
+                accelerator, run_dir, done, {"seed": cfg.seed, "recent": recent}, cfg.train.keep_checkpoints
+            )
         if done == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
