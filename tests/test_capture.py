@@ -162,3 +162,22 @@ def test_detach_false_keeps_graph_and_detach_true_does_not():
     with capture_qkv(model, layers=[2]) as cap:
         model(ids, attention_mask=mask, use_cache=False)
     assert not cap.q[2].requires_grad and cap.q[2].grad_fn is None
+
+
+def test_detach_false_under_activation_checkpointing_gives_the_same_gradients():
+    """Non-reentrant checkpointing recomputes attention in backward (records are overwritten then), but
+    the gradients through the captured tensors equal those without checkpointing."""
+    ids, mask = _batch()
+
+    def grads(checkpointing: bool):
+        model = _model("llama").train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        with capture_qkv(model, layers=[1, 2], detach=False) as cap:
+            out = model(ids, attention_mask=mask, labels=ids, use_cache=False)
+            loss = out.loss + cap.stack("k").pow(2).mean() + cap.stack("q").pow(2).mean()
+            loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
