@@ -248,7 +248,9 @@ def _print_summary(path, s: dict) -> None:
         + f"\n  tokens {s['tokens']}, states {s['stored_state_bytes'] / 1e6:.1f} MB stored vs "
         f"{s['raw_16bit_state_bytes'] / 1e6:.1f} MB raw 16-bit (ratio {s['compression_ratio']:.3f}x, "
         f"{s['bytes_per_token']:.0f} B/token)\n  wall {s['wall_s_last_run']:.1f} s this run "
-        f"({s['tokens_computed_last_run']} tokens computed)\n  teacher teacher-forced answer-token accuracy: {acc}",
+        f"({s['tokens_computed_last_run']} tokens computed, "
+        f"{s['tokens_computed_last_run'] / max(s.get('extract_loop_s_last_run', 0.0), 1e-9):.0f} tokens/s in the "
+        f"extraction loop)\n  teacher teacher-forced answer-token accuracy: {acc or 'no answer tokens'}",
         flush=True,
     )
 
