@@ -39,7 +39,7 @@ import torch
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, parse_cli, to_dict
 from pipeline.extract_chunk import extract_chunk
-from pipeline.store import SCHEMA_VERSION, PackedSplit, remove_store
+from pipeline.store import SCHEMA_VERSION, KVStore, PackedSplit, remove_store
 from pipeline.writer import AsyncChunkWriter, StoreWriter
 
 
@@ -302,8 +302,6 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
     state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it
     if action == "done":
-        from pipeline.store import KVStore
-
         if state.is_main_process:
             print(
                 f"store {path} is complete (config fingerprint {attrs['config_fingerprint']}): nothing to do"
@@ -366,7 +364,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         writer.mark_complete(summary)
         _print_summary(path, summary)
     state.wait_for_everyone()
-    return summary if summary is not None else StoreWriter(path).attrs.get("summary", {})
+    return summary if summary is not None else KVStore(path).attrs.get("summary", {})
 
 
 def main(argv: list[str] | None = None) -> int:
