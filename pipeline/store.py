@@ -38,7 +38,7 @@ storage_dtype, codec, compression_level, chunk_tokens, inner_chunk_tokens, segme
 teacher, tokens, layers and extraction settings; a re-run with another config is refused), and, once
 complete, summary (samples, tokens, forward_tokens, stored/raw bytes, compression ratio, bytes per token,
 wall/loop seconds, teacher_acc_R/A/all). `KVStore.fingerprint` hashes every attribute but `complete` and
-`summary`: equal fingerprints = the same stored bits.
+`summary`: equal fingerprints = the same extraction (teacher, data, layers, settings).
 
 Example:
     store = KVStore("stores/default.zarr", require_complete=True)
