@@ -222,3 +222,36 @@ def test_restart_over_existing_run_is_refused_without_flag(tmp_path, store):
     with pytest.raises(ValueError, match="already holds checkpoints"):
         run_training(cfg)
     run_training(cfg, overwrite=True)
+
+
+def test_trackers_receive_scalars(tmp_path, store, monkeypatch):
+    """TensorBoard goes through accelerate's tracker API; a recording tracker stands in for it here."""
+    from accelerate.tracking import GeneralTracker
+
+    import trainer.train as train_mod
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+        main_process_only = True
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.rows = None, []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kw):
+            self.rows.append((step, values))
+
+    rec = Recorder()
+    monkeypatch.setattr(train_mod, "trackers", lambda: [rec])
+    run_training(_cfg(tmp_path, store, **{"train.steps": 2, "train.ckpt_every": 0}))
+    assert rec.config["train.steps"] == 2 and rec.config["kv_projection_mode"] == "structured"
+    assert [s for s, _ in rec.rows] == [1, 2, 2]  # two train rows, then the final evaluation
+    assert all(isinstance(v, float) for _, r in rec.rows for v in r.values())
+    assert "loss_ce" in rec.rows[0][1] and "eval/ce" in rec.rows[2][1]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -57,7 +58,7 @@ from trainer.setup import build_aligner, needed_components, param_groups, store_
 from trainer.step import DistillModel, forward_step
 from trainer.store_checks import check_layers, check_tokenizer, open_store, teacher_config_from_attrs
 
-# Test hook (tests/test_train_resume.py): SIGKILL this process right after optimizer step N completes
+# Test hook (tests/test_train.py): SIGKILL this process right after optimizer step N completes
 # (after its checkpoint, if one falls on N), to prove that --resume reproduces an uninterrupted run.
 KILL_ENV = "KVMAP_TEST_KILL_AFTER_STEP"
 
@@ -170,7 +171,9 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
             {"store": str(store.path), "store_fingerprint": store.fingerprint, "resumed_from_step": start_step,
              "num_processes": accelerator.num_processes},
         )  # fmt: skip
-        accelerator.inittrackers("kvmap", config=flat_config(cfg)) if accelerator.log_with else None
+
+    if accelerator.log_with:  # TensorBoard (when installed), through accelerate's trackers
+        accelerator.init_trackers("kvmap", config=flat_config(cfg))
 
     # --- data: the run's whole sample stream, restarted at the first unconsumed sample ---
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
@@ -182,6 +185,14 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     )
     loader = accelerator.prepare_data_loader(loader, device_placement=True)
     batches = iter(loader)
+
+    def emit(row: dict) -> None:
+        """A metrics.jsonl row, and its scalars to the trackers (TensorBoard) when any is installed."""
+        log.write(row)
+        if accelerator.log_with:
+            accelerator.log(
+                {k: v for k, v in row.items() if isinstance(v, float) and math.isfinite(v)}, step=row["step"]
+            )
 
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
     final_eval: dict = {}
@@ -235,14 +246,12 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         recent = (recent + [logs])[-cfg.train.log_every :]
         if done % cfg.train.log_every == 0 or done == 1 or done == cfg.train.steps:
             row = {"step": done, **logs}
-            log.write(row)
-            if accelerator.log_with:
-                accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=done)
+            emit(row)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", ce=f"{logs['loss_ce']:.4f}")
         if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.train.steps and eval_split:
             ev = evaluate(accelerator, base.student, tokenizer, store.path, eval_split, cfg.eval, pad_id)
-            log.write({"step": done, **ev})
+            emit({"step": done, **ev})
             model.train()
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == cfg.train.steps:
             save_checkpoint(
@@ -255,7 +264,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     # --- end: evaluation, diagnostics, saved student, metrics.json ---
     if eval_split:
         final_eval = evaluate(accelerator, base.student, tokenizer, store.path, eval_split, cfg.eval, pad_id)
-        log.write({"step": cfg.train.steps, **final_eval})
+        emit({"step": cfg.train.steps, **final_eval})
     diag = {}
     if aligner is not None:
         diag = alignment_diagnostics(accelerator, base.aligner, store.path, cfg, pad_id)
