@@ -30,7 +30,7 @@ import zarr  # noqa: E402
 
 from pipeline.config import KVMapConfig  # noqa: E402
 from pipeline.configlib import load_config  # noqa: E402
-from pipeline.extract import _maybe_generate_default, load_split, resolve_layers, run_extraction  # noqa: E402
+from pipeline.extract import generate_default_data, load_split, resolve_layers, run_extraction  # noqa: E402
 from pipeline.extract_chunk import chunk_batches, pad_batch  # noqa: E402
 from pipeline.models import load_model, model_geometry  # noqa: E402
 from pipeline.store import KVStore, make_compressors, quiet_codecs  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     base = [f"data.max_train_samples={args.samples}", "data.eval_path=null", *args.overrides]
     cfg = load_config(KVMapConfig, args.config, base)
-    _maybe_generate_default(cfg)
+    generate_default_data(cfg)
     model, tok = load_model(cfg.teacher)
     packed, _ = load_split(cfg, "train", tok)
     layers = resolve_layers(cfg, model_geometry(model.config)["layers"])

@@ -255,7 +255,8 @@ def _print_summary(path, s: dict) -> None:
     )
 
 
-def _maybe_generate_default(cfg: KVMapConfig) -> None:
+def generate_default_data(cfg: KVMapConfig) -> None:
+    """With `data.generate_default`, write the embedded default dataset where `data.train_path` expects it."""
     if cfg.data.generate_default and not Path(cfg.data.train_path).exists():
         from pipeline.make_default_data import generate
 
@@ -286,7 +287,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         model.to(state.device)  # one device per rank
     with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
         if state.is_main_process:
-            _maybe_generate_default(cfg)
+            generate_default_data(cfg)
         train, counts_train = load_split(cfg, "train", tokenizer)
         ev = load_split(cfg, "eval", tokenizer)
     counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})
