@@ -11,28 +11,20 @@ D_s/D_t head dims. Query heads read KV head h // (H/G) (GQA), on each side with 
 Attention: causal, keys restricted to real tokens (`mask` (B, T), True = real), softmax(q k^T * scale / temperature).
 Result: mean over real query rows, layers and student heads of sum_j p_target[j] * (log p_target[j] - log p_s[j]).
 
-Memory: `attention_kl` computes one (B, L, H, c, t_end) block at a time under `torch.utils.checkpoint`, so
-backward recomputes the block instead of keeping T x T maps per layer alive: peak memory grows linearly in T
-for a fixed chunk. Causality also lets chunk rows [s, e) read only keys [0, e). Masked logits get a finite fill
-(-1e30), never -inf: with -inf, p * (log p - log q) is NaN at masked entries (0 * (-inf - -inf)). Work is done in
-float32 at least (bf16/fp16 inputs are upcast per chunk).
+Memory: `attention_kl` runs `StreamingAttentionKL` (alignment/attention_kl_fn.py), a custom autograd Function
+with analytic gradients: forward and backward each walk query-row chunks, backward recomputes one
+(B, L, H, c, t_end) block at a time, so no T x T map is kept for backward and peak memory grows linearly in T for
+a fixed chunk. Causality lets chunk rows [s, e) read only keys [0, e). Masked logits get a finite fill (-1e30),
+never -inf: with -inf, p * (log p - log q) is NaN at masked entries (0 * (-inf - -inf)). Work is done in float32
+at least (bf16/fp16 inputs are upcast; gradients come back in the input dtype). `naive_attention_kl` is the
+plain reference (whole T x T maps, autograd) the tests compare values and gradients against.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-_FILL = -1e30  # finite "minus infinity" for masked logits (exp underflows to exactly 0 in fp32/fp64)
-
-
-def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, L, H, c, D), k (B, L, G, t, D) -> (B, L, H, c, t) with query head h reading KV head h // (H/G)."""
-    B, L, H, c, D = q.shape
-    G = k.shape[2]
-    qg = q.view(B, L, G, H // G, c, D)  # (B, L, G, H/G, c, D)
-    s = qg @ k.unsqueeze(3).transpose(-1, -2)  # (B, L, G, H/G, c, t)
-    return s.view(B, L, H, c, k.shape[3]) * scale
+from alignment.attention_kl_fn import StreamingAttentionKL
 
 
 def _mix(head_mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -45,37 +37,6 @@ def _mix(head_mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
-def _chunk_kl_sum(
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    key_ok: torch.Tensor,
-    row_w: torch.Tensor,
-    head_mix: torch.Tensor | None,
-    start: int,
-    scale_s: float,
-    scale_t: float,
-) -> torch.Tensor:
-    """Sum over the chunk's rows (weighted by row_w (B, c)) of the row KL; q_* (.., c, D), k_* (.., e, D)."""
-    wd = _work_dtype(q_s, q_t)
-    c, e = q_s.shape[3], k_s.shape[3]
-    rows = torch.arange(start, start + c, device=q_s.device)[:, None]
-    allowed = (torch.arange(e, device=q_s.device)[None, :] <= rows) & key_ok[:, None, :]  # (B, c, e)
-    allowed = allowed[:, None, None]  # (B, 1, 1, c, e)
-    z_s = _logits(q_s.to(wd), k_s.to(wd), scale_s).masked_fill(~allowed, _FILL)  # (B, L, H_s, c, e)
-    z_t = _logits(q_t.to(wd), k_t.to(wd), scale_t).masked_fill(~allowed, _FILL)  # (B, L, H_t, c, e)
-    logp_s = torch.log_softmax(z_s, dim=-1)
-    if head_mix is None:
-        logp_t = torch.log_softmax(z_t, dim=-1)
-        p_t = logp_t.exp()
-    else:
-        p_t = _mix(head_mix, torch.softmax(z_t, dim=-1))  # (B, L, H_s, c, e)
-        logp_t = torch.log(p_t.clamp_min(torch.finfo(wd).tiny))
-    term = torch.where(allowed, p_t * (logp_t - logp_s), 0.0)  # masked entries: exactly 0, finite grads
-    return (term.sum(-1) * row_w.to(wd)[:, None, None, :]).sum()
 
 
 def _check(q_s, k_s, q_t, k_t, mask, head_mix) -> tuple[int, int, torch.Tensor]:
@@ -140,7 +101,7 @@ def attention_kl(
         scale_s, scale_t: logit scalings (default D_s**-0.5, D_t**-0.5).
         temperature: both sides' logits are divided by it.
         head_mix: None or (H_s, H_t) / (L, H_s, H_t) convex weights mixing teacher distributions.
-        chunk_size: query rows per checkpointed chunk.
+        chunk_size: query rows per chunk (forward and recomputed backward).
     Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
     Example:
         >>> kl = attention_kl(q_s, k_s, q_t, k_t, mask, chunk_size=128)
@@ -152,29 +113,15 @@ def attention_kl(
         raise ValueError(f"temperature={temperature!r}: expected a value > 0")
     scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
     scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
-    T = q_s.shape[3]
-    row_w = mask.to(_work_dtype(q_s, q_t))
-    need_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q_s, k_s, q_t, k_t, head_mix)
+    wd = _work_dtype(q_s, q_t)
+    row_w = mask.to(wd)
+    M = (
+        None if head_mix is None else (head_mix if head_mix.dim() == 3 else head_mix[None]).to(wd)
+    )  # (L|1, H_s, H_t)
+    total = StreamingAttentionKL.apply(
+        q_s.to(wd), k_s.to(wd), q_t.to(wd), k_t.to(wd), mask, row_w, M, chunk_size, scale_s, scale_t
     )
-    total = None
-    for s in range(0, T, chunk_size):
-        e = min(T, s + chunk_size)
-        args = (
-            q_s[..., s:e, :],
-            k_s[..., :e, :],
-            q_t[..., s:e, :],
-            k_t[..., :e, :],
-            mask[:, :e],
-            row_w[:, s:e],
-        )
-        if need_grad:
-            part = checkpoint(_chunk_kl_sum, *args, head_mix, s, scale_s, scale_t, use_reentrant=False)
-        else:
-            part = _chunk_kl_sum(*args, head_mix, s, scale_s, scale_t)
-        total = part if total is None else total + part
-    count = row_w.sum() * L * H_s
-    return total / count.clamp_min(1)
+    return total / (row_w.sum() * L * H_s).clamp_min(1)
 
 
 def naive_attention_kl(

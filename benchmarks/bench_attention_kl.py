@@ -6,9 +6,9 @@ each first does one tiny pass so lazy one-time initialisation is not counted.
   set for both kinds (glibc otherwise keeps freed chunks and RSS hides what the algorithm really holds).
 - Time: without that variable; one warm-up, then the median of --repeats timed forward+backward passes.
 Shapes: B=1, L=1, H=9 query heads, G=3 KV heads, D=64 (SmolLM2-like), both sides trainable (projected target).
-Kinds: "naive" = the same per-row math on whole T x T maps without chunking or recomputation (what a direct
-implementation keeps alive for backward); "stream" = `alignment.attention_kl` (query-row chunks under
-checkpoint); "reference" (opt-in via --naive-kind reference) = `naive_attention_kl`, the test reference, which
+Kinds: "naive" = the same per-row math on whole T x T maps through autograd, no chunking or recomputation
+(what a direct implementation keeps alive for backward); "stream" = `alignment.attention_kl` (query-row chunks,
+custom autograd Function recomputing each chunk in backward); "reference" (opt-in via --naive-kind reference) = `naive_attention_kl`, the test reference, which
 masks by selection and holds even more.
 
     python benchmarks/bench_attention_kl.py                 # T in 512 1024 2048 4096, 3 timing repeats
@@ -39,7 +39,8 @@ def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from alignment.attention_kl import _chunk_kl_sum, attention_kl, naive_attention_kl
+    from alignment.attention_kl import attention_kl, naive_attention_kl
+    from alignment.attention_kl_fn import _logits
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -47,12 +48,17 @@ def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) 
     mk = lambda h: torch.randn(B, L, h, T, D, generator=g).requires_grad_()  # noqa: E731
     q_s, k_s, q_t, k_t = mk(H), mk(G), mk(H), mk(G)
 
+    def dense_kl(q_s, k_s, q_t, k_t):
+        """The same per-row math on whole (B, L, H, T, T) maps, autograd keeping them all for backward."""
+        T = q_s.shape[3]
+        allowed = torch.ones(T, T, dtype=torch.bool).tril()
+        logp_s = torch.log_softmax(_logits(q_s, k_s, D**-0.5).masked_fill(~allowed, -1e30), dim=-1)
+        logp_t = torch.log_softmax(_logits(q_t, k_t, D**-0.5).masked_fill(~allowed, -1e30), dim=-1)
+        return torch.where(allowed, logp_t.exp() * (logp_t - logp_s), 0.0).sum() / (T * H)
+
     def run(q_s, k_s, q_t, k_t):
-        if kind == "naive":  # the same math on whole (B, L, H, T, T) maps, all kept alive for backward
-            mask = torch.ones(B, q_s.shape[3], dtype=torch.bool)
-            kl = _chunk_kl_sum(q_s, k_s, q_t, k_t, mask, mask.float(), None, 0, D**-0.5, D**-0.5) / (
-                q_s.shape[3] * H
-            )
+        if kind == "naive":
+            kl = dense_kl(q_s, k_s, q_t, k_t)
         elif kind == "reference":  # the test reference (selection-based masking: heavier still)
             kl = naive_attention_kl(q_s, k_s, q_t, k_t)
         else:
