@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -49,7 +50,8 @@ def _args(argv):
 
 
 def _peak_rss_mb() -> tuple[float, float]:
-    """(this process, its largest child e.g. a DataLoader worker) peak RSS in MB (Linux ru_maxrss is KB)."""
+    """(this process, its largest finished child, i.e. a DataLoader worker once shut down) peak RSS in MB
+    (Linux ru_maxrss is in KB; a forked worker's RSS counts the pages it shares with its parent too)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return own, kids
@@ -108,6 +110,8 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
             n += batch["input_ids"].shape[0]
             tokens.append(int(batch["attention_mask"].sum()))
         elapsed = time.perf_counter() - t0
+        del batch, batches, loader  # shut the persistent workers down so RUSAGE_CHILDREN counts them
+        gc.collect()
         own, kids = _peak_rss_mb()
         return {"variant": variant, "samples_per_s": n / elapsed, "batches": len(tokens), "rss_mb": own,
                 "worker_rss_mb": kids, "tokens_per_batch": statistics.median(tokens)}  # fmt: skip
@@ -144,6 +148,8 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(int(batch["attention_mask"].sum()))
+    del batch, batches, loader
+    gc.collect()
     own, kids = _peak_rss_mb()
     return {"variant": variant, "step_s": statistics.median(times), "steps": len(times), "rss_mb": own,
             "worker_rss_mb": kids, "tokens_per_batch": statistics.median(tokens), "batch_size": B,
