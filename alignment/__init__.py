@@ -1,6 +1,14 @@
 """kvmap alignment: map teacher attention states (Q/K/V) into student space and score the student on them.
 
-Public API (see each module's docstring for shapes):
+Typical stage-2 use (see each module's docstring for shapes):
+
+    aligner = create_aligner(cfg.kv_projection_mode, teacher_hf_cfg, student_hf_cfg, cfg.align)
+    loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
+    out = aligner.align(k_t, v_t, q_t, segment_ids)        # teacher layers = aligner.teacher_layers
+    s_k, s_v, s_q = (aligner.warp_student(x, out.plan) for x in (k_s, v_s, q_s))
+    loss, metrics = loss_fn(s_k, s_v, s_q, out.k, out.v, out.q, **out.loss_kwargs())
+
+Public API:
 - layer map: `build_layer_map`, `teacher_layers_needed`
 - time warp: `SegmentTimeWarper`, `create_reasoning_focused_warper`, `WarpPlan`
 - projectors: `HeadwiseMapProjector` (structured), `KVDimensionProjector` (flat), `RopePairDimMap`

@@ -40,7 +40,8 @@ class AlignedKV:
     token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
     `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
     the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
-    head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`).
+    head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`);
+    teacher_scale / student_scale: the models' attention scalings. `loss_kwargs()` bundles what the loss needs.
     """
 
     k: torch.Tensor
@@ -52,6 +53,20 @@ class AlignedKV:
     q_t_raw: torch.Tensor | None = None
     k_t_raw: torch.Tensor | None = None
     head_mix: torch.Tensor | None = None
+    teacher_scale: float | None = None
+    student_scale: float | None = None
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments for `StructuralKVLoss` that come from the aligner, for either attn_target:
+        `loss_fn(s_k, s_v, s_q, out.k, out.v, out.q, **out.loss_kwargs())`."""
+        return dict(
+            attention_mask=self.mask,
+            t_q_raw=self.q_t_raw,
+            t_k_raw=self.k_t_raw,
+            head_mix=self.head_mix,
+            teacher_scale=self.teacher_scale,
+            student_scale=self.student_scale,
+        )
 
 
 class MapProjectionAligner(nn.Module):
@@ -130,7 +145,8 @@ class MapProjectionAligner(nn.Module):
             self.v_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
             self.q_proj = KVDimensionProjector(H_t, H_s, D_t, D_s, **kw)
             # Flat has no head mixer; attn_target="teacher" still needs one: the fixed GQA-consistent mix.
-            self.register_buffer("_flat_q_mix", gqa_query_mixer(uniform_mixer(G_t, G_s), H_t, G_t, H_s, G_s))
+            mix = gqa_query_mixer(uniform_mixer(G_t, G_s), H_t, G_t, H_s, G_s)
+            self.register_buffer("_flat_q_mix", mix, persistent=False)
             return
         kv_init = uniform_mixer(G_t, G_s) if init_uniform else random_mixer(G_t, G_s)
         q_init = gqa_query_mixer(kv_init, H_t, G_t, H_s, G_s) if init_uniform else random_mixer(H_t, H_s)
@@ -217,6 +233,8 @@ class MapProjectionAligner(nn.Module):
             q_t_raw=q,
             k_t_raw=k,
             head_mix=self.q_head_mix(),
+            teacher_scale=self.teacher_scaling,
+            student_scale=self.student_scaling,
         )
 
     def forward(
