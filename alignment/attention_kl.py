@@ -79,6 +79,17 @@ def _check(q_s, k_s, q_t, k_t, mask, head_mix) -> tuple[int, int, torch.Tensor]:
     return L, H_s, mask
 
 
+def _rows(mask: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) bool query rows that count: real tokens, optionally restricted by query_mask."""
+    if query_mask is None:
+        return mask
+    if query_mask.shape != mask.shape or query_mask.dtype != torch.bool:
+        raise ValueError(
+            f"query_mask shape {tuple(query_mask.shape)} dtype {query_mask.dtype}: expected a {tuple(mask.shape)} bool"
+        )
+    return mask & query_mask
+
+
 def attention_kl(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
@@ -90,6 +101,7 @@ def attention_kl(
     scale_t: float | None = None,
     temperature: float = 1.0,
     head_mix: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
     chunk_size: int = 128,
 ) -> torch.Tensor:
     """Mean row KL(teacher || student) of causal attention, streamed by query-row chunks (see module doc).
@@ -97,7 +109,9 @@ def attention_kl(
     Args:
         q_s, k_s: student (B, L, H_s, T, D_s), (B, L, G_s, T, D_s).
         q_t, k_t: teacher (B, L, H_t, T, D_t), (B, L, G_t, T, D_t) (projected or the teacher's own).
-        mask: (B, T) bool, True = real token (None: all real).
+        mask: (B, T) bool, True = real token (None: all real): the keys attention may use.
+        query_mask: (B, T) bool, the query rows the KL is averaged over (default: `mask`); e.g. only the
+            reasoning segment's rows while their attention still spans every real key.
         scale_s, scale_t: logit scalings (default D_s**-0.5, D_t**-0.5).
         temperature: both sides' logits are divided by it.
         head_mix: None or (H_s, H_t) / (L, H_s, H_t) convex weights mixing teacher distributions.
@@ -114,10 +128,10 @@ def attention_kl(
     scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
     scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
     wd = _work_dtype(q_s, q_t)
-    row_w = mask.to(wd)
-    M = (
-        None if head_mix is None else (head_mix if head_mix.dim() == 3 else head_mix[None]).to(wd)
-    )  # (L|1, H_s, H_t)
+    row_w = _rows(mask, query_mask).to(wd)
+    M = None
+    if head_mix is not None:
+        M = (head_mix if head_mix.dim() == 3 else head_mix[None]).to(wd)  # (L|1, H_s, H_t)
     total = StreamingAttentionKL.apply(
         q_s.to(wd), k_s.to(wd), q_t.to(wd), k_t.to(wd), mask, row_w, M, chunk_size, scale_s, scale_t
     )
@@ -135,6 +149,7 @@ def naive_attention_kl(
     scale_t: float | None = None,
     temperature: float = 1.0,
     head_mix: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference for `attention_kl`: full T x T maps with explicit GQA repeats, masking by selection.
 
@@ -157,10 +172,11 @@ def naive_attention_kl(
     if head_mix is not None:
         p_t = _mix(head_mix, logp_t.exp())
     sel = allowed.expand_as(logp_s)
-    w = mask.to(wd)[:, None, None, :, None].expand_as(logp_s)[sel]
+    rows = _rows(mask, query_mask).to(wd)
+    w = rows[:, None, None, :, None].expand_as(logp_s)[sel]
     if head_mix is None:
         total = (w * logp_t.exp()[sel] * (logp_t[sel] - logp_s[sel])).sum()
     else:
         pm = p_t[sel]
         total = (w * pm * (torch.log(pm) - logp_s[sel])).sum()
-    return total / (mask.to(wd).sum() * L * H_s).clamp_min(1)
+    return total / (rows.sum() * L * H_s).clamp_min(1)

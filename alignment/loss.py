@@ -5,7 +5,8 @@ dim; for attn_target="teacher" also H_t/G_t teacher heads and D_t.
 
     loss_struct = alpha_k * mean(1 - cos(s_k, t_k)) + alpha_v * mean(1 - cos(s_v, t_v)) + alpha_attn * KL
 
-Means run over real tokens (attention_mask), heads and layers. KL(target || student) per real query row
+Means run over real tokens (attention_mask, optionally narrowed by query_mask), heads and layers.
+KL(target || student) per counted query row
 (`alignment.attention_kl`, streamed in query-row chunks). A term whose alpha is 0 is not computed at all.
 
 attn_target:
@@ -51,11 +52,13 @@ class StructuralKVLoss(nn.Module):
         attn_target: "projected" | "teacher" (module docstring).
         per_layer_metrics: also return "cos_k_layer" / "cos_v_layer" (lists of floats, one per layer).
     Call:
-        loss, metrics = loss_fn(s_k, s_v, s_q, t_k, t_v, t_q, attention_mask=None,
+        loss, metrics = loss_fn(s_k, s_v, s_q, t_k, t_v, t_q, attention_mask=None, query_mask=None,
                                 t_q_raw=None, t_k_raw=None, head_mix=None,
                                 student_scale=None, teacher_scale=None)
         s_k/t_k (B, L, G_s, T, D_s), s_v/t_v (B, L, G_s, T, D_s), s_q/t_q (B, L, H_s, T, D_s);
-        attention_mask (B, T) bool (True = real token). metrics: floats "loss_struct" and, per computed term,
+        attention_mask (B, T) bool (True = real token; the keys attention may use). query_mask (B, T) bool:
+        optional subset of positions the losses count (cosine positions, KL query rows), e.g. one segment,
+        while attention still spans every real key. metrics: floats "loss_struct" and, per computed term,
         "loss_k", "cos_k", "loss_v", "cos_v", "attn_kl". Inputs only a zero-alpha term would read may be None
         (attention-only with attn_target="teacher" needs s_k, s_q, t_q_raw, t_k_raw, head_mix).
     Example:
@@ -116,6 +119,7 @@ class StructuralKVLoss(nn.Module):
         t_q: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         *,
+        query_mask: torch.Tensor | None = None,
         t_q_raw: torch.Tensor | None = None,
         t_k_raw: torch.Tensor | None = None,
         head_mix: torch.Tensor | None = None,
@@ -140,19 +144,26 @@ class StructuralKVLoss(nn.Module):
                 f"attention_mask shape {tuple(attention_mask.shape)} dtype {attention_mask.dtype}: "
                 f"expected a (B, T)={(B, T)} bool tensor"
             )
+        if query_mask is not None and (query_mask.shape != (B, T) or query_mask.dtype != torch.bool):
+            raise ValueError(
+                f"query_mask shape {tuple(query_mask.shape)} dtype {query_mask.dtype}: expected a (B, T)={(B, T)} bool"
+            )
+        positions = (
+            attention_mask if query_mask is None else attention_mask & query_mask
+        )  # where losses count
         metrics: dict = {}
         total = ref.new_zeros((), dtype=torch.float32 if ref.dtype != torch.float64 else torch.float64)
         for name, alpha, s, t in (("k", self.alpha_k, s_k, t_k), ("v", self.alpha_v, s_v, t_v)):
             if alpha == 0:
                 continue
-            term, per_layer = self._cosine_term(s, t, attention_mask)
+            term, per_layer = self._cosine_term(s, t, positions)
             total = total + alpha * term
             metrics[f"loss_{name}"] = float(term.detach())
             metrics[f"cos_{name}"] = float(per_layer.detach().mean())
             if self.per_layer_metrics:
                 metrics[f"cos_{name}_layer"] = [float(c) for c in per_layer.detach()]
         if self.alpha_attn != 0:
-            kl = self._attention_term(s_q, s_k, t_q, t_k, attention_mask, t_q_raw, t_k_raw, head_mix,
+            kl = self._attention_term(s_q, s_k, t_q, t_k, attention_mask, query_mask, t_q_raw, t_k_raw, head_mix,
                                       student_scale, teacher_scale)  # fmt: skip
             total = total + self.alpha_attn * kl
             metrics["attn_kl"] = float(kl.detach())
@@ -160,11 +171,11 @@ class StructuralKVLoss(nn.Module):
         return total, metrics
 
     def _attention_term(
-        self, s_q, s_k, t_q, t_k, mask, t_q_raw, t_k_raw, head_mix, student_scale, teacher_scale
+        self, s_q, s_k, t_q, t_k, mask, query_mask, t_q_raw, t_k_raw, head_mix, student_scale, teacher_scale
     ):
         if s_q is None:
             raise ValueError("s_q is None: expected student queries (B, L, H_s, T, D_s) when alpha_attn > 0")
-        kw = dict(temperature=self.temperature, chunk_size=self.chunk_size)
+        kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask)
         if self.attn_target == "projected":
             if t_q is None:
                 raise ValueError("t_q is None: expected projected teacher queries when alpha_attn > 0")

@@ -182,3 +182,22 @@ def test_bad_loss_settings_and_kl_head_counts():
         attention_kl(q_s, k_s, q_t, k_t)
     with pytest.raises(ValueError, match=r"head_mix shape \(6, 4\)"):
         attention_kl(q_s, k_s, q_t, k_t, head_mix=torch.ones(6, 4))
+
+
+def test_query_mask_narrows_rows_not_keys():
+    q_s, k_s, q_t, k_t = _states(4, 2, 8, 4, 2, 8, torch.float64, 5)
+    mask = _mask()
+    rows = torch.zeros(B, T, dtype=torch.bool)
+    rows[:, 15:22] = True  # e.g. the reasoning segment
+    _compare(
+        (q_s, k_s, q_t, k_t, mask), dict(chunk_size=6, query_mask=rows), dict(query_mask=rows), torch.float64
+    )
+    narrowed = attention_kl(q_s, k_s, q_t, k_t, mask, query_mask=rows)
+    keys_cut = attention_kl(q_s, k_s, q_t, k_t, mask & rows)  # restricting keys too is a different quantity
+    assert abs(narrowed.item() - keys_cut.item()) > 1e-3
+    v = torch.randn(B, L, 2, T, 8, dtype=torch.float64)
+    fn = create_structural_loss(alpha_attn=1.0)
+    _, m = fn(k_s, v, q_s, k_t, v, q_t, attention_mask=mask, query_mask=rows)
+    assert m["attn_kl"] == pytest.approx(narrowed.item()) and m["cos_v"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="query_mask shape"):
+        fn(k_s, v, q_s, k_t, v, q_t, attention_mask=mask, query_mask=rows[:, :5])
