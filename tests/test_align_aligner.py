@@ -39,6 +39,11 @@ def test_shapes_mask_and_layers(mode, teacher_config, student_config):
     assert out.q_t_raw.shape == (B, 3, 6, T, 16) and out.k_t_raw.shape == (B, 3, 2, T, 16)
     torch.testing.assert_close(out.head_mix.sum(-1), torch.ones(4))  # convex rows (flat: fixed GQA mix)
     assert out.head_mix.shape == (4, 6)
+    kw = out.loss_kwargs()
+    assert (
+        kw["attention_mask"] is out.mask and kw["t_q_raw"] is out.q_t_raw and kw["teacher_scale"] == 16**-0.5
+    )
+    assert kw["student_scale"] == 8**-0.5
 
 
 def test_layer_map_gathers_the_right_stored_layers(teacher_config, student_config):
@@ -129,3 +134,22 @@ def test_constructor_rejects_non_gqa_head_counts():
         MapProjectionAligner("structured", num_teacher_layers=4, num_student_layers=3, teacher_heads=6,
                              teacher_kv_heads=2, teacher_head_dim=16, student_heads=5, student_kv_heads=2,
                              student_head_dim=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("attn_target", ["projected", "teacher"])
+def test_aligner_to_loss_end_to_end(attn_target, teacher_config, student_config):
+    from alignment import create_structural_loss
+
+    aligner = create_aligner("structured", teacher_config, student_config, AlignConfig(ratio_map={"R": 0.5}))
+    k, v, q, seg = _teacher_states(aligner)
+    out = aligner.align(k, v, q, seg)
+    s_k, s_v, s_q = (
+        aligner.warp_student(torch.randn(B, 3, h, T, 8, requires_grad=True), out.plan) for h in (2, 2, 4)
+    )
+    loss_fn = create_structural_loss(attn_target=attn_target)
+    loss, m = loss_fn(s_k, s_v, s_q, out.k, out.v, out.q, **out.loss_kwargs())
+    loss.backward()
+    q_mixer = aligner.q_proj.mixer.parametrizations.weight.original
+    # the projected target trains the Q projector; the teacher target never touches it (nothing to game)
+    assert (q_mixer.grad is not None) == (attn_target == "projected")
+    assert m["attn_kl"] > 0 and 0 < m["loss_struct"] < 10
