@@ -33,7 +33,9 @@ class TrainConfig:
     ckpt_every: int = 100  # accelerate.save_state every N steps (and always at the end; 0 = end only)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (>= 1)
     log_every: int = 10  # steps between metrics.jsonl rows (the first and last steps are always logged)
-    num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the main process)
+    # DataLoader worker processes per rank (0 = read in the main process). Two, because decoding the
+    # store's compressed inner chunks costs ~40 ms per sample and layer set on one core (benchmarks/bench_train.py).
+    num_workers: int = 2
     prefetch_factor: int = 4  # batches each worker reads ahead
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
