@@ -255,3 +255,23 @@ def test_trackers_receive_scalars(tmp_path, store, monkeypatch):
     assert [s for s, _ in rec.rows] == [1, 2, 2]  # two train rows, then the final evaluation
     assert all(isinstance(v, float) for _, r in rec.rows for v in r.values())
     assert "loss_ce" in rec.rows[0][1] and "eval/ce" in rec.rows[2][1]
+
+
+def test_attention_only_variant_with_lambda_warmup_and_cosine_decay(tmp_path, store):
+    """The K/V-cosine-free arm of issue 5 is plain YAML: alpha_k = alpha_v = 0, teacher attention target."""
+    cfg = _cfg(
+        tmp_path,
+        store,
+        **{
+            "train.steps": 4,
+            "train.lambda_schedule": "cosine",
+            "train.lambda_warmup_steps": 1,
+            "lambda_kv": 0.3,
+            "loss_config": {"alpha_k": 0.0, "alpha_v": 0.0, "alpha_attn": 1.0, "attn_target": "teacher"},
+        },
+    )
+    m = run_training(cfg)
+    rows = [r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl") if "lambda_kv" in r]
+    assert [r["lambda_kv"] for r in rows] == pytest.approx([0.15, 0.3, 0.225, 0.075], abs=1e-12)  # 0 at step 4
+    assert all("loss_k" not in r and r["loss_struct"] == pytest.approx(r["attn_kl"]) for r in rows)
+    assert math.isfinite(m["train/attn_kl"])
