@@ -125,3 +125,25 @@ def test_tokenizer_mismatch(tmp_path):
     ours = _Tok({f"u{i}": i for i in range(101)})
     with pytest.raises(ValueError, match="differs from the store's 'theirs'"):
         check_tokenizer(ks, ours, 101)
+
+
+def test_resume_with_a_changed_training_config_is_refused(tmp_path, store):
+    cfg = from_dict(
+        KVMapConfig, tiny_train_config(tmp_path, store, **{"train.steps": 2, "train.ckpt_every": 1})
+    )
+    run_training(cfg)
+    changed = from_dict(
+        KVMapConfig, tiny_train_config(tmp_path, store, **{"train.steps": 2, "train.lr": 1e-4})
+    )
+    with pytest.raises(ConfigError, match="config key 'train.lr' was 0.003 in the checkpoint, now 0.0001"):
+        run_training(changed, resume=True)
+    # bookkeeping-only keys may change
+    ok = from_dict(
+        KVMapConfig, tiny_train_config(tmp_path, store, **{"train.steps": 2, "train.log_every": 5})
+    )
+    assert run_training(ok, resume=True)["steps"] == 2
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    assert "accelerate launch trainer/train.py" in capsys.readouterr().out

@@ -122,3 +122,44 @@ def param_groups(student, aligner, cfg: KVMapConfig) -> list[dict]:
             lr = cfg.train.aligner_lr if cfg.train.aligner_lr is not None else cfg.train.lr
             groups.append({"params": ap, "weight_decay": 0.0, "lr": lr, "name": "aligner"})
     return [g for g in groups if g["params"]]
+
+
+# Keys that may change between a run and its resume: they do not touch the training math or data order.
+RESUME_FREE_KEYS = (
+    "run_dir",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.progress",
+    "train.num_workers",
+    "train.prefetch_factor",
+    "eval.",
+)
+
+
+def check_resume_config(saved: dict, current: dict) -> None:
+    """Refuse to resume a run whose training-relevant config changed (the curve would silently differ).
+
+    Args:
+        saved, current: nested config dicts (`to_dict(cfg)`) of the checkpoint and of this invocation.
+    """
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and not (prefix + k).startswith(
+                ("student.config", "align.ratio_map", "align.alpha_map")
+            ):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    a, b = flat(saved), flat(current)
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUME_FREE_KEYS) or a.get(key) == b.get(key):
+            continue
+        raise ConfigError(
+            f"--resume: config key '{key}' was {a.get(key)!r} in the checkpoint, now {b.get(key)!r}: expected the "
+            "same training config (start a new run_dir, or --overwrite to restart this one)"
+        )

@@ -54,7 +54,14 @@ from trainer.data import ResumableSampler, StoreDataset, make_loader
 from trainer.evaluate import alignment_diagnostics, evaluate
 from trainer.loop_utils import check_finite, final_train_metrics, flat_config, reduce_logs, trackers
 from trainer.schedules import lambda_kv_at, lr_multiplier
-from trainer.setup import build_aligner, needed_components, param_groups, store_path_of, validate_config
+from trainer.setup import (
+    build_aligner,
+    check_resume_config,
+    needed_components,
+    param_groups,
+    store_path_of,
+    validate_config,
+)
 from trainer.step import DistillModel, forward_step
 from trainer.store_checks import check_layers, check_tokenizer, open_store, teacher_config_from_attrs
 
@@ -63,9 +70,13 @@ from trainer.store_checks import check_layers, check_tokenizer, open_store, teac
 KILL_ENV = "KVMAP_TEST_KILL_AFTER_STEP"
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, accelerator) -> Path | None:
-    """The checkpoint to resume from (or None); refuses to silently restart over an existing run."""
+def _prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator) -> Path | None:
+    """The checkpoint to resume from (or None); refuses to silently restart over an existing run, or to
+    resume one with a different training config."""
+    run_dir = Path(cfg.run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        check_resume_config(read_trainer_state(ckpt).get("config", to_dict(cfg)), to_dict(cfg))
     ckpt_root = run_dir / "checkpoints"
     if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
         if not overwrite:
@@ -114,7 +125,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
     is_main = accelerator.is_main_process
-    ckpt = _prepare_run_dir(run_dir, resume, overwrite, accelerator)
+    ckpt = _prepare_run_dir(cfg, resume, overwrite, accelerator)
     # --- preflight: store, student, tokenizer, aligner, layers (all before any step) ---
     store = open_store(store_path_of(cfg))
     set_seed(cfg.seed)  # the student's random init and the aligner's init come from this seed
@@ -255,7 +266,11 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
             model.train()
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == cfg.train.steps:
             save_checkpoint(
-                accelerator, run_dir, done, {"seed": cfg.seed, "recent": recent}, cfg.train.keep_checkpoints
+                accelerator,
+                run_dir,
+                done,
+                {"seed": cfg.seed, "recent": recent, "config": to_dict(cfg)},
+                cfg.train.keep_checkpoints,
             )
         if done == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -295,6 +310,9 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
 def main(argv: list[str] | None = None) -> int:
     """CLI: `--config PATH [key=value ...] [--resume] [--overwrite]`; prints the final metrics."""
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
     try:
         cfg, flags = parse_cli(KVMapConfig, argv, flags=("resume", "overwrite"))
         metrics = run_training(cfg, resume=flags["resume"], overwrite=flags["overwrite"])
