@@ -272,6 +272,20 @@ def test_attention_only_variant_with_lambda_warmup_and_cosine_decay(tmp_path, st
     )
     m = run_training(cfg)
     rows = [r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl") if "lambda_kv" in r]
-    assert [r["lambda_kv"] for r in rows] == pytest.approx([0.15, 0.3, 0.225, 0.075], abs=1e-12)  # 0 at step 4
+    assert [r["lambda_kv"] for r in rows] == pytest.approx(
+        [0.15, 0.3, 0.225, 0.075], abs=1e-12
+    )  # 0 at step 4
     assert all("loss_k" not in r and r["loss_struct"] == pytest.approx(r["attn_kl"]) for r in rows)
     assert math.isfinite(m["train/attn_kl"])
+
+
+def test_logged_lr_follows_warmup_then_cosine(tmp_path, store):
+    from trainer.schedules import lr_multiplier
+
+    cfg = _cfg(tmp_path, store, **{"train.steps": 5, "train.warmup_steps": 2, "train.aligner_lr": 1e-2})
+    run_training(cfg)
+    rows = [r for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl") if "lr" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * lr_multiplier(s, 2, 5, 0.1) for s in range(5)])
+    assert [r["lr_aligner"] for r in rows] == pytest.approx(
+        [1e-2 * lr_multiplier(s, 2, 5, 0.1) for s in range(5)]
+    )

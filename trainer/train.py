@@ -211,7 +211,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         total=cfg.train.steps, initial=start_step, disable=not (is_main and cfg.train.progress), desc="train"
     )
     model.train()
-    step = start_step
     for step in range(start_step, cfg.train.steps):
         lam = lambda_kv_at(
             step, cfg.lambda_kv, cfg.train.lambda_schedule, cfg.train.lambda_warmup_steps, cfg.train.steps
@@ -240,11 +239,13 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         grad_norm = None
         if cfg.train.clip_grad > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+        lrs = {
+            g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)
+        }  # used by this step
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         logs = reduce_logs(accelerator, micro_logs)
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         logs.update(
             lr=lrs.get("student", next(iter(lrs.values()))), lambda_kv=lam, step_s=time.time() - t_step
         )
