@@ -147,3 +147,11 @@ def test_resume_with_a_changed_training_config_is_refused(tmp_path, store):
 def test_help(capsys):
     assert main(["--help"]) == 0
     assert "accelerate launch trainer/train.py" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_naming_step_and_term(tmp_path):
+    s = make_tiny_store(tmp_path / "nan.zarr", num_train=4, num_eval=0, poison=True)  # NaN in a teacher key
+    cfg = from_dict(KVMapConfig, tiny_train_config(tmp_path, s, **{"train.batch_size": 4}))
+    with pytest.raises(FloatingPointError, match=r"^step 1: loss_struct is not finite \(nan\)"):
+        run_training(cfg)
+    assert not list((Path(cfg.run_dir) / "checkpoints").glob("step_*"))  # nothing saved after a NaN

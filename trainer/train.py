@@ -233,7 +233,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                     loss_fn=loss_fn,
                     scales=scales,
                 )
-                check_finite(accelerator, res, step)
+                check_finite(accelerator, res, step + 1)  # 1-based like metrics.jsonl
                 accelerator.backward(res.loss / cfg.train.grad_accum)
             micro_logs.append(res.logs)
         grad_norm = None
