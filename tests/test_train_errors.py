@@ -155,3 +155,18 @@ def test_nan_loss_stops_naming_step_and_term(tmp_path):
     with pytest.raises(FloatingPointError, match=r"^step 1: loss_struct is not finite \(nan\)"):
         run_training(cfg)
     assert not list((Path(cfg.run_dir) / "checkpoints").glob("step_*"))  # nothing saved after a NaN
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, store):
+    from trainer.checkpoint import STATE_FILE, latest_checkpoint
+
+    cfg = from_dict(
+        KVMapConfig, tiny_train_config(tmp_path, store, **{"train.steps": 2, "train.ckpt_every": 1})
+    )
+    run_training(cfg)
+    state_file = latest_checkpoint(cfg.run_dir) / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["num_processes"] == 1
+    state_file.write_text(json.dumps({**state, "num_processes": 2}))
+    with pytest.raises(ConfigError, match="written by 2 processes, this launch has 1"):
+        run_training(cfg, resume=True)

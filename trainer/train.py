@@ -76,7 +76,14 @@ def _prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerato
     run_dir = Path(cfg.run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        check_resume_config(read_trainer_state(ckpt).get("config", to_dict(cfg)), to_dict(cfg))
+        saved = read_trainer_state(ckpt)
+        check_resume_config(saved.get("config", to_dict(cfg)), to_dict(cfg))
+        world = saved.get("num_processes", accelerator.num_processes)
+        if world != accelerator.num_processes:
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt.name} was written by {world} processes, this launch has "
+                f"{accelerator.num_processes}: expected the same number (the sample stream is sharded by it)"
+            )
     ckpt_root = run_dir / "checkpoints"
     if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
         if not overwrite:
@@ -270,7 +277,12 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                 accelerator,
                 run_dir,
                 done,
-                {"seed": cfg.seed, "recent": recent, "config": to_dict(cfg)},
+                {
+                    "seed": cfg.seed,
+                    "recent": recent,
+                    "config": to_dict(cfg),
+                    "num_processes": accelerator.num_processes,
+                },
                 cfg.train.keep_checkpoints,
             )
         if done == kill_after:
