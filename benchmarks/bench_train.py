@@ -122,7 +122,6 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
     model = DistillModel(student, aligner).train()
     opt = torch.optim.AdamW(param_groups(student, aligner, cfg), betas=(0.9, 0.95))
-    scales = (aligner.student_scaling, aligner.teacher_scaling) if aligner is not None else (None, None)
     ce_ids, st_ids = [0, 1, 2], [0, 1, 2]
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -139,7 +138,6 @@ def run_variant(variant: str, args, overrides: list[str]) -> dict:
             struct_ids=st_ids,
             lambda_kv=cfg.lambda_kv,
             loss_fn=loss_fn,
-            scales=scales,
         )
         res.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)

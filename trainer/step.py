@@ -92,30 +92,18 @@ class StepResult:
     aligned: object | None = None
 
 
-def structural_loss(loss_fn, student: StudentStates, out, struct_ids: list[int], scales=(None, None)):
-    """loss_struct and its metrics (plus per-layer cosines) on positions of the `struct_ids` segments.
+def structural_loss(loss_fn, student: StudentStates, out, struct_ids: list[int]):
+    """loss_struct and its metrics (plus per-layer cosines) counted on positions of the `struct_ids` segments.
 
-    Args:
-        scales: (student_scale, teacher_scale) attention scalings (the aligner's), for the attention term.
+    The segment restriction is a *query* mask: cosines and attention-KL rows are counted only at those
+    positions, while attention still spans every real key (a reasoning token attends to the prompt).
     Shapes: student / out k, v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s); out.mask (B, T').
     """
     keep = out.mask & torch.isin(
         out.segment_ids, torch.as_tensor(struct_ids, device=out.mask.device)
     )  # (B, T')
-    loss, metrics = loss_fn(
-        student.k,
-        student.v,
-        student.q,
-        out.k,
-        out.v,
-        out.q,
-        attention_mask=keep,
-        t_q_raw=out.q_t_raw,
-        t_k_raw=out.k_t_raw,
-        head_mix=out.head_mix,
-        student_scale=scales[0],
-        teacher_scale=scales[1],
-    )
+    kw = out.loss_kwargs()  # attention_mask = every real token, raw teacher Q/K, head mix, scalings
+    loss, metrics = loss_fn(student.k, student.v, student.q, out.k, out.v, out.q, query_mask=keep, **kw)
     logs = {k: float(v) for k, v in metrics.items() if not isinstance(v, (list, tuple))}
     logs["cos_k_layer"] = per_layer_cosine(student.k, out.k, keep).tolist()
     logs["cos_v_layer"] = per_layer_cosine(student.v, out.v, keep).tolist()
@@ -136,7 +124,6 @@ def forward_step(
     struct_ids: list[int],
     lambda_kv: float,
     loss_fn=None,
-    scales: tuple[float | None, float | None] = (None, None),
 ) -> StepResult:
     """Compute loss = loss_ce + lambda_kv * loss_struct for one batch.
 
@@ -147,8 +134,6 @@ def forward_step(
         ce_ids / struct_ids: segment ids counted by CE (by target token) / by the structural loss.
         lambda_kv: weight of the structural term at this step.
         loss_fn: the StructuralKVLoss (None for CE-only).
-        scales: (student, teacher) attention scalings for the attention term (`aligner.student_scaling`,
-            `aligner.teacher_scaling`).
     Shapes:
         batch input_ids (B, T) -> logits (B, T, V); loss scalar.
     """
@@ -162,7 +147,7 @@ def forward_step(
             {"loss": float(loss_ce.detach()), "loss_ce": float(loss_ce.detach())},
             logits,
         )
-    loss_struct, logs = structural_loss(loss_fn, student, out, struct_ids, scales)
+    loss_struct, logs = structural_loss(loss_fn, student, out, struct_ids)
     loss = loss_ce + lambda_kv * loss_struct
     logs.update(
         loss=float(loss.detach()),

@@ -165,7 +165,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     base = accelerator.unwrap_model(model)
-    scales = (aligner.student_scaling, aligner.teacher_scaling) if aligner is not None else (None, None)
 
     start_step = 0
     recent: list[dict] = []  # per-step logs of the last `log_every` steps (final train/* metrics)
@@ -238,7 +237,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                     struct_ids=struct_ids,
                     lambda_kv=lam,
                     loss_fn=loss_fn,
-                    scales=scales,
                 )
                 check_finite(accelerator, res, step + 1)  # 1-based like metrics.jsonl
                 accelerator.backward(res.loss / cfg.train.grad_accum)
