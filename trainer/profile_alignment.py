@@ -271,7 +271,12 @@ def format_report(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0 (clean), 1 (NaN/inf or shape mismatch found) or 2 (bad input)."""
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="python -m trainer.profile_alignment", add_help=True)
+    ap = argparse.ArgumentParser(
+        prog="python -m trainer.profile_alignment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--config PATH [key=value ...] [--live-teacher] are read as in every kvmap entry script.",
+    )
     ap.add_argument("--mode", choices=("structured", "flat", "both"), default="both")
     ap.add_argument("--batch_size", type=int, default=2)
     ap.add_argument("--seq_length", type=int, default=128)
