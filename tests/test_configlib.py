@@ -82,3 +82,14 @@ def _experiment_yamls():
 def test_every_experiment_yaml_parses(path):
     cfg = load_config(KVMapConfig, path)
     assert yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # serialisable
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_ablation_yaml_resolves(path):
+    from trainer.ablation_config import load_ablation, plan_runs
+
+    abl = load_ablation(path)
+    runs = plan_runs(abl)  # every (arm, seed) config parsed strictly
+    assert len(runs) == len(abl.arms) * len(abl.seeds) > 0
