@@ -5,13 +5,17 @@
 
 Shape glossary: B batch, T tokens (longest sample of the batch), L_sel teacher layers the layer map reads.
 
-Variants (each in its own subprocess, so that peak RSS is per variant; medians of `--steps` timed steps
-after `--warmup` untimed ones; every step includes fetching its batch from the trainer's DataLoader):
+Step variants (every step includes fetching its batch from the trainer's DataLoader):
   ce      CE-only student step (lambda_kv = 0: tokens only, no aligner, no capture).
   cached  this trainer's step: teacher Q/K/V of the mapped layers read from the store by the DataLoader
           (workers + prefetch), aligner + StructuralKVLoss + CE, backward, AdamW (trainer.step.forward_step).
   online  the same student step, but the teacher states come from a teacher forward with capture inside
           the loop (the teacher is loaded in the process: what offline extraction saves). Written only here.
+How it is measured (one invocation, subprocesses):
+  timing  one process runs ce / cached / online steps interleaved (own student, optimizer and loader each);
+          medians of `--steps` steps after `--warmup`: a load swing on a shared machine hits all three alike.
+  rss_*   one process per variant (`--rss_steps` steps): peak RSS of that variant alone (ru_maxrss), plus
+          its finished DataLoader workers' peak (forked: they share pages with the parent, so not additive).
   loader  the trainer's DataLoader alone (same workers/prefetch, teacher states included): samples/s.
 Bars (issue 4): cached <= 0.5x online step time; cached peak RSS <= 0.8x online; cached <= 1.3x CE-only;
 loader samples/s >= 3x what the cached step consumes.
@@ -34,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("ce", "cached", "online", "loader")
+STEP_VARIANTS = ("ce", "cached", "online")
 
 
 def _args(argv):
@@ -45,7 +49,8 @@ def _args(argv):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
-    ap.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss_steps", type=int, default=3, help="steps of each peak-RSS process")
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     return ap.parse_known_args(argv)
 
 
@@ -57,139 +62,184 @@ def _peak_rss_mb() -> tuple[float, float]:
     return own, kids
 
 
-def run_variant(variant: str, args, overrides: list[str]) -> dict:
+def _setup(args, overrides):
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipeline.capture import capture_qkv
     from pipeline.config import KVMapConfig
     from pipeline.configlib import load_config
-    from pipeline.models import load_model
-    from trainer.data import ResumableSampler, StoreDataset, make_loader
-    from trainer.setup import build_aligner, needed_components, param_groups, store_path_of
-    from trainer.step import DistillModel, forward_step
-    from trainer.store_checks import check_layers, open_store
+    from trainer.setup import store_path_of
+    from trainer.store_checks import open_store
 
     cfg = load_config(KVMapConfig, args.config, overrides)
     if args.store:
         cfg.train.store = args.store
-    B = args.batch_size or cfg.train.batch_size
-    store = open_store(store_path_of(cfg))
-    torch.manual_seed(cfg.seed)
-    student, tok = load_model(cfg.student, for_training=True)
-    distill = variant != "ce"
     if cfg.lambda_kv == 0:
         cfg.lambda_kv = 1.0  # the distillation variants need the structural term
-    aligner = build_aligner(cfg, store, student) if distill else None
-    layers = list(aligner.teacher_layers) if aligner is not None else []
-    comps = needed_components(cfg) if variant in ("cached", "loader") else ()
-    if comps:
-        check_layers(store, layers, comps)
-    teacher = None
-    if variant == "online":
-        teacher, _ = load_model(cfg.teacher)
-    ds = StoreDataset(store.path, "train", layers=layers, components=comps)
-    total = (args.warmup + args.steps) * B
-    pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-    loader = make_loader(
-        ds,
-        B,
-        pad_id,
-        ResumableSampler(len(ds), cfg.seed, total),
-        cfg.train.num_workers,
-        cfg.train.prefetch_factor,
-    )
-    batches = iter(loader)
-    times, tokens = [], []
-    if variant == "loader":
-        next(batches)  # worker start-up is not throughput
-        t0 = time.perf_counter()
-        n = 0
-        for batch in batches:
-            n += batch["input_ids"].shape[0]
-            tokens.append(int(batch["attention_mask"].sum()))
-        elapsed = time.perf_counter() - t0
-        del batch, batches, loader  # shut the persistent workers down so RUSAGE_CHILDREN counts them
-        gc.collect()
-        own, kids = _peak_rss_mb()
-        return {"variant": variant, "samples_per_s": n / elapsed, "batches": len(tokens), "rss_mb": own,
-                "worker_rss_mb": kids, "tokens_per_batch": statistics.median(tokens)}  # fmt: skip
-    loss_fn = None
-    if distill:
-        from alignment import create_structural_loss
+    return cfg, open_store(store_path_of(cfg)), args.batch_size or cfg.train.batch_size
 
-        loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
-    model = DistillModel(student, aligner).train()
-    opt = torch.optim.AdamW(param_groups(student, aligner, cfg), betas=(0.9, 0.95))
-    ce_ids, st_ids = [0, 1, 2], [0, 1, 2]
-    for i in range(args.warmup + args.steps):
+
+class Stepper:
+    """One benchmark variant: its own student (same seed), aligner, optimizer and trainer DataLoader.
+
+    `step()` runs one full training step (batch fetch included) and returns its wall time in seconds.
+    """
+
+    def __init__(self, variant: str, cfg, store, B: int, total_batches: int, teacher=None):
+        import torch
+
+        from alignment import create_structural_loss
+        from pipeline.models import load_model
+        from trainer.data import ResumableSampler, StoreDataset, make_loader
+        from trainer.setup import build_aligner, needed_components, param_groups
+        from trainer.step import DistillModel
+        from trainer.store_checks import check_layers
+
+        torch.manual_seed(cfg.seed)
+        student, tok = load_model(cfg.student, for_training=True)
+        self.aligner = build_aligner(cfg, store, student) if variant != "ce" else None
+        self.layers = list(self.aligner.teacher_layers) if self.aligner is not None else []
+        comps = needed_components(cfg) if variant in ("cached", "loader") else ()
+        if comps:
+            check_layers(store, self.layers, comps)
+        ds = StoreDataset(store.path, "train", layers=self.layers, components=comps)
+        pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        sampler = ResumableSampler(len(ds), cfg.seed, total_batches * B)
+        self.loader = make_loader(ds, B, pad_id, sampler, cfg.train.num_workers, cfg.train.prefetch_factor)
+        self.batches = iter(self.loader)
+        self.loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config)) if self.aligner else None
+        self.model = DistillModel(student, self.aligner).train()
+        self.opt = torch.optim.AdamW(param_groups(student, self.aligner, cfg), betas=(0.9, 0.95))
+        self.cfg, self.teacher, self.tokens = cfg, teacher, []
+
+    def step(self) -> float:
+        import torch
+
+        from pipeline.capture import capture_qkv
+        from trainer.step import forward_step
+
         t0 = time.perf_counter()
-        batch = next(batches)
-        if teacher is not None:
-            with torch.no_grad(), capture_qkv(teacher, layers=layers) as cap:
-                teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        batch = next(self.batches)
+        if self.teacher is not None:  # online: teacher forward + capture inside the loop
+            with torch.no_grad(), capture_qkv(self.teacher, layers=self.layers) as cap:
+                self.teacher(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                )
             for c in ("q", "k", "v"):
-                batch[f"{c}_t"] = cap.stack(c, layers).float()  # (B, L_sel, H|G, T, D_t)
+                batch[f"{c}_t"] = cap.stack(c, self.layers).float()  # (B, L_sel, H|G, T, D_t)
         res = forward_step(
-            model,
-            batch,
-            ce_ids=ce_ids,
-            struct_ids=st_ids,
-            lambda_kv=cfg.lambda_kv,
-            loss_fn=loss_fn,
-        )
+            self.model, batch, ce_ids=[0, 1, 2], struct_ids=[0, 1, 2], lambda_kv=self.cfg.lambda_kv,
+            loss_fn=self.loss_fn,
+        )  # fmt: skip
         res.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(batch["attention_mask"].sum()))
-    del batch, batches, loader
-    gc.collect()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        del self.batches, self.loader  # shut the persistent workers down so RUSAGE_CHILDREN counts them
+        gc.collect()
+
+
+def _teacher(cfg):
+    from pipeline.models import load_model
+
+    return load_model(cfg.teacher)[0]
+
+
+def run_timing(args, overrides) -> dict:
+    """CE / cached / online steps interleaved in one process: load swings on a shared machine hit all alike."""
+    cfg, store, B = _setup(args, overrides)
+    n = args.warmup + args.steps
+    steppers = {
+        v: Stepper(v, cfg, store, B, n, _teacher(cfg) if v == "online" else None) for v in STEP_VARIANTS
+    }
+    times = {v: [] for v in STEP_VARIANTS}
+    for i in range(n):
+        for v, st in steppers.items():
+            dt = st.step()
+            if i >= args.warmup:
+                times[v].append(dt)
+    import torch
+
+    out = {"variant": "timing", "batch_size": B, "steps": args.steps, "threads": torch.get_num_threads()}
+    for v in STEP_VARIANTS:
+        out[f"{v}_step_s"] = statistics.median(times[v])
+        out[f"{v}_tokens_per_batch"] = statistics.median(steppers[v].tokens[args.warmup :])
+    return out
+
+
+def run_memory(variant: str, args, overrides) -> dict:
+    """Peak RSS of one variant alone (its own process): model(s), optimizer, activations, loader buffers."""
+    cfg, store, B = _setup(args, overrides)
+    n = args.warmup + args.rss_steps
+    st = Stepper(variant, cfg, store, B, n, _teacher(cfg) if variant == "online" else None)
+    for _ in range(n):
+        st.step()
+    st.close()
     own, kids = _peak_rss_mb()
-    return {"variant": variant, "step_s": statistics.median(times), "steps": len(times), "rss_mb": own,
-            "worker_rss_mb": kids, "tokens_per_batch": statistics.median(tokens), "batch_size": B,
-            "samples_per_s": B / statistics.median(times), "threads": torch.get_num_threads()}  # fmt: skip
+    return {"variant": variant, "rss_mb": own, "worker_rss_mb": kids}
+
+
+def run_loader(args, overrides) -> dict:
+    """The trainer's DataLoader alone (teacher states of the mapped layers included): samples/s."""
+    cfg, store, B = _setup(args, overrides)
+    st = Stepper("loader", cfg, store, B, args.warmup + args.steps + 1)
+    next(st.batches)  # worker start-up is not throughput
+    t0, n = time.perf_counter(), 0
+    for batch in st.batches:
+        n += batch["input_ids"].shape[0]
+    elapsed = time.perf_counter() - t0
+    st.close()
+    own, kids = _peak_rss_mb()
+    return {"variant": "loader", "samples_per_s": n / elapsed, "rss_mb": own, "worker_rss_mb": kids}
+
+
+def _sub(variant: str, base: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, __file__, *base, "--variant", variant], env=env, capture_output=True, text=True
+    )
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = _args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = _args(argv)
     if args.variant:
-        print("RESULT " + json.dumps(run_variant(args.variant, args, overrides)), flush=True)
+        if args.variant == "timing":
+            r = run_timing(args, overrides)
+        elif args.variant == "loader":
+            r = run_loader(args, overrides)
+        else:
+            r = run_memory(args.variant.removeprefix("rss_"), args, overrides)
+        print("RESULT " + json.dumps(r), flush=True)
         return 0
-    res = {}
-    base = [a for a in (sys.argv[1:] if argv is None else argv)]
-    for v in VARIANTS:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(
-            [sys.executable, __file__, *base, "--variant", v], env=env, capture_output=True, text=True
-        )
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            print(f"variant {v} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        res[v] = json.loads(line[-1][7:])
-        r = res[v]
-        what = f"step {r['step_s']:.3f} s" if "step_s" in r else f"{r['samples_per_s']:.1f} samples/s"
-        print(f"{v:>7}: {what}  peak RSS {r['rss_mb']:.0f} MB (workers {r['worker_rss_mb']:.0f} MB)  "
-              f"tokens/batch {r['tokens_per_batch']:.0f}", flush=True)  # fmt: skip
-    ce, cached, online, loader = (res[v] for v in VARIANTS)
-    bars = [
-        ("cached / online step time", cached["step_s"] / online["step_s"], "<=", 0.5),
-        ("cached / online peak RSS", cached["rss_mb"] / online["rss_mb"], "<=", 0.8),
-        ("cached / CE-only step time", cached["step_s"] / ce["step_s"], "<=", 1.3),
-        (
-            "loader / cached consumption (samples/s)",
-            loader["samples_per_s"] / cached["samples_per_s"],
-            ">=",
-            3.0,
-        ),
-    ]
+    t = _sub("timing", argv)
+    print(f"step time (median of {t['steps']}, interleaved): " + "  ".join(
+        f"{v} {t[f'{v}_step_s']:.3f} s" for v in STEP_VARIANTS) + f"  | tokens/batch {t['cached_tokens_per_batch']:.0f}",
+        flush=True)  # fmt: skip
+    mem = {v: _sub(f"rss_{v}", argv) for v in STEP_VARIANTS}
+    print("peak RSS (own process, MB): " + "  ".join(f"{v} {mem[v]['rss_mb']:.0f}" for v in STEP_VARIANTS)
+          + "  | loader workers: " + "  ".join(f"{v} {mem[v]['worker_rss_mb']:.0f}" for v in STEP_VARIANTS), flush=True)  # fmt: skip
+    loader = _sub("loader", argv)
+    cached_sps = t["batch_size"] / t["cached_step_s"]
     print(
-        f"batch {cached['batch_size']} samples, {cached['steps']} timed steps (median), threads {cached['threads']}"
+        f"loader alone {loader['samples_per_s']:.1f} samples/s; cached step consumes {cached_sps:.1f} samples/s"
     )
+    bars = [
+        ("cached / online step time", t["cached_step_s"] / t["online_step_s"], "<=", 0.5),
+        ("cached / online peak RSS", mem["cached"]["rss_mb"] / mem["online"]["rss_mb"], "<=", 0.8),
+        ("cached / CE-only step time", t["cached_step_s"] / t["ce_step_s"], "<=", 1.3),
+        ("loader / cached consumption (samples/s)", loader["samples_per_s"] / cached_sps, ">=", 3.0),
+    ]
+    print(f"batch {t['batch_size']} samples, threads {t['threads']}")
     for name, value, op, bar in bars:
         ok = value <= bar if op == "<=" else value >= bar
         print(f"  {name:<42} {value:6.3f}  (bar {op} {bar})  {'PASS' if ok else 'MISS'}")
