@@ -14,26 +14,26 @@ torch.set_num_threads(2)
 TINY_VOCAB = 101
 
 
+# Shared by the tiny teacher architectures: 4 layers, 6 query heads, 2 KV heads.
+_TEACHER_KW = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    kw = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    return LlamaConfig(**{**_TEACHER_KW, "head_dim": 16, "tie_word_embeddings": True, **overrides})
 
 
 def tiny_student_config(**overrides):
@@ -52,21 +52,7 @@ def tiny_student_config(**overrides):
 def tiny_qwen2_config(**overrides):
     from transformers import Qwen2Config
 
-    kw = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kw.update(overrides)
-    return Qwen2Config(**kw)  # head_dim = 48 / 6 = 8
+    return Qwen2Config(**{**_TEACHER_KW, **overrides})  # head_dim = 48 / 6 = 8
 
 
 @pytest.fixture
