@@ -21,6 +21,7 @@ ACC_R = {"ce_only": {0: 0.1, 1: 0.2, 2: 0.3}, "v40_2": {0: 0.70, 1: 0.72}}
 
 def _metrics(arm, seed):
     m = {
+        "eval/ce_trained": CE[arm][seed] - 0.5,
         "eval/ce": CE[arm][seed],
         "eval/ce_P": 2.0 + seed,
         "eval/ce_R": 0.5,
@@ -88,13 +89,13 @@ def test_tables_hold_means_stds_and_deltas(ablation_dir):
     md = build_report(ablation_dir)
     assert (ablation_dir / "report.md").read_text() == md
     q = _row_cells(md, "Held-out quality", "ce_only")
-    # arm, n, CE, CE P, CE R, CE A, acc R, acc A, EM
-    assert q[:3] == ["ce_only", "3", "1.0000 ± 0.1000"]
-    assert q[3] == "3.0000 ± 1.0000"  # ce_P = 2 + seed over seeds 0, 1, 2
-    assert q[6] == "0.200 ± 0.100"
+    # arm, n, CE trained segs, CE all, CE P, CE R, CE A, acc R, acc A, EM
+    assert q[:4] == ["ce_only", "3", "0.5000 ± 0.1000", "1.0000 ± 0.1000"]
+    assert q[4] == "3.0000 ± 1.0000"  # ce_P = 2 + seed over seeds 0, 1, 2
+    assert q[7] == "0.200 ± 0.100"
     q2 = _row_cells(md, "Held-out quality", "v40_2")
-    assert q2[:3] == ["v40_2", "2", f"0.8500 ± {statistics.stdev([0.8, 0.9]):.4f}"]
-    assert q2[6] == f"0.710 ± {statistics.stdev([0.70, 0.72]):.3f}"
+    assert q2[:4] == ["v40_2", "2", f"0.3500 ± {statistics.stdev([0.8, 0.9]):.4f}", "0.8500 ± 0.0707"]
+    assert q2[7] == f"0.710 ± {statistics.stdev([0.70, 0.72]):.3f}"
     a = _row_cells(md, "Alignment and cost", "ce_only")
     assert a[2:5] == ["–", "–", "–"]  # no structural terms in the control
     assert a[8] == "1,234" and a[9] == "11.0 ± 1.0" and a[10] == "6"
@@ -102,9 +103,9 @@ def test_tables_hold_means_stds_and_deltas(ablation_dir):
     assert a2[2:5] == ["0.500 ± 0.000", "0.250 ± 0.000", "0.1250 ± 0.0000"]
     d = _row_cells(md, "Delta vs the control `ce_only`", "v40_2")
     se_ce = math.sqrt(statistics.variance([0.8, 0.9]) / 2 + statistics.variance([0.9, 1.0, 1.1]) / 3)
-    assert d[1] == f"-0.1500 ± {se_ce:.4f}"  # |Δ| = 0.15 < 2 SE = 0.18: within noise, not marked
+    assert d[1] == d[2] == f"-0.1500 ± {se_ce:.4f}"  # |Δ| = 0.15 < 2 SE = 0.18: within noise, not marked
     se_acc = math.sqrt(statistics.variance([0.70, 0.72]) / 2 + statistics.variance([0.1, 0.2, 0.3]) / 3)
-    assert d[4] == f"+0.510 ± {se_acc:.3f} **better**"
+    assert d[5] == f"+0.510 ± {se_acc:.3f} **better**"
     assert "`never_ran` (0/3 seeds)" in md and "`v40_2` (2/3 seeds)" in md
     assert "- `ce_only`: control — `lambda_kv=0` — seeds 0, 1, 2" in md
 

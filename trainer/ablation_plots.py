@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TRAIN_CE_KEYS = ("loss_ce", "train/loss_ce")
-EVAL_CE_KEY = "eval/ce"
+# Held-out CE over the segments training counts (eval/ce_trained); rows written before it existed: eval/ce.
+EVAL_CE_KEYS = ("eval/ce_trained", "eval/ce")
 
 
 def resolve_run_dir(out_dir: Path, row: dict) -> Path:
@@ -70,11 +71,14 @@ def _band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[
 
 
 def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # The accuracy panel is the learning curve the budget is chosen from (distillation mostly shows as
+    # faster learning, so where CE-only sits on it decides whether arms can differ at all).
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     drawn = False
-    for ax, keys, title in (
-        (axes[0], TRAIN_CE_KEYS, "train CE (loss_ce)"),
-        (axes[1], (EVAL_CE_KEY,), "held-out CE (eval/ce)"),
+    for ax, keys, title, ylabel in (
+        (axes[0], TRAIN_CE_KEYS, "train CE (loss_ce)", "cross-entropy (nats/token)"),
+        (axes[1], EVAL_CE_KEYS, "held-out CE, trained segments", "cross-entropy (nats/token)"),
+        (axes[2], ("eval/acc_R",), "held-out answer-token accuracy in R", "accuracy"),
     ):
         for arm, rows in groups.items():
             curves = [c for c in (read_curve(resolve_run_dir(out_dir, r), keys) for r in rows) if c]
@@ -95,13 +99,13 @@ def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | Non
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
         return None
     _legend(axes)
-    fig.suptitle("Loss per arm: mean over seeds, band = ± 1 std")
+    fig.suptitle("Loss and accuracy per arm: mean over seeds, band = ± 1 std")
     fig.tight_layout()
     path = out_dir / "loss_curves.png"
     fig.savefig(path, dpi=110)
@@ -159,7 +163,10 @@ def plot_deltas(out_dir: Path, stats: dict, control: str | None) -> Path | None:
     if control is None:
         return None
     arms = [a for a in stats if a != control]
-    panels = [("eval/ce", "Δ held-out CE (lower is better)"), ("eval/acc_R", "Δ acc R (higher is better)")]
+    panels = [("eval/ce_trained", "Δ held-out CE, trained segments (lower is better)")]
+    if all(math.isnan(delta(stats, a, control, "eval/ce_trained")[0]) for a in stats if a != control):
+        panels = [("eval/ce", "Δ held-out CE (lower is better)")]  # results written before ce_trained
+    panels.append(("eval/acc_R", "Δ acc R (higher is better)"))
     if not arms:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(arms) + 2))

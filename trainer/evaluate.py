@@ -41,7 +41,9 @@ def _shard(n: int, rank: int, world: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(accelerator, student, tokenizer, store_path, split: str, eval_cfg, pad_id: int) -> dict:
+def evaluate(
+    accelerator, student, tokenizer, store_path, split: str, eval_cfg, pad_id: int, ce_ids=None
+) -> dict:
     """CE overall and per segment, teacher-forced answer-token accuracy in R and A, greedy exact match.
 
     Args:
@@ -50,9 +52,12 @@ def evaluate(accelerator, student, tokenizer, store_path, split: str, eval_cfg, 
         tokenizer: the student's tokenizer (None skips exact match: nothing to decode with).
         store_path, split: the store and its held-out split (tokens, segments, answer mask; no states).
         eval_cfg: trainer.config.EvalConfig.
+        ce_ids: the segment ids training's CE counts (train.ce_segments); None = all segments.
     Returns:
-        {"eval/ce", "eval/ce_P", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A", "eval/acc",
-         "eval/exact_match", "eval/samples"}; a value is NaN where its count is 0.
+        {"eval/ce", "eval/ce_trained", "eval/ce_P", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A",
+         "eval/acc", "eval/exact_match", "eval/samples"}; a value is NaN where its count is 0.
+        `eval/ce_trained` is CE over the segments training counts: with `ce_segments: [R, A]` the prompt is
+        never a target, so `eval/ce` (all segments) is dominated by P and says little about the student.
     """
     from trainer.greedy import greedy_exact_match
 
@@ -93,6 +98,8 @@ def evaluate(accelerator, student, tokenizer, store_path, split: str, eval_cfg, 
         return float(a / b) if b > 0 else float("nan")
 
     out = {"eval/ce": ratio(ce[0].sum(), ce[1].sum())}
+    cols = list(range(S)) if ce_ids is None else list(ce_ids)
+    out["eval/ce_trained"] = ratio(ce[0, cols].sum(), ce[1, cols].sum())
     for j, name in SEG_NAMES.items():
         out[f"eval/ce_{name}"] = ratio(ce[0, j], ce[1, j])
     for j, name in enumerate(("R", "A")):

@@ -64,6 +64,18 @@ def masked_ce(logits: torch.Tensor, input_ids: torch.Tensor, segment_ids: torch.
     return (ce * keep).sum() / keep.sum().clamp_min(1.0)
 
 
+def ce_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor, ids: Sequence[int]):
+    """Which positions' predictions count for CE, and their target tokens (for logits at those rows only).
+
+    Same convention as `token_ce`: position t predicts token t+1 and counts when that target's segment is in
+    `ids`. `F.cross_entropy(logits[keep], targets)` equals `masked_ce(logits, ...)` in value and gradient.
+    Shapes: input_ids / segment_ids (B, T) -> keep (B, T) bool, targets (N,) long with N = keep.sum().
+    """
+    target = F.pad(input_ids[:, 1:], (0, 1), value=0)  # (B, T)
+    keep = segment_mask(F.pad(segment_ids[:, 1:], (0, 1), value=-1), ids)  # (B, T)
+    return keep, target[keep]  # (B, T), (N,)
+
+
 def ce_sums_by_segment(
     logits: torch.Tensor, input_ids: torch.Tensor, segment_ids: torch.Tensor
 ) -> torch.Tensor:

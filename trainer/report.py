@@ -29,7 +29,8 @@ from trainer.ablation_results import RESULTS_NAME, read_results
 
 # (metric key in metrics.json, column header, format, which direction is better (None = no direction))
 QUALITY_COLUMNS = [
-    ("eval/ce", "held-out CE", ".4f", "lower"),
+    ("eval/ce_trained", "CE trained segs", ".4f", "lower"),
+    ("eval/ce", "CE all", ".4f", "lower"),
     ("eval/ce_P", "CE P", ".4f", "lower"),
     ("eval/ce_R", "CE R", ".4f", "lower"),
     ("eval/ce_A", "CE A", ".4f", "lower"),
@@ -48,7 +49,15 @@ ALIGN_COLUMNS = [
     ("wall_s", "wall s", ".1f", None),
     ("steps", "steps", ".0f", None),
 ]
-DELTA_KEYS = ["eval/ce", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A", "eval/exact_match"]
+DELTA_KEYS = [
+    "eval/ce_trained",
+    "eval/ce",
+    "eval/ce_R",
+    "eval/ce_A",
+    "eval/acc_R",
+    "eval/acc_A",
+    "eval/exact_match",
+]
 
 
 def _num(x) -> float | None:

@@ -19,15 +19,43 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.capture import capture_qkv
-from trainer.losses import masked_ce, per_layer_cosine
+from trainer.losses import ce_targets, per_layer_cosine
+
+# Config attributes of HF models whose causal-LM head does more than `lm_head(hidden)` (softcapping, a
+# logit scale): for these the student's own forward computes the logits (every position), because running
+# decoder + output embedding by hand would skip that step and give different logits.
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 
 
 def student_layers(model) -> list[int]:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return list(range(int(cfg.num_hidden_layers)))
+
+
+def selectable_head(model):
+    """(decoder, output_embedding) when logits can be computed at chosen rows only, else None.
+
+    Assumption: an HF causal LM computes `logits = get_output_embeddings()(get_decoder()(...).last_hidden_state)`
+    unless its config names a post-processing step (`_LOGIT_POSTPROCESSING`); this holds for Llama, Qwen2,
+    Mistral, SmolLM, Phi3, GPT-NeoX-style models.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(cfg, a, None) not in (None, 1.0) for a in _LOGIT_POSTPROCESSING):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (decoder, head) if isinstance(head, nn.Linear) and decoder is not None else None
 
 
 @dataclass
@@ -40,7 +68,13 @@ class StudentStates:
 
 
 class DistillModel(nn.Module):
-    """Student + aligner; `forward(batch)` -> (logits (B, T, V), StudentStates | None, AlignedKV | None).
+    """Student + aligner; `forward(batch)` -> (logits, StudentStates | None, AlignedKV | None).
+
+    Why `logit_mask`: the LM head over a large vocabulary is most of a small student's step (49,152 tokens
+    for SmolLM2's tokenizer: ~60% of a default CPU step), yet CE only needs the rows whose target counts.
+    With a mask the decoder runs as usual and the output embedding is applied to those rows alone, giving
+    logits (N, V); without one (or for a model whose head post-processes logits, see `selectable_head`)
+    the student's own forward gives (B, T, V).
 
     Args:
         student: an HF causal LM.
@@ -52,13 +86,26 @@ class DistillModel(nn.Module):
         self.student = student
         self.aligner = aligner
         self.layers = student_layers(student)
+        self._head = selectable_head(student)
 
-    def forward(self, input_ids, attention_mask, segment_ids=None, q_t=None, k_t=None, v_t=None):
+    @property
+    def selects_logits(self) -> bool:
+        return self._head is not None
+
+    def _logits(self, input_ids, attention_mask, logit_mask):
+        if logit_mask is None or self._head is None:
+            return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        decoder, head = self._head
+        h = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return head(h[logit_mask])  # (N, V)
+
+    def forward(
+        self, input_ids, attention_mask, segment_ids=None, q_t=None, k_t=None, v_t=None, logit_mask=None
+    ):
         if self.aligner is None:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            return logits, None, None  # (B, T, V)
+            return self._logits(input_ids, attention_mask, logit_mask), None, None
         with capture_qkv(self.student, layers=self.layers, detach=False) as cap:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self._logits(input_ids, attention_mask, logit_mask)
         out = self.aligner.align(
             k_t, v_t, q_t, segment_ids
         )  # k/v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s)
@@ -135,11 +182,18 @@ def forward_step(
         lambda_kv: weight of the structural term at this step.
         loss_fn: the StructuralKVLoss (None for CE-only).
     Shapes:
-        batch input_ids (B, T) -> logits (B, T, V); loss scalar.
+        batch input_ids (B, T) -> logits (N, V) at the N counted positions (all of them (B*T, V) when the
+        student's head cannot be split off); loss scalar, equal to `masked_ce` on full logits.
     """
     ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
-    logits, student, out = model(ids, attn, seg, batch.get("q_t"), batch.get("k_t"), batch.get("v_t"))
-    loss_ce = masked_ce(logits, ids, seg, ce_ids)
+    keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
+    logits, student, out = model(
+        ids, attn, seg, batch.get("q_t"), batch.get("k_t"), batch.get("v_t"), logit_mask=keep
+    )
+    if logits.dim() == 3:  # the student's own forward ran: every position
+        logits = logits[keep]  # (N, V)
+    # sum / max(N, 1) rather than mean, so a batch without counted targets gives 0, not NaN.
+    loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / max(int(targets.numel()), 1)
     if out is None:
         return StepResult(
             loss_ce,

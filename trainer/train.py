@@ -267,7 +267,9 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", ce=f"{logs['loss_ce']:.4f}")
         if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.train.steps and eval_split:
-            ev = evaluate(accelerator, base.student, tokenizer, store.path, eval_split, cfg.eval, pad_id)
+            ev = evaluate(
+                accelerator, base.student, tokenizer, store.path, eval_split, cfg.eval, pad_id, ce_ids
+            )
             emit({"step": done, **ev})
             model.train()
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == cfg.train.steps:
@@ -289,7 +291,9 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
 
     # --- end: evaluation, diagnostics, saved student, metrics.json ---
     if eval_split:
-        final_eval = evaluate(accelerator, base.student, tokenizer, store.path, eval_split, cfg.eval, pad_id)
+        final_eval = evaluate(
+            accelerator, base.student, tokenizer, store.path, eval_split, cfg.eval, pad_id, ce_ids
+        )
         emit({"step": cfg.train.steps, **final_eval})
     diag = {}
     if aligner is not None:
