@@ -1,0 +1,386 @@
+"""Sections 1 (stage-1 capture overhead) and 2 (stage-2 step cost) of benchmarks/bench_gpu.py + helpers.
+
+Shape glossary: B batch, T tokens, V vocab, L_t/L_s teacher/student layers, L_sel teacher layers the layer
+map reads, H query heads, G KV heads, D head dim, X heads of one component (H for q, G for k/v); `_t`
+teacher, `_s` student. What each section measures and how: see benchmarks/bench_gpu.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_QWEN = dict(rope_theta=1e6, max_position_embeddings=32768, use_sliding_window=False)
+GEOMETRY = {
+    "full": {  # Qwen2.5-7B teacher, Qwen2.5-1.5B student (published configs)
+        "teacher": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                        intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, **_QWEN),
+        "student": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                        intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, **_QWEN),
+        "capture_bt": (8, 1024), "step_bt": (4, 1024), "kl_T": [2048, 4096, 8192], "kl_chunks": [128, 512],
+    },
+    "smoke": {  # odd unequal sizes (BRIEF): teacher 4 layers / 6 heads / 2 KV / head_dim 16, student 3/4/2/8
+        "teacher": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                        intermediate_size=160, vocab_size=384, tie_word_embeddings=False, **_QWEN),
+        "student": dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=384, tie_word_embeddings=True, **_QWEN),
+        "capture_bt": (2, 32), "step_bt": (2, 32), "kl_T": [64, 160], "kl_chunks": [16, 64],
+    },
+}  # fmt: skip
+GIB = 2**30
+
+
+def log(msg: str) -> None:
+    print(f"[bench_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """(median seconds, all seconds) of `fn()` after `warmup` untimed calls; synchronized around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def reset_peak(dev: torch.device) -> int:
+    """Start a peak-memory window; returns the bytes allocated now (0 on CPU)."""
+    if dev.type != "cuda":
+        return 0
+    sync(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    return torch.cuda.memory_allocated(dev)
+
+
+def peak_gib(dev: torch.device, base: int = 0) -> float | None:
+    """Peak allocated GiB since `reset_peak` (minus `base`); None on CPU."""
+    if dev.type != "cuda":
+        return None
+    sync(dev)
+    return (torch.cuda.max_memory_allocated(dev) - base) / GIB
+
+
+def free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fmt(x, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_lm(geom: dict, dtype: torch.dtype, dev: torch.device):
+    """Random-weight Qwen2 causal LM built directly on `dev` in `dtype` (no slow CPU init), sdpa attention."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(**geom)
+    with dev:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    p = next(model.parameters())
+    if p.dtype != dtype or p.device.type != dev.type:  # an older transformers ignoring `dtype=`
+        model.to(device=dev, dtype=dtype)
+    if model.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"attn_implementation={model.config._attn_implementation!r}: expected 'sdpa'")
+    return model
+
+
+def mapped_teacher_layers(geo: dict) -> list[int]:
+    """Teacher layers the default ("uniform") layer map needs for the section-2 student."""
+    from alignment.layer_map import build_layer_map, teacher_layers_needed
+
+    L_t, L_s = geo["teacher"]["num_hidden_layers"], geo["student"]["num_hidden_layers"]
+    return teacher_layers_needed(build_layer_map("uniform", L_t, L_s))
+
+
+def to_dev(batch: dict, dev: torch.device, non_blocking: bool) -> dict:
+    return {k: v.to(dev, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def segments(B: int, T: int) -> torch.Tensor:
+    """(B, T) segment ids: P on the first quarter, R up to three quarters, A after (no padding)."""
+    seg = torch.full((B, T), 1, dtype=torch.long)
+    seg[:, : T // 4] = 0
+    seg[:, (3 * T) // 4 :] = 2
+    return seg
+
+
+# ----------------------------------------------------------------------------------------------- section 1
+def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
+    from pipeline.capture import capture_qkv
+
+    tg = geo["teacher"]
+    B, T = geo["capture_bt"]
+    layers = mapped_teacher_layers(geo)
+    H, G = tg["num_attention_heads"], tg["num_key_value_heads"]
+    D = tg["hidden_size"] // H
+    model = build_lm(tg, torch.bfloat16, dev).eval()
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
+    g = torch.Generator().manual_seed(0)
+    ids_cpu = torch.randint(0, tg["vocab_size"], (B, T), generator=g)  # (B, T)
+    ids, mask = ids_cpu.to(dev), torch.ones(B, T, dtype=torch.long, device=dev)
+    qkv_bytes = len(layers) * B * T * (H + 2 * G) * D * 2  # bf16 Q + K + V of the mapped layers per step
+    log(f"capture: teacher {tg['num_hidden_layers']} layers on {dev}, {weights_gib:.1f} GiB; B={B} T={T}, "
+        f"{len(layers)} layers captured, {qkv_bytes / GIB:.2f} GiB Q/K/V per forward")  # fmt: skip
+
+    def fwd():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+
+    res: dict = {
+        "B": B,
+        "T": T,
+        "layers": layers,
+        "weights_gib": weights_gib,
+        "qkv_gib_per_step": qkv_bytes / GIB,
+    }
+    rows = {}
+
+    def measure(name: str, fn) -> None:
+        base = reset_peak(dev)
+        try:
+            med, times = timed(fn, dev, repeats)
+        except Exception as e:  # one variant failing (e.g. zarr missing for extract_chunk) keeps the others
+            traceback.print_exc()
+            rows[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            return
+        rows[name] = {"median_s": med, "times_s": times, "tokens_per_s": B * T / med,
+                      "peak_gib": peak_gib(dev), "peak_above_start_gib": peak_gib(dev, base)}  # fmt: skip
+        log(f"capture/{name}: {med * 1e3:.1f} ms, {B * T / med:,.0f} tok/s")
+
+    with torch.inference_mode():
+        measure("plain", fwd)
+        ref = fwd()
+        with capture_qkv(model, layers) as cap:
+            out = (
+                fwd()
+            )  # sanity: capture must not change the logits (per sample: no fp32 copy of all of them)
+            diff = max(float((out[b].float() - ref[b].float()).abs().max()) for b in range(B))
+            res["logits_max_abs_diff_vs_plain"] = diff
+            out = ref = None
+
+            def fwd_capture():
+                cap.clear()
+                fwd()
+
+            measure("capture", fwd_capture)
+            pin = dev.type == "cuda"
+            bufs = {(i, c): torch.empty(B, T, X, D, dtype=torch.bfloat16, pin_memory=pin)
+                    for i in layers for c, X in (("q", H), ("k", G), ("v", G))}  # fmt: skip
+
+            def fwd_capture_pinned():
+                cap.clear()
+                fwd()
+                for (i, c), buf in bufs.items():  # (B, X, T, D) -> token-major (B, T, X, D) like the store
+                    buf.copy_(getattr(cap, c)[i].permute(0, 2, 1, 3).contiguous(), non_blocking=pin)
+
+            measure("capture+pinned_d2h", fwd_capture_pinned)
+            bufs = None
+            try:
+                from pipeline.extract_chunk import extract_chunk
+                from pipeline.store import PackedSplit
+
+                ans = torch.zeros(T, dtype=torch.bool)
+                ans[(3 * T) // 4 : (3 * T) // 4 + max(T // 32, 1)] = True
+                seg = segments(1, T)[0]
+                samples = [dict(input_ids=ids_cpu[b], segment_ids=seg, answer_mask=ans) for b in range(B)]
+                packed = PackedSplit.from_samples(samples, list(range(B)))
+                comps = ["q", "k", "v"]
+                measure("extract_chunk", lambda: extract_chunk(model, cap, packed, 0, B * T, layers, comps,
+                                                                "bfloat16", B, 0))  # fmt: skip
+            except Exception as e:
+                traceback.print_exc()
+                rows["extract_chunk"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+            cap.clear()
+    plain = rows.get("plain", {}).get("median_s")
+    for r in rows.values():
+        if plain and "median_s" in r:
+            r["overhead_vs_plain"] = r["median_s"] / plain - 1
+    res["variants"] = rows
+    model = None
+    free(dev)
+    return res
+
+
+def table_capture(res: dict) -> str:
+    rows = []
+    for name, r in res["variants"].items():
+        if "error" in r:
+            rows.append([name, "error: " + r["error"][:80], "-", "-", "-"])
+            continue
+        ov = r.get("overhead_vs_plain")
+        rows.append([name, r["median_s"] * 1e3, f"{r['tokens_per_s']:,.0f}",
+                     "-" if ov is None else f"{100 * ov:+.1f}%", r["peak_gib"]])  # fmt: skip
+    head = (f"Stage-1 capture, B={res['B']} T={res['T']}, {len(res['layers'])} layers captured, "
+            f"{res['qkv_gib_per_step']:.2f} GiB Q/K/V per forward, weights {res['weights_gib']:.1f} GiB, "
+            f"logits max|diff| capture vs plain {res.get('logits_max_abs_diff_vs_plain')}")  # fmt: skip
+    return head + "\n\n" + md_table(["variant", "ms/forward", "tokens/s", "vs plain", "peak GiB"], rows)
+
+
+# ----------------------------------------------------------------------------------------------- section 2
+STEP_VARIANTS = {  # name -> (kv_projection_mode or None for CE-only, LossConfig overrides)
+    "ce_only": (None, {}),
+    "structured": ("structured", {}),
+    "flat": ("flat", {}),
+    "attn_only_teacher": ("structured", dict(alpha_k=0.0, alpha_v=0.0, attn_target="teacher")),
+}
+
+
+def _step_variant(ctx: SimpleNamespace, mode: str | None, loss_kw: dict, B: int, repeats: int) -> dict:
+    """One variant at batch B: build aligner + loss + optimizer, time `repeats` optimizer steps."""
+    from alignment import create_aligner, create_structural_loss
+    from alignment.config import AlignConfig, LossConfig
+    from trainer.setup import param_groups
+    from trainer.step import DistillModel, forward_step
+
+    acc, dev, student, T = ctx.acc, ctx.dev, ctx.student, ctx.T
+    g = torch.Generator().manual_seed(0)
+    b = {
+        "input_ids": torch.randint(0, ctx.vocab, (B, T), generator=g).to(dev),  # (B, T)
+        "attention_mask": torch.ones(B, T, dtype=torch.long, device=dev),
+        "segment_ids": segments(B, T).to(dev),
+    }
+    row: dict = {"B": B}
+    aligner = loss_fn = None
+    if mode is not None:
+        aligner = create_aligner(mode, ctx.teacher_cfg, student.config, AlignConfig())
+        loss_fn = create_structural_loss(**dataclasses.asdict(LossConfig(**loss_kw)))
+        row["L_sel"] = L_sel = len(aligner.teacher_layers)
+        gd = torch.Generator(device=dev).manual_seed(1)
+        for c, X in (("q", ctx.H_t), ("k", ctx.G_t), ("v", ctx.G_t)):  # float32, as the store reader returns
+            b[f"{c}_t"] = torch.randn(
+                B, L_sel, X, T, ctx.D_t, generator=gd, device=dev
+            )  # (B, L_sel, X, T, D)
+        row["teacher_states_gib"] = sum(b[f"{c}_t"].numel() * 4 for c in "qkv") / GIB
+        if dev.type == "cuda":  # the whole batch host -> device, pageable (as the loader) and pinned
+            host = {k: v.cpu() for k, v in b.items()}
+            row["h2d_ms"] = 1e3 * timed(lambda: to_dev(host, dev, False), dev, repeats)[0]
+            host = {k: v.pin_memory() for k, v in host.items()}
+            row["h2d_pinned_ms"] = 1e3 * timed(lambda: to_dev(host, dev, True), dev, repeats)[0]
+            host = None
+    model = DistillModel(student, aligner)
+    opt = torch.optim.AdamW(param_groups(student, aligner, ctx.train_cfg), betas=(0.9, 0.95))
+    model, opt = acc.prepare(model, opt)
+    model.train()
+    losses = []
+
+    def step():
+        r = forward_step(model, b, ce_ids=[0, 1, 2], struct_ids=[0, 1, 2], lambda_kv=1.0, loss_fn=loss_fn)
+        acc.backward(r.loss)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(r.logs["loss"])
+
+    base = reset_peak(dev)
+    med, times = timed(step, dev, repeats, warmup=2)  # the first step allocates the AdamW state
+    row.update(median_s=med, times_s=times, tokens_per_s=B * T / med, peak_gib=peak_gib(dev),
+               peak_above_start_gib=peak_gib(dev, base), losses=losses)  # fmt: skip
+    return row
+
+
+def section_step(geo: dict, dev: torch.device, repeats: int) -> dict:
+    from accelerate import Accelerator
+    from transformers import Qwen2Config
+
+    from trainer.config import TrainConfig
+
+    tg, sg = geo["teacher"], geo["student"]
+    B, T = geo["step_bt"]
+    acc = Accelerator(cpu=dev.type == "cpu", mixed_precision="bf16")
+    if acc.device.type != dev.type:
+        raise RuntimeError(f"accelerate picked device {acc.device}, expected {dev}")
+    student = build_lm(sg, torch.float32, dev).train()  # fp32 master weights; autocast comes from accelerate
+    H_t = tg["num_attention_heads"]
+    ctx = SimpleNamespace(
+        acc=acc, dev=dev, student=student, T=T, vocab=sg["vocab_size"], teacher_cfg=Qwen2Config(**tg),
+        H_t=H_t, G_t=tg["num_key_value_heads"], D_t=tg["hidden_size"] // H_t,
+        train_cfg=SimpleNamespace(train=TrainConfig(lr=1e-4)),  # param_groups reads only cfg.train
+    )  # fmt: skip
+    res: dict = {"B": B, "T": T, "student_params": sum(p.numel() for p in student.parameters()),
+                 "mixed_precision": "bf16", "variants": {}}  # fmt: skip
+    log(f"step: student {res['student_params'] / 1e9:.2f}B params fp32 on {dev}, B={B} T={T}")
+    for name, (mode, loss_kw) in STEP_VARIANTS.items():
+        row: dict = {}
+        for bs in (B, B // 2):  # one retry at half the batch if B runs out of memory
+            try:
+                row.update(_step_variant(ctx, mode, loss_kw, bs, repeats))
+                log(f"step/{name} B={bs}: {row['median_s'] * 1e3:.1f} ms, peak {fmt(row['peak_gib'])} GiB, "
+                    f"loss {row['losses'][-1]:.3f}")  # fmt: skip
+                row.pop("error", None)
+                break
+            except Exception as e:
+                traceback.print_exc()
+                row["error"] = f"B={bs}: {type(e).__name__}: {e}".splitlines()[0]
+                oom = isinstance(e, torch.OutOfMemoryError)
+                if oom:
+                    row["oom_at_B"] = bs
+            finally:
+                acc.free_memory()  # drops accelerate's references to the prepared model and optimizer
+                student.zero_grad(set_to_none=True)
+                free(dev)
+            if not oom or bs // 2 < 1:
+                break
+        res["variants"][name] = row
+    ce = res["variants"]["ce_only"].get("tokens_per_s")
+    for r in res["variants"].values():
+        if ce and "median_s" in r:  # time per token relative to CE-only (= the ms ratio at equal B)
+            r["ratio_vs_ce_only"] = ce / r["tokens_per_s"]
+    student = None
+    free(dev)
+    return res
+
+
+def table_step(res: dict) -> str:
+    rows = []
+    for name, r in res["variants"].items():
+        if "median_s" not in r:
+            rows.append([name, r.get("B", "-"), "error: " + r.get("error", "?")[:80]] + ["-"] * 5)
+            continue
+        rows.append([name, r["B"], r["median_s"] * 1e3, r.get("ratio_vs_ce_only"), r["peak_gib"],
+                     r.get("teacher_states_gib"), r.get("h2d_ms"), r.get("h2d_pinned_ms")])  # fmt: skip
+    head = (f"Stage-2 step (forward_step + backward + clip + AdamW), B={res['B']} T={res['T']}, student "
+            f"{res['student_params'] / 1e9:.2f}B params fp32 + bf16 autocast (accelerate); x CE-only is time "
+            "per token (= the ms ratio at equal B)")  # fmt: skip
+    cols = [
+        "variant",
+        "B",
+        "ms/step",
+        "x CE-only",
+        "peak GiB",
+        "teacher states GiB",
+        "H2D ms",
+        "H2D pinned ms",
+    ]
+    return head + "\n\n" + md_table(cols, rows)
