@@ -126,3 +126,25 @@ def test_exact_match_rule(generated, ok):
 def test_exact_match_without_lead_in():
     assert generated_matches("says 3907. 3907", "", "3907")
     assert not generated_matches("says 3907. 13907", "", "3907")
+
+
+@pytest.mark.parametrize(
+    "split, layers, comps", [("train", [0, 3], ("q", "k", "v")), ("train", [2], ("k",)), ("eval", [], ())]
+)
+def test_preloaded_items_equal_store_reads_also_through_workers(store, split, layers, comps):
+    path, _, _ = store
+    lazy = StoreDataset(path, split, layers=layers, components=comps)
+    pre = StoreDataset(path, split, layers=layers, components=comps, preload=True)
+    idx = [len(lazy) - 1, 0, 1, 1]  # unsorted, repeated
+    for a, b in zip(lazy.__getitems__(idx), pre.__getitems__(idx)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # forked DataLoader workers serve the parent's preloaded arrays: same batches as the lazy loader
+    sampler = ResumableSampler(len(lazy), 0, 12)
+    got = list(make_loader(pre, 3, 0, sampler, num_workers=2))
+    ref = list(make_loader(lazy, 3, 0, sampler, num_workers=0))
+    for a, b in zip(got, ref):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(IndexError, match="sample index 99"):
+        pre._pre.read_samples([99])

@@ -149,7 +149,13 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         from alignment import create_structural_loss
 
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
-    train_ds = StoreDataset(store.path, "train", layers=layers, components=comps)
+    t_load = time.perf_counter()
+    train_ds = StoreDataset(store.path, "train", layers=layers, components=comps, preload=cfg.train.preload)
+    if cfg.train.preload:
+        from trainer.preload import preload_bytes
+
+        gb = preload_bytes(store, "train", layers or store.layers, comps) / 2**30
+        accelerator.print(f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s")
     eval_split = "eval" if "eval" in store.splits else None
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
