@@ -180,11 +180,12 @@ def make_loader(
     sampler: Sampler | None = None,
     num_workers: int = 0,
     prefetch_factor: int = 4,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader with right-padding collate, worker prefetch and (optionally) a resumable sampler.
 
     Without a sampler the order is the dataset order (evaluation). `drop_last=False`: callers size the
-    sampler's stream as a multiple of the global batch.
+    sampler's stream as a multiple of the global batch. `pin_memory`: page-locked batches, for CUDA runs.
     """
     kw = {}
     if num_workers > 0:
@@ -197,5 +198,6 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=partial(collate_right_pad, pad_id=pad_id),
         drop_last=False,
+        pin_memory=pin_memory,
         **kw,
     )

@@ -203,8 +203,17 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     sampler = ResumableSampler(
         len(train_ds), cfg.seed, cfg.train.steps * global_batch, start_step * global_batch
     )
+    # Pinned host batches on CUDA: the teacher states are most of a batch's bytes, and a pageable copy of
+    # them cost 214-254 ms vs 38 ms pinned per 4 x 1024-token batch of 7B states on an H100
+    # (benchmarks/bench_gpu.py, section 2) -- more than the CE-only step itself.
     loader = make_loader(
-        train_ds, cfg.train.batch_size, pad_id, sampler, cfg.train.num_workers, cfg.train.prefetch_factor
+        train_ds,
+        cfg.train.batch_size,
+        pad_id,
+        sampler,
+        cfg.train.num_workers,
+        cfg.train.prefetch_factor,
+        pin_memory=accelerator.device.type == "cuda",
     )
     loader = accelerator.prepare_data_loader(loader, device_placement=True)
     batches = iter(loader)
