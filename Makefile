@@ -35,7 +35,7 @@ test: lint
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python trainer/ablate.py --config configs/ablations/demo.yaml
 
-# The fuller matrix: every arm x 3 seeds, longer runs (about 1.5 h on 2 CPU cores; minutes on a GPU).
+# The fuller matrix: 9 arms x 3 seeds x 300 steps of batch 16 on the full store (~2 h on 2 CPU cores).
 demo-full: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python trainer/ablate.py --config configs/ablations/default.yaml
 

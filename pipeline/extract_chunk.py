@@ -108,20 +108,45 @@ def extract_chunk(
                 "correct_all",
             ):  # counts sum over chunks
                 stats["acc"][k] = stats["acc"].get(k, 0) + int(acc[k])
+        # Which (sample, position) of the padded batch lands on which chunk row: each real token of the
+        # chunk exactly once (a sample crossing a chunk edge contributes only its tokens inside).
+        jj, tt, dest = [], [], []
+        for j, i in enumerate(batch):
+            o = int(packed.offsets[i])
+            s0, s1 = max(o, start), min(o + int(lens[j]), end)
+            jj.append(np.full(s1 - s0, j))
+            tt.append(np.arange(s0 - o, s1 - o))
+            dest.append(np.arange(s0 - start, s1 - start))
+        jj_d = torch.from_numpy(np.concatenate(jj)).to(device)  # (N,)
+        tt_d = torch.from_numpy(np.concatenate(tt)).to(device)  # (N,)
+        dest = np.concatenate(dest)  # (N,) rows of the chunk buffers
+        # Gather the real tokens on the device (token-major, as the store), convert, and check them all with
+        # ONE reduction and one sync per batch; then one host copy per layer/component (pinned + async on
+        # CUDA). The per-layer syncs and padded pageable copies this replaces cost 8.6x the forward on an H100.
+        ys = {}
         for layer in layers:
             for comp in components:
                 x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
-                y = x.to(sdt)  # bf16: finite unless x is; fp16: inf where |x| overflows
-                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
-                if bad.any():
+                ys[(layer, comp)] = x[jj_d, :, tt_d].to(sdt)  # (N, X, D); fp16: inf where |x| overflows
+        finite = torch.stack([torch.isfinite(y).all() for y in ys.values()])  # (L_sel * C,)
+        if not bool(finite.all()):
+            for (layer, comp), ok in zip(ys, finite.tolist()):
+                if not ok:
+                    x = getattr(cap, comp)[layer]  # (B, X, T, D)
+                    y = x.to(sdt)
+                    bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
                     raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
-                y = y.permute(0, 2, 1, 3).contiguous().cpu()  # (B, T, X, D) token-major like the store
-                yn = (y.view(torch.uint16) if sdt == torch.bfloat16 else y).numpy()
-                buf = bufs.get((layer, comp))
-                if buf is None:
-                    buf = bufs[(layer, comp)] = np.empty((end - start, *yn.shape[2:]), dtype=yn.dtype)
-                for j, i in enumerate(batch):
-                    o = int(packed.offsets[i])
-                    s0, s1 = max(o, start), min(o + int(lens[j]), end)
-                    buf[s0 - start : s1 - start] = yn[j, s0 - o : s1 - o]
+        pinned = device.type == "cuda"
+        host = {}
+        for key, y in ys.items():
+            h = torch.empty(y.shape, dtype=y.dtype, pin_memory=pinned)  # (N, X, D)
+            host[key] = h.copy_(y, non_blocking=pinned)
+        if pinned:
+            torch.cuda.synchronize(device)
+        for key, h in host.items():
+            yn = (h.view(torch.uint16) if sdt == torch.bfloat16 else h).numpy()  # (N, X, D)
+            buf = bufs.get(key)
+            if buf is None:
+                buf = bufs[key] = np.empty((end - start, *yn.shape[1:]), dtype=yn.dtype)
+            buf[dest] = yn
     return bufs, stats
