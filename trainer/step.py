@@ -182,8 +182,9 @@ def forward_step(
         lambda_kv: weight of the structural term at this step.
         loss_fn: the StructuralKVLoss (None for CE-only).
     Shapes:
-        batch input_ids (B, T) -> logits (N, V) at the N counted positions (all of them (B*T, V) when the
-        student's head cannot be split off); loss scalar, equal to `masked_ce` on full logits.
+        batch input_ids (B, T) -> logits (N, V) at the N counted positions (selected after the student's
+        own full forward when its head cannot be split off); loss scalar, equal to `masked_ce` on full
+        logits in value and gradient (tests/test_step_logits.py).
     """
     ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
     keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
