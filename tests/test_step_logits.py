@@ -89,3 +89,44 @@ def test_batch_without_counted_targets_gives_zero_and_finite_gradients():
     res.loss.backward()
     assert float(res.loss.detach()) == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_with_an_aligner_the_ce_path_is_unchanged_and_the_struct_term_adds_its_gradient():
+    """Capture + selected logits: CE and student gradients equal the aligner-free model at lambda 0, and
+    lambda > 0 adds exactly lambda x the structural loss (value) on top of the same CE."""
+    from transformers import LlamaForCausalLM
+
+    from alignment import create_aligner, create_structural_loss
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(tiny_student_config())
+    teacher_cfg = tiny_llama_config()
+    aligner = create_aligner("structured", teacher_cfg, student.config)
+    batch = _batch(3)
+    B, T = batch["input_ids"].shape
+    L = len(aligner.teacher_layers)
+    g = torch.Generator().manual_seed(1)
+    batch["q_t"] = torch.randn(B, L, 6, T, 16, generator=g)  # (B, L_sel, H_t, T, D_t)
+    batch["k_t"], batch["v_t"] = (torch.randn(B, L, 2, T, 16, generator=g) for _ in range(2))
+    loss_fn = create_structural_loss(attn_target="teacher")
+
+    plain = DistillModel(student, None)
+    ref = forward_step(plain, batch, ce_ids=[1, 2], struct_ids=[0, 1, 2], lambda_kv=0.0)
+    ref.loss.backward()
+    ref_g = _grads(student)
+    student.zero_grad()
+
+    model = DistillModel(student, aligner)
+    res0 = forward_step(model, batch, ce_ids=[1, 2], struct_ids=[0, 1, 2], lambda_kv=0.0, loss_fn=loss_fn)
+    res0.loss.backward()
+    torch.testing.assert_close(res0.terms["loss_ce"], ref.loss, rtol=1e-6, atol=1e-7)
+    got_g = _grads(student)
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-7)
+    res1 = forward_step(model, batch, ce_ids=[1, 2], struct_ids=[0, 1, 2], lambda_kv=0.5, loss_fn=loss_fn)
+    assert float(res1.terms["loss_struct"].detach()) > 0
+    torch.testing.assert_close(
+        res1.loss, res1.terms["loss_ce"] + 0.5 * res1.terms["loss_struct"], rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(res1.terms["loss_ce"], ref.loss, rtol=1e-6, atol=1e-7)
