@@ -150,9 +150,8 @@ def extract_chunk(
                     raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
         pinned = device.type == "cuda"
         host = {}
-        for key, y in ys.items():
-            h = _pinned(key, tuple(y.shape), y.dtype) if pinned else torch.empty(y.shape, dtype=y.dtype)
-            host[key] = h.copy_(y, non_blocking=pinned)  # (N, X, D)
+        for key, y in ys.items():  # on CPU the gathered tensor already is the host copy
+            host[key] = _pinned(key, tuple(y.shape), y.dtype).copy_(y, non_blocking=True) if pinned else y
         if pinned:
             torch.cuda.synchronize(device)
         for key, h in host.items():
