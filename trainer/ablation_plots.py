@@ -100,6 +100,8 @@ def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | Non
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
+        if keys == TRAIN_CE_KEYS:  # from ln(V) ~ 10.8 at step 1 down to < 1: differences live at the bottom
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
