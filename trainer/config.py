@@ -39,8 +39,8 @@ class TrainConfig:
     prefetch_factor: int = 4  # batches each worker reads ahead
     # Read the train split's teacher states (selected layers/components only) into RAM once at start
     # (trainer/preload.py): bulk decode in seconds instead of ~40 ms of zarr reads per sample per epoch.
-    # Needs the split's raw size in RAM (default store: ~1.1 GB); the run logs it. Off for stores that
-    # do not fit.
+    # Needs the split's raw size in RAM per process (default store: ~1.1 GB; each accelerate rank holds its
+    # own copy); the run logs it. Off for stores that do not fit.
     preload: bool = False
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
