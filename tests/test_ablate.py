@@ -67,7 +67,8 @@ def write_ablation(tmp_path: Path, arms=None, **extra) -> Path:
 
 def fake_metrics(cfg) -> dict:
     return {
-        "eval/ce": 1.0 + 0.1 * cfg.seed - 0.05 * cfg.lambda_kv,
+        "eval/ce_trained": 1.0 + 0.1 * cfg.seed - 0.05 * cfg.lambda_kv,
+        "eval/ce": 2.0 + 0.1 * cfg.seed - 0.05 * cfg.lambda_kv,
         "eval/acc_R": 0.1 + 0.01 * cfg.seed,
         "align/params": 100 if cfg.kv_projection_mode == "structured" else 50,
         "steps": cfg.train.steps,
@@ -131,13 +132,16 @@ def test_sweep_resumes_after_interruption_without_duplicates(tmp_path, fake):
     row = rows[2]
     assert row["resumed"] is True and row["run_dir"] == str(out / "struct" / "seed_0")
     assert row["overrides"] == ["kv_projection_mode=structured", "align.share_dim_proj=false"]
-    assert row["aligner_params"] == 100 and row["metrics"]["eval/ce"] == pytest.approx(0.95)
+    assert row["aligner_params"] == 100 and row["metrics"]["eval/ce_trained"] == pytest.approx(0.95)
     assert row["store_fingerprint"] and row["config_hash"] and row["wall_s"] >= 0
 
     f = fake()
     assert len(ablate.run_ablation(abl)) == 4 and f.calls == []  # nothing left to do
     md = (out / "report.md").read_text()
-    assert "| ce_only | 2 | 1.0500 ± 0.0707 |" in md and "## Delta vs the control `ce_only`" in md
+    assert (
+        "| ce_only | 2 | 1.0500 ± 0.0707 | 2.0500 ± 0.0707 |" in md
+        and "## Delta vs the control `ce_only`" in md
+    )
 
 
 def test_finished_run_whose_row_was_lost_is_recorded_without_retraining(tmp_path, fake):
@@ -158,7 +162,7 @@ def test_stale_run_folder_restarts_cleanly(tmp_path, fake):
     (junk / "metrics.json").write_text("{}")  # no config beside it: not from this arm, cannot count
     f = fake()
     rows = ablate.run_ablation(abl)
-    assert f.calls[0] == ("ce_only", 0, False) and rows[0]["metrics"]["eval/ce"] == pytest.approx(1.0)
+    assert f.calls[0] == ("ce_only", 0, False) and rows[0]["metrics"]["eval/ce_trained"] == pytest.approx(1.0)
 
 
 def test_bad_arm_fails_before_any_run(tmp_path, fake):
@@ -231,8 +235,12 @@ def test_default_matrix_resolves_every_arm():
     arms = {s.arm: s.cfg for s in specs if s.seed == 0}
     assert list(arms) == [
         "ce_only", "baseline_flat", "v40_1", "v40_2", "v40_3", "v40_2_rope", "attn_teacher", "attn_teacher_decay",
+        "combo",
     ]  # fmt: skip
-    assert abl.seeds == [0, 1, 2] and len(specs) == 24 and abl.control == "ce_only"
+    assert abl.seeds == [0, 1, 2] and len(specs) == 27 and abl.control == "ce_only"
+    c = arms["combo"]
+    assert c.align.rope_consistent and c.loss_config.attn_target == "teacher" and c.loss_config.alpha_k == 1.0
+    assert c.train.lambda_schedule == "linear" and c.train.steps == 300 and c.train.batch_size == 16
     assert arms["ce_only"].lambda_kv == 0 and arms["baseline_flat"].kv_projection_mode == "flat"
     got = {a: (c.kv_projection_mode, c.align.share_dim_proj, c.align.init_uniform) for a, c in arms.items()}
     assert got["v40_1"] == ("structured", True, False) and got["v40_2"] == ("structured", True, True)
