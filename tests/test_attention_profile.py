@@ -1,0 +1,55 @@
+"""pipeline/attention_profile.py: the teacher's own attention rebuilt from a store, against a direct loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.attention_profile import attention_maps, attention_profile, main
+from pipeline.store import KVStore
+from tests.helpers_store import write_random_store
+
+
+def test_maps_are_causal_rows_summing_to_one_and_uniform_for_zero_queries():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 6, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    p = attention_maps(q, k, 0.25)  # (L, H, T, T)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 6, 7))
+    assert (p.triu(diagonal=1) == 0).all()
+    u = attention_maps(torch.zeros_like(q), k, 0.25)
+    torch.testing.assert_close(u[0, 0, 3, :4], torch.full((4,), 0.25))  # row t: uniform over t + 1 keys
+
+
+def test_profile_equals_a_direct_per_row_loop(tmp_path, capsys):
+    path, _, _ = write_random_store(tmp_path / "s.zarr", num_samples=5, layers=(0, 2))
+    r = attention_profile(path, num_samples=3)
+    store = KVStore(path)
+    scale = 1.0 / math.sqrt(int(store.attrs["teacher"]["head_dim"]))
+    want_sink, want_ent, count = {}, {}, {}
+    for i in range(3):
+        x = store.read_sample(i, components=("q", "k"))
+        G = x["k"].shape[1]
+        for li in range(2):
+            for h in range(x["q"].shape[1]):
+                for t, sid in enumerate(x["segment_ids"].tolist()):
+                    logits = (x["q"][li, h, t] @ x["k"][li, h * G // x["q"].shape[1], : t + 1].T) * scale
+                    p = logits.double().softmax(-1)
+                    key = (sid, li)
+                    want_sink[key] = want_sink.get(key, 0.0) + float(p[0])
+                    want_ent[key] = want_ent.get(key, 0.0) - float((p * p.log()).sum())
+                    count[key] = count.get(key, 0) + 1
+    for name, sid in (("P", 0), ("R", 1), ("A", 2)):
+        for li in range(2):
+            if (sid, li) in count:
+                assert r["sink"][name][li] == pytest.approx(want_sink[(sid, li)] / count[(sid, li)], rel=1e-5)
+                assert r["entropy"][name][li] == pytest.approx(
+                    want_ent[(sid, li)] / count[(sid, li)], rel=1e-4
+                )
+    assert main([str(path), "--samples", "2"]) == 0 and "| 2 |" in capsys.readouterr().out
+
+
+def test_missing_store_is_a_one_line_error(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.zarr")]) == 2
+    assert capsys.readouterr().out.startswith("error: ")
