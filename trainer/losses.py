@@ -29,6 +29,16 @@ def segment_ids_of(names: Sequence[str], key: str) -> list[int]:
     return sorted(set(ids))
 
 
+def shifted_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor):
+    """The target of every position (token t+1) and its segment; the last position and padding get -100 / -1.
+
+    Shapes: input_ids / segment_ids (B, T) -> target (B, T), target_seg (B, T).
+    """
+    target_seg = F.pad(segment_ids[:, 1:], (0, 1), value=-1)  # (B, T)
+    target = F.pad(input_ids[:, 1:], (0, 1), value=-100).masked_fill(target_seg < 0, -100)  # (B, T)
+    return target, target_seg
+
+
 def token_ce(logits: torch.Tensor, input_ids: torch.Tensor, segment_ids: torch.Tensor):
     """Per-prediction CE (float32) and the target segment of each prediction.
 
@@ -40,9 +50,7 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor, segment_ids: torch.T
     """
     B, T, V = logits.shape
     assert input_ids.shape == (B, T) and segment_ids.shape == (B, T), (input_ids.shape, segment_ids.shape)
-    target = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T)
-    target_seg = F.pad(segment_ids[:, 1:], (0, 1), value=-1)  # (B, T)
-    target = target.masked_fill(target_seg < 0, -100)  # padding targets are ignored too
+    target, target_seg = shifted_targets(input_ids, segment_ids)  # padding targets are ignored too
     ce = F.cross_entropy(
         logits.float().reshape(-1, V), target.reshape(-1), reduction="none", ignore_index=-100
     )
@@ -71,8 +79,8 @@ def ce_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor, ids: Sequence
     `ids`. `F.cross_entropy(logits[keep], targets)` equals `masked_ce(logits, ...)` in value and gradient.
     Shapes: input_ids / segment_ids (B, T) -> keep (B, T) bool, targets (N,) long with N = keep.sum().
     """
-    target = F.pad(input_ids[:, 1:], (0, 1), value=0)  # (B, T)
-    keep = segment_mask(F.pad(segment_ids[:, 1:], (0, 1), value=-1), ids)  # (B, T)
+    target, target_seg = shifted_targets(input_ids, segment_ids)
+    keep = segment_mask(target_seg, ids)  # (B, T); never a padding or last position (segment -1)
     return keep, target[keep]  # (B, T), (N,)
 
 
