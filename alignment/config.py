@@ -38,3 +38,28 @@ class LossConfig:
     # "teacher": KL(convex Q-head-mix of the teacher's own attention (stored Q/K, teacher scaling) || student
     # attention): no learned projection in the target's path, so it cannot be gamed.
     attn_target: Literal["projected", "teacher"] = "projected"
+    # Logit distillation from the store's top-k log-probs (alignment/logit_kd.py). The total objective is
+    # ce_weight * CE + alpha_logit * KD + lambda_kv * loss_struct; KD counts the rows CE counts.
+    alpha_logit: float = 0.0  # 0 = off; > 0 needs a store extracted with `logits` in extract.components
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kd_beta: float = (
+        0.5  # jsd only: m = beta p_teacher + (1 - beta) q_student (TRL); 0 = forward, 1 = reverse KL
+    )
+    kd_temperature: float = 1.0  # both sides softened by tau; the term is scaled by tau^2
+    # bucket: exact divergence over {top-k tokens, the rest}; renormalize: softmax over the top-k only
+    kd_tail: Literal["bucket", "renormalize"] = "bucket"
+    ce_weight: float = 1.0  # 0 = logit-only (Minitron's recipe)
+
+    def __post_init__(self):
+        import math
+
+        for key in ("alpha_logit", "ce_weight"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"loss_config.{key}={v!r}: expected a finite value >= 0")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise ValueError(
+                f"loss_config.kd_temperature={self.kd_temperature!r}: expected a finite value > 0"
+            )
+        if not 0 <= self.kd_beta <= 1:
+            raise ValueError(f"loss_config.kd_beta={self.kd_beta!r}: expected a value in [0, 1]")

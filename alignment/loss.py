@@ -205,8 +205,10 @@ def create_structural_loss(
     chunk_size: int = 128,
     attn_target: str = "projected",
     per_layer_metrics: bool = False,
+    **_other_terms,
 ) -> StructuralKVLoss:
-    """`StructuralKVLoss` factory; `create_structural_loss(**dataclasses.asdict(cfg.loss_config))` works."""
+    """`StructuralKVLoss` factory; `create_structural_loss(**dataclasses.asdict(cfg.loss_config))` works
+    (`loss_config` keys of the other terms, logit KD's `alpha_logit`, `kd_*`, `ce_weight`, are ignored)."""
     return StructuralKVLoss(
         alpha_k, alpha_v, alpha_attn, temperature, chunk_size, attn_target, per_layer_metrics
     )

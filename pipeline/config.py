@@ -88,7 +88,10 @@ class ExtractConfig:
     store: str = "stores/default.zarr"
     # "map" = the teacher layers the layer map needs for `student`; "all"; or an explicit list.
     layers: str | list[int] = "map"
+    # Any of q, k, v (per-layer states) and logits (the teacher's top-k log-probs at every token of the
+    # train AND held-out splits: the logit-KD target and the held-out teacher-fidelity metrics).
     components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    logits_top_k: int = 128  # K log-probs kept per token with `logits` (sorted; ~300 B/token at 128)
     # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error.
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
     # zstd-shuffle = byte shuffle + zstd (lossless, ~1.46x on bf16 states); blosc-lz4 is faster, weaker.
@@ -105,6 +108,7 @@ class ExtractConfig:
     def __post_init__(self):
         for key in (
             "batch_size",
+            "logits_top_k",
             "chunk_tokens",
             "inner_chunk_tokens",
             "writer_threads",
@@ -117,9 +121,9 @@ class ExtractConfig:
                 f"extract.chunk_tokens={self.chunk_tokens}: expected a multiple of "
                 f"extract.inner_chunk_tokens={self.inner_chunk_tokens}"
             )
-        if not self.components or any(c not in ("q", "k", "v") for c in self.components):
+        if not self.components or any(c not in ("q", "k", "v", "logits") for c in self.components):
             raise ValueError(
-                f"extract.components={self.components!r}: expected a non-empty subset of q, k, v"
+                f"extract.components={self.components!r}: expected a non-empty subset of q, k, v, logits"
             )
         if isinstance(self.layers, str) and self.layers not in ("map", "all"):
             raise ValueError(

@@ -90,6 +90,8 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
     """Teacher layers to store: `extract.layers` = "all", "map" (what the layer map needs for `student`)
     or an explicit list. Returns sorted unique indices."""
     spec = cfg.extract.layers
+    if not state_components(cfg):
+        return []  # a logits-only store holds no per-layer states
     if spec == "all":
         return list(range(num_teacher_layers))
     if spec == "map":
@@ -105,6 +107,30 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
         f"extract.layers={spec!r}: expected 'map', 'all' or a non-empty list of teacher layer indices in "
         f"[0, {num_teacher_layers})"
     )
+
+
+def state_components(cfg: KVMapConfig) -> list[str]:
+    """The per-layer state components of `extract.components` (everything but `logits`), in q, k, v order."""
+    return [c for c in ("q", "k", "v") if c in cfg.extract.components]
+
+
+def logits_attrs(cfg: KVMapConfig, vocab_size: int, has_eval: bool) -> dict | None:
+    """The store's `logits` attribute (None when `logits` is not extracted); checks top_k against the vocab."""
+    if "logits" not in cfg.extract.components:
+        return None
+    k = cfg.extract.logits_top_k
+    if not 1 <= k <= vocab_size:
+        raise ConfigError(
+            f"extract.logits_top_k={k!r}: expected an int in [1, {vocab_size}] (the teacher's vocabulary)"
+        )
+    from pipeline.store import index_dtype
+
+    return {
+        "top_k": k,
+        "dtype": "float16",
+        "index_dtype": index_dtype(vocab_size),
+        "splits": ["train", "eval"] if has_eval else ["train"],
+    }
 
 
 # HF config keys that do not change the teacher's function (left out of its config hash)
@@ -147,7 +173,7 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
             "hash": tok_hash,
         },
         "layers": layers,
-        "components": list(cfg.extract.components),
+        "components": state_components(cfg),
         "dtype": cfg.extract.dtype,
         "codec": cfg.extract.codec,
         "compression_level": cfg.extract.compression_level,
@@ -200,61 +226,6 @@ def plan_store(path: Path, fingerprint: str, overwrite: bool) -> str:
     return "done" if attrs.get("complete") else "resume"
 
 
-def _summarise(writer: StoreWriter, done: dict, counts: dict, wall_s: float, computed_tokens: int) -> dict:
-    """End summary from every chunk's recorded stats (also those of an earlier, interrupted run)."""
-    tokens = sum(d["tokens"] for d in done.values())
-    forward_tokens = sum(d["forward_tokens"] for d in done.values())
-    acc: dict[str, float] = {}
-    for d in done.values():
-        for k, v in d["acc"].items():
-            acc[k] = acc.get(k, 0) + v
-    layers_dir = writer.path / "train" / "layers"
-    stored = sum(p.stat().st_size for p in layers_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
-    per_token_raw = 0
-    for layer in writer.layers:
-        for comp in writer.components:
-            shape = writer._array(layer, comp).shape
-            per_token_raw += shape[1] * shape[2] * 2
-    raw = tokens * per_token_raw
-    summary = {
-        "samples": counts,
-        "tokens": tokens,
-        # > tokens: samples straddling a chunk boundary are forwarded by both chunks
-        "forward_tokens": forward_tokens,
-        "stored_state_bytes": stored,
-        "raw_16bit_state_bytes": raw,
-        "compression_ratio": raw / max(stored, 1),
-        "bytes_per_token": stored / max(tokens, 1),
-        "wall_s_last_run": wall_s,
-        "tokens_computed_last_run": computed_tokens,
-    }
-    # Teacher-forced accuracy on answer-bearing tokens of R and A (counts summed over chunks).
-    for seg in ("R", "A", "all"):
-        n, k = acc.get(f"n_{seg}", 0), acc.get(f"correct_{seg}", 0)
-        summary[f"teacher_acc_{seg}"] = k / n if n else None
-    return summary
-
-
-def _print_summary(path, s: dict) -> None:
-    c = s["samples"]
-    acc = " ".join(
-        f"{seg}={s[f'teacher_acc_{seg}']:.3f}"
-        for seg in ("R", "A", "all")
-        if s[f"teacher_acc_{seg}"] is not None
-    )
-    print(
-        f"store {path}: train samples kept {c['train']['kept']} / skipped {c['train']['skipped']}"
-        + (f", eval kept {c['eval']['kept']} / skipped {c['eval']['skipped']}" if "eval" in c else "")
-        + f"\n  tokens {s['tokens']}, states {s['stored_state_bytes'] / 1e6:.1f} MB stored vs "
-        f"{s['raw_16bit_state_bytes'] / 1e6:.1f} MB raw 16-bit (ratio {s['compression_ratio']:.3f}x, "
-        f"{s['bytes_per_token']:.0f} B/token)\n  wall {s['wall_s_last_run']:.1f} s this run "
-        f"({s['tokens_computed_last_run']} tokens computed, "
-        f"{s['tokens_computed_last_run'] / max(s.get('extract_loop_s_last_run', 0.0), 1e-9):.0f} tokens/s in the "
-        f"extraction loop)\n  teacher teacher-forced answer-token accuracy: {acc or 'no answer tokens'}",
-        flush=True,
-    )
-
-
 def generate_default_data(cfg: KVMapConfig) -> None:
     """With `data.generate_default`, write the embedded default dataset where `data.train_path` expects it."""
     if cfg.data.generate_default and not Path(cfg.data.train_path).exists():
@@ -269,18 +240,10 @@ def generate_default_data(cfg: KVMapConfig) -> None:
             )
 
 
-def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
-    """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
-    from accelerate import PartialState
-    from tqdm.auto import tqdm
-
-    from pipeline.capture import capture_qkv
+def _prepare(cfg: KVMapConfig, state):
+    """Load the teacher and both splits, resolve the layers and build the store attributes (every rank)."""
     from pipeline.models import load_model, model_geometry
 
-    t0 = time.perf_counter()
-    # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
-    # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
-    state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.teacher)
     if cfg.teacher.device == "auto" and state.num_processes > 1:
@@ -292,13 +255,80 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         ev = load_split(cfg, "eval", tokenizer)
     counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})
     eval = ev[0] if ev is not None else None
-    layers = resolve_layers(cfg, model_geometry(model.config)["layers"])
+    geo = model_geometry(model.config)
+    layers = resolve_layers(cfg, geo["layers"])
     attrs = teacher_attrs(cfg, model, tokenizer, layers)
+    logits = logits_attrs(cfg, geo["vocab"], eval is not None and eval.num_tokens > 0)
+    if logits is not None:
+        attrs["logits"] = logits
     attrs["dataset"] = {
         "train": {"source": cfg.data.train_path, **counts["train"]},
         **({"eval": {"source": cfg.data.eval_path, **counts["eval"]}} if "eval" in counts else {}),
     }
     attrs["config_fingerprint"] = config_fingerprint(cfg, attrs, train, eval)
+    return model, tokenizer, train, eval, counts, attrs
+
+
+def _extract_loop(
+    cfg, state, model, writer: StoreWriter, splits: dict, pad_id: int
+) -> tuple[int, float, float]:
+    """This rank's share of the unfinished chunks (every world-th), written by the async writer.
+
+    Returns (tokens computed, loop wall seconds, loop CPU seconds of all threads).
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.capture import capture_qkv
+
+    todo = writer.todo_chunks()
+    state.wait_for_everyone()  # every rank listed the same unfinished chunks before anyone writes
+    mine = todo[state.process_index :: state.num_processes]
+    logits = writer.attrs.get("logits") or {}
+    bar = tqdm(
+        total=sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in mine),
+        unit="tok",
+        unit_scale=True,
+        desc=f"extract rank {state.process_index}/{state.num_processes}",
+        disable=not state.is_main_process,
+    )
+    out = AsyncChunkWriter(writer, cfg.extract.writer_threads, cfg.extract.max_pending_chunks)
+    computed, t_loop, cpu_loop = 0, time.perf_counter(), time.process_time()
+    try:
+        with torch.inference_mode(), capture_qkv(model, writer.layers, tuple(writer.components)) as cap:
+            for c in mine:
+                start, end = writer.chunk_range(c)
+                split = writer.chunk_split(c)
+                on_train = split == "train"  # held-out chunks store logits only
+                bufs, stats = extract_chunk(
+                    model, cap, splits[split], start, end, writer.layers if on_train else [],
+                    writer.components if on_train else [], cfg.extract.dtype, cfg.extract.batch_size, pad_id,
+                    top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
+                    index_dtype=logits.get("index_dtype", "uint16"),
+                )  # fmt: skip
+                out.submit(c, bufs, stats)
+                computed += stats["tokens"]
+                bar.update(stats["tokens"])
+    except BaseException:
+        out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
+        raise
+    finally:
+        bar.close()
+    out.close()
+    return computed, time.perf_counter() - t_loop, time.process_time() - cpu_loop
+
+
+def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
+    """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
+    from accelerate import PartialState
+
+    from pipeline.extract_summary import print_summary, summarise
+    from pipeline.models import model_geometry
+
+    t0 = time.perf_counter()
+    # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
+    # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
+    state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
+    model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state)
     path = Path(cfg.extract.store)
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
     state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it
@@ -324,46 +354,18 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         )
     state.wait_for_everyone()
     writer = StoreWriter(path)
-    todo = writer.todo_chunks()
-    state.wait_for_everyone()  # every rank listed the same unfinished chunks before anyone writes
-    mine = todo[state.process_index :: state.num_processes]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    computed = 0
-    bar = tqdm(
-        total=sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in mine),
-        unit="tok",
-        unit_scale=True,
-        desc=f"extract rank {state.process_index}/{state.num_processes}",
-        disable=not state.is_main_process,
+    computed, loop_s, loop_cpu_s = _extract_loop(
+        cfg, state, model, writer, {"train": train, "eval": eval}, pad_id
     )
-    out = AsyncChunkWriter(writer, cfg.extract.writer_threads, cfg.extract.max_pending_chunks)
-    t_loop, cpu_loop = time.perf_counter(), time.process_time()
-    try:
-        with torch.inference_mode(), capture_qkv(model, layers, tuple(cfg.extract.components)) as cap:
-            for c in mine:
-                start, end = writer.chunk_range(c)
-                bufs, stats = extract_chunk(
-                    model, cap, train, start, end, layers, cfg.extract.components, cfg.extract.dtype,
-                    cfg.extract.batch_size, pad_id,
-                )  # fmt: skip
-                out.submit(c, bufs, stats)
-                computed += stats["tokens"]
-                bar.update(stats["tokens"])
-    except BaseException:
-        out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
-        raise
-    finally:
-        bar.close()
-    out.close()
-    loop_s, loop_cpu_s = time.perf_counter() - t_loop, time.process_time() - cpu_loop
     state.wait_for_everyone()
     summary = None
     if state.is_main_process:
-        summary = _summarise(writer, writer.done_chunks(), counts, time.perf_counter() - t0, computed)
+        summary = summarise(writer, counts, time.perf_counter() - t0, computed)
         summary["extract_loop_s_last_run"] = loop_s  # forwards + capture + writing, no model load
         summary["extract_loop_cpu_s_last_run"] = loop_cpu_s  # CPU seconds of all threads (writers too)
         writer.mark_complete(summary)
-        _print_summary(path, summary)
+        print_summary(path, summary)
     state.wait_for_everyone()
     return summary if summary is not None else KVStore(path).attrs.get("summary", {})
 

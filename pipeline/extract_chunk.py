@@ -1,7 +1,8 @@
 """Compute one write chunk of teacher states: batch the samples overlapping it, forward, check, pack.
 
 Shape glossary: B batch, T tokens (padded batch length), X heads of a component (H for q, G for k/v),
-D head dim; a chunk covers packed tokens [start, end) of the train split (see pipeline/store.py).
+D head dim, V vocab, K stored top-k log-probs, N real tokens of a batch that land in the chunk; a chunk
+covers packed tokens [start, end) of one split (see pipeline/store.py; eval chunks hold logits only).
 
 Why per chunk: a chunk is the unit of writing, resuming and rank ownership (pipeline/extract.py). The
 batches are a function of the chunk alone (the overlapping samples, longest first), so the stored bits do
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.store import PackedSplit
+from pipeline.store import LOGPROB_FLOOR, PackedSplit
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,94 @@ def pad_batch(packed: PackedSplit, batch: np.ndarray, pad_id: int):
     return ids, seg, ans
 
 
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's log-softmax (fp32, temperature 1) reduced to its top k, sorted descending.
+
+    Shapes: logits (..., V) -> values (..., k) float32, indices (..., k) int64.
+    """
+    return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1, sorted=True)
+
+
+def _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own) -> None:
+    """Answer-token accuracy and per-segment teacher CE of the samples starting in this chunk (summable)."""
+    from pipeline.metrics import answer_token_accuracy
+
+    if not own.any():
+        return
+    if not own.all():  # a sample crossing into this chunk was counted where it starts
+        o = torch.from_numpy(own)
+        logits, ids, ans, seg = logits[o.to(logits.device)], ids[o], ans[o], seg[o]
+    acc = answer_token_accuracy(logits, ids, ans, seg)
+    for k in ("n_R", "correct_R", "n_A", "correct_A", "n_all", "correct_all"):  # counts sum over chunks
+        stats["acc"][k] = stats["acc"].get(k, 0) + int(acc[k])
+    # Teacher-forced CE per target segment: how well the teacher's own distribution fits the data (a
+    # teacher that does not write like the data is a poor logit-KD target).
+    tgt_seg = seg[:, 1:].to(logits.device)  # (B, T-1)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none"
+    )  # (B, T-1)
+    for name, j in (("P", 0), ("R", 1), ("A", 2)):
+        m = tgt_seg == j
+        stats["ce"][f"sum_{name}"] = stats["ce"].get(f"sum_{name}", 0.0) + float(ce[m].double().sum())
+        stats["ce"][f"n_{name}"] = stats["ce"].get(f"n_{name}", 0) + int(m.sum())
+
+
+def _chunk_rows(packed: PackedSplit, batch: np.ndarray, start: int, end: int):
+    """Which (sample, position) of the padded batch lands on which chunk row: each real token of the chunk
+    exactly once (a sample crossing a chunk edge contributes only its tokens inside).
+
+    Returns jj, tt (N,) batch row / position of each gathered token and runs [(gathered rows, chunk rows)].
+    """
+    jj, tt, runs, n = [], [], [], 0
+    for j, i in enumerate(batch):
+        o = int(packed.offsets[i])
+        s0, s1 = max(o, start), min(o + int(packed.lengths[i]), end)
+        jj.append(np.full(s1 - s0, j))
+        tt.append(np.arange(s0 - o, s1 - o))
+        runs.append((slice(n, n + s1 - s0), slice(s0 - start, s1 - start)))
+        n += s1 - s0
+    return np.concatenate(jj), np.concatenate(tt), runs
+
+
+def _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packed) -> dict:
+    """Real tokens of every (layer, component), gathered on the device (token-major, as the store),
+    converted to the storage dtype and checked with ONE reduction and one sync per batch (the per-layer
+    syncs and padded pageable copies this replaces cost 8.6x the forward on an H100).
+
+    Returns {(layer, comp): (N, X, D)}; raises a one-line ValueError naming the first bad sample.
+    """
+    ys = {}
+    for layer in layers:
+        for comp in components:
+            x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+            ys[(layer, comp)] = x[jj_d, :, tt_d].to(sdt)  # (N, X, D); fp16: inf where |x| overflows
+    if not ys:
+        return ys
+    finite = torch.stack([torch.isfinite(y).all() for y in ys.values()])  # (L_sel * C,)
+    if not bool(finite.all()):
+        for (layer, comp), ok in zip(ys, finite.tolist()):
+            if not ok:
+                x = getattr(cap, comp)[layer]  # (B, X, T, D)
+                y = x.to(sdt)
+                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
+                raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
+    return ys
+
+
+def _to_host(ys: dict, device: torch.device) -> dict[tuple, np.ndarray]:
+    """Gathered device tensors -> numpy (bf16 / fp16 words as uint16); pinned + async on CUDA."""
+    pinned = device.type == "cuda"
+    host = {}
+    for key, y in ys.items():  # on CPU the gathered tensor already is the host copy
+        host[key] = _pinned(key, tuple(y.shape), y.dtype).copy_(y, non_blocking=True) if pinned else y
+    if pinned:
+        torch.cuda.synchronize(device)
+    out = {}
+    for key, h in host.items():
+        out[key] = (h.view(torch.uint16) if h.dtype in (torch.bfloat16, torch.float16) else h).numpy()
+    return out
+
+
 def extract_chunk(
     model,
     cap,
@@ -77,85 +166,49 @@ def extract_chunk(
     dtype: str,
     batch_size: int,
     pad_id: int,
-) -> tuple[dict[tuple[int, str], np.ndarray], dict]:
-    """Teacher states of packed tokens [start, end) of `packed`.
+    top_k: int = 0,
+    index_dtype: str = "uint16",
+) -> tuple[dict[tuple, np.ndarray], dict]:
+    """Teacher states (and top-k log-probs) of packed tokens [start, end) of `packed`.
 
     Args:
         model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`.
+        layers / components: the states to store (empty for a held-out chunk: logits only).
         dtype: storage dtype "bfloat16" | "float16"; non-finite or fp16-overflowing states at real tokens
             raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
+        top_k: > 0 also stores the teacher's top-k log-probs at every token (`topk_logprobs`).
+        index_dtype: storage dtype of the top-k token ids.
     Returns:
-        ({(layer, comp): (end - start, X, D) array in the storage dtype (bf16 as uint16 words)},
-         stats {"tokens", "forward_tokens", "acc": answer-token accuracy counts of the samples starting here})
+        ({(layer, comp): (end - start, X, D) array in the storage dtype (bf16 as uint16 words),
+          ("logits", "values"): (end - start, K) float16 words, ("logits", "indices"): (end - start, K)},
+         stats {"tokens", "forward_tokens", "acc": answer-token accuracy counts, "ce": teacher CE sums per
+         target segment, "topk_mass": summed top-k probability mass, of the samples starting here})
     """
-    from pipeline.metrics import answer_token_accuracy
-
     sdt = TORCH_DTYPES[dtype]
-    bufs: dict[tuple[int, str], np.ndarray] = {}
-    stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}}
+    bufs: dict[tuple, np.ndarray] = {}
+    stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
     device = next(model.parameters()).device
     for batch in chunk_batches(packed, start, end, batch_size):
-        lens = packed.lengths[batch]
         ids, seg, ans = pad_batch(packed, batch, pad_id)
         valid = seg >= 0  # (B, T)
         cap.clear()
         logits = model(
             input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
-        ).logits
-        stats["forward_tokens"] += int(lens.sum())
-        # Accuracy counts each sample once: in the chunk where it starts.
+        ).logits  # (B, T, V)
+        stats["forward_tokens"] += int(packed.lengths[batch].sum())
         own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
-        if own.any():
-            if own.all():  # the usual case: no copy of the (B, T, V) logits
-                acc = answer_token_accuracy(logits, ids, ans, seg)
-            else:
-                o = torch.from_numpy(own)
-                acc = answer_token_accuracy(logits[o.to(logits.device)], ids[o], ans[o], seg[o])
-            for k in (
-                "n_R",
-                "correct_R",
-                "n_A",
-                "correct_A",
-                "n_all",
-                "correct_all",
-            ):  # counts sum over chunks
-                stats["acc"][k] = stats["acc"].get(k, 0) + int(acc[k])
-        # Which (sample, position) of the padded batch lands on which chunk row: each real token of the
-        # chunk exactly once (a sample crossing a chunk edge contributes only its tokens inside).
-        jj, tt, runs, n = [], [], [], 0  # runs: (rows of the gathered batch, rows of the chunk buffer)
-        for j, i in enumerate(batch):
-            o = int(packed.offsets[i])
-            s0, s1 = max(o, start), min(o + int(lens[j]), end)
-            jj.append(np.full(s1 - s0, j))
-            tt.append(np.arange(s0 - o, s1 - o))
-            runs.append((slice(n, n + s1 - s0), slice(s0 - start, s1 - start)))
-            n += s1 - s0
-        jj_d = torch.from_numpy(np.concatenate(jj)).to(device)  # (N,)
-        tt_d = torch.from_numpy(np.concatenate(tt)).to(device)  # (N,)
-        # Gather the real tokens on the device (token-major, as the store), convert, and check them all with
-        # ONE reduction and one sync per batch; then one host copy per layer/component (pinned + async on
-        # CUDA). The per-layer syncs and padded pageable copies this replaces cost 8.6x the forward on an H100.
-        ys = {}
-        for layer in layers:
-            for comp in components:
-                x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
-                ys[(layer, comp)] = x[jj_d, :, tt_d].to(sdt)  # (N, X, D); fp16: inf where |x| overflows
-        finite = torch.stack([torch.isfinite(y).all() for y in ys.values()])  # (L_sel * C,)
-        if not bool(finite.all()):
-            for (layer, comp), ok in zip(ys, finite.tolist()):
-                if not ok:
-                    x = getattr(cap, comp)[layer]  # (B, X, T, D)
-                    y = x.to(sdt)
-                    bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
-                    raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
-        pinned = device.type == "cuda"
-        host = {}
-        for key, y in ys.items():  # on CPU the gathered tensor already is the host copy
-            host[key] = _pinned(key, tuple(y.shape), y.dtype).copy_(y, non_blocking=True) if pinned else y
-        if pinned:
-            torch.cuda.synchronize(device)
-        for key, h in host.items():
-            yn = (h.view(torch.uint16) if sdt == torch.bfloat16 else h).numpy()  # (N, X, D)
+        _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own)
+        jj, tt, runs = _chunk_rows(packed, batch, start, end)
+        jj_d, tt_d = torch.from_numpy(jj).to(device), torch.from_numpy(tt).to(device)  # (N,), (N,)
+        ys = _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packed)
+        if top_k:
+            vals, idx = topk_logprobs(logits[jj_d, tt_d], top_k)  # (N, K), (N, K)
+            stats["topk_mass"] += float(vals.exp().sum(dim=-1).double().sum())
+            ys[("logits", "values")] = vals.clamp_min(LOGPROB_FLOOR).to(torch.float16)  # (N, K)
+            ys[("logits", "indices")] = idx.to(torch.int32)  # (N, K); stored as `index_dtype`
+        for key, yn in _to_host(ys, device).items():
+            if key == ("logits", "indices"):
+                yn = yn.astype(index_dtype)
             buf = bufs.get(key)
             if buf is None:
                 buf = bufs[key] = np.empty((end - start, *yn.shape[1:]), dtype=yn.dtype)

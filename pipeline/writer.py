@@ -1,7 +1,12 @@
 """Stage-1 store writing: create the schema (pipeline/store.py), write whole chunks, mark them done.
 
 Shape glossary: N tokens in the packed train split, C = ceil(N / chunk_tokens) write chunks, H query heads,
-G KV heads, D head dim.
+G KV heads, D head dim, K stored top-k log-probs.
+
+Write chunks are numbered over the whole store: the train split's C chunks first (states, and top-k
+logits when stored), then, when the store holds logits for the held-out split, that split's chunks
+(logits only: the eval split never has states). A chunk's arrays are keyed (layer, component) for states
+and ("logits", "values" | "indices") for logits.
 
 Crash safety (why the pieces are ordered as they are):
 - All arrays and the token/sample arrays are created and written before any teacher forward, so every
@@ -29,12 +34,14 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.store import (
+    LOGIT_ARRAYS,
     PROGRESS_DIR,
     SAMPLE_ARRAYS,
     SCHEMA_VERSION,
     STORAGE_DTYPES,
     TOKEN_ARRAYS,
     PackedSplit,
+    logit_codecs,
     make_compressors,
     quiet_codecs,
 )
@@ -61,22 +68,42 @@ class StoreWriter:
         self.chunk_tokens = int(self.attrs["chunk_tokens"])
         self.layers = list(self.attrs["layers"])
         self.components = list(self.attrs["components"])
+        self.logit_splits = list((self.attrs.get("logits") or {}).get("splits", []))
         self.num_tokens = int(self.group["train/input_ids"].shape[0])
-        self.num_chunks = -(-self.num_tokens // self.chunk_tokens)
+        # (split, start, end) of every write chunk, train first (see the module docstring)
+        self.units = self._chunk_units("train")
+        self.num_train_chunks = len(self.units)
+        if "eval" in self.logit_splits:
+            self.units += self._chunk_units("eval")
+        self.num_chunks = len(self.units)
         self.progress = self.path / PROGRESS_DIR
         self._written = 0
-        self._arrays: dict[tuple[int, str], zarr.Array] = {}
-        # Open every state array now, in the calling thread: writer threads then only look them up
+        self._arrays: dict[tuple[str, tuple], zarr.Array] = {}
+        # Open every array now, in the calling thread: writer threads then only look them up
         # (warnings.catch_warnings in `quiet_codecs` is not thread-safe).
-        for layer in self.layers:
-            for comp in self.components:
-                self._array(layer, comp)
+        for split in ("train", "eval"):
+            for key in self.chunk_keys(split):
+                self._array(key, split)
 
-    def _array(self, layer: int, comp: str) -> zarr.Array:
-        if (layer, comp) not in self._arrays:
+    def _chunk_units(self, split: str) -> list[tuple[str, int, int]]:
+        n = int(self.group[f"{split}/input_ids"].shape[0])
+        return [(split, a, min(a + self.chunk_tokens, n)) for a in range(0, n, self.chunk_tokens)]
+
+    def chunk_keys(self, split: str) -> list[tuple]:
+        """The array keys every chunk of `split` must write: (layer, comp) states, ("logits", name)."""
+        keys = (
+            [(layer, comp) for layer in self.layers for comp in self.components] if split == "train" else []
+        )
+        if split in self.logit_splits:
+            keys += [("logits", name) for name in LOGIT_ARRAYS]
+        return keys
+
+    def _array(self, key: tuple, split: str = "train") -> zarr.Array:
+        if (split, key) not in self._arrays:
+            name = f"logits/{key[1]}" if key[0] == "logits" else f"layers/{key[0]}/{key[1]}"
             with quiet_codecs():
-                self._arrays[(layer, comp)] = self.group[f"train/layers/{layer}/{comp}"]
-        return self._arrays[(layer, comp)]
+                self._arrays[(split, key)] = self.group[f"{split}/{name}"]
+        return self._arrays[(split, key)]
 
     @classmethod
     def create(
@@ -93,7 +120,8 @@ class StoreWriter:
         """Create the store: every array (states empty), token/sample arrays filled, attrs incomplete.
 
         Args:
-            attrs: group attributes (must hold layers, components, dtype, codec, compression_level).
+            attrs: group attributes (must hold layers, components, dtype, codec, compression_level; and
+                logits {top_k, dtype, index_dtype, splits} when top-k log-probs are stored).
             state_shapes: per component the (heads, head_dim) of one token, e.g. {"q": (H, D), "k": (G, D)}.
         """
         if chunk_tokens < 1 or inner_chunk_tokens < 1 or chunk_tokens % inner_chunk_tokens:
@@ -128,6 +156,11 @@ class StoreWriter:
                 a = g.create_array(name, shape=data.shape, dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
                 if len(data):
                     a[:] = data.astype(dt)
+            logits = attrs.get("logits") or {}
+            if split in logits.get("splits", []):
+                cls._create_logit_arrays(
+                    g, packed.num_tokens, logits, attrs, chunk_tokens, inner_chunk_tokens
+                )
             if split != "train":
                 continue  # only the train split holds teacher states
             for layer in attrs["layers"]:
@@ -147,10 +180,32 @@ class StoreWriter:
         group.attrs.update(full)  # last: from here on the store can be resumed
         return cls(path)
 
+    @staticmethod
+    def _create_logit_arrays(g, n: int, logits: dict, attrs: dict, chunk_tokens: int, inner: int) -> None:
+        """logits/values (N, K) float16 words and logits/indices (N, K), sharded like the states."""
+        k = int(logits["top_k"])
+        codecs = logit_codecs(attrs["compression_level"]) if attrs["codec"] != "none" else {}
+        for name, dt in (("values", "uint16"), ("indices", logits["index_dtype"])):
+            kw = codecs.get(name, {"filters": [], "compressors": []})
+            with quiet_codecs():
+                g.create_array(
+                    f"logits/{name}",
+                    shape=(n, k),
+                    dtype=dt,
+                    chunks=(inner, k),
+                    shards=(chunk_tokens, k),
+                    fill_value=0,
+                    **kw,
+                )
+
     def chunk_range(self, c: int) -> tuple[int, int]:
-        """Packed token range [start, end) of write chunk c."""
-        start = c * self.chunk_tokens
-        return start, min(start + self.chunk_tokens, self.num_tokens)
+        """Packed token range [start, end) of write chunk c, on the axis of its split (`chunk_split`)."""
+        _, start, end = self.units[c]
+        return start, end
+
+    def chunk_split(self, c: int) -> str:
+        """ "train" or "eval": the split write chunk c belongs to."""
+        return self.units[c][0]
 
     def _marker(self, c: int) -> Path:
         return self.progress / f"chunk_{c:07d}.json"
@@ -168,21 +223,24 @@ class StoreWriter:
         done = self.done_chunks()
         return [c for c in range(self.num_chunks) if c not in done]
 
-    def write_chunk(self, c: int, states: dict[tuple[int, str], np.ndarray], stats: dict) -> None:
-        """Write chunk c of every (layer, component) array, then its done-marker (with `stats`).
+    def write_chunk(self, c: int, states: dict[tuple, np.ndarray], stats: dict) -> None:
+        """Write chunk c of every array of its split (`chunk_keys`), then its done-marker (with `stats`).
 
-        Shapes: states[(layer, comp)] is (end - start, H|G, D) in the storage dtype.
+        Shapes: states[(layer, comp)] is (end - start, H|G, D) in the storage dtype;
+        states[("logits", "values" | "indices")] is (end - start, K).
         """
         start, end = self.chunk_range(c)
-        expected = {(layer, comp) for layer in self.layers for comp in self.components}
+        split = self.chunk_split(c)
+        expected = set(self.chunk_keys(split))
         if set(states) != expected:
-            raise ValueError(f"chunk {c}: got states for {sorted(states)}, expected {sorted(expected)}")
+            raise ValueError(f"chunk {c}: got arrays for {sorted(states)}, expected {sorted(expected)}")
         items = []
-        for (layer, comp), data in states.items():
-            arr = self._array(layer, comp)
+        for key, data in states.items():
+            arr = self._array(key, split)
             if data.shape != (end - start, *arr.shape[1:]) or data.dtype != arr.dtype:
+                what = f"{split} logits/{key[1]}" if key[0] == "logits" else f"layer {key[0]} {key[1]}"
                 raise ValueError(
-                    f"chunk {c} layer {layer} {comp}: got {data.shape} {data.dtype}, "
+                    f"chunk {c} {what}: got {data.shape} {data.dtype}, "
                     f"expected {(end - start, *arr.shape[1:])} {arr.dtype}"
                 )
             items.append((arr, data))

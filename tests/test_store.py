@@ -200,6 +200,6 @@ def test_inspect_reports_sizes_and_exact_stats(tmp_path, capsys):
     assert z["compression_ratio"] == pytest.approx(z["state_raw_bytes"] / z["state_stored_bytes"])
     assert main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert "schema v1" in out and "3/v" in out and "ratio" in out
+    assert "schema v2" in out and "3/v" in out and "ratio" in out
     assert main([str(tmp_path / "missing.zarr")]) == 2
     assert "does not exist" in capsys.readouterr().err

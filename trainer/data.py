@@ -31,13 +31,15 @@ class StoreDataset(Dataset):
         store_path: the store folder.
         split: "train" or "eval".
         layers: teacher layers to read (ascending, as `aligner.teacher_layers`); ignored without components.
-        components: subset of ("q", "k", "v") to read; () reads tokens only (CE-only runs, the eval split).
+        components: subset of ("q", "k", "v", "logits") to read; () reads tokens only (CE-only runs).
+            "logits" reads the teacher's top-k log-probs (train, or eval when the store holds them there).
         indices: optional subset of sample indices (dataset index i reads store sample indices[i]).
         preload: read the split's selected arrays into RAM at construction (`trainer.preload`) and serve
             samples from memory; the same items, without ~40 ms of zarr reads per sample.
     Shapes:
         item: input_ids / segment_ids (T,) int64, answer_mask (T,) bool, q (L_sel, H_t, T, D_t),
-        k / v (L_sel, G_t, T, D_t) float32, index () int64 (the store sample index).
+        k / v (L_sel, G_t, T, D_t) float32, index () int64 (the store sample index); with "logits":
+        topk_logprobs (T, K) float32, topk_indices (T, K) int64.
     Example:
         ds = StoreDataset("stores/default.zarr", "train", layers=[7, 14], components=("q", "k", "v"))
     """
@@ -134,6 +136,13 @@ def collate_right_pad(samples: list[dict[str, torch.Tensor]], pad_id: int) -> di
         for b, s in enumerate(samples):
             x[b, :, :, : s[c].shape[2]] = s[c]
         out[f"{c}_t"] = x
+    for key in ("topk_logprobs", "topk_indices"):
+        if key not in samples[0]:
+            continue
+        x = torch.zeros(B, T, samples[0][key].shape[1], dtype=samples[0][key].dtype)  # (B, T, K)
+        for b, s in enumerate(samples):
+            x[b, : s[key].shape[0]] = s[key]
+        out[key] = x
     return out
 
 

@@ -63,11 +63,18 @@ def evaluate(
 
     was_training = student.training
     student.eval()
+    from alignment.logit_kd import teacher_fidelity_sums
+    from trainer.losses import ce_targets
+
     ds = StoreDataset(store_path, split)
+    fidelity = ds.store.has_logits(split)
+    if fidelity:
+        ds = StoreDataset(store_path, split, components=("logits",))
     n = len(ds) if eval_cfg.max_samples is None else min(len(ds), eval_cfg.max_samples)
     mine = _shard(n, accelerator.process_index, accelerator.num_processes)
     ce = torch.zeros(2, len(SEGMENTS), dtype=torch.float64, device=accelerator.device)
     acc = torch.zeros(2, 2, dtype=torch.float64, device=accelerator.device)
+    fid = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # agreements, KL sum, rows
     for b0 in range(0, len(mine), eval_cfg.batch_size):
         batch = collate_right_pad(ds.__getitems__(mine[b0 : b0 + eval_cfg.batch_size]), pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -77,6 +84,10 @@ def evaluate(
             ).logits  # (B, T, V)
         ce += ce_sums_by_segment(logits, batch["input_ids"], batch["segment_ids"])
         acc += answer_token_counts(logits, batch["input_ids"], batch["answer_mask"], batch["segment_ids"])
+        if fidelity:
+            keep, _ = ce_targets(batch["input_ids"], batch["segment_ids"], ce_ids if ce_ids else [0, 1, 2])
+            z = logits[keep].float()  # (N, V)
+            fid += teacher_fidelity_sums(z, batch["topk_logprobs"][keep], batch["topk_indices"][keep])
     em = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     if tokenizer is not None and eval_cfg.greedy_samples > 0:
         g = _shard(min(n, eval_cfg.greedy_samples), accelerator.process_index, accelerator.num_processes)
@@ -84,15 +95,16 @@ def evaluate(
             student, tokenizer, ds, g, eval_cfg.max_new_tokens, eval_cfg.batch_size, accelerator.device
         )
         em += torch.tensor([hits, count], dtype=torch.float64, device=accelerator.device)
-    stacked = torch.cat([ce.flatten(), acc.flatten(), em])
+    stacked = torch.cat([ce.flatten(), acc.flatten(), em, fid])
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, reduction="sum")
     S = len(SEGMENTS)
     ce, acc, em = (
         stacked[: 2 * S].view(2, S).cpu(),
         stacked[2 * S : 2 * S + 4].view(2, 2).cpu(),
-        stacked[-2:].cpu(),
+        stacked[2 * S + 4 : 2 * S + 6].cpu(),
     )
+    fid = stacked[-3:].cpu()
 
     def ratio(a, b):
         return float(a / b) if b > 0 else float("nan")
@@ -107,6 +119,9 @@ def evaluate(
     out["eval/acc"] = ratio(acc[0].sum(), acc[1].sum())
     out["eval/exact_match"] = ratio(em[0], em[1])
     out["eval/samples"] = n
+    if fidelity:
+        out["eval/agree_top1"] = ratio(fid[0], fid[2])
+        out["eval/kl_teacher"] = ratio(fid[1], fid[2])
     if was_training:
         student.train()
     return out

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.configlib import to_dict
 
-FINAL_TRAIN_KEYS = ("loss", "loss_ce", "loss_struct", "cos_k", "cos_v", "cos_q", "attn_kl")
+FINAL_TRAIN_KEYS = ("loss", "loss_ce", "loss_kd", "loss_struct", "cos_k", "cos_v", "cos_q", "attn_kl")
 
 
 def reduce_logs(accelerator, logs: list[dict]) -> dict:

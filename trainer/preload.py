@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.store import TOKEN_ARRAYS, decode_states
+from pipeline.store import LOGIT_ARRAYS, TOKEN_ARRAYS, decode_logprobs, decode_states
 
 
 def preload_bytes(store, split: str, layers: Sequence[int], components: Sequence[str]) -> int:
@@ -27,9 +27,15 @@ def preload_bytes(store, split: str, layers: Sequence[int], components: Sequence
     total = n * sum(np.dtype(dt).itemsize for dt in TOKEN_ARRAYS.values())
     if "layers" in store._split(split):
         for c in components:
+            if c == "logits":
+                continue
             for layer in layers:
                 a = store.array(layer, c, split)
                 total += int(np.prod(a.shape)) * a.dtype.itemsize
+    if "logits" in components:
+        for name in LOGIT_ARRAYS:
+            a = store.logit_array(name, split)
+            total += int(np.prod(a.shape)) * a.dtype.itemsize
     return total
 
 
@@ -52,12 +58,18 @@ class PreloadedSplit:
         self.offsets = np.asarray(store.offsets(split), dtype=np.int64)  # (S,)
         self.lengths = np.asarray(store.lengths(split), dtype=np.int64)  # (S,)
         self.tokens = {name: np.asarray(store._array(split, name)[:]) for name in TOKEN_ARRAYS}  # (N,)
-        self.components = list(components) if "layers" in store._split(split) else []
+        self.components = [c for c in components if c != "logits"] if "layers" in store._split(split) else []
         # (L_sel, N, X, D_t) per component: one bulk read per layer, stacked so a sample is one slice.
         self.states = {
             c: np.stack([np.asarray(store.array(layer, c, split)[:]) for layer in self.layers])
             for c in self.components
         }
+        # (N, K) top-k log-probs (float16 words) and token ids, when asked for
+        self.logits = (
+            {name: np.asarray(store.logit_array(name, split)[:]) for name in LOGIT_ARRAYS}
+            if "logits" in components
+            else None
+        )
 
     def read_samples(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """Same keys, dtypes and shapes as `KVStore.read_samples` (q (L_sel, H_t, T, D_t), float32)."""
@@ -75,5 +87,8 @@ class PreloadedSplit:
             for c in self.components:
                 x = decode_states(self.states[c][:, a:b], self.dtype)  # (L_sel, T, X, D_t)
                 s[c] = x.permute(0, 2, 1, 3).contiguous()  # (L_sel, X, T, D_t)
+            if self.logits is not None:
+                s["topk_logprobs"] = decode_logprobs(self.logits["values"][a:b])  # (T, K)
+                s["topk_indices"] = torch.from_numpy(self.logits["indices"][a:b].astype(np.int64))  # (T, K)
             out.append(s)
         return out

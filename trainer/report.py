@@ -37,6 +37,9 @@ QUALITY_COLUMNS = [
     ("eval/acc_R", "acc R", ".3f", "higher"),
     ("eval/acc_A", "acc A", ".3f", "higher"),
     ("eval/exact_match", "exact match", ".3f", "higher"),
+    # Teacher fidelity on held-out rows (stores with logits): top-1 agreement, KL(teacher || student).
+    ("eval/agree_top1", "agree top-1", ".3f", "higher"),
+    ("eval/kl_teacher", "KL(t||s)", ".4f", "lower"),
 ]
 ALIGN_COLUMNS = [
     ("train/cos_k", "cos K", ".3f", None),
@@ -57,6 +60,8 @@ DELTA_KEYS = [
     "eval/acc_R",
     "eval/acc_A",
     "eval/exact_match",
+    "eval/agree_top1",
+    "eval/kl_teacher",
 ]
 
 

@@ -7,6 +7,7 @@ expected; `trainer/train.py` calls all of this before its first step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -94,6 +95,43 @@ def build_aligner(cfg: KVMapConfig, store, student):
             f"needs a Q head mixer (teacher {aligner.H_t} vs student {aligner.H_s} heads): expected 'structured'"
         )
     return aligner
+
+
+def build_kd(cfg: KVMapConfig, store, student_vocab: int):
+    """The logit-KD term (`trainer.step.KDTerm`) when `loss_config.alpha_logit > 0`, else None.
+
+    Checks, before any step: the store holds the teacher's top-k log-probs for the train split, and every
+    stored token id indexes a row of the student's head. Rule for vocabularies of different sizes (e.g.
+    Qwen2.5-7B's 152,064 head rows vs 1.5B's 151,936, both padding the same 151,665-token tokenizer): the
+    student's distribution is over all of its head rows (rows past the tokenizer's size fall in the
+    "rest" bucket with `kd_tail: bucket`, and are ignored with `renormalize`); when the teacher's head
+    is larger than the student's, the stored ids are read once and any id >= the student's rows (a padding
+    row in the teacher's top-k) is an error.
+    """
+    lc = cfg.loss_config
+    if lc.alpha_logit == 0:
+        return None
+    if not store.has_logits("train"):
+        raise ConfigError(
+            f"loss_config.alpha_logit={lc.alpha_logit}: store '{store.path}' holds no teacher logits: re-extract "
+            "it with 'logits' in extract.components (e.g. extract.components=[q,k,v,logits])"
+        )
+    teacher_rows = int(store.attrs.get("teacher", {}).get("vocab_size") or 0)
+    if teacher_rows > student_vocab:
+        top = max(int(store.logit_array("indices", s)[:].max()) for s in store.logits["splits"])
+        if top >= student_vocab:
+            raise ConfigError(
+                f"store '{store.path}' has teacher top-k token id {top} >= the student's {student_vocab} head rows: "
+                "expected every stored id to be a student token (resize the student's embeddings)"
+            )
+    from alignment.logit_kd import create_logit_kd_loss
+    from trainer.step import KDTerm
+
+    try:
+        loss_fn = create_logit_kd_loss(**dataclasses.asdict(lc))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return KDTerm(loss_fn, float(lc.alpha_logit))
 
 
 def needed_components(cfg: KVMapConfig) -> tuple[str, ...]:

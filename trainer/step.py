@@ -1,4 +1,6 @@
-"""One forward of the stage-2 objective: loss = loss_ce + lambda_kv * loss_struct (no optimizer logic).
+"""One forward of the stage-2 objective (no optimizer logic):
+
+    loss = ce_weight * loss_ce + alpha_logit * loss_kd + lambda_kv * loss_struct
 
 Shape glossary: B batch, T tokens, V vocab, L_s student layers, L_sel teacher layers read from the store,
 H query heads, G KV heads, D head dim, T' aligned time (T unless the warper drops positions); `_t` teacher,
@@ -11,7 +13,8 @@ captured with gradients by `pipeline.capture.capture_qkv(detach=False)`; the tea
 (read from the store) and go through the aligner (layer map + time warp + head-wise projection). When the
 warper keeps a subset of positions, the same plan is applied to the student's states (both sides are
 compared on the same T' positions). The structural loss sees only positions whose segment is in
-`struct_ids`.
+`struct_ids`. The logit-KD term (alignment/logit_kd.py) compares the student's logits at the rows CE counts
+with the teacher's stored top-k log-probs at the same rows (position t predicts token t + 1 on both sides).
 """
 
 from __future__ import annotations
@@ -163,6 +166,14 @@ def structural_loss(loss_fn, student: StudentStates, out, struct_ids: list[int])
     return loss, logs
 
 
+@dataclass
+class KDTerm:
+    """The logit-KD term of the objective: `loss_fn` (a `LogitKDLoss`) weighted by `alpha`."""
+
+    loss_fn: nn.Module
+    alpha: float
+
+
 def forward_step(
     model,
     batch: dict,
@@ -171,20 +182,24 @@ def forward_step(
     struct_ids: list[int],
     lambda_kv: float,
     loss_fn=None,
+    kd: KDTerm | None = None,
+    ce_weight: float = 1.0,
 ) -> StepResult:
-    """Compute loss = loss_ce + lambda_kv * loss_struct for one batch.
+    """Compute loss = ce_weight * loss_ce + kd.alpha * loss_kd + lambda_kv * loss_struct for one batch.
 
     Args:
         model: a `DistillModel` (possibly wrapped by accelerate/DDP).
         batch: collated batch (trainer.data.collate_right_pad) on the model's device; q_t/k_t/v_t only
-            when the model has an aligner.
-        ce_ids / struct_ids: segment ids counted by CE (by target token) / by the structural loss.
+            when the model has an aligner; topk_logprobs/topk_indices only with `kd`.
+        ce_ids / struct_ids: segment ids counted by CE and KD (by target token) / by the structural loss.
         lambda_kv: weight of the structural term at this step.
         loss_fn: the StructuralKVLoss (None for CE-only).
+        kd: the logit-KD term (None = off).
+        ce_weight: weight of CE (0 = logit-only; CE is still computed and logged).
     Shapes:
         batch input_ids (B, T) -> logits (N, V) at the N counted positions (selected after the student's
         own full forward when its head cannot be split off); loss scalar, equal to `masked_ce` on full
-        logits in value and gradient (tests/test_step_logits.py).
+        logits in value and gradient (tests/test_step_logits.py). topk_* (B, T, K) -> (N, K) rows.
     """
     ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
     keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
@@ -195,19 +210,22 @@ def forward_step(
         logits = logits[keep]  # (N, V)
     # sum / max(N, 1) rather than mean, so a batch without counted targets gives 0, not NaN.
     loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / max(int(targets.numel()), 1)
+    loss = loss_ce if ce_weight == 1.0 else ce_weight * loss_ce
+    terms = {"loss_ce": loss_ce}
+    logs = {"loss_ce": float(loss_ce.detach())}
+    if kd is not None:
+        loss_kd = kd.loss_fn(logits, batch["topk_logprobs"][keep], batch["topk_indices"][keep])  # scalar
+        loss = loss + kd.alpha * loss_kd
+        terms["loss_kd"] = loss_kd
+        logs["loss_kd"] = float(loss_kd.detach())
     if out is None:
-        return StepResult(
-            loss_ce,
-            {"loss_ce": loss_ce},
-            {"loss": float(loss_ce.detach()), "loss_ce": float(loss_ce.detach())},
-            logits,
-        )
-    loss_struct, logs = structural_loss(loss_fn, student, out, struct_ids)
-    loss = loss_ce + lambda_kv * loss_struct
+        logs["loss"] = float(loss.detach())
+        return StepResult(loss, terms, logs, logits)
+    loss_struct, struct_logs = structural_loss(loss_fn, student, out, struct_ids)
+    loss = loss + lambda_kv * loss_struct
+    terms["loss_struct"] = loss_struct
+    logs.update(struct_logs)
     logs.update(
-        loss=float(loss.detach()),
-        loss_ce=float(loss_ce.detach()),
-        loss_struct=float(loss_struct.detach()),
-        lambda_kv=float(lambda_kv),
+        loss=float(loss.detach()), loss_struct=float(loss_struct.detach()), lambda_kv=float(lambda_kv)
     )
-    return StepResult(loss, {"loss_ce": loss_ce, "loss_struct": loss_struct}, logs, logits, student, out)
+    return StepResult(loss, terms, logs, logits, student, out)

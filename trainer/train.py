@@ -56,6 +56,7 @@ from trainer.loop_utils import check_finite, final_train_metrics, flat_config, r
 from trainer.schedules import lambda_kv_at, lr_multiplier
 from trainer.setup import (
     build_aligner,
+    build_kd,
     check_resume_config,
     needed_components,
     param_groups,
@@ -140,10 +141,13 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     vocab = int(student.get_input_embeddings().weight.shape[0])
     check_tokenizer(store, tokenizer, vocab)
     aligner = build_aligner(cfg, store, student)
+    kd = build_kd(cfg, store, vocab)
     layers, comps = [], ()
     if aligner is not None:
         layers, comps = list(aligner.teacher_layers), needed_components(cfg)
         check_layers(store, layers, comps)
+    if kd is not None:
+        comps = (*comps, "logits")
     loss_fn = None
     if aligner is not None:
         from alignment import create_structural_loss
@@ -252,6 +256,8 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                     struct_ids=struct_ids,
                     lambda_kv=lam,
                     loss_fn=loss_fn,
+                    kd=kd,
+                    ce_weight=cfg.loss_config.ce_weight,
                 )
                 check_finite(accelerator, res, step + 1)  # 1-based like metrics.jsonl
                 accelerator.backward(res.loss / cfg.train.grad_accum)

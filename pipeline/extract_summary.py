@@ -1,0 +1,117 @@
+"""Stage 1's end summary: sizes, throughput and the teacher's own fit to the data, from the chunk stats.
+
+Every number is summed from the per-chunk stats recorded in the done-markers (`pipeline/extract_chunk.py`),
+so a resumed run reports the whole extraction, not only its last part.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.writer import StoreWriter
+
+SEGS = ("P", "R", "A")
+
+
+def _stored(folder) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def _sum_stats(done: dict, writer: StoreWriter, split: str) -> dict:
+    """Token, accuracy, CE and top-k mass sums over the finished chunks of one split."""
+    out = {"tokens": 0, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
+    for c, d in done.items():
+        if writer.chunk_split(c) != split:
+            continue
+        for key in ("tokens", "forward_tokens", "topk_mass"):
+            out[key] += d.get(key, 0)
+        for group in ("acc", "ce"):
+            for k, v in d.get(group, {}).items():
+                out[group][k] = out[group].get(k, 0) + v
+    return out
+
+
+def _teacher_fit(s: dict, prefix: str) -> dict:
+    """teacher_acc_{R,A,all} and teacher_ce_{P,R,A} (None where nothing was counted)."""
+    out = {}
+    for seg in ("R", "A", "all"):
+        n, k = s["acc"].get(f"n_{seg}", 0), s["acc"].get(f"correct_{seg}", 0)
+        out[f"{prefix}acc_{seg}"] = k / n if n else None
+    for seg in SEGS:
+        n = s["ce"].get(f"n_{seg}", 0)
+        out[f"{prefix}ce_{seg}"] = s["ce"].get(f"sum_{seg}", 0.0) / n if n else None
+    return out
+
+
+def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens: int) -> dict:
+    """The end summary written into the store's attributes (see README, store schema)."""
+    done = writer.done_chunks()
+    train = _sum_stats(done, writer, "train")
+    tokens = train["tokens"]
+    stored = _stored(writer.path / "train" / "layers")
+    per_token_raw = 0
+    for layer in writer.layers:
+        for comp in writer.components:
+            shape = writer._array((layer, comp)).shape
+            per_token_raw += shape[1] * shape[2] * 2
+    raw = tokens * per_token_raw
+    summary = {
+        "samples": counts,
+        "tokens": tokens,
+        # > tokens: samples straddling a chunk boundary are forwarded by both chunks
+        "forward_tokens": train["forward_tokens"],
+        "stored_state_bytes": stored,
+        "raw_16bit_state_bytes": raw,
+        "compression_ratio": raw / max(stored, 1),
+        "bytes_per_token": stored / max(tokens, 1),
+        "wall_s_last_run": wall_s,
+        "tokens_computed_last_run": computed_tokens,
+        **_teacher_fit(train, "teacher_"),
+    }
+    if writer.logit_splits:
+        lstored = _stored(writer.path / "train" / "logits")
+        summary["logits_stored_bytes"] = lstored
+        summary["logits_bytes_per_token"] = lstored / max(tokens, 1)
+        summary["topk_mass_mean"] = train["topk_mass"] / max(tokens, 1)
+    if "eval" in writer.logit_splits:
+        ev = _sum_stats(done, writer, "eval")
+        summary["eval_tokens"] = ev["tokens"]
+        summary["eval_topk_mass_mean"] = ev["topk_mass"] / max(ev["tokens"], 1)
+        summary.update(_teacher_fit(ev, "teacher_eval_"))
+    return summary
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def print_summary(path, s: dict) -> None:
+    c = s["samples"]
+    acc = " ".join(f"{seg}={_fmt(s.get(f'teacher_acc_{seg}'))}" for seg in ("R", "A", "all"))
+    ce = " ".join(f"{seg}={_fmt(s.get(f'teacher_ce_{seg}'))}" for seg in SEGS)
+    lines = [
+        f"store {path}: train samples kept {c['train']['kept']} / skipped {c['train']['skipped']}"
+        + (f", eval kept {c['eval']['kept']} / skipped {c['eval']['skipped']}" if "eval" in c else ""),
+        f"  tokens {s['tokens']}, states {s['stored_state_bytes'] / 1e6:.1f} MB stored vs "
+        f"{s['raw_16bit_state_bytes'] / 1e6:.1f} MB raw 16-bit (ratio {s['compression_ratio']:.3f}x, "
+        f"{s['bytes_per_token']:.0f} B/token)",
+        f"  wall {s['wall_s_last_run']:.1f} s this run ({s['tokens_computed_last_run']} tokens computed, "
+        f"{s['tokens_computed_last_run'] / max(s.get('extract_loop_s_last_run', 0.0), 1e-9):.0f} tokens/s in "
+        "the extraction loop)",
+        f"  teacher, teacher-forced on the train split: answer-token accuracy {acc}; CE per target segment {ce}",
+    ]
+    if "logits_bytes_per_token" in s:
+        lines.append(
+            f"  top-k log-probs: {s['logits_stored_bytes'] / 1e6:.1f} MB ({s['logits_bytes_per_token']:.0f} "
+            f"B/token), mean captured probability mass {_fmt(s['topk_mass_mean'])}"
+        )
+    if "eval_tokens" in s:
+        ce_ev = " ".join(f"{seg}={_fmt(s.get(f'teacher_eval_ce_{seg}'))}" for seg in SEGS)
+        lines.append(
+            f"  held-out: {s['eval_tokens']} tokens of top-k log-probs (mass {_fmt(s['eval_topk_mass_mean'])}); "
+            f"teacher accuracy R={_fmt(s.get('teacher_eval_acc_R'))} A={_fmt(s.get('teacher_eval_acc_A'))}; "
+            f"CE {ce_ev}"
+        )
+    print("\n".join(lines), flush=True)
