@@ -63,13 +63,20 @@ def divergence_rows(lp: torch.Tensor, lq: torch.Tensor, loss: str, beta: float =
     raise ValueError(f"loss_config.kd_loss={loss!r}: expected one of {KD_LOSSES}")
 
 
-def teacher_support(t_logp: torch.Tensor, tail: str, temperature: float, has_tail: bool) -> torch.Tensor:
+def _compute_dtype(z: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit logits (as CE), float64 kept (reference tests)."""
+    return torch.promote_types(z.dtype, torch.float32)
+
+
+def teacher_support(
+    t_logp: torch.Tensor, tail: str, temperature: float, has_tail: bool, dtype=torch.float32
+) -> torch.Tensor:
     """The teacher's log-probs over the support (detached).
 
     Stored values are float16-rounded, so sum(p_topk) can exceed 1 by rounding: it is then scaled to 1
     (tail mass 0). Shapes: t_logp (N, K) -> (N, K + 1) with the bucket, else (N, K).
     """
-    t = t_logp.detach().float()
+    t = t_logp.detach().to(dtype)
     if tail == "renormalize" or not has_tail:
         return torch.log_softmax(t / temperature, dim=-1)
     lse = torch.logsumexp(t, dim=-1, keepdim=True)  # (N, 1) log sum(p_topk)
@@ -85,7 +92,7 @@ def student_support(z: torch.Tensor, idx: torch.Tensor, tail: str, temperature: 
 
     Shapes: z (N, V) logits, idx (N, K) teacher token ids -> (N, K + 1) with the bucket, else (N, K).
     """
-    zt = z.float() / temperature  # (N, V)
+    zt = z.to(_compute_dtype(z)) / temperature  # (N, V)
     top = zt.gather(1, idx)  # (N, K)
     if tail == "renormalize" or not has_tail:
         return torch.log_softmax(top, dim=-1)
@@ -97,7 +104,7 @@ def student_support(z: torch.Tensor, idx: torch.Tensor, tail: str, temperature: 
 def kd_rows(z, t_logp, t_idx, loss="forward_kl", tail="bucket", temperature=1.0, beta=0.5) -> torch.Tensor:
     """Per-row KD divergence (times tau^2). Shapes: z (N, V), t_logp / t_idx (N, K) -> (N,)."""
     has_tail = t_idx.shape[1] < z.shape[1]
-    lp = teacher_support(t_logp, tail, temperature, has_tail)
+    lp = teacher_support(t_logp, tail, temperature, has_tail, _compute_dtype(z))
     lq = student_support(z, t_idx, tail, temperature, has_tail)
     return divergence_rows(lp, lq, loss, beta) * temperature**2
 

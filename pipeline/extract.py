@@ -274,7 +274,7 @@ def _extract_loop(
 ) -> tuple[int, float, float]:
     """This rank's share of the unfinished chunks (every world-th), written by the async writer.
 
-    Returns (tokens computed, loop wall seconds, loop CPU seconds of all threads).
+    Returns (train tokens computed, loop wall seconds, loop CPU seconds of all threads).
     """
     from tqdm.auto import tqdm
 
@@ -306,7 +306,7 @@ def _extract_loop(
                     index_dtype=logits.get("index_dtype", "uint16"),
                 )  # fmt: skip
                 out.submit(c, bufs, stats)
-                computed += stats["tokens"]
+                computed += stats["tokens"] if on_train else 0  # train tokens (the summary's unit)
                 bar.update(stats["tokens"])
     except BaseException:
         out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error

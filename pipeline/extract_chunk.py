@@ -142,7 +142,7 @@ def _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packe
 
 
 def _to_host(ys: dict, device: torch.device) -> dict[tuple, np.ndarray]:
-    """Gathered device tensors -> numpy (bf16 / fp16 words as uint16); pinned + async on CUDA."""
+    """Gathered device tensors -> numpy (bf16 as uint16 words); pinned + async on CUDA."""
     pinned = device.type == "cuda"
     host = {}
     for key, y in ys.items():  # on CPU the gathered tensor already is the host copy
@@ -151,7 +151,7 @@ def _to_host(ys: dict, device: torch.device) -> dict[tuple, np.ndarray]:
         torch.cuda.synchronize(device)
     out = {}
     for key, h in host.items():
-        out[key] = (h.view(torch.uint16) if h.dtype in (torch.bfloat16, torch.float16) else h).numpy()
+        out[key] = (h.view(torch.uint16) if h.dtype == torch.bfloat16 else h).numpy()
     return out
 
 
@@ -207,7 +207,9 @@ def extract_chunk(
             ys[("logits", "values")] = vals.clamp_min(LOGPROB_FLOOR).to(torch.float16)  # (N, K)
             ys[("logits", "indices")] = idx.to(torch.int32)  # (N, K); stored as `index_dtype`
         for key, yn in _to_host(ys, device).items():
-            if key == ("logits", "indices"):
+            if key == ("logits", "values"):
+                yn = yn.view(np.uint16)  # float16 words (pipeline/store.py)
+            elif key == ("logits", "indices"):
                 yn = yn.astype(index_dtype)
             buf = bufs.get(key)
             if buf is None:

@@ -83,15 +83,20 @@ def make_tiny_store(
     complete: bool = True,
     tokenizer_record: dict | None = None,
     poison: bool = False,
+    top_k: int = 0,
 ) -> Path:
     """Write a tiny store of the tiny teacher's real Q/K/V on the retrieval task; returns its path.
 
     The teacher and its tokenizer are saved as an HF folder at `teacher_dir(path)` (for live-teacher tools).
     `poison=True` writes a NaN into the teacher keys of the first sample (for NaN-detection tests).
+    `top_k > 0` also stores the teacher's top-k log-probs of both splits (as stage 1 computes them:
+    `pipeline.extract_chunk.topk_logprobs` on an unpadded forward).
     """
     from transformers import AutoModelForCausalLM
 
     from pipeline.capture import capture_qkv
+    from pipeline.extract_chunk import topk_logprobs
+    from pipeline.store import encode_logprobs
     from pipeline.writer import StoreWriter
 
     torch.manual_seed(seed)
@@ -127,13 +132,25 @@ def make_tiny_store(
         "compression_level": 1,
         "segments": {"P": 0, "R": 1, "A": 2},
     }
+    if top_k:
+        splits = ["train", "eval"] if num_eval else ["train"]
+        attrs["logits"] = {"top_k": top_k, "dtype": "float16", "index_dtype": "uint16", "splits": splits}
     states = {(layer, c): [] for layer in layers for c in components}
+    topk = {"train": [], "eval": []}
     with torch.no_grad(), capture_qkv(teacher, layers=layers, components=components) as cap:
-        for s in train_s:
-            teacher(input_ids=s["input_ids"][None], use_cache=False)
-            for (layer, c), acc in states.items():
-                acc.append(getattr(cap, c)[layer][0].transpose(0, 1))  # (T, X, D)
+        for split, samples in (("train", train_s), ("eval", eval_s)):
+            for s in samples:
+                logits = teacher(input_ids=s["input_ids"][None], use_cache=False).logits[0]  # (T, V)
+                if top_k:
+                    topk[split].append(topk_logprobs(logits, top_k))
+                if split == "train":
+                    for (layer, c), acc in states.items():
+                        acc.append(getattr(cap, c)[layer][0].transpose(0, 1))  # (T, X, D)
     full = {key: torch.cat(v) for key, v in states.items()}  # (N, X, D)
+    for split, rows in topk.items():
+        if rows:
+            vals, idx = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])  # (N, K)
+            topk[split] = {("logits", "values"): encode_logprobs(vals), ("logits", "indices"): idx.numpy()}
     if poison:
         full[(layers[-1], "k")][1, 0, 0] = float("nan")
     w = StoreWriter.create(
@@ -147,7 +164,12 @@ def make_tiny_store(
     )
     for c in w.todo_chunks():
         s, e = w.chunk_range(c)
-        w.write_chunk(c, {key: encode_states(v[s:e], dtype) for key, v in full.items()}, stats={})
+        split = w.chunk_split(c)
+        arrays = {key: encode_states(v[s:e], dtype) for key, v in full.items()} if split == "train" else {}
+        if top_k:
+            arrays[("logits", "values")] = topk[split][("logits", "values")][s:e]
+            arrays[("logits", "indices")] = topk[split][("logits", "indices")][s:e].astype(np.uint16)
+        w.write_chunk(c, arrays, stats={})
     if complete:
         w.mark_complete({"tokens": train.num_tokens})
     return Path(path)

@@ -40,12 +40,15 @@ def setup(tmp_path_factory):
     """A config (6+ write chunks) and the reference store of an uninterrupted 1-process run."""
     tmp = tmp_path_factory.mktemp("resume")
     teacher = save_tiny_teacher(tmp / "teacher")
+    # Q/K/V of every layer and the top-k log-probs (train + held-out chunks): all must resume bit-exactly.
     cfg = write_extract_config(
-        tmp, teacher, num_rows=30, layers="all", chunk_tokens=64, inner_chunk_tokens=16
-    )
+        tmp, teacher, num_rows=30, layers="all", chunk_tokens=64, inner_chunk_tokens=16,
+        components=["q", "k", "v", "logits"], logits_top_k=16,
+    )  # fmt: skip
     ref = tmp / "ref.zarr"
     run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={ref}"]))  # in-process: saves a start-up
     assert KVStore(ref).complete and not (ref / PROGRESS_DIR).exists()
+    assert KVStore(ref).has_logits("train") and KVStore(ref).has_logits("eval")
     return cfg, ref
 
 
