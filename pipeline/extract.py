@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate laun
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -294,7 +295,12 @@ def _extract_loop(
     out = AsyncChunkWriter(writer, cfg.extract.writer_threads, cfg.extract.max_pending_chunks)
     computed, t_loop, cpu_loop = 0, time.perf_counter(), time.process_time()
     try:
-        with torch.inference_mode(), capture_qkv(model, writer.layers, tuple(writer.components)) as cap:
+        capture = (  # a logits-only store captures nothing
+            capture_qkv(model, writer.layers, tuple(writer.components))
+            if writer.components
+            else nullcontext()
+        )
+        with torch.inference_mode(), capture as cap:
             for c in mine:
                 start, end = writer.chunk_range(c)
                 split = writer.chunk_split(c)

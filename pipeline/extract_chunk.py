@@ -172,7 +172,8 @@ def extract_chunk(
     """Teacher states (and top-k log-probs) of packed tokens [start, end) of `packed`.
 
     Args:
-        model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`.
+        model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`
+            (None for a logits-only store).
         layers / components: the states to store (empty for a held-out chunk: logits only).
         dtype: storage dtype "bfloat16" | "float16"; non-finite or fp16-overflowing states at real tokens
             raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
@@ -191,7 +192,8 @@ def extract_chunk(
     for batch in chunk_batches(packed, start, end, batch_size):
         ids, seg, ans = pad_batch(packed, batch, pad_id)
         valid = seg >= 0  # (B, T)
-        cap.clear()
+        if cap is not None:
+            cap.clear()
         logits = model(
             input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
         ).logits  # (B, T, V)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
+from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_logprobs, decode_states
 
 
 def _stored_bytes(folder: Path) -> int:
@@ -54,6 +54,31 @@ def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | Non
     }
 
 
+def logits_report(store: KVStore, max_tokens: int | None = None) -> dict | None:
+    """Per split: shape, dtypes, stored bytes per token and the mean captured mass sum(p_topk) of the
+    teacher's top-k log-probs (streamed shard by shard); None for a store without logits."""
+    if store.logits is None:
+        return None
+    out = {"top_k": store.logits["top_k"], "splits": {}}
+    for split in store.logits["splits"]:
+        vals, idx = store.logit_array("values", split), store.logit_array("indices", split)
+        n = vals.shape[0] if max_tokens is None else min(vals.shape[0], max_tokens)
+        step = int(store.attrs.get("chunk_tokens", 4096))
+        mass = 0.0
+        for a in range(0, n, step):
+            mass += float(decode_logprobs(vals[a : min(a + step, n)]).double().exp().sum())
+        stored = _stored_bytes(store.path / split / "logits")
+        out["splits"][split] = {
+            "shape": list(vals.shape),
+            "values_dtype": "float16 words (uint16)",
+            "indices_dtype": str(idx.dtype),
+            "stored_bytes": stored,
+            "stored_bytes_per_token": stored / max(vals.shape[0], 1),
+            "mean_topk_mass": mass / max(n, 1),
+        }
+    return out
+
+
 def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
     """Everything the report prints, as a dict (schema, per-split sizes, per-array bytes, per-layer stats)."""
     store = KVStore(path)
@@ -89,6 +114,7 @@ def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
             total_stored += s["stored_bytes"]
             total_raw += s["raw_bytes"]
     n = max(store.num_tokens("train"), 1)
+    report["logits"] = logits_report(store, max_tokens)
     report["sizes"] = {
         "store_bytes": store.stored_bytes(),
         "state_stored_bytes": total_stored,
@@ -134,6 +160,13 @@ def format_report(r: dict) -> str:
             f"{key:>10} {str(tuple(s['shape'])):>18} {s['mean']:>10.4f} {s['std']:>10.4f} {s['absmax']:>10.3f} "
             f"{s['nan']:>5d} {s['inf']:>5d} {ratio:>6.3f}"
         )
+    if r.get("logits"):
+        for split, s in r["logits"]["splits"].items():
+            lines.append(
+                f"logits [{split}] top-{r['logits']['top_k']} log-probs {tuple(s['shape'])}, ids "
+                f"{s['indices_dtype']}: {s['stored_bytes'] / 1e6:.2f} MB ({s['stored_bytes_per_token']:.0f} "
+                f"B/token), mean captured probability mass sum(p_topk) {s['mean_topk_mass']:.4f}"
+            )
     if "summary" in a:
         lines.append(f"extraction summary: {json.dumps(a['summary'], default=str)}")
     return "\n".join(lines)
