@@ -96,7 +96,9 @@ def sample_head_sums(
     return sums, int(rows.numel())
 
 
-def head_scores(path: str | Path, split: str = "train", num_samples: int | None = None, progress=True) -> dict:
+def head_scores(
+    path: str | Path, split: str = "train", num_samples: int | None = None, progress=True
+) -> dict:
     """Retrieval / answer-mass / sink score of every stored teacher query head over the first N samples.
 
     Args:
