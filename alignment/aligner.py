@@ -41,7 +41,9 @@ class AlignedKV:
     `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
     the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
     head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`);
-    teacher_scale / student_scale: the models' attention scalings. `loss_kwargs()` bundles what the loss needs.
+    teacher_scale / student_scale: the models' attention scalings; v_t_raw (B, L_s, G_t, T', D_t) the teacher's
+    raw values (relation distillation); head_mask (L_s, H_s) bool or None: the student heads `align.head_select`
+    distils (head_mix is then the one-hot selection). `loss_kwargs()` bundles what the loss needs.
     """
 
     k: torch.Tensor
@@ -55,6 +57,8 @@ class AlignedKV:
     head_mix: torch.Tensor | None = None
     teacher_scale: float | None = None
     student_scale: float | None = None
+    v_t_raw: torch.Tensor | None = None
+    head_mask: torch.Tensor | None = None
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments for `StructuralKVLoss` that come from the aligner, for either attn_target:
@@ -66,6 +70,8 @@ class AlignedKV:
             head_mix=self.head_mix,
             teacher_scale=self.teacher_scale,
             student_scale=self.student_scale,
+            t_v_raw=self.v_t_raw,
+            head_mask=self.head_mask,
         )
 
 
@@ -132,6 +138,7 @@ class MapProjectionAligner(nn.Module):
         self.teacher_layers = teacher_layers_needed(self.layer_map)
         self._slots = layer_slots(self.layer_map, self.teacher_layers)
         self.warper = warper if warper is not None else SegmentTimeWarper()
+        self.head_selection = None  # alignment.head_select.HeadSelection (set_head_selection)
         self.teacher_scaling = teacher_scaling if teacher_scaling is not None else D_t**-0.5
         self.student_scaling = student_scaling if student_scaling is not None else D_s**-0.5
         L = num_student_layers
@@ -187,6 +194,22 @@ class MapProjectionAligner(nn.Module):
         GQA-consistent uniform mix (flat, which has no head structure of its own)."""
         return self.q_proj.head_mix() if self.mode == "structured" else self._flat_q_mix
 
+    def set_head_selection(self, selection) -> None:
+        """Distil only the selected teacher heads one-to-one (`alignment.head_select`): `align` then returns the
+        selection's one-hot (L_s, H_s, H_t) head mix and (L_s, H_s) head mask instead of the Q mixer."""
+        L_s = len(self.layer_map)
+        if selection.head_mix.shape != (L_s, self.H_s, self.H_t) or selection.head_mask.shape != (
+            L_s,
+            self.H_s,
+        ):
+            raise ValueError(
+                f"head selection mix {tuple(selection.head_mix.shape)} / mask {tuple(selection.head_mask.shape)}: "
+                f"expected {(L_s, self.H_s, self.H_t)} / {(L_s, self.H_s)}"
+            )
+        self.head_selection = selection
+        self.register_buffer("_sel_mix", selection.head_mix.clone(), persistent=False)
+        self.register_buffer("_sel_mask", selection.head_mask.clone(), persistent=False)
+
     def _select(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
         check_5d(x, name, heads, self.D_t)
         if x.shape[1] != len(self.teacher_layers):
@@ -232,9 +255,11 @@ class MapProjectionAligner(nn.Module):
             plan=plan,
             q_t_raw=q,
             k_t_raw=k,
-            head_mix=self.q_head_mix(),
+            head_mix=self.q_head_mix() if self.head_selection is None else self._sel_mix,
             teacher_scale=self.teacher_scaling,
             student_scale=self.student_scaling,
+            v_t_raw=v,
+            head_mask=None if self.head_selection is None else self._sel_mask,
         )
 
     def forward(

@@ -11,6 +11,14 @@ D_s/D_t head dims. Query heads read KV head h // (H/G) (GQA), on each side with 
 Attention: causal, keys restricted to real tokens (`mask` (B, T), True = real), softmax(q k^T * scale / temperature).
 Result: mean over real query rows, layers and student heads of sum_j p_target[j] * (log p_target[j] - log p_s[j]).
 
+Options (both default off, and then the result is bit-identical to the plain path):
+  head_mask (L, H_s) bool: only these (student layer, student head) pairs count (`align.head_select`); the mean
+      runs over them; layers with no selected head are sliced away before any work.
+  drop_keys: key positions (e.g. [0], the attention sink) removed from BOTH distributions, which are
+      renormalised over the remaining keys before the KL (`loss_config.sink: drop`). Streaming does it by
+      masking those keys before the softmax (same memory); the naive reference renormalises explicitly.
+      Rows left without any key (row 0 when key 0 is dropped) do not count.
+
 Memory: `attention_kl` runs `StreamingAttentionKL` (alignment/attention_kl_fn.py), a custom autograd Function
 with analytic gradients: forward and backward each walk query-row chunks, backward recomputes one
 (B, L, H, c, t_end) block at a time, so no T x T map is kept for backward and peak memory grows linearly in T for
@@ -79,6 +87,38 @@ def _check(q_s, k_s, q_t, k_t, mask, head_mix) -> tuple[int, int, torch.Tensor]:
     return L, H_s, mask
 
 
+def _key_mask(mask: torch.Tensor, drop_keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys attention may use (B, T), rows that keep at least one key (B, T)) after dropping `drop_keys`."""
+    if not drop_keys:
+        return mask, mask
+    T = mask.shape[1]
+    bad = [j for j in drop_keys if isinstance(j, bool) or not isinstance(j, int) or not j >= 0]
+    if bad:
+        raise ValueError(f"drop_keys={list(drop_keys)!r}: expected key positions (ints >= 0)")
+    keys = mask.clone()
+    keys[:, [j for j in drop_keys if j < T]] = False
+    return keys, keys.cumsum(1) > 0  # causal: row r keeps a key iff some key <= r is left
+
+
+def _check_head_mask(head_mask: torch.Tensor | None, L: int, H_s: int) -> None:
+    if head_mask is not None and (head_mask.shape != (L, H_s) or head_mask.dtype != torch.bool):
+        raise ValueError(
+            f"head_mask shape {tuple(head_mask.shape)} dtype {head_mask.dtype}: expected a (L, H_s)={(L, H_s)} bool"
+        )
+
+
+def _select_layers(head_mask, xs, M):
+    """Slice layers without a selected head away: xs (B, L, ., T, .) and M (L|1, H_s, H_t)."""
+    keep = head_mask.any(-1)  # (L,)
+    if bool(keep.all()):
+        return head_mask, xs, M
+    idx = torch.nonzero(keep).flatten()
+    xs = [x.index_select(1, idx) for x in xs]  # (B, L_sel, ., T, .)
+    if M is not None and M.shape[0] == head_mask.shape[0]:
+        M = M.index_select(0, idx)
+    return head_mask[idx], xs, M
+
+
 def _rows(mask: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T) bool query rows that count: real tokens, optionally restricted by query_mask."""
     if query_mask is None:
@@ -103,6 +143,8 @@ def attention_kl(
     head_mix: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
     chunk_size: int = 128,
+    head_mask: torch.Tensor | None = None,
+    drop_keys: list[int] | tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Mean row KL(teacher || student) of causal attention, streamed by query-row chunks (see module doc).
 
@@ -116,11 +158,15 @@ def attention_kl(
         temperature: both sides' logits are divided by it.
         head_mix: None or (H_s, H_t) / (L, H_s, H_t) convex weights mixing teacher distributions.
         chunk_size: query rows per chunk (forward and recomputed backward).
+        head_mask: (L, H_s) bool, the (layer, student head) pairs that count (None: all).
+        drop_keys: key positions removed from both distributions before the KL (None / []: keep all).
     Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
     Example:
         >>> kl = attention_kl(q_s, k_s, q_t, k_t, mask, chunk_size=128)
+        >>> kl_sel = attention_kl(q_s, k_s, q_t, k_t, mask, head_mask=sel, drop_keys=[0])
     """
     L, H_s, mask = _check(q_s, k_s, q_t, k_t, mask, head_mix)
+    _check_head_mask(head_mask, L, H_s)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int")
     if not temperature > 0:
@@ -128,14 +174,21 @@ def attention_kl(
     scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
     scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
     wd = _work_dtype(q_s, q_t)
-    row_w = _rows(mask, query_mask).to(wd)
+    keys, has_key = _key_mask(mask, drop_keys)
+    row_w = (_rows(mask, query_mask) & has_key).to(wd)
     M = None
     if head_mix is not None:
         M = (head_mix if head_mix.dim() == 3 else head_mix[None]).to(wd)  # (L|1, H_s, H_t)
+    head_w, xs = None, [q_s, k_s, q_t, k_t]
+    if head_mask is not None:
+        head_mask, xs, M = _select_layers(head_mask, xs, M)
+        head_w = head_mask.to(wd)  # (L_sel, H_s)
+    q_s, k_s, q_t, k_t = (x.to(wd) for x in xs)
     total = StreamingAttentionKL.apply(
-        q_s.to(wd), k_s.to(wd), q_t.to(wd), k_t.to(wd), mask, row_w, M, chunk_size, scale_s, scale_t
+        q_s, k_s, q_t, k_t, keys, row_w, M, chunk_size, scale_s, scale_t, head_w
     )
-    return total / (row_w.sum() * L * H_s).clamp_min(1)
+    pairs = L * H_s if head_w is None else head_w.sum()
+    return total / (row_w.sum() * pairs).clamp_min(1)
 
 
 def naive_attention_kl(
@@ -150,12 +203,17 @@ def naive_attention_kl(
     temperature: float = 1.0,
     head_mix: torch.Tensor | None = None,
     query_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    drop_keys: list[int] | tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Reference for `attention_kl`: full T x T maps with explicit GQA repeats, masking by selection.
 
     Same arguments and result; keeps every (B, L, H, T, T) map alive for backward (test/benchmark use only).
+    drop_keys is done the textbook way here (softmax over all allowed keys, zero the dropped columns, divide
+    by the row sum), head_mask by weighting every (layer, head) and dividing by the selected count.
     """
     L, H_s, mask = _check(q_s, k_s, q_t, k_t, mask, head_mix)
+    _check_head_mask(head_mask, L, H_s)
     scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
     scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
     T = q_s.shape[3]
@@ -169,14 +227,30 @@ def naive_attention_kl(
     allowed = (allowed | torch.eye(T, dtype=torch.bool, device=q_s.device)[None])[:, None, None]
     logp_s = torch.log_softmax(z_s.masked_fill(~allowed, float("-inf")), dim=-1)
     logp_t = torch.log_softmax(z_t.masked_fill(~allowed, float("-inf")), dim=-1)
+    rows = _rows(mask, query_mask)
+    if drop_keys:
+        keep = torch.ones(T, dtype=torch.bool, device=q_s.device)
+        keep[[j for j in drop_keys if j < T]] = False
+        allowed = allowed & keep
+        logp_s, logp_t = _renormalise(logp_s, allowed), _renormalise(logp_t, allowed)
+        rows = rows & (allowed[:, 0, 0].any(-1))  # rows left with a key
     if head_mix is not None:
         p_t = _mix(head_mix, logp_t.exp())
     sel = allowed.expand_as(logp_s)
-    rows = _rows(mask, query_mask).to(wd)
-    w = rows[:, None, None, :, None].expand_as(logp_s)[sel]
+    rows = rows.to(wd)
+    hw = torch.ones(L, H_s, dtype=wd) if head_mask is None else head_mask.to(wd)
+    w = (rows[:, None, None, :, None] * hw[None, :, :, None, None]).expand_as(logp_s)[sel]
     if head_mix is None:
         total = (w * logp_t.exp()[sel] * (logp_t[sel] - logp_s[sel])).sum()
     else:
         pm = p_t[sel]
         total = (w * pm * (torch.log(pm) - logp_s[sel])).sum()
-    return total / (rows.sum() * L * H_s).clamp_min(1)
+    return total / (rows.sum() * hw.sum()).clamp_min(1)
+
+
+def _renormalise(logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log of p zeroed outside `keep` (broadcast to logp) and divided by its row sum; 0 (log 1) outside `keep`
+    so that no -inf or 0/0 reaches autograd (callers only read the kept entries)."""
+    p = logp.exp() * keep  # (..., T)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    return torch.log(torch.where(keep, p, 1.0))

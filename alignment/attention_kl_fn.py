@@ -9,7 +9,8 @@ Per real query row r (weight w_r), with z = q k^T * scale masked to the allowed 
   mix:     m = M p_t;  KL_r = sum_j m (log m - log p_s);  dKL/dz_s = p_s sum_j m - m;
            g = log m + 1 - log p_s;  dKL/dp_t = M^T g;  dKL/dz_t = p_t (dKL/dp_t - sum_j p_t dKL/dp_t);
            dKL/dM = sum_rows,j g p_t^T
-Then dq = dz k * scale and dk = dz^T q * scale summed over the query heads sharing the KV head. Only the
+Each row's KL is weighted by w_r and, when a head mask is given, by head_w[l, s] (0/1 per student layer and
+query head: `align.head_select` distils only chosen heads). Then dq = dz k * scale and dk = dz^T q * scale summed over the query heads sharing the KV head. Only the
 inputs are saved; backward recomputes one (B, L, H, c, e) block at a time, so memory is O(c * T), and it does
 the work of autograd-through-checkpoint without re-running autograd's graph construction per chunk.
 """
@@ -65,7 +66,7 @@ class StreamingAttentionKL(torch.autograd.Function):
     """sum_r w_r KL_r over all (B, L, H_s) query rows; see module docstring. Inputs in the work dtype."""
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, key_ok, row_w, M, chunk, scale_s, scale_t):
+    def forward(ctx, q_s, k_s, q_t, k_t, key_ok, row_w, M, chunk, scale_s, scale_t, head_w=None):
         T = q_s.shape[3]
         total = q_s.new_zeros(())
         for s in range(0, T, chunk):
@@ -73,14 +74,16 @@ class StreamingAttentionKL(torch.autograd.Function):
             allowed, logp_s, _, m, logm = _chunk(q_s[..., s:e, :], k_s[..., :e, :], q_t[..., s:e, :],
                                                  k_t[..., :e, :], key_ok, M, s, scale_s, scale_t)  # fmt: skip
             kl = torch.where(allowed, m * (logm - logp_s), 0.0).sum(-1)  # (B, L, H_s, c)
+            if head_w is not None:
+                kl = kl * head_w[None, :, :, None]
             total = total + (kl * row_w[:, None, None, s:e]).sum()
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, key_ok, row_w, M)
+        ctx.save_for_backward(q_s, k_s, q_t, k_t, key_ok, row_w, M, head_w)
         ctx.chunk, ctx.scale_s, ctx.scale_t, ctx.has_mix = chunk, scale_s, scale_t, M is not None
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        q_s, k_s, q_t, k_t, key_ok, row_w, M = ctx.saved_tensors
+        q_s, k_s, q_t, k_t, key_ok, row_w, M, head_w = ctx.saved_tensors
         M = M if ctx.has_mix else None
         chunk, scale_s, scale_t = ctx.chunk, ctx.scale_s, ctx.scale_t
         T = q_s.shape[3]
@@ -93,6 +96,8 @@ class StreamingAttentionKL(torch.autograd.Function):
             qs, ks, qt, kt = q_s[..., s:e, :], k_s[..., :e, :], q_t[..., s:e, :], k_t[..., :e, :]
             allowed, logp_s, p_t, m, logm = _chunk(qs, ks, qt, kt, key_ok, M, s, scale_s, scale_t)
             w = (grad_out * row_w[:, None, None, s:e, None]).to(logp_s.dtype)  # (B, 1, 1, c, 1)
+            if head_w is not None:
+                w = w * head_w[None, :, :, None, None]  # (B, L, H_s, c, 1)
             p_s = logp_s.exp()
             dz_s = torch.where(allowed, p_s * m.sum(-1, keepdim=True) - m, 0.0) * w  # (B, L, H_s, c, e)
             dq, dk = _grads(dz_s, qs, ks, scale_s)
@@ -119,4 +124,4 @@ class StreamingAttentionKL(torch.autograd.Function):
             dq, dk = _grads(dz_t, qt, kt, scale_t)
             dq_t[..., s:e, :] = dq
             dk_t[..., :e, :] += dk
-        return dq_s, dk_s, dq_t, dk_t, None, None, dM, None, None, None
+        return dq_s, dk_s, dq_t, dk_t, None, None, dM, None, None, None, None

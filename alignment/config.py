@@ -7,6 +7,22 @@ from typing import Literal
 
 
 @dataclass
+class HeadSelectConfig:
+    """Which teacher query heads the attention KL distils (alignment/head_select.py; scores: pipeline/head_scores.py).
+
+    method "all" = every student head against the head-mixed teacher (the design). Otherwise the chosen
+    teacher heads, each one-to-one into its own student head; every other student head gets no KL term.
+    "top_retrieval" / "top_answer_mass": the `top` best heads by that train-split score among the teacher
+    layers the layer map uses; "list": `heads` = [[teacher layer, teacher head], ...].
+    """
+
+    method: Literal["all", "top_retrieval", "top_answer_mass", "list"] = "all"
+    top: int | None = None  # top_*: how many heads
+    heads: list[list[int]] | None = None  # list: [[teacher layer, head], ...]
+    samples: int | None = 64  # top_*: train samples scored (None = the whole split)
+
+
+@dataclass
 class AlignConfig:
     """Layer map + segment time warp + head-wise projection (the mode itself is top-level `kv_projection_mode`)."""
 
@@ -23,6 +39,17 @@ class AlignConfig:
     # Structured mode: Q/K dim maps select the teacher rotary pair of the nearest frequency for each student
     # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/rope.py).
     rope_consistent: bool = False
+    head_select: HeadSelectConfig = field(default_factory=HeadSelectConfig)
+
+
+@dataclass
+class RelationConfig:
+    """MiniLMv2 relation KL (alignment/relation.py): + weight * sum over components of KL(teacher || student)
+    of softmax(X X^T / sqrt(d_r)) over `heads` relation heads re-split from each side's concatenated heads."""
+
+    components: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
+    heads: int = 8  # R: must divide H*D of every chosen component on both sides
+    weight: float = 0.0  # 0 = off
 
 
 @dataclass
@@ -38,6 +65,11 @@ class LossConfig:
     # "teacher": KL(convex Q-head-mix of the teacher's own attention (stored Q/K, teacher scaling) || student
     # attention): no learned projection in the target's path, so it cannot be gamed.
     attn_target: Literal["projected", "teacher"] = "projected"
+    # "drop": remove key positions `sink_keys` (the first token: an attention sink) from both attention
+    # distributions and renormalise before the KL; "keep": the plain KL.
+    sink: Literal["keep", "drop"] = "keep"
+    sink_keys: list[int] = field(default_factory=lambda: [0])
+    relation: RelationConfig = field(default_factory=RelationConfig)
     # Logit distillation from the store's top-k log-probs (alignment/logit_kd.py). The total objective is
     # ce_weight * CE + alpha_logit * KD + lambda_kv * loss_struct; KD counts the rows CE counts.
     alpha_logit: float = 0.0  # 0 = off; > 0 needs a store extracted with `logits` in extract.components

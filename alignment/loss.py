@@ -18,6 +18,15 @@ attn_target:
       (B, L, G_t, T, D_t) with `teacher_scale` (default D_t**-0.5), mixed over teacher query heads by
       `head_mix` (H_s, H_t) or (L, H_s, H_t) (the aligner's Q head mixer; detached here so the target is fixed:
       nothing learned can reshape it). The student side uses its own s_q/s_k and `student_scale`.
+
+Structural signals of issue 13 (all off by default; off = the plain loss above, bit for bit):
+  sink="drop": key positions `sink_keys` (default [0], the first token) are removed from both attention
+      distributions and both renormalised before the KL (`attention_kl(drop_keys=...)`).
+  head_mask (L, H_s) bool (call argument, from the aligner's `align.head_select`): only these student heads
+      count in the attention KL; with `head_mix` a one-hot selection each is distilled one-to-one.
+  relation={"components": [q, k, v], "heads": R, "weight": w}: + w * sum over components of the MiniLMv2
+      relation KL (alignment/relation.py) between the student's own states and the teacher's layer-mapped raw
+      states (`t_q_raw`, `t_k_raw`, `t_v_raw`); metrics "rel_q" / "rel_k" / "rel_v".
 """
 
 from __future__ import annotations
@@ -27,8 +36,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignment.attention_kl import attention_kl
+from alignment.relation import COMPONENTS as RELATION_COMPONENTS
+from alignment.relation import relation_kl
 
 ATTN_TARGETS = ("projected", "teacher")
+SINK_MODES = ("keep", "drop")
+
+
+def check_relation(relation: dict | None) -> dict | None:
+    """Normalise `loss_config.relation` ({components, heads, weight}); None when off (weight 0 / no components)."""
+    if relation is None:
+        return None
+    comps, heads, weight = relation.get("components", []), relation.get("heads"), relation.get("weight", 0.0)
+    if not isinstance(comps, (list, tuple)) or any(c not in RELATION_COMPONENTS for c in comps):
+        raise ValueError(
+            f"loss_config.relation.components={comps!r}: expected a subset of {list(RELATION_COMPONENTS)}"
+        )
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ValueError(f"loss_config.relation.weight={weight!r}: expected a number >= 0")
+    if weight == 0 or not comps:
+        return None
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"loss_config.relation.heads={heads!r}: expected a positive int")
+    return {"components": list(dict.fromkeys(comps)), "heads": heads, "weight": float(weight)}
 
 
 def _check_pair(s: torch.Tensor, t: torch.Tensor, name: str) -> None:
@@ -51,10 +81,12 @@ class StructuralKVLoss(nn.Module):
         chunk_size: query rows per streamed chunk of the attention KL.
         attn_target: "projected" | "teacher" (module docstring).
         per_layer_metrics: also return "cos_k_layer" / "cos_v_layer" (lists of floats, one per layer).
+        sink: "keep" | "drop"; sink_keys: key positions dropped by "drop" (module docstring).
+        relation: None or {"components", "heads", "weight"} (MiniLMv2 relation term; module docstring).
     Call:
         loss, metrics = loss_fn(s_k, s_v, s_q, t_k, t_v, t_q, attention_mask=None, query_mask=None,
                                 t_q_raw=None, t_k_raw=None, head_mix=None,
-                                student_scale=None, teacher_scale=None)
+                                student_scale=None, teacher_scale=None, head_mask=None, t_v_raw=None)
         s_k/t_k (B, L, G_s, T, D_s), s_v/t_v (B, L, G_s, T, D_s), s_q/t_q (B, L, H_s, T, D_s);
         attention_mask (B, T) bool (True = real token; the keys attention may use). query_mask (B, T) bool:
         optional subset of positions the losses count (cosine positions, KL query rows), e.g. one segment,
@@ -76,6 +108,9 @@ class StructuralKVLoss(nn.Module):
         chunk_size: int = 128,
         attn_target: str = "projected",
         per_layer_metrics: bool = False,
+        sink: str = "keep",
+        sink_keys: list[int] | tuple[int, ...] = (0,),
+        relation: dict | None = None,
     ):
         super().__init__()
         for name, v in (("alpha_k", alpha_k), ("alpha_v", alpha_v), ("alpha_attn", alpha_attn)):
@@ -90,11 +125,22 @@ class StructuralKVLoss(nn.Module):
         self.alpha_k, self.alpha_v, self.alpha_attn = float(alpha_k), float(alpha_v), float(alpha_attn)
         self.temperature, self.chunk_size, self.attn_target = float(temperature), chunk_size, attn_target
         self.per_layer_metrics = per_layer_metrics
+        if sink not in SINK_MODES:
+            raise ValueError(f"loss_config.sink={sink!r}: expected one of {SINK_MODES}")
+        if sink == "drop" and (
+            not sink_keys or any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in sink_keys)
+        ):
+            raise ValueError(
+                f"loss_config.sink_keys={sink_keys!r}: expected a non-empty list of key positions >= 0"
+            )
+        self.sink, self.sink_keys = sink, list(sink_keys)
+        self.relation = check_relation(relation)
 
     def extra_repr(self) -> str:
         return (
             f"alpha_k={self.alpha_k}, alpha_v={self.alpha_v}, alpha_attn={self.alpha_attn}, "
-            f"temperature={self.temperature}, attn_target={self.attn_target!r}, chunk_size={self.chunk_size}"
+            f"temperature={self.temperature}, attn_target={self.attn_target!r}, chunk_size={self.chunk_size}, "
+            f"sink={self.sink!r}, relation={self.relation}"
         )
 
     @staticmethod
@@ -125,6 +171,8 @@ class StructuralKVLoss(nn.Module):
         head_mix: torch.Tensor | None = None,
         student_scale: float | None = None,
         teacher_scale: float | None = None,
+        head_mask: torch.Tensor | None = None,
+        t_v_raw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         # Tensors of a term whose alpha is 0 may be None (e.g. t_v / s_v for an attention-only loss).
         if self.alpha_k != 0 or (self.alpha_attn != 0 and self.attn_target == "projected"):
@@ -164,18 +212,32 @@ class StructuralKVLoss(nn.Module):
                 metrics[f"cos_{name}_layer"] = [float(c) for c in per_layer.detach()]
         if self.alpha_attn != 0:
             kl = self._attention_term(s_q, s_k, t_q, t_k, attention_mask, query_mask, t_q_raw, t_k_raw, head_mix,
-                                      student_scale, teacher_scale)  # fmt: skip
+                                      student_scale, teacher_scale, head_mask)  # fmt: skip
             total = total + self.alpha_attn * kl
             metrics["attn_kl"] = float(kl.detach())
+        if self.relation is not None:
+            students, teachers = {"q": s_q, "k": s_k, "v": s_v}, {"q": t_q_raw, "k": t_k_raw, "v": t_v_raw}
+            for c in self.relation["components"]:
+                if students[c] is None or teachers[c] is None:
+                    raise ValueError(f"relation component {c!r}: expected s_{c} and t_{c}_raw, got None")
+                rel = relation_kl(students[c], teachers[c], self.relation["heads"], attention_mask,
+                                  query_mask=query_mask, chunk_size=self.chunk_size, name=c)  # fmt: skip
+                total = total + self.relation["weight"] * rel
+                metrics[f"rel_{c}"] = float(rel.detach())
         metrics["loss_struct"] = float(total.detach())
         return total, metrics
 
     def _attention_term(
-        self, s_q, s_k, t_q, t_k, mask, query_mask, t_q_raw, t_k_raw, head_mix, student_scale, teacher_scale
-    ):
+        self, s_q, s_k, t_q, t_k, mask, query_mask, t_q_raw, t_k_raw, head_mix, student_scale, teacher_scale,
+        head_mask=None,
+    ):  # fmt: skip
         if s_q is None:
             raise ValueError("s_q is None: expected student queries (B, L, H_s, T, D_s) when alpha_attn > 0")
         kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask)
+        if self.sink == "drop":
+            kw["drop_keys"] = self.sink_keys
+        if head_mask is not None:
+            kw["head_mask"] = head_mask
         if self.attn_target == "projected":
             if t_q is None:
                 raise ValueError("t_q is None: expected projected teacher queries when alpha_attn > 0")
@@ -205,10 +267,14 @@ def create_structural_loss(
     chunk_size: int = 128,
     attn_target: str = "projected",
     per_layer_metrics: bool = False,
+    sink: str = "keep",
+    sink_keys: list[int] | tuple[int, ...] = (0,),
+    relation: dict | None = None,
     **_other_terms,
 ) -> StructuralKVLoss:
     """`StructuralKVLoss` factory; `create_structural_loss(**dataclasses.asdict(cfg.loss_config))` works
     (`loss_config` keys of the other terms, logit KD's `alpha_logit`, `kd_*`, `ce_weight`, are ignored)."""
     return StructuralKVLoss(
-        alpha_k, alpha_v, alpha_attn, temperature, chunk_size, attn_target, per_layer_metrics
-    )
+        alpha_k, alpha_v, alpha_attn, temperature, chunk_size, attn_target, per_layer_metrics, sink, sink_keys,
+        relation,
+    )  # fmt: skip

@@ -19,6 +19,12 @@ How it is measured (one invocation, subprocesses):
   loader  the trainer's DataLoader alone (same workers/prefetch, teacher states included): samples/s.
 Bars (issue 4): cached <= 0.5x online step time; cached peak RSS <= 0.8x online; cached <= 1.3x CE-only;
 loader samples/s >= 3x what the cached step consumes.
+
+    python benchmarks/bench_train.py --config configs/default.yaml --arms configs/ablations/structural_v2.yaml
+        [--only kd_heads_top,kd_relation] [--steps 8] [--warmup 2] [--threads 2] [key=value ...]
+  arms    instead of the above: a CE-only step and one cached step per arm of an ablation YAML (its
+          base_overrides + the arm's overrides on top of --config), interleaved in one process; prints each
+          arm's median step time and its ratio to CE-only. A staged arm is timed in its "on" stage.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def _args(argv):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     ap.add_argument("--rss_steps", type=int, default=3, help="steps of each peak-RSS process")
+    ap.add_argument("--arms", default=None, help="ablation YAML: time each arm's step next to CE-only")
+    ap.add_argument("--only", default=None, help="--arms: comma-separated arm names")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     return ap.parse_known_args(argv)
 
@@ -130,7 +138,7 @@ class Stepper:
                 batch[f"{c}_t"] = cap.stack(c, self.layers).float()  # (B, L_sel, H|G, T, D_t)
         res = forward_step(
             self.model, batch, ce_ids=[0, 1, 2], struct_ids=[0, 1, 2], lambda_kv=self.cfg.lambda_kv,
-            loss_fn=self.loss_fn,
+            loss_fn=self.loss_fn, lambda_auto_range=self.cfg.train.lambda_auto_range,
         )  # fmt: skip
         res.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
@@ -198,6 +206,48 @@ def run_loader(args, overrides) -> dict:
     return {"variant": "loader", "samples_per_s": n / elapsed, "rss_mb": own, "worker_rss_mb": kids}
 
 
+def _arm_overrides(path: str, only: str | None) -> dict[str, list[str]]:
+    """{arm name: dotted overrides (base_overrides first)} of an ablation YAML, CE-only arms left out."""
+    import yaml
+
+    from trainer.ablation_config import flatten_overrides
+
+    spec = yaml.safe_load(Path(path).read_text())
+    base = flatten_overrides(spec.get("base_overrides") or [], f"{path}: base_overrides")
+    keep = set(only.split(",")) if only else None
+    arms = {}
+    for arm in spec["arms"]:
+        ov = base + flatten_overrides(arm.get("overrides") or [], f"{path}: arm {arm['name']!r}")
+        if (keep is None or arm["name"] in keep) and "lambda_kv=0" not in ov:
+            arms[arm["name"]] = ov
+    return arms
+
+
+def run_arms(args, overrides) -> dict:
+    """CE-only step and every arm's cached step, interleaved in one process (medians, ratio to CE-only)."""
+    cfg, store, B = _setup(args, overrides)
+    n = args.warmup + args.steps
+    steppers = {"ce": Stepper("ce", cfg, store, B, n)}
+    for name, ov in _arm_overrides(args.arms, args.only).items():
+        acfg, astore, _ = _setup(args, list(overrides) + ov)
+        steppers[name] = Stepper("cached", acfg, astore, B, n)
+    times = {v: [] for v in steppers}
+    for i in range(n):
+        for v, st in steppers.items():
+            dt = st.step()
+            if i >= args.warmup:
+                times[v].append(dt)
+    return {"variant": "arms", "batch_size": B, "steps": args.steps,
+            "step_s": {v: statistics.median(t) for v, t in times.items()}}  # fmt: skip
+
+
+def _print_arms(r: dict) -> None:
+    ce = r["step_s"]["ce"]
+    print(f"step time, median of {r['steps']} interleaved steps, batch {r['batch_size']}:")
+    for v, t in r["step_s"].items():
+        print(f"  {v:<24} {t:.3f} s  {t / ce:5.2f}x CE-only")
+
+
 def _sub(variant: str, base: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
@@ -215,11 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         if args.variant == "timing":
             r = run_timing(args, overrides)
+        elif args.variant == "arms":
+            r = run_arms(args, overrides)
         elif args.variant == "loader":
             r = run_loader(args, overrides)
         else:
             r = run_memory(args.variant.removeprefix("rss_"), args, overrides)
         print("RESULT " + json.dumps(r), flush=True)
+        return 0
+    if args.arms:
+        _print_arms(_sub("arms", argv))
         return 0
     t = _sub("timing", argv)
     print(f"step time (median of {t['steps']}, interleaved): " + "  ".join(

@@ -1,6 +1,7 @@
 """The stored teacher's own attention, per layer and segment: mass on the first token and entropy.
 
     python -m pipeline.attention_profile stores/default.zarr [--samples 16] [--json]
+    python -m pipeline.attention_profile stores/default.zarr --head-scores [--samples 64]  (pipeline/head_scores.py)
 
 Shape glossary: L_sel stored layers, H query heads, G KV heads, T tokens, D head dim.
 
@@ -24,13 +25,17 @@ from pipeline.config import SEGMENTS
 from pipeline.store import KVStore
 
 
-def attention_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention of one sample. Shapes: q (L, H, T, D), k (L, G, T, D) -> (L, H, T, T)."""
+def attention_maps(
+    q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal softmax attention of one sample. Shapes: q (L, H, T, D), k (L, G, T, D) -> (L, H, T, T);
+    with `rows` (n,) long query positions only those rows: (L, H, n, T) (row r sees keys 0..r)."""
     L, H, T, D = q.shape
     assert k.shape[0] == L and k.shape[2:] == (T, D) and H % k.shape[1] == 0, (q.shape, k.shape)
+    rows = torch.arange(T) if rows is None else rows
     k = k.repeat_interleave(H // k.shape[1], dim=1)  # (L, H, T, D)
-    logits = (q @ k.transpose(-1, -2)) * scale  # (L, H, T, T)
-    future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    logits = (q[:, :, rows] @ k.transpose(-1, -2)) * scale  # (L, H, n, T)
+    future = torch.arange(T)[None, :] > rows[:, None]  # (n, T)
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
@@ -88,13 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--samples", type=int, default=16, help="first N samples of the split")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
+    p.add_argument(
+        "--head-scores",
+        action="store_true",
+        help="score every teacher query head (retrieval / answer mass / sink, pipeline/head_scores.py) on the "
+        "first --samples samples and write STORE.head_scores.json next to the store",
+    )
+    p.add_argument("--top", type=int, default=10, help="--head-scores: heads in the printed table")
     a = p.parse_args(argv)
     try:
+        if a.head_scores:
+            return _head_scores_main(a)
         r = attention_profile(a.store, a.split, a.samples)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}".splitlines()[0])
         return 2
     print(json.dumps(r, indent=1) if a.json else format_profile(r))
+    return 0
+
+
+def _head_scores_main(a) -> int:
+    from pipeline.head_scores import format_head_scores, head_scores, write_sidecar
+
+    s = head_scores(a.store, a.split, a.samples)
+    out = write_sidecar(s, a.store)
+    print(json.dumps(s, indent=1) if a.json else format_head_scores(s, a.top))
+    print(f"wrote {out}")
     return 0
 
 

@@ -144,6 +144,6 @@ class KVMapConfig:
     kv_projection_mode: Literal["structured", "flat"] = "structured"
     align: AlignConfig = field(default_factory=AlignConfig)
     loss_config: LossConfig = field(default_factory=LossConfig)
-    lambda_kv: float = 1.0
+    lambda_kv: float | Literal["auto"] = 1.0  # "auto": L_ref / L_struct per step (train.lambda_auto_range)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

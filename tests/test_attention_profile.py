@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -53,3 +54,47 @@ def test_profile_equals_a_direct_per_row_loop(tmp_path, capsys):
 def test_missing_store_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "missing.zarr")]) == 2
     assert capsys.readouterr().out.startswith("error: ")
+
+
+def test_head_scores_equal_a_direct_loop_and_the_sidecar_is_written(tmp_path, capsys):
+    from pipeline.head_scores import head_scores, prompt_answer_span, sidecar_path
+
+    ids = torch.tensor([5, 7, 8, 9, 3, 7, 8, 4, 7, 8])
+    seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+    am = torch.tensor([0, 0, 0, 0, 0, 1, 1, 0, 1, 1])
+    assert prompt_answer_span(ids, seg, am).nonzero().flatten().tolist() == [
+        1,
+        2,
+    ]  # "7 8" occurs in P at 1..2
+
+    path, _, _ = write_random_store(tmp_path / "s.zarr", num_samples=5, layers=(0, 2))
+    r = head_scores(path, num_samples=4, progress=False)
+    store = KVStore(path)
+    scale = 1.0 / math.sqrt(int(store.attrs["teacher"]["head_dim"]))
+    want, n = torch.zeros(3, 2, 6, dtype=torch.float64), 0
+    for i in range(4):
+        x = store.read_sample(i, components=("q", "k"))
+        t_ids, t_seg, t_am = x["input_ids"], x["segment_ids"], x["answer_mask"]
+        span = prompt_answer_span(t_ids, t_seg, t_am)
+        G = x["k"].shape[1]
+        for t in range(1, len(t_ids)):
+            if not (t_am[t] and t_seg[t] > 0):
+                continue
+            n += 1
+            for li in range(2):
+                for h in range(6):
+                    z = (x["q"][li, h, t - 1] @ x["k"][li, h * G // 6, :t].T) * scale  # keys 0..t-1
+                    p = z.double().softmax(-1)
+                    j = int(p.argmax())
+                    want[0, li, h] += float(t_seg[j] == 0 and t_ids[j] == t_ids[t])
+                    want[1, li, h] += float(p[span[:t]].sum())
+                    want[2, li, h] += float(p[0])
+    assert r["answer_rows"] == n > 0 and r["layers"] == [0, 2] and r["split"] == "train"
+    for i, name in enumerate(("retrieval", "answer_mass", "sink")):
+        torch.testing.assert_close(
+            torch.tensor(r[name], dtype=torch.float64), want[i] / n, rtol=1e-5, atol=1e-7
+        )
+    assert main([str(path), "--head-scores", "--samples", "4", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("| ") and "rank" not in line for line in out.splitlines()) == 3  # --top 3 rows
+    assert json.loads(sidecar_path(path).read_text())["samples"] == 4

@@ -28,8 +28,12 @@ class TrainConfig:
     # How lambda_kv (the top-level weight of loss_struct) changes over the run:
     # "constant"; "linear" = linear decay to 0 at `steps`; "cosine" = cosine decay to 0 at `steps`.
     # `lambda_warmup_steps` > 0 first ramps lambda linearly from 0 up to lambda_kv (decay starts after it).
-    lambda_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # "step" = lambda_kv for the first `lambda_until` steps, then exactly 0 (the structural forward is skipped).
+    lambda_schedule: Literal["constant", "linear", "cosine", "step"] = "constant"
     lambda_warmup_steps: int = 0
+    lambda_until: int | None = None  # lambda_schedule "step": first step without the structural term
+    # lambda_kv "auto": lambda = L_ref / L_struct each step (detached; L_ref = KD loss if on, else CE), clipped.
+    lambda_auto_range: list[float] = field(default_factory=lambda: [0.01, 100.0])
     ckpt_every: int = 100  # accelerate.save_state every N steps (and always at the end; 0 = end only)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (>= 1)
     log_every: int = 10  # steps between metrics.jsonl rows (the first and last steps are always logged)

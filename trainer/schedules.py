@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-LAMBDA_SCHEDULES = ("constant", "linear", "cosine")
+LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "step")
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -37,16 +37,20 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lambda_kv_at(step: int, base: float, schedule: str, warmup_steps: int, total_steps: int) -> float:
+def lambda_kv_at(
+    step: int, base: float, schedule: str, warmup_steps: int, total_steps: int, until: int | None = None
+) -> float:
     """The structural-loss weight lambda_kv used at optimizer step `step`.
 
     Args:
         step: optimizer step (0-based).
         base: the configured `lambda_kv` (peak value); 0 disables the structural loss entirely.
-        schedule: "constant" | "linear" (linear decay to 0 at `total_steps`) | "cosine" (cosine decay to 0).
+        schedule: "constant" | "linear" (linear decay to 0 at `total_steps`) | "cosine" (cosine decay to 0) |
+            "step" (`base` for steps < `until`, then exactly 0: the structural term as a stage, MOHAWK-style).
         warmup_steps: linear ramp from 0 to `base` over these steps before the schedule applies; the decay
             then spans the remaining `total_steps - warmup_steps` steps.
         total_steps: the run's number of optimizer steps.
+        until: "step" only: the first step at which the term is off (`train.lambda_until`).
     Example:
         >>> [round(lambda_kv_at(s, 1.0, "linear", 0, 4), 2) for s in range(4)]
         [1.0, 0.75, 0.5, 0.25]
@@ -57,12 +61,36 @@ def lambda_kv_at(step: int, base: float, schedule: str, warmup_steps: int, total
         raise ValueError(f"lambda_kv={base!r}: expected a finite value >= 0")
     if warmup_steps < 0:
         raise ValueError(f"train.lambda_warmup_steps={warmup_steps!r}: expected an int >= 0")
+    if schedule == "step":
+        if isinstance(until, bool) or not isinstance(until, int) or until < 0:
+            raise ValueError(
+                f"train.lambda_until={until!r}: expected an int >= 0 with lambda_schedule 'step'"
+            )
+        if step >= until:
+            return 0.0
     if step < warmup_steps:
         return base * (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
+    if schedule in ("constant", "step"):
         return base
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     if schedule == "linear":
         return base * (1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def auto_lambda(loss_ref: float, loss_struct: float, lo: float, hi: float) -> float:
+    """`lambda_kv: auto` (Minitron's dynamic weight): loss_ref / loss_struct of this step, clipped to [lo, hi].
+
+    loss_ref is the logit-KD loss when that term is on, else the CE loss; both are detached values, so the
+    weight carries no gradient. With loss_struct <= 0 (nothing left to match) the ratio is +inf -> hi.
+    Example:
+        >>> auto_lambda(2.0, 0.5, 0.01, 100.0), auto_lambda(2.0, 0.0, 0.01, 3.0)
+        (4.0, 3.0)
+    """
+    if not (0 <= lo <= hi and math.isfinite(hi)):
+        raise ValueError(f"train.lambda_auto_range={[lo, hi]!r}: expected [lo, hi] with 0 <= lo <= hi < inf")
+    if not math.isfinite(loss_ref) or not math.isfinite(loss_struct):
+        return hi if math.isfinite(loss_ref) else lo  # the NaN check of the step reports the bad loss itself
+    ratio = loss_ref / loss_struct if loss_struct > 0 else math.inf
+    return min(hi, max(lo, ratio))

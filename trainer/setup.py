@@ -42,8 +42,8 @@ def validate_config(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
     for key, v in (("train.lr", t.lr), ("train.aligner_lr", t.aligner_lr)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ConfigError(f"config key '{key}': got {v!r}, expected a finite value > 0")
-    if not (math.isfinite(cfg.lambda_kv) and cfg.lambda_kv >= 0):
-        raise ConfigError(f"config key 'lambda_kv': got {cfg.lambda_kv!r}, expected a finite value >= 0")
+    _validate_lambda(cfg)
+    _validate_structural(cfg)
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(
             f"config key 'train.min_lr_ratio': got {t.min_lr_ratio!r}, expected a value in [0, 1]"
@@ -72,6 +72,82 @@ def validate_config(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
     return ce, st
 
 
+def _validate_lambda(cfg: KVMapConfig) -> None:
+    """lambda_kv (a value or "auto"), the step schedule and the auto range (issue 13)."""
+    t = cfg.train
+    if cfg.lambda_kv == "auto":
+        if t.lambda_schedule not in ("constant", "step") or t.lambda_warmup_steps:
+            raise ConfigError(
+                f"config key 'lambda_kv': 'auto' with train.lambda_schedule={t.lambda_schedule!r} and "
+                f"lambda_warmup_steps={t.lambda_warmup_steps}: expected schedule constant | step and no warm-up"
+            )
+    elif not (math.isfinite(cfg.lambda_kv) and cfg.lambda_kv >= 0):
+        raise ConfigError(
+            f"config key 'lambda_kv': got {cfg.lambda_kv!r}, expected a finite value >= 0 or 'auto'"
+        )
+    r = t.lambda_auto_range
+    if len(r) != 2 or not (0 <= r[0] <= r[1] and math.isfinite(r[1])):
+        raise ConfigError(
+            f"config key 'train.lambda_auto_range': got {r!r}, expected [lo, hi] with 0 <= lo <= hi"
+        )
+    if t.lambda_schedule == "step" and (t.lambda_until is None or t.lambda_until < 0):
+        raise ConfigError(
+            f"config key 'train.lambda_until': got {t.lambda_until!r}, expected an int >= 0 with lambda_schedule 'step'"
+        )
+
+
+def _validate_structural(cfg: KVMapConfig) -> None:
+    """head_select / relation / sink combinations a dataclass cannot express (issue 13)."""
+    from alignment.loss import check_relation
+
+    lc, hs = cfg.loss_config, cfg.align.head_select
+    if hs.method != "all" and (lc.attn_target != "teacher" or lc.alpha_attn <= 0 or lc.alpha_k or lc.alpha_v):
+        raise ConfigError(
+            f"config key 'align.head_select.method': {hs.method!r} distils teacher heads one-to-one: expected "
+            "loss_config.attn_target=teacher, alpha_attn > 0, alpha_k = alpha_v = 0"
+        )
+    try:
+        check_relation(dataclasses.asdict(lc.relation))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_relation_widths(cfg: KVMapConfig, aligner) -> None:
+    rel = cfg.loss_config.relation
+    if rel.weight == 0:
+        return
+    from alignment.relation import check_relation_heads
+
+    a = aligner
+    widths = {"q": (a.H_s * a.D_s, a.H_t * a.D_t), "k": (a.G_s * a.D_s, a.G_t * a.D_t)}
+    widths["v"] = widths["k"]
+    for c in rel.components:
+        for side, w in zip(("student", "teacher"), widths[c]):
+            try:
+                check_relation_heads(w, rel.heads, f"{side} {c}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
+    """align.head_select: scores from the train split (sidecar or computed), the one-to-one assignment."""
+    from alignment.head_select import select_heads
+
+    hs = cfg.align.head_select
+    scores = None
+    if hs.method in ("top_retrieval", "top_answer_mass"):
+        from pipeline.head_scores import load_or_compute
+
+        scores = load_or_compute(store.path, "train", hs.samples)
+    try:
+        sel = select_heads(hs.method, aligner.layer_map, aligner.H_t, aligner.H_s, top=hs.top, heads=hs.heads,
+                           scores=scores)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if sel is not None:
+        aligner.set_head_selection(sel)
+
+
 def store_path_of(cfg: KVMapConfig) -> str:
     return cfg.train.store or cfg.extract.store
 
@@ -94,6 +170,8 @@ def build_aligner(cfg: KVMapConfig, store, student):
             f"config key 'loss_config.attn_target': 'teacher' with kv_projection_mode='{cfg.kv_projection_mode}' "
             f"needs a Q head mixer (teacher {aligner.H_t} vs student {aligner.H_s} heads): expected 'structured'"
         )
+    _check_relation_widths(cfg, aligner)
+    _apply_head_selection(cfg, store, aligner)
     return aligner
 
 
@@ -135,8 +213,11 @@ def build_kd(cfg: KVMapConfig, store, student_vocab: int):
 
 
 def needed_components(cfg: KVMapConfig) -> tuple[str, ...]:
-    """Store components the loss reads: K and V always (the aligner maps both), Q only for the attention term."""
-    return ("q", "k", "v") if cfg.loss_config.alpha_attn > 0 else ("k", "v")
+    """Store components the loss reads: K and V always (the aligner maps both), Q for the attention term or a
+    Q relation."""
+    rel = cfg.loss_config.relation
+    q = cfg.loss_config.alpha_attn > 0 or (rel.weight > 0 and "q" in rel.components)
+    return ("q", "k", "v") if q else ("k", "v")
 
 
 def param_groups(student, aligner, cfg: KVMapConfig) -> list[dict]:

@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.capture import capture_qkv
 from trainer.losses import ce_targets, per_layer_cosine
+from trainer.schedules import auto_lambda
 
 # Config attributes of HF models whose causal-LM head does more than `lm_head(hidden)` (softcapping, a
 # logit scale): for these the student's own forward computes the logits (every position), because running
@@ -103,9 +104,18 @@ class DistillModel(nn.Module):
         return head(h[logit_mask])  # (N, V)
 
     def forward(
-        self, input_ids, attention_mask, segment_ids=None, q_t=None, k_t=None, v_t=None, logit_mask=None
+        self,
+        input_ids,
+        attention_mask,
+        segment_ids=None,
+        q_t=None,
+        k_t=None,
+        v_t=None,
+        logit_mask=None,
+        structural=True,
     ):
-        if self.aligner is None:
+        # structural=False: a step whose lambda_kv is 0 (e.g. after train.lambda_until) runs the CE path only.
+        if self.aligner is None or not structural:
             return self._logits(input_ids, attention_mask, logit_mask), None, None
         with capture_qkv(self.student, layers=self.layers, detach=False) as cap:
             logits = self._logits(input_ids, attention_mask, logit_mask)
@@ -180,10 +190,11 @@ def forward_step(
     *,
     ce_ids: list[int],
     struct_ids: list[int],
-    lambda_kv: float,
+    lambda_kv: float | str,
     loss_fn=None,
     kd: KDTerm | None = None,
     ce_weight: float = 1.0,
+    lambda_auto_range: tuple[float, float] | list[float] = (0.01, 100.0),
 ) -> StepResult:
     """Compute loss = ce_weight * loss_ce + kd.alpha * loss_kd + lambda_kv * loss_struct for one batch.
 
@@ -192,7 +203,10 @@ def forward_step(
         batch: collated batch (trainer.data.collate_right_pad) on the model's device; q_t/k_t/v_t only
             when the model has an aligner; topk_logprobs/topk_indices only with `kd`.
         ce_ids / struct_ids: segment ids counted by CE and KD (by target token) / by the structural loss.
-        lambda_kv: weight of the structural term at this step.
+        lambda_kv: weight of the structural term at this step; 0 skips the structural forward (no capture,
+            no aligner: the same update as CE alone); "auto" = L_ref / L_struct of this batch, detached and
+            clipped to `lambda_auto_range` (`trainer.schedules.auto_lambda`; L_ref = terms["loss_kd"] when a
+            logit-KD term is present, else loss_ce), logged as lambda_kv.
         loss_fn: the StructuralKVLoss (None for CE-only).
         kd: the logit-KD term (None = off).
         ce_weight: weight of CE (0 = logit-only; CE is still computed and logged).
@@ -203,9 +217,11 @@ def forward_step(
     """
     ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
     keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
+    structural = not (isinstance(lambda_kv, (int, float)) and lambda_kv == 0)
     logits, student, out = model(
-        ids, attn, seg, batch.get("q_t"), batch.get("k_t"), batch.get("v_t"), logit_mask=keep
-    )
+        ids, attn, seg, batch.get("q_t"), batch.get("k_t"), batch.get("v_t"), logit_mask=keep,
+        structural=structural,
+    )  # fmt: skip
     if logits.dim() == 3:  # the student's own forward ran: every position
         logits = logits[keep]  # (N, V)
     # sum / max(N, 1) rather than mean, so a batch without counted targets gives 0, not NaN.
@@ -222,6 +238,9 @@ def forward_step(
         logs["loss"] = float(loss.detach())
         return StepResult(loss, terms, logs, logits)
     loss_struct, struct_logs = structural_loss(loss_fn, student, out, struct_ids)
+    if lambda_kv == "auto":
+        ref = terms.get("loss_kd", terms["loss_ce"])  # the KD term when logit distillation is on, else CE
+        lambda_kv = auto_lambda(float(ref.detach()), float(loss_struct.detach()), *lambda_auto_range)
     loss = loss + lambda_kv * loss_struct
     terms["loss_struct"] = loss_struct
     logs.update(struct_logs)

@@ -142,6 +142,8 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     check_tokenizer(store, tokenizer, vocab)
     aligner = build_aligner(cfg, store, student)
     kd = build_kd(cfg, store, vocab)
+    if aligner is not None and aligner.head_selection is not None:
+        accelerator.print(aligner.head_selection.describe())
     layers, comps = [], ()
     if aligner is not None:
         layers, comps = list(aligner.teacher_layers), needed_components(cfg)
@@ -238,8 +240,10 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     model.train()
     for step in range(start_step, cfg.train.steps):
         lam = lambda_kv_at(
-            step, cfg.lambda_kv, cfg.train.lambda_schedule, cfg.train.lambda_warmup_steps, cfg.train.steps
-        )
+            step, 1.0 if cfg.lambda_kv == "auto" else cfg.lambda_kv, cfg.train.lambda_schedule,
+            cfg.train.lambda_warmup_steps, cfg.train.steps, cfg.train.lambda_until,
+        )  # fmt: skip
+        lam = "auto" if cfg.lambda_kv == "auto" and lam > 0 else lam  # auto: computed per batch in the step
         micro_logs = []
         t_step = time.time()
         tokens = 0
@@ -258,6 +262,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                     loss_fn=loss_fn,
                     kd=kd,
                     ce_weight=cfg.loss_config.ce_weight,
+                    lambda_auto_range=cfg.train.lambda_auto_range,
                 )
                 check_finite(accelerator, res, step + 1)  # 1-based like metrics.jsonl
                 accelerator.backward(res.loss / cfg.train.grad_accum)
@@ -272,9 +277,8 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         logs = reduce_logs(accelerator, micro_logs)
-        logs.update(
-            lr=lrs.get("student", next(iter(lrs.values()))), lambda_kv=lam, step_s=time.time() - t_step
-        )
+        logs.update(lr=lrs.get("student", next(iter(lrs.values()))), step_s=time.time() - t_step)
+        logs.setdefault("lambda_kv", 0.0 if lam == "auto" else float(lam))  # the step logs auto's value
         if "aligner" in lrs:
             logs["lr_aligner"] = lrs["aligner"]
         if grad_norm is not None:
