@@ -234,10 +234,24 @@ def test_default_matrix_resolves_every_arm():
     specs = plan_runs(abl)
     arms = {s.arm: s.cfg for s in specs if s.seed == 0}
     assert list(arms) == [
-        "ce_only", "baseline_flat", "v40_1", "v40_2", "v40_3", "v40_2_rope", "attn_teacher", "attn_teacher_decay",
-        "combo",
+        "ce_only", "kd_only", "kd_v40_2", "kd_attn_teacher", "baseline_flat", "v40_1", "v40_2", "v40_3",
+        "v40_2_rope", "attn_teacher", "attn_teacher_decay", "combo", "kd_heads_top", "kd_relation", "kd_staged",
+        "kd_auto",
     ]  # fmt: skip
-    assert abl.seeds == [0, 1, 2] and len(specs) == 27 and abl.control == "ce_only"
+    assert abl.seeds == [0, 1, 2] and len(specs) == 48 and abl.control == "ce_only"
+    for a in (
+        "kd_only",
+        "kd_v40_2",
+        "kd_attn_teacher",
+        "kd_heads_top",
+        "kd_relation",
+        "kd_staged",
+        "kd_auto",
+    ):
+        assert arms[a].loss_config.alpha_logit == 1.0, a
+    assert arms["kd_only"].lambda_kv == 0 and arms["kd_auto"].lambda_kv == "auto"
+    assert arms["kd_staged"].train.lambda_schedule == "step" and arms["kd_staged"].train.lambda_until == 100
+    assert arms["kd_heads_top"].loss_config.sink == "drop"
     c = arms["combo"]
     assert c.align.rope_consistent and c.loss_config.attn_target == "teacher" and c.loss_config.alpha_k == 1.0
     assert c.train.lambda_schedule == "linear" and c.train.steps == 300 and c.train.batch_size == 16
