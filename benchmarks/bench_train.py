@@ -83,8 +83,8 @@ def _setup(args, overrides):
     cfg = load_config(KVMapConfig, args.config, overrides)
     if args.store:
         cfg.train.store = args.store
-    if cfg.lambda_kv == 0:
-        cfg.lambda_kv = 1.0  # the distillation variants need the structural term
+    if cfg.lambda_kv == 0 and cfg.loss_config.alpha_logit == 0:
+        cfg.lambda_kv = 1.0  # the distillation variants need a distillation term
     return cfg, open_store(store_path_of(cfg)), args.batch_size or cfg.train.batch_size
 
 
@@ -100,7 +100,8 @@ class Stepper:
         from alignment import create_structural_loss
         from pipeline.models import load_model
         from trainer.data import ResumableSampler, StoreDataset, make_loader
-        from trainer.setup import build_aligner, needed_components, param_groups
+        from trainer.losses import segment_ids_of
+        from trainer.setup import build_aligner, build_kd, needed_components, param_groups
         from trainer.step import DistillModel
         from trainer.store_checks import check_layers
 
@@ -108,9 +109,14 @@ class Stepper:
         student, tok = load_model(cfg.student, for_training=True)
         self.aligner = build_aligner(cfg, store, student) if variant != "ce" else None
         self.layers = list(self.aligner.teacher_layers) if self.aligner is not None else []
-        comps = needed_components(cfg) if variant in ("cached", "loader") else ()
+        comps = needed_components(cfg) if variant in ("cached", "loader") and self.aligner else ()
         if comps:
             check_layers(store, self.layers, comps)
+        vocab = int(student.get_input_embeddings().weight.shape[0])
+        self.kd = build_kd(cfg, store, vocab) if variant != "ce" else None  # logit KD (alpha_logit > 0)
+        if self.kd is not None:
+            comps = (*comps, "logits")
+        self.ce_ids = segment_ids_of(cfg.train.ce_segments, "train.ce_segments")
         ds = StoreDataset(store.path, "train", layers=self.layers, components=comps)
         pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         sampler = ResumableSampler(len(ds), cfg.seed, total_batches * B)
@@ -137,8 +143,9 @@ class Stepper:
             for c in ("q", "k", "v"):
                 batch[f"{c}_t"] = cap.stack(c, self.layers).float()  # (B, L_sel, H|G, T, D_t)
         res = forward_step(
-            self.model, batch, ce_ids=[0, 1, 2], struct_ids=[0, 1, 2], lambda_kv=self.cfg.lambda_kv,
-            loss_fn=self.loss_fn, lambda_auto_range=self.cfg.train.lambda_auto_range,
+            self.model, batch, ce_ids=self.ce_ids, struct_ids=[0, 1, 2], lambda_kv=self.cfg.lambda_kv,
+            loss_fn=self.loss_fn, lambda_auto_range=self.cfg.train.lambda_auto_range, kd=self.kd,
+            ce_weight=self.cfg.loss_config.ce_weight,
         )  # fmt: skip
         res.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
@@ -218,7 +225,8 @@ def _arm_overrides(path: str, only: str | None) -> dict[str, list[str]]:
     arms = {}
     for arm in spec["arms"]:
         ov = base + flatten_overrides(arm.get("overrides") or [], f"{path}: arm {arm['name']!r}")
-        if (keep is None or arm["name"] in keep) and "lambda_kv=0" not in ov:
+        ce_only = "lambda_kv=0" in ov and not any(o.startswith("loss_config.alpha_logit=") for o in ov)
+        if (keep is None or arm["name"] in keep) and not ce_only:
             arms[arm["name"]] = ov
     return arms
 
