@@ -23,6 +23,9 @@ class AlignConfig:
     # Structured mode: Q/K dim maps select the teacher rotary pair of the nearest frequency for each student
     # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/rope.py).
     rope_consistent: bool = False
+    # "from_prune": the student was cut from the teacher (pipeline/prune.py); read its prune_meta.json and
+    # start the layer map, head mixers and dim maps at the exact correspondence (alignment/prune_init.py).
+    init: Literal["default", "from_prune"] = "default"
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignment.config import AlignConfig, LossConfig
+from pipeline.prune_config import PruneConfig
 from trainer.config import EvalConfig, TrainConfig
 
 SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
@@ -143,3 +144,4 @@ class KVMapConfig:
     lambda_kv: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # pipeline/prune.py only
