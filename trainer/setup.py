@@ -145,6 +145,7 @@ RESUME_FREE_KEYS = (
     "train.num_workers",
     "train.prefetch_factor",
     "eval.",
+    "prune.",  # pipeline/prune.py only
 )
 
 
