@@ -40,6 +40,9 @@ class AlignConfig:
     # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/rope.py).
     rope_consistent: bool = False
     head_select: HeadSelectConfig = field(default_factory=HeadSelectConfig)
+    # "from_prune": the student was cut from the teacher (pipeline/prune.py); read its prune_meta.json and
+    # start the layer map, head mixers and dim maps at the exact correspondence (alignment/prune_init.py).
+    init: Literal["default", "from_prune"] = "default"
 
 
 @dataclass

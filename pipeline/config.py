@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignment.config import AlignConfig, LossConfig
+from pipeline.prune_config import PruneConfig
 from trainer.config import EvalConfig, TrainConfig
 
 SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
@@ -147,3 +148,4 @@ class KVMapConfig:
     lambda_kv: float | Literal["auto"] = 1.0  # "auto": L_ref / L_struct per step (train.lambda_auto_range)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # pipeline/prune.py only

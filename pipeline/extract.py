@@ -98,6 +98,10 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
     if spec == "map":
         from alignment.layer_map import build_layer_map, teacher_layers_needed
 
+        if cfg.align.init == "from_prune":  # a student pruned from the teacher: its kept layers
+            from pipeline.prune_meta import read_prune_meta
+
+            return teacher_layers_needed(read_prune_meta(cfg.student)["kept_layers"])
         layer_map = build_layer_map(cfg.align.layer_map, num_teacher_layers, student_num_layers(cfg.student))
         return teacher_layers_needed(layer_map)
     if isinstance(spec, list) and spec:

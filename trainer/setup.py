@@ -159,8 +159,18 @@ def build_aligner(cfg: KVMapConfig, store, student):
     from alignment import create_aligner
 
     teacher_cfg = teacher_config_from_attrs(store.attrs)
+    align_cfg, meta = cfg.align, None
+    if cfg.align.init == "from_prune":  # the layer map is the kept teacher layers (prune_meta.json)
+        from pipeline.prune_meta import read_prune_meta
+
+        meta = read_prune_meta(cfg.student)
+        align_cfg = dataclasses.replace(cfg.align, layer_map=meta["kept_layers"])
     try:
-        aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, cfg.align)
+        aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, align_cfg)
+        if meta is not None:
+            from alignment.prune_init import init_from_prune
+
+            init_from_prune(aligner, meta["kept_query_heads"], meta["kept_kv_heads"])
     except ValueError as e:
         raise ConfigError(f"aligner ({cfg.kv_projection_mode}): {e}".splitlines()[0]) from None
     lc = cfg.loss_config
@@ -253,6 +263,7 @@ RESUME_FREE_KEYS = (
     "train.num_workers",
     "train.prefetch_factor",
     "eval.",
+    "prune.",  # pipeline/prune.py only
 )
 
 
