@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate laun
     # standard library's `inspect`: replace that entry by the repository root before importing anything.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -171,6 +172,8 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
             "extract": ex,
             "train_tokens": train.fingerprint(),
             "eval_tokens": eval.fingerprint() if eval is not None else None,
+            # only with teacher-written completions, so dataset-mode fingerprints stay as they were
+            **({"completions": attrs["completions"]} if "completions" in attrs else {}),
         }
     )
 
@@ -253,6 +256,14 @@ def _print_summary(path, s: dict) -> None:
         f"extraction loop)\n  teacher teacher-forced answer-token accuracy: {acc or 'no answer tokens'}",
         flush=True,
     )
+    for split, sc in c.items():
+        if "completions" in sc:
+            g = sc["completions"]
+            print(
+                f"  teacher-written {split}: kept {g['kept']} / {g['source_rows']} rows, rejected {g['rejected']}, "
+                f"cut at max_new_tokens {g['cut_at_max_new_tokens']}",
+                flush=True,
+            )
 
 
 def generate_default_data(cfg: KVMapConfig) -> None:
@@ -267,6 +278,18 @@ def generate_default_data(cfg: KVMapConfig) -> None:
             raise ValueError(
                 f"data.generate_default=true writes {paths['train']}, but data.train_path={cfg.data.train_path!r}"
             )
+
+
+def teacher_completions(cfg: KVMapConfig, model, tokenizer, state, overwrite: bool):
+    """With `data.completions: teacher`, have the teacher write R and A first (pipeline/completions.py);
+    returns (cfg reading the written JSONL, {split: generation counts}, the generation settings), else
+    (cfg, {}, None)."""
+    if cfg.data.completions != "teacher":
+        return cfg, {}, None
+    from pipeline.completions import completion_settings, write_completions
+
+    data_cfg, counts = write_completions(cfg, model, tokenizer, state, overwrite)
+    return dataclasses.replace(cfg, data=data_cfg), counts, completion_settings(cfg)
 
 
 def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
@@ -288,9 +311,13 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
         if state.is_main_process:
             generate_default_data(cfg)
+    cfg, completion_counts, completion_settings = teacher_completions(cfg, model, tokenizer, state, overwrite)
+    with state.main_process_first():
         train, counts_train = load_split(cfg, "train", tokenizer)
         ev = load_split(cfg, "eval", tokenizer)
     counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})
+    for split, c in completion_counts.items():
+        counts[split]["completions"] = c
     eval = ev[0] if ev is not None else None
     layers = resolve_layers(cfg, model_geometry(model.config)["layers"])
     attrs = teacher_attrs(cfg, model, tokenizer, layers)
@@ -298,6 +325,8 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         "train": {"source": cfg.data.train_path, **counts["train"]},
         **({"eval": {"source": cfg.data.eval_path, **counts["eval"]}} if "eval" in counts else {}),
     }
+    if completion_settings is not None:  # teacher-written R and A: how they were generated
+        attrs["completions"] = completion_settings
     attrs["config_fingerprint"] = config_fingerprint(cfg, attrs, train, eval)
     path = Path(cfg.extract.store)
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
