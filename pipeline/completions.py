@@ -14,6 +14,9 @@ and renamed, so a killed run leaves no half-written part and a rerun regenerates
 Rank r of `accelerate launch` takes every world-th missing chunk; chunks (not ranks) fix the batches and,
 with sampling, the seed (`generation.seed + chunk`), so 1 and N processes write the same files.
 Existing completions made with other settings are refused (`--overwrite` regenerates them).
+
+    python -m pipeline.completions --config configs/teacher_data.yaml [key=value ...]   # generation only
+    accelerate launch pipeline/extract.py --config configs/teacher_data.yaml             # + extraction
 """
 
 from __future__ import annotations
@@ -214,3 +217,34 @@ def write_completions(cfg: KVMapConfig, model, tokenizer, state=None, overwrite:
             f"see {out / 'train.rejected.jsonl'}"
         )
     return completions_data_config(cfg, counts.get("eval", {}).get("kept")), counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write (or resume) the completions only, without extracting."""
+    import sys
+
+    from accelerate import PartialState
+
+    from pipeline.configlib import ConfigError, parse_cli
+    from pipeline.extract import generate_default_data
+    from pipeline.models import load_model
+
+    try:
+        cfg, flags = parse_cli(KVMapConfig, sys.argv[1:] if argv is None else argv, flags=("overwrite",))
+        if cfg.data.completions != "teacher":
+            raise ConfigError(f"data.completions={cfg.data.completions!r}: expected 'teacher' here")
+        state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
+        model, tok = load_model(cfg.teacher)
+        if state.is_main_process:
+            generate_default_data(cfg)
+        _, counts = write_completions(cfg, model, tok, state, flags["overwrite"])
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"completions: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if state.is_main_process:
+        print(json.dumps({"out_dir": str(completions_dir(cfg)), **counts}, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -251,3 +251,12 @@ def test_extraction_on_teacher_text_and_two_processes_equal_one(tmp_path, teache
         assert (Path(f"{two}.completions") / name).read_text() == (ref_dir / name).read_text(), name
     # the same store config (the full attrs differ only by where the JSONL lives)
     assert KVStore(f"{two}.zarr").attrs["config_fingerprint"] == store.attrs["config_fingerprint"]
+
+
+def test_extra_default_prompts_keep_the_held_out_prompts():
+    from pipeline.make_default_data import make_rows
+
+    train, held = make_rows(50, 20)
+    more, held2 = make_rows(50, 20, n_extra_train=30)
+    assert held2 == held and more[:50] == train and len(more) == 80
+    assert not {r["prompt"] for r in more} & {r["prompt"] for r in held}
