@@ -45,6 +45,36 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How the teacher writes completions (`data.completions: teacher`, pipeline/generate.py)."""
+
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # with do_sample: torch is seeded with seed + chunk index before each chunk
+    batch_size: int = 16  # prompts per `generate` call (left-padded, KV cache)
+    # R ends at the first of these (or EOS / data.max_new_tokens); A likewise (or answer_max_new_tokens).
+    # "\n": the default answer_prefix starts a new line, so one line of reasoning is what it follows.
+    stop_strings: list[str] = field(default_factory=lambda: ["\n"])
+    answer_max_new_tokens: int = 16
+    chunk_rows: int = 256  # rows per resumable unit (one part file; ranks take every world-th chunk)
+    out_dir: str | None = None  # null: beside the store, `<extract.store without .zarr>.completions/`
+
+    def __post_init__(self):
+        for key in ("batch_size", "answer_max_new_tokens", "chunk_rows"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.generation.{key}={getattr(self, key)!r}: expected an int >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"data.generation.temperature={self.temperature!r}: expected a float > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"data.generation.top_p={self.top_p!r}: expected a float in (0, 1]")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(
+                f"data.generation.stop_strings={self.stop_strings!r}: expected a list of non-empty strings"
+            )
+
+
+@dataclass
 class DataConfig:
     """Prompt / reasoning / answer samples read through `datasets` (see pipeline/data.py).
 
@@ -72,8 +102,29 @@ class DataConfig:
     on_bad_row: Literal["skip", "error"] = "skip"  # a missing / empty required field
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Where R and A come from: the dataset's fields, or the teacher writes them from the prompt
+    # (pipeline/generate.py: sequence-level distillation data, written as JSONL beside the store).
+    completions: Literal["dataset", "teacher"] = "dataset"
+    # teacher completions only: keep samples whose generated A contains the gold `answer_field` value
+    # (as a whole word), or keep every non-empty one.
+    filter: Literal["none", "answer_match"] = "answer_match"
+    max_new_tokens: int = 64  # teacher completions: R's generation budget
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # The field whose value answer_mask marks (whole-word occurrences inside R and A); null: today's rule
+    # (the whole answer_field text in A + its occurrences in R). Teacher completions set it to "gold".
+    answer_mask_field: str | None = None
 
     def __post_init__(self):
+        for key, allowed in (("completions", ("dataset", "teacher")), ("filter", ("none", "answer_match"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"data.max_new_tokens={self.max_new_tokens!r}: expected an int >= 1")
+        if self.completions == "teacher" and self.reasoning_field is None:
+            raise ValueError(
+                "data.completions='teacher' with data.reasoning_field=None: teacher completions write R, "
+                "so reasoning_field must name the field they are written to (e.g. reasoning)"
+            )
         if self.max_length < 2:
             raise ValueError(f"data.max_length={self.max_length!r}: expected an int >= 2")
         for key in ("max_train_samples", "max_eval_samples"):

@@ -149,12 +149,25 @@ def _render(row: dict, tokenizer, data_cfg: DataConfig, counts, row_index):
         a0 = r0 + len(r_text)
     ans_start = a0 + len(data_cfg.answer_prefix)
     spans = [(0, r0, P), (r0, a0, R), (a0, len(text), A)]
-    answer_spans = [(ans_start, ans_start + len(answer))]
+    r_start = text.find(reasoning, r0) if reasoning is not None else None
+    if data_cfg.answer_mask_field is not None:  # e.g. the gold answer inside teacher-written R and A
+        needle = _field(row, data_cfg.answer_mask_field)
+        if needle is None:
+            return _bad(counts, data_cfg, row_index, data_cfg.answer_mask_field, row)
+        answer_spans = [(ans_start + a, ans_start + b) for a, b in answer_occurrences(answer, needle)]
+    else:
+        needle = answer
+        answer_spans = [(ans_start, ans_start + len(answer))]
     if reasoning is not None:  # whole-word occurrences of the answer inside R
-        pattern = r"(?<![0-9A-Za-z])" + re.escape(answer) + r"(?![0-9A-Za-z])"
-        r_start = text.find(reasoning, r0)
-        answer_spans += [(r_start + m.start(), r_start + m.end()) for m in re.finditer(pattern, reasoning)]
-    return text, spans, answer_spans, answer
+        answer_spans += [(r_start + a, r_start + b) for a, b in answer_occurrences(reasoning, needle)]
+    return text, spans, answer_spans, needle
+
+
+def answer_occurrences(text: str, answer: str) -> list[tuple[int, int]]:
+    """Character spans of the whole-word occurrences of `answer` in `text` (not preceded or followed by a
+    letter or digit: "3907." holds 3907, "39071" does not). The rule for answer masks and `answer_match`."""
+    pattern = r"(?<![0-9A-Za-z])" + re.escape(answer) + r"(?![0-9A-Za-z])"
+    return [(m.start(), m.end()) for m in re.finditer(pattern, text)]
 
 
 def tokenize_sample(

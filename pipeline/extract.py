@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate laun
     # standard library's `inspect`: replace that entry by the repository root before importing anything.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -202,6 +203,8 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
             "extract": ex,
             "train_tokens": train.fingerprint(),
             "eval_tokens": eval.fingerprint() if eval is not None else None,
+            # only with teacher-written completions, so dataset-mode fingerprints stay as they were
+            **({"completions": attrs["completions"]} if "completions" in attrs else {}),
         }
     )
 
@@ -245,8 +248,21 @@ def generate_default_data(cfg: KVMapConfig) -> None:
             )
 
 
-def _prepare(cfg: KVMapConfig, state):
-    """Load the teacher and both splits, resolve the layers and build the store attributes (every rank)."""
+def teacher_completions(cfg: KVMapConfig, model, tokenizer, state, overwrite: bool):
+    """With `data.completions: teacher`, have the teacher write R and A first (pipeline/completions.py);
+    returns (cfg reading the written JSONL, {split: generation counts}, the generation settings), else
+    (cfg, {}, None)."""
+    if cfg.data.completions != "teacher":
+        return cfg, {}, None
+    from pipeline.completions import completion_settings, write_completions
+
+    data_cfg, counts = write_completions(cfg, model, tokenizer, state, overwrite)
+    return dataclasses.replace(cfg, data=data_cfg), counts, completion_settings(cfg)
+
+
+def _prepare(cfg: KVMapConfig, state, overwrite: bool):
+    """Load the teacher, have it write the completions (`data.completions: teacher`), tokenise both splits,
+    resolve the layers and build the store attributes (every rank)."""
     from pipeline.models import load_model, model_geometry
 
     torch.manual_seed(cfg.seed)
@@ -256,9 +272,13 @@ def _prepare(cfg: KVMapConfig, state):
     with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
         if state.is_main_process:
             generate_default_data(cfg)
+    cfg, completion_counts, completion_settings = teacher_completions(cfg, model, tokenizer, state, overwrite)
+    with state.main_process_first():
         train, counts_train = load_split(cfg, "train", tokenizer)
         ev = load_split(cfg, "eval", tokenizer)
     counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})
+    for split, c in completion_counts.items():
+        counts[split]["completions"] = c
     eval = ev[0] if ev is not None else None
     geo = model_geometry(model.config)
     layers = resolve_layers(cfg, geo["layers"])
@@ -270,6 +290,8 @@ def _prepare(cfg: KVMapConfig, state):
         "train": {"source": cfg.data.train_path, **counts["train"]},
         **({"eval": {"source": cfg.data.eval_path, **counts["eval"]}} if "eval" in counts else {}),
     }
+    if completion_settings is not None:  # teacher-written R and A: how they were generated
+        attrs["completions"] = completion_settings
     attrs["config_fingerprint"] = config_fingerprint(cfg, attrs, train, eval)
     return model, tokenizer, train, eval, counts, attrs
 
@@ -338,7 +360,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
     state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
-    model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state)
+    model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state, overwrite)
     path = Path(cfg.extract.store)
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
     state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it

@@ -114,4 +114,11 @@ def print_summary(path, s: dict) -> None:
             f"teacher accuracy R={_fmt(s.get('teacher_eval_acc_R'))} A={_fmt(s.get('teacher_eval_acc_A'))}; "
             f"CE {ce_ev}"
         )
+    for split, sc in c.items():
+        if "completions" in sc:
+            g = sc["completions"]
+            lines.append(
+                f"  teacher-written {split}: kept {g['kept']} / {g['source_rows']} rows, rejected {g['rejected']}, "
+                f"cut at max_new_tokens {g['cut_at_max_new_tokens']}"
+            )
     print("\n".join(lines), flush=True)

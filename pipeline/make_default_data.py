@@ -111,8 +111,14 @@ def make_sample(rng: random.Random, n_facts: int = 3, digits: int = 4) -> dict:
     return {"prompt": prompt, "reasoning": reasoning, "answer": values[q]}
 
 
-def make_rows(n_train: int, n_eval: int, seed: int = 0, n_facts: int = 3, digits: int = 4):
-    """(train_rows, eval_rows), deterministic in the arguments; no prompt occurs twice."""
+def make_rows(
+    n_train: int, n_eval: int, seed: int = 0, n_facts: int = 3, digits: int = 4, n_extra_train: int = 0
+):
+    """(train_rows, eval_rows), deterministic in the arguments; no prompt occurs twice.
+
+    `n_extra_train` more train rows are drawn after the held-out ones, so the first `n_train` train rows
+    and the held-out rows are exactly those of `n_extra_train=0` (teacher-written data filters about
+    half the prompts away and generates from more of them, against the same held-out prompts)."""
     if not 1 <= n_facts <= len(NAMES):
         raise ValueError(f"n_facts={n_facts!r}: expected an int in [1, {len(NAMES)}]")
     if not 1 <= digits <= 9:
@@ -120,13 +126,14 @@ def make_rows(n_train: int, n_eval: int, seed: int = 0, n_facts: int = 3, digits
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict] = []
-    while len(rows) < n_train + n_eval:
+    while len(rows) < n_train + n_eval + n_extra_train:
         s = make_sample(rng, n_facts, digits)
         if s["prompt"] not in seen:
             seen.add(s["prompt"])
             rows.append(s)
-    train = [{"id": f"train-{i:05d}", **r} for i, r in enumerate(rows[:n_train])]
-    held = [{"id": f"heldout-{i:05d}", **r} for i, r in enumerate(rows[n_train:])]
+    train_rows = rows[:n_train] + rows[n_train + n_eval :]
+    train = [{"id": f"train-{i:05d}", **r} for i, r in enumerate(train_rows)]
+    held = [{"id": f"heldout-{i:05d}", **r} for i, r in enumerate(rows[n_train : n_train + n_eval])]
     return train, held
 
 
@@ -144,7 +151,15 @@ def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
         raise
 
 
-def generate(out, n_train: int = 2000, n_eval: int = 200, seed: int = 0, n_facts: int = 3, digits: int = 4):
+def generate(
+    out,
+    n_train: int = 2000,
+    n_eval: int = 200,
+    seed: int = 0,
+    n_facts: int = 3,
+    digits: int = 4,
+    n_extra_train=0,
+):
     """Write `out/train.jsonl` and `out/heldout.jsonl`; returns their paths.
 
     Example:
@@ -152,7 +167,7 @@ def generate(out, n_train: int = 2000, n_eval: int = 200, seed: int = 0, n_facts
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train, held = make_rows(n_train, n_eval, seed, n_facts, digits)
+    train, held = make_rows(n_train, n_eval, seed, n_facts, digits, n_extra_train)
     paths = {"train": out / "train.jsonl", "eval": out / "heldout.jsonl"}
     _write_jsonl_atomic(paths["train"], train)
     _write_jsonl_atomic(paths["eval"], held)
@@ -212,13 +227,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     ap.add_argument("--n_facts", type=int, default=DEFAULTS["n_facts"])
     ap.add_argument("--digits", type=int, default=DEFAULTS["digits"])
+    ap.add_argument("--n_extra_train", type=int, default=0, help="train rows drawn after the held-out ones")
     ap.add_argument("--check-teacher", action="store_true", help="also report the teacher's accuracy")
     ap.add_argument("--teacher", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--n_check", type=int, default=200, help="held-out rows used by --check-teacher")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for --check-teacher")
     a = ap.parse_args(argv)
-    paths = generate(a.out, a.n_train, a.n_eval, a.seed, a.n_facts, a.digits)
-    print(f"wrote {paths['train']} ({a.n_train} rows) and {paths['eval']} ({a.n_eval} rows)")
+    paths = generate(a.out, a.n_train, a.n_eval, a.seed, a.n_facts, a.digits, a.n_extra_train)
+    print(
+        f"wrote {paths['train']} ({a.n_train + a.n_extra_train} rows) and {paths['eval']} ({a.n_eval} rows)"
+    )
     if a.check_teacher:
         import torch
 
