@@ -87,25 +87,49 @@ def teacher_support(
     return full if temperature == 1.0 else torch.log_softmax(full / temperature, dim=-1)
 
 
-def student_support(z: torch.Tensor, idx: torch.Tensor, tail: str, temperature: float, has_tail: bool):
+# Student rows whose mass outside the teacher's top-k is below this get it from an exact log-sum-exp over the
+# other tokens; above it, log(1 - sum q_topk) is accurate to float32 and costs no second (N, V) pass.
+EXACT_REST_BELOW = 1e-4
+
+
+def student_support(
+    z: torch.Tensor, idx: torch.Tensor, tail: str, temperature: float, has_tail: bool, lse=None
+) -> torch.Tensor:
     """The student's log-probs over the support, exact over its full head.
 
-    Shapes: z (N, V) logits, idx (N, K) teacher token ids -> (N, K + 1) with the bucket, else (N, K).
+    Why two ways to the "rest" mass: log(1 - sum q_topk) needs one log-sum-exp over the vocabulary (as CE),
+    but loses precision when the student puts nearly all its mass on the top k (1 - s cancels); those rows
+    (rest < EXACT_REST_BELOW) take log-sum-exp over the other tokens instead (tested against both).
+    `lse`: the student's log-sum-exp over its head at temperature 1 when the caller already has it (CE
+    shares it: one (N, V) pass instead of two); used only at temperature 1.
+    Shapes: z (N, V) logits, idx (N, K) teacher token ids, lse (N, 1) -> (N, K + 1) with the bucket, else (N, K).
     """
-    zt = z.to(_compute_dtype(z)) / temperature  # (N, V)
-    top = zt.gather(1, idx)  # (N, K)
+    zt = z.to(_compute_dtype(z))  # no copy for float32 logits
+    if temperature != 1.0:
+        zt = zt / temperature  # (N, V)
     if tail == "renormalize" or not has_tail:
-        return torch.log_softmax(top, dim=-1)
-    lse = torch.logsumexp(zt, dim=-1, keepdim=True)  # (N, 1)
-    rest = torch.logsumexp(zt.scatter(1, idx, float("-inf")), dim=-1, keepdim=True)  # (N, 1) outside the K
-    return torch.cat([top, rest], dim=-1) - lse  # (N, K + 1)
+        return torch.log_softmax(zt.gather(1, idx), dim=-1)
+    if lse is None or temperature != 1.0:
+        lse = torch.logsumexp(zt, dim=-1, keepdim=True)  # (N, 1)
+    top = zt.gather(1, idx) - lse  # (N, K) log q of the teacher's top-k tokens
+    log_s = torch.logsumexp(top, dim=-1, keepdim=True)  # (N, 1) log sum q_topk <= 0
+    near = log_s.squeeze(-1) > math.log1p(-EXACT_REST_BELOW)  # (N,) rows with little mass outside
+    # clamped so that the rows replaced below never see log(0) (no NaN gradient through the unused branch)
+    rest = torch.log(-torch.expm1(log_s.clamp(max=math.log1p(-EXACT_REST_BELOW))))  # (N, 1)
+    if bool(near.any()):
+        rows = near.nonzero().squeeze(-1)  # (N_near,)
+        exact = torch.logsumexp(zt[rows].scatter(1, idx[rows], float("-inf")), dim=-1, keepdim=True)
+        rest = rest.index_put((rows,), exact - lse[rows])  # (N, 1)
+    return torch.cat([top, rest], dim=-1)  # (N, K + 1)
 
 
-def kd_rows(z, t_logp, t_idx, loss="forward_kl", tail="bucket", temperature=1.0, beta=0.5) -> torch.Tensor:
-    """Per-row KD divergence (times tau^2). Shapes: z (N, V), t_logp / t_idx (N, K) -> (N,)."""
+def kd_rows(
+    z, t_logp, t_idx, loss="forward_kl", tail="bucket", temperature=1.0, beta=0.5, lse=None
+) -> torch.Tensor:
+    """Per-row KD divergence (times tau^2). Shapes: z (N, V), t_logp / t_idx (N, K), lse (N, 1) -> (N,)."""
     has_tail = t_idx.shape[1] < z.shape[1]
     lp = teacher_support(t_logp, tail, temperature, has_tail, _compute_dtype(z))
-    lq = student_support(z, t_idx, tail, temperature, has_tail)
+    lq = student_support(z, t_idx, tail, temperature, has_tail, lse)
     return divergence_rows(lp, lq, loss, beta) * temperature**2
 
 
@@ -119,7 +143,8 @@ class LogitKDLoss(nn.Module):
         beta: JSD interpolation (TRL's convention), in [0, 1].
         chunk_rows: rows per checkpointed chunk when N is larger (bounds the (rows, V) temporaries).
     Shapes:
-        forward(z (N, V), t_logp (N, K), t_idx (N, K) int64) -> scalar; 0 when N = 0.
+        forward(z (N, V), t_logp (N, K), t_idx (N, K) int64, lse (N, 1) optional: the student's
+        log-sum-exp when the caller has it) -> scalar; 0 when N = 0.
     Example:
         kd = LogitKDLoss("forward_kl", "bucket")
         loss = kd(student_logits[keep], batch["topk_logprobs"][keep], batch["topk_indices"][keep])
@@ -140,10 +165,10 @@ class LogitKDLoss(nn.Module):
         self.loss, self.tail, self.temperature, self.beta = loss, tail, float(temperature), float(beta)
         self.chunk_rows = int(chunk_rows)
 
-    def _rows(self, z, t_logp, t_idx):
-        return kd_rows(z, t_logp, t_idx, self.loss, self.tail, self.temperature, self.beta)
+    def _rows(self, z, t_logp, t_idx, lse=None):
+        return kd_rows(z, t_logp, t_idx, self.loss, self.tail, self.temperature, self.beta, lse)
 
-    def forward(self, z: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, lse=None) -> torch.Tensor:
         n, k = t_logp.shape  # (N, K)
         assert z.dim() == 2 and z.shape[0] == n and t_idx.shape == (n, k), (
             z.shape,
@@ -155,11 +180,13 @@ class LogitKDLoss(nn.Module):
         if n == 0:
             return z.sum() * 0.0
         if self.chunk_rows >= n:
-            return self._rows(z, t_logp, t_idx).sum() / n
+            return self._rows(z, t_logp, t_idx, lse).sum() / n
         total = z.new_zeros((), dtype=torch.float32)
         for a in range(0, n, self.chunk_rows):
             sl = slice(a, a + self.chunk_rows)
-            total = total + checkpoint(self._rows, z[sl], t_logp[sl], t_idx[sl], use_reentrant=False).sum()
+            part = checkpoint(self._rows, z[sl], t_logp[sl], t_idx[sl], None if lse is None else lse[sl],
+                              use_reentrant=False)  # fmt: skip
+            total = total + part.sum()
         return total / n
 
 

@@ -117,7 +117,10 @@ class Stepper:
         if self.kd is not None:
             comps = (*comps, "logits")
         self.ce_ids = segment_ids_of(cfg.train.ce_segments, "train.ce_segments")
-        ds = StoreDataset(store.path, "train", layers=self.layers, components=comps)
+        # as the trainer reads it: `train.preload` (the default config) holds the split's arrays in RAM; the
+        # loader variant measures the store reads themselves
+        pre = cfg.train.preload and variant != "loader"
+        ds = StoreDataset(store.path, "train", layers=self.layers, components=comps, preload=pre)
         pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         sampler = ResumableSampler(len(ds), cfg.seed, total_batches * B)
         self.loader = make_loader(ds, B, pad_id, sampler, cfg.train.num_workers, cfg.train.prefetch_factor)

@@ -163,3 +163,17 @@ def test_stored_ids_past_the_student_head_are_refused(tmp_path, store):
     cfg = from_dict(KVMapConfig, tiny_train_config(tmp_path, big, **{"loss_config.alpha_logit": 1.0}))
     with pytest.raises(ConfigError, match="token id 300 >= the student's 101 head rows"):
         run_training(cfg)
+
+
+def test_ce_with_the_shared_log_sum_exp_equals_cross_entropy(store):
+    """With KD at temperature 1 the step computes CE from the log-sum-exp KD reuses: same value, same grad."""
+    batch = _batch(store)
+    kd = KDTerm(LogitKDLoss("forward_kl", "bucket"), 0.0)  # alpha 0: the loss is CE alone
+    grads = []
+    for term in (kd, None):
+        model = DistillModel(_student(), None)
+        res = forward_step(model, batch, ce_ids=[1, 2], struct_ids=[0], lambda_kv=0.0, kd=term)
+        res.loss.backward()
+        grads.append((res.terms["loss_ce"].detach(), model.student.lm_head.weight.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)

@@ -177,3 +177,31 @@ def test_teacher_fidelity_sums():
     assert s[0].item() == agree and s[2].item() == 6
     assert s[1].item() == pytest.approx(kl, rel=1e-5)
     assert math.isfinite(s[1].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bucket_exact_when_the_student_puts_almost_all_mass_on_the_top_k(dtype):
+    """Rows whose outside mass is tiny take the exact log-sum-exp path; mixed with ordinary rows."""
+    z, _, _, vals, idx = _inputs(6, 40, 6, dtype, seed=21)
+    boost = torch.zeros_like(z).scatter(1, idx, 25.0)  # rest mass ~1e-10 in rows 0-2
+    boost[3:] = 0.0
+    z = (z.detach() + boost).requires_grad_(True)
+    got = LogitKDLoss("forward_kl", "bucket")(z, vals, idx)
+    (g_got,) = torch.autograd.grad(got, z)
+    z64 = z.detach().double().requires_grad_(True)
+    ref = _partition_reference(z64, vals, idx, "forward_kl", 0.5)
+    (g_ref,) = torch.autograd.grad(ref, z64)
+    vtol, gtol = TOL[dtype]
+    assert got.item() == pytest.approx(ref.item(), rel=vtol, abs=vtol)
+    torch.testing.assert_close(g_got.double(), g_ref, rtol=gtol, atol=gtol * 0.1)
+
+
+def test_a_shared_log_sum_exp_gives_the_same_loss_and_gradient():
+    z, _, _, vals, idx = _inputs(9, 50, 7, torch.float32, seed=22)
+    for loss, tail in itertools.product(("forward_kl", "reverse_kl", "jsd"), ("bucket", "renormalize")):
+        a = LogitKDLoss(loss, tail)(z, vals, idx)
+        (ga,) = torch.autograd.grad(a, z)
+        b = LogitKDLoss(loss, tail)(z, vals, idx, lse=torch.logsumexp(z, -1, keepdim=True))
+        (gb,) = torch.autograd.grad(b, z)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-8)

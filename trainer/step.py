@@ -225,12 +225,22 @@ def forward_step(
     if logits.dim() == 3:  # the student's own forward ran: every position
         logits = logits[keep]  # (N, V)
     # sum / max(N, 1) rather than mean, so a batch without counted targets gives 0, not NaN.
-    loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / max(int(targets.numel()), 1)
+    n = max(int(targets.numel()), 1)
+    lse = None
+    if kd is not None and kd.loss_fn.temperature == 1.0:
+        # CE and KD share one log-sum-exp over the vocabulary (the LM head's (N, V) rows dominate a small
+        # student's step; a second pass made KD steps ~1.7x CE-only): CE = lse - z_target.
+        z = logits.float()  # (N, V)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1)
+        loss_ce = (lse.squeeze(-1) - z.gather(1, targets[:, None]).squeeze(-1)).sum() / n
+    else:
+        loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
     loss = loss_ce if ce_weight == 1.0 else ce_weight * loss_ce
     terms = {"loss_ce": loss_ce}
     logs = {"loss_ce": float(loss_ce.detach())}
     if kd is not None:
-        loss_kd = kd.loss_fn(logits, batch["topk_logprobs"][keep], batch["topk_indices"][keep])  # scalar
+        t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
+        loss_kd = kd.loss_fn(logits, t_logp, t_idx, lse=lse)  # scalar
         loss = loss + kd.alpha * loss_kd
         terms["loss_kd"] = loss_kd
         logs["loss_kd"] = float(loss_kd.detach())
