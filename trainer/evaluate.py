@@ -14,7 +14,8 @@ import torch
 
 from pipeline.config import SEGMENTS
 from trainer.data import StoreDataset, collate_right_pad
-from trainer.losses import ce_sums_by_segment
+from alignment.logit_kd import teacher_fidelity_sums
+from trainer.losses import ce_sums_by_segment, ce_targets
 
 SEG_NAMES = {v: k for k, v in SEGMENTS.items()}
 
@@ -63,13 +64,10 @@ def evaluate(
 
     was_training = student.training
     student.eval()
-    from alignment.logit_kd import teacher_fidelity_sums
-    from trainer.losses import ce_targets
+    from pipeline.store import KVStore
 
-    ds = StoreDataset(store_path, split)
-    fidelity = ds.store.has_logits(split)
-    if fidelity:
-        ds = StoreDataset(store_path, split, components=("logits",))
+    fidelity = KVStore(store_path).has_logits(split)  # the teacher's top-k log-probs of the held-out rows
+    ds = StoreDataset(store_path, split, components=("logits",) if fidelity else ())
     n = len(ds) if eval_cfg.max_samples is None else min(len(ds), eval_cfg.max_samples)
     mine = _shard(n, accelerator.process_index, accelerator.num_processes)
     ce = torch.zeros(2, len(SEGMENTS), dtype=torch.float64, device=accelerator.device)
