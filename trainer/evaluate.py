@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from alignment.logit_kd import teacher_fidelity_sums
 from pipeline.config import SEGMENTS
 from trainer.data import StoreDataset, collate_right_pad
-from alignment.logit_kd import teacher_fidelity_sums
 from trainer.losses import ce_sums_by_segment, ce_targets
 
 SEG_NAMES = {v: k for k, v in SEGMENTS.items()}
