@@ -87,31 +87,65 @@ def teacher_support(
     return full if temperature == 1.0 else torch.log_softmax(full / temperature, dim=-1)
 
 
+class _LseGather(torch.autograd.Function):
+    """log-sum-exp over the vocabulary and the logits at chosen ids, whose backward writes ONE (N, V) buffer
+    (autograd would allocate one for the log-sum-exp and one per gather, then add them)."""
+
+    @staticmethod
+    def forward(ctx, z, idx):
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1)
+        ctx.save_for_backward(z, idx, lse)
+        return lse, z.gather(1, idx)  # (N, 1), (N, J)
+
+    @staticmethod
+    def backward(ctx, g_lse, g_sel):
+        z, idx, lse = ctx.saved_tensors
+        grad = (z - lse).exp_()  # (N, V) softmax
+        grad.mul_(g_lse if g_lse is not None else 0.0)
+        if g_sel is not None:
+            grad.scatter_add_(1, idx, g_sel)
+        return grad, None
+
+
+def lse_gather(z: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp of each row, the row's logits at `idx`), differentiable, one (N, V) gradient buffer.
+
+    Shapes: z (N, V), idx (N, J) int64 -> (N, 1), (N, J). The step uses it to share one pass over the
+    vocabulary between CE (J column 0: the target) and KD (columns 1..K: the teacher's top-k).
+    """
+    return _LseGather.apply(z, idx)
+
+
 # Student rows whose mass outside the teacher's top-k is below this get it from an exact log-sum-exp over the
 # other tokens; above it, log(1 - sum q_topk) is accurate to float32 and costs no second (N, V) pass.
 EXACT_REST_BELOW = 1e-4
 
 
 def student_support(
-    z: torch.Tensor, idx: torch.Tensor, tail: str, temperature: float, has_tail: bool, lse=None
+    z: torch.Tensor, idx: torch.Tensor, tail: str, temperature: float, has_tail: bool, lse=None, z_top=None
 ) -> torch.Tensor:
     """The student's log-probs over the support, exact over its full head.
 
     Why two ways to the "rest" mass: log(1 - sum q_topk) needs one log-sum-exp over the vocabulary (as CE),
     but loses precision when the student puts nearly all its mass on the top k (1 - s cancels); those rows
     (rest < EXACT_REST_BELOW) take log-sum-exp over the other tokens instead (tested against both).
-    `lse`: the student's log-sum-exp over its head at temperature 1 when the caller already has it (CE
-    shares it: one (N, V) pass instead of two); used only at temperature 1.
-    Shapes: z (N, V) logits, idx (N, K) teacher token ids, lse (N, 1) -> (N, K + 1) with the bucket, else (N, K).
+    `lse` / `z_top`: the student's log-sum-exp over its head and its logits at `idx`, at temperature 1,
+    when the caller already has them (the step computes both with CE's in one `lse_gather`); used only at
+    temperature 1.
+    Shapes: z (N, V) logits, idx (N, K) teacher token ids, lse (N, 1), z_top (N, K) -> (N, K + 1) with the
+    bucket, else (N, K).
     """
+    shared = temperature == 1.0 and lse is not None and z_top is not None
+    if shared and (tail == "renormalize" or not has_tail):
+        return torch.log_softmax(z_top.to(_compute_dtype(z)), dim=-1)
     zt = z.to(_compute_dtype(z))  # no copy for float32 logits
     if temperature != 1.0:
         zt = zt / temperature  # (N, V)
     if tail == "renormalize" or not has_tail:
         return torch.log_softmax(zt.gather(1, idx), dim=-1)
-    if lse is None or temperature != 1.0:
-        lse = torch.logsumexp(zt, dim=-1, keepdim=True)  # (N, 1)
-    top = zt.gather(1, idx) - lse  # (N, K) log q of the teacher's top-k tokens
+    if not shared:
+        lse, z_top = lse_gather(zt, idx)  # (N, 1), (N, K)
+    top = z_top.to(zt.dtype) - lse  # (N, K) log q of the teacher's top-k tokens
     log_s = torch.logsumexp(top, dim=-1, keepdim=True)  # (N, 1) log sum q_topk <= 0
     near = log_s.squeeze(-1) > math.log1p(-EXACT_REST_BELOW)  # (N,) rows with little mass outside
     # clamped so that the rows replaced below never see log(0) (no NaN gradient through the unused branch)
@@ -124,12 +158,14 @@ def student_support(
 
 
 def kd_rows(
-    z, t_logp, t_idx, loss="forward_kl", tail="bucket", temperature=1.0, beta=0.5, lse=None
+    z, t_logp, t_idx, loss="forward_kl", tail="bucket", temperature=1.0, beta=0.5, lse=None, z_top=None
 ) -> torch.Tensor:
-    """Per-row KD divergence (times tau^2). Shapes: z (N, V), t_logp / t_idx (N, K), lse (N, 1) -> (N,)."""
+    """Per-row KD divergence (times tau^2).
+
+    Shapes: z (N, V), t_logp / t_idx (N, K), optional lse (N, 1) and z_top (N, K) -> (N,)."""
     has_tail = t_idx.shape[1] < z.shape[1]
     lp = teacher_support(t_logp, tail, temperature, has_tail, _compute_dtype(z))
-    lq = student_support(z, t_idx, tail, temperature, has_tail, lse)
+    lq = student_support(z, t_idx, tail, temperature, has_tail, lse, z_top)
     return divergence_rows(lp, lq, loss, beta) * temperature**2
 
 
@@ -143,8 +179,8 @@ class LogitKDLoss(nn.Module):
         beta: JSD interpolation (TRL's convention), in [0, 1].
         chunk_rows: rows per checkpointed chunk when N is larger (bounds the (rows, V) temporaries).
     Shapes:
-        forward(z (N, V), t_logp (N, K), t_idx (N, K) int64, lse (N, 1) optional: the student's
-        log-sum-exp when the caller has it) -> scalar; 0 when N = 0.
+        forward(z (N, V), t_logp (N, K), t_idx (N, K) int64, optional lse (N, 1) and z_top (N, K): the
+        student's log-sum-exp and its logits at t_idx when the caller has them) -> scalar; 0 when N = 0.
     Example:
         kd = LogitKDLoss("forward_kl", "bucket")
         loss = kd(student_logits[keep], batch["topk_logprobs"][keep], batch["topk_indices"][keep])
@@ -165,10 +201,10 @@ class LogitKDLoss(nn.Module):
         self.loss, self.tail, self.temperature, self.beta = loss, tail, float(temperature), float(beta)
         self.chunk_rows = int(chunk_rows)
 
-    def _rows(self, z, t_logp, t_idx, lse=None):
-        return kd_rows(z, t_logp, t_idx, self.loss, self.tail, self.temperature, self.beta, lse)
+    def _rows(self, z, t_logp, t_idx, lse=None, z_top=None):
+        return kd_rows(z, t_logp, t_idx, self.loss, self.tail, self.temperature, self.beta, lse, z_top)
 
-    def forward(self, z: torch.Tensor, t_logp: torch.Tensor, t_idx: torch.Tensor, lse=None) -> torch.Tensor:
+    def forward(self, z, t_logp, t_idx, lse=None, z_top=None) -> torch.Tensor:
         n, k = t_logp.shape  # (N, K)
         assert z.dim() == 2 and z.shape[0] == n and t_idx.shape == (n, k), (
             z.shape,
@@ -180,12 +216,12 @@ class LogitKDLoss(nn.Module):
         if n == 0:
             return z.sum() * 0.0
         if self.chunk_rows >= n:
-            return self._rows(z, t_logp, t_idx, lse).sum() / n
+            return self._rows(z, t_logp, t_idx, lse, z_top).sum() / n
         total = z.new_zeros((), dtype=torch.float32)
         for a in range(0, n, self.chunk_rows):
             sl = slice(a, a + self.chunk_rows)
-            part = checkpoint(self._rows, z[sl], t_logp[sl], t_idx[sl], None if lse is None else lse[sl],
-                              use_reentrant=False)  # fmt: skip
+            extra = [None if x is None else x[sl] for x in (lse, z_top)]
+            part = checkpoint(self._rows, z[sl], t_logp[sl], t_idx[sl], *extra, use_reentrant=False)
             total = total + part.sum()
         return total / n
 

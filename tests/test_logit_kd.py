@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from alignment.logit_kd import LogitKDLoss, teacher_fidelity_sums
+from alignment.logit_kd import LogitKDLoss, lse_gather, teacher_fidelity_sums
 
 # dtype of the student's logits -> (value rtol, gradient rtol): the loss computes in fp32 (fp64 kept), and
 # a bf16 input gets its gradient back in bf16 (8 mantissa bits: relative rounding 2^-8).
@@ -201,7 +201,26 @@ def test_a_shared_log_sum_exp_gives_the_same_loss_and_gradient():
     for loss, tail in itertools.product(("forward_kl", "reverse_kl", "jsd"), ("bucket", "renormalize")):
         a = LogitKDLoss(loss, tail)(z, vals, idx)
         (ga,) = torch.autograd.grad(a, z)
-        b = LogitKDLoss(loss, tail)(z, vals, idx, lse=torch.logsumexp(z, -1, keepdim=True))
+        lse, z_top = lse_gather(z, idx)
+        b = LogitKDLoss(loss, tail)(z, vals, idx, lse=lse, z_top=z_top)
         (gb,) = torch.autograd.grad(b, z)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-8)
+
+
+def test_lse_gather_matches_autograd_and_gradcheck():
+    g = torch.Generator().manual_seed(23)
+    z = torch.randn(5, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(
+        0, 17, (5, 4), generator=g
+    )  # repeated ids in a row are allowed (CE target = a top-k id)
+    assert torch.autograd.gradcheck(lambda x: lse_gather(x, idx), (z,))
+    w1, w2 = (
+        torch.randn(5, 1, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    )
+    lse, sel = lse_gather(z, idx)
+    (ga,) = torch.autograd.grad((lse * w1).sum() + (sel * w2).sum(), z)
+    ref = (torch.logsumexp(z, -1, keepdim=True) * w1).sum() + (z.gather(1, idx) * w2).sum()
+    (gb,) = torch.autograd.grad(ref, z)
+    torch.testing.assert_close(ga, gb)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignment.logit_kd import lse_gather
 from pipeline.capture import capture_qkv
 from trainer.losses import ce_targets, per_layer_cosine
 from trainer.schedules import auto_lambda
@@ -226,21 +227,22 @@ def forward_step(
         logits = logits[keep]  # (N, V)
     # sum / max(N, 1) rather than mean, so a batch without counted targets gives 0, not NaN.
     n = max(int(targets.numel()), 1)
-    lse = None
+    lse = z_top = None
+    if kd is not None:
+        t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
     if kd is not None and kd.loss_fn.temperature == 1.0:
-        # CE and KD share one log-sum-exp over the vocabulary (the LM head's (N, V) rows dominate a small
-        # student's step; a second pass made KD steps ~1.7x CE-only): CE = lse - z_target.
-        z = logits.float()  # (N, V)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1)
-        loss_ce = (lse.squeeze(-1) - z.gather(1, targets[:, None]).squeeze(-1)).sum() / n
+        # CE and KD share one log-sum-exp over the vocabulary and one (N, V) gradient buffer (the LM head's
+        # rows dominate a small student's step; separate passes made KD steps ~1.7x CE-only): CE = lse - z_t.
+        lse, sel = lse_gather(logits.float(), torch.cat([targets[:, None], t_idx], dim=1))  # (N,1), (N,1+K)
+        z_top = sel[:, 1:]  # (N, K)
+        loss_ce = (lse.squeeze(-1) - sel[:, 0]).sum() / n
     else:
         loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
     loss = loss_ce if ce_weight == 1.0 else ce_weight * loss_ce
     terms = {"loss_ce": loss_ce}
     logs = {"loss_ce": float(loss_ce.detach())}
     if kd is not None:
-        t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
-        loss_kd = kd.loss_fn(logits, t_logp, t_idx, lse=lse)  # scalar
+        loss_kd = kd.loss_fn(logits, t_logp, t_idx, lse=lse, z_top=z_top)  # scalar
         loss = loss + kd.alpha * loss_kd
         terms["loss_kd"] = loss_kd
         logs["loss_kd"] = float(loss_kd.detach())
