@@ -182,11 +182,11 @@ class LogitKDLoss(nn.Module):
         forward(z (N, V), t_logp (N, K), t_idx (N, K) int64, optional lse (N, 1) and z_top (N, K): the
         student's log-sum-exp and its logits at t_idx when the caller has them) -> scalar; 0 when N = 0.
     Example:
-        kd = LogitKDLoss("forward_kl", "bucket")
+        kd = LogitKDLoss("forward_kl", "renormalize")
         loss = kd(student_logits[keep], batch["topk_logprobs"][keep], batch["topk_indices"][keep])
     """
 
-    def __init__(self, loss="forward_kl", tail="bucket", temperature=1.0, beta=0.5, chunk_rows=4096):
+    def __init__(self, loss="forward_kl", tail="renormalize", temperature=1.0, beta=0.5, chunk_rows=4096):
         super().__init__()
         if loss not in KD_LOSSES:
             raise ValueError(f"loss_config.kd_loss={loss!r}: expected one of {KD_LOSSES}")
@@ -226,7 +226,7 @@ class LogitKDLoss(nn.Module):
         return total / n
 
 
-def create_logit_kd_loss(kd_loss="forward_kl", kd_tail="bucket", kd_temperature=1.0, kd_beta=0.5, **_):
+def create_logit_kd_loss(kd_loss="forward_kl", kd_tail="renormalize", kd_temperature=1.0, kd_beta=0.5, **_):
     """A `LogitKDLoss` from the `loss_config` keys (other keys are ignored). Example:
     `create_logit_kd_loss(**dataclasses.asdict(cfg.loss_config))`."""
     return LogitKDLoss(kd_loss, kd_tail, kd_temperature, kd_beta)
