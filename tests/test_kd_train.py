@@ -102,6 +102,7 @@ def test_kd_training_run_logs_kd_and_teacher_fidelity(tmp_path, store):
             **{
                 "lambda_kv": 0.0,
                 "loss_config.alpha_logit": 1.0,
+                "loss_config.kd_tail": "bucket",  # the full-mass divergence: far from 0 at the start
                 "eval.greedy_samples": 0,
                 "train.ckpt_every": 0,
             },
