@@ -88,6 +88,8 @@ def test_lambda_schedules(schedule, expected):
     got = [lambda_kv_at(s, 2.0, schedule, warmup_steps=1, total_steps=5) for s in range(6)]
     assert got == pytest.approx([2 * e for e in expected], abs=1e-12)
     with pytest.raises(ValueError, match="train.lambda_schedule"):
+        lambda_kv_at(0, 1.0, "stair", 0, 5)
+    with pytest.raises(ValueError, match="train.lambda_until=None"):  # "step" needs its end step
         lambda_kv_at(0, 1.0, "step", 0, 5)
 
 
