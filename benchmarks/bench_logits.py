@@ -39,7 +39,8 @@ from pipeline.config import KVMapConfig  # noqa: E402
 from pipeline.configlib import load_config  # noqa: E402
 from pipeline.extract import generate_default_data, load_split, run_extraction  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.store import KVStore, decode_logprobs, encode_logprobs, quiet_codecs  # noqa: E402
+from pipeline.store import KVStore, quiet_codecs  # noqa: E402
+from pipeline.store_logits import decode_logprobs, encode_logprobs  # noqa: E402
 
 
 def _time_extractions(args, base: list[str], workdir: Path) -> dict:

@@ -248,3 +248,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def teacher_completions(cfg: KVMapConfig, model, tokenizer, state, overwrite: bool):
+    """With `data.completions: teacher`, have the teacher write R and A first (pipeline/completions.py);
+    returns (cfg reading the written JSONL, {split: generation counts}, the generation settings), else
+    (cfg, {}, None)."""
+    if cfg.data.completions != "teacher":
+        return cfg, {}, None
+    data_cfg, counts = write_completions(cfg, model, tokenizer, state, overwrite)
+    return dataclasses.replace(cfg, data=data_cfg), counts, completion_settings(cfg)

@@ -29,7 +29,6 @@ if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate laun
     # standard library's `inspect`: replace that entry by the repository root before importing anything.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -129,7 +128,7 @@ def logits_attrs(cfg: KVMapConfig, vocab_size: int, has_eval: bool) -> dict | No
         raise ConfigError(
             f"extract.logits_top_k={k!r}: expected an int in [1, {vocab_size}] (the teacher's vocabulary)"
         )
-    from pipeline.store import index_dtype
+    from pipeline.store_logits import index_dtype
 
     return {
         "top_k": k,
@@ -248,18 +247,6 @@ def generate_default_data(cfg: KVMapConfig) -> None:
             )
 
 
-def teacher_completions(cfg: KVMapConfig, model, tokenizer, state, overwrite: bool):
-    """With `data.completions: teacher`, have the teacher write R and A first (pipeline/completions.py);
-    returns (cfg reading the written JSONL, {split: generation counts}, the generation settings), else
-    (cfg, {}, None)."""
-    if cfg.data.completions != "teacher":
-        return cfg, {}, None
-    from pipeline.completions import completion_settings, write_completions
-
-    data_cfg, counts = write_completions(cfg, model, tokenizer, state, overwrite)
-    return dataclasses.replace(cfg, data=data_cfg), counts, completion_settings(cfg)
-
-
 def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     """Load the teacher, have it write the completions (`data.completions: teacher`), tokenise both splits,
     resolve the layers and build the store attributes (every rank)."""
@@ -272,6 +259,8 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
         if state.is_main_process:
             generate_default_data(cfg)
+    from pipeline.completions import teacher_completions
+
     cfg, completion_counts, completion_settings = teacher_completions(cfg, model, tokenizer, state, overwrite)
     with state.main_process_first():
         train, counts_train = load_split(cfg, "train", tokenizer)

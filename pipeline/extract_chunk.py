@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.store import LOGPROB_FLOOR, PackedSplit
+from pipeline.store import PackedSplit
+from pipeline.store_logits import LOGPROB_FLOOR
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_logprobs, decode_states
+from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
+from pipeline.store_logits import decode_logprobs
 
 
 def _stored_bytes(folder: Path) -> int:

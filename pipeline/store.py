@@ -74,6 +74,8 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.store_logits import LOGIT_ARRAYS, decode_logprobs
+
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # v1 stores predate logits: they read as stores without logits
 SPLITS = ("train", "eval")
@@ -85,39 +87,6 @@ PROGRESS_DIR = "_kvmap_progress"
 VOLATILE_ATTRS = ("complete", "summary")
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16"}
 FP16_MAX = 65504.0
-LOGIT_ARRAYS = ("values", "indices")
-# Stored log-probs are clamped here: a token the teacher gives exactly zero probability (-inf) stays
-# representable in float16 and contributes exp(-1e4) = 0 mass.
-LOGPROB_FLOOR = -1.0e4
-
-
-def index_dtype(vocab_size: int) -> str:
-    """The narrowest unsigned integer dtype that holds every token id of a `vocab_size` vocabulary."""
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def logit_codecs(level: int = 1) -> dict[str, dict]:
-    """Filters/compressors per logits array (measured on the default teacher, see the module docstring)."""
-    from zarr.codecs.numcodecs import Delta, Shuffle
-
-    with quiet_codecs():
-        return {
-            "values": {
-                "filters": [Delta(dtype="u2")],
-                "compressors": [Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=level)],
-            },
-            "indices": {"filters": [], "compressors": [zarr.codecs.ZstdCodec(level=level)]},
-        }
-
-
-def encode_logprobs(logprobs: torch.Tensor) -> np.ndarray:
-    """(…, K) float log-probs -> float16 words as uint16 (clamped at LOGPROB_FLOOR)."""
-    return logprobs.clamp_min(LOGPROB_FLOOR).to(torch.float16).view(torch.uint16).cpu().numpy()
-
-
-def decode_logprobs(words: np.ndarray) -> torch.Tensor:
-    """uint16 float16 words -> float32 log-probs (exact)."""
-    return torch.from_numpy(np.ascontiguousarray(words)).view(torch.float16).float()
 
 
 @contextlib.contextmanager

@@ -34,17 +34,16 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.store import (
-    LOGIT_ARRAYS,
     PROGRESS_DIR,
     SAMPLE_ARRAYS,
     SCHEMA_VERSION,
     STORAGE_DTYPES,
     TOKEN_ARRAYS,
     PackedSplit,
-    logit_codecs,
     make_compressors,
     quiet_codecs,
 )
+from pipeline.store_logits import LOGIT_ARRAYS, logit_codecs
 
 # Test hook (used by tests/test_extract_resume.py): SIGKILL this process in the middle of writing the
 # (N+1)-th chunk it writes, after part of the chunk's arrays are on disk and before its marker.

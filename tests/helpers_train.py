@@ -96,7 +96,7 @@ def make_tiny_store(
 
     from pipeline.capture import capture_qkv
     from pipeline.extract_chunk import topk_logprobs
-    from pipeline.store import encode_logprobs
+    from pipeline.store_logits import encode_logprobs
     from pipeline.writer import StoreWriter
 
     torch.manual_seed(seed)

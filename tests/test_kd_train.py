@@ -14,7 +14,8 @@ from alignment.logit_kd import LogitKDLoss
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, from_dict
 from pipeline.extract_chunk import topk_logprobs
-from pipeline.store import KVStore, decode_logprobs, encode_logprobs
+from pipeline.store import KVStore
+from pipeline.store_logits import decode_logprobs, encode_logprobs
 from tests.conftest import tiny_student_config
 from tests.helpers_train import make_tiny_store, teacher_dir, tiny_train_config
 from trainer.data import StoreDataset, collate_right_pad

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.store import LOGIT_ARRAYS, TOKEN_ARRAYS, decode_logprobs, decode_states
+from pipeline.store import TOKEN_ARRAYS, decode_states
+from pipeline.store_logits import LOGIT_ARRAYS, decode_logprobs
 
 
 def preload_bytes(store, split: str, layers: Sequence[int], components: Sequence[str]) -> int:
