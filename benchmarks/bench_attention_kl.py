@@ -38,7 +38,6 @@ def _rss_kb() -> int:
 def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from alignment.attention_kl import attention_kl, naive_attention_kl
     from alignment.attention_kl_fn import _logits
 

@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, not benchmarks/
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402

@@ -314,7 +314,7 @@ def section_step(geo: dict, dev: torch.device, repeats: int) -> dict:
     from accelerate import Accelerator
     from transformers import Qwen2Config
 
-    from trainer.config import TrainConfig
+    from pipeline.train_config import TrainConfig
 
     tg, sg = geo["teacher"], geo["student"]
     B, T = geo["step_bt"]

@@ -14,13 +14,13 @@ from the stored post-RoPE Q/K with causal masking and the 1/sqrt(D) scaling of L
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from pipeline.cli import command_parser
 from pipeline.config import SEGMENTS
 from pipeline.store import KVStore
 
@@ -86,8 +86,14 @@ def format_profile(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.attention_profile", description=__doc__.splitlines()[0]
+    p = command_parser(
+        "python -m pipeline.attention_profile",
+        __doc__,
+        examples=[
+            "python -m pipeline.attention_profile stores/default.zarr --samples 16",
+            "python -m pipeline.attention_profile stores/default.zarr --head-scores --top 10",
+        ],
+        config=False,
     )
     p.add_argument("store", help="store folder (*.zarr) holding q and k")
     p.add_argument("--split", default="train")

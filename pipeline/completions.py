@@ -221,29 +221,38 @@ def write_completions(cfg: KVMapConfig, model, tokenizer, state=None, overwrite:
 
 def main(argv: list[str] | None = None) -> int:
     """Write (or resume) the completions only, without extracting."""
-    import sys
-
     from accelerate import PartialState
 
-    from pipeline.configlib import ConfigError, parse_cli
+    from pipeline.cli import command_parser, config_from_args, parse_args, run_command
+    from pipeline.configlib import ConfigError
     from pipeline.extract import generate_default_data
     from pipeline.models import load_model
 
-    try:
-        cfg, flags = parse_cli(KVMapConfig, sys.argv[1:] if argv is None else argv, flags=("overwrite",))
+    p = command_parser(
+        "python -m pipeline.completions",
+        __doc__,
+        sections=["teacher", "data (completions: teacher, filter, generation)"],
+        examples=[
+            "python -m pipeline.completions --config configs/teacher_data.yaml",
+            "accelerate launch -m pipeline.completions --config configs/teacher_data.yaml --overwrite",
+        ],
+    )
+    p.add_argument("--overwrite", action="store_true", help="regenerate instead of resuming")
+    args = parse_args(p, argv)
+
+    def body() -> None:
+        cfg = config_from_args(KVMapConfig, args)
         if cfg.data.completions != "teacher":
             raise ConfigError(f"data.completions={cfg.data.completions!r}: expected 'teacher' here")
         state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
         model, tok = load_model(cfg.teacher)
         if state.is_main_process:
             generate_default_data(cfg)
-        _, counts = write_completions(cfg, model, tok, state, flags["overwrite"])
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"completions: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    if state.is_main_process:
-        print(json.dumps({"out_dir": str(completions_dir(cfg)), **counts}, indent=1), flush=True)
-    return 0
+        _, counts = write_completions(cfg, model, tok, state, args.overwrite)
+        if state.is_main_process:
+            print(json.dumps({"out_dir": str(completions_dir(cfg)), **counts}, indent=1), flush=True)
+
+    return run_command("completions", body)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from alignment.config import AlignConfig, LossConfig
 from pipeline.prune_config import PruneConfig
-from trainer.config import EvalConfig, TrainConfig
+from pipeline.train_config import EvalConfig, TrainConfig
 
 SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
 

@@ -1,10 +1,9 @@
 """YAML -> dataclass configs with dotted CLI overrides and strict keys.
 
-Every entry script (extract, train, ablate, profile) reads the same YAML schema (`pipeline.config.KVMapConfig`)
-through these helpers:
+Every entry script (extract, train, ablate, profile, ...) reads the same YAML schema
+(`pipeline.config.KVMapConfig`) through these helpers; the command line itself is `pipeline/cli.py`:
 
-    cfg, flags = parse_cli(KVMapConfig, sys.argv[1:], flags=("overwrite", "resume"))
-    # python pipeline/extract.py --config configs/default.yaml train.lr=3e-4 extract.batch_size=8 --overwrite
+    cfg = load_config(KVMapConfig, "configs/default.yaml", ["train.lr=3e-4", "extract.batch_size=8"])
 
 Rules (engineering assumptions, stated once here):
 - Unknown keys are errors, at any depth, in the YAML and on the command line; the message names the
@@ -188,32 +187,6 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "", cls)
     return from_dict(cls, data)
-
-
-def parse_cli(cls: type[T], argv: list[str], flags: tuple[str, ...] = ()) -> tuple[T, dict[str, bool]]:
-    """Parse `--config PATH [key=value ...] [--flag ...]` into (config, {flag: bool}).
-
-    Unknown `--options` are errors so that a typo never silently runs the wrong experiment.
-    """
-    path, overrides, seen = None, [], dict.fromkeys(flags, False)
-    it = iter(argv)
-    for arg in it:
-        if arg == "--config":
-            path = next(it, None)
-            if path is None:
-                raise ConfigError("--config: expected a YAML path after it")
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg.startswith("--"):
-            name = arg[2:].replace("-", "_")
-            if name not in seen:
-                raise ConfigError(
-                    f"unknown option '{arg}' (known: --config, {', '.join('--' + f for f in flags)})"
-                )
-            seen[name] = True
-        else:
-            overrides.append(arg)
-    return load_config(cls, path, overrides), seen
 
 
 def git_sha(repo_dir: str | os.PathLike | None = None) -> str:

@@ -21,24 +21,18 @@ How the work is split (why it is resumable and rank-count independent):
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # `python pipeline/extract.py` / `accelerate launch pipeline/extract.py`
-    # Run as a script, Python puts pipeline/ first on sys.path, where pipeline/inspect.py would shadow the
-    # standard library's `inspect`: replace that entry by the repository root before importing anything.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import hashlib
 import json
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, parse_cli, to_dict
+from pipeline.configlib import ConfigError, to_dict
 from pipeline.extract_chunk import extract_chunk
 from pipeline.store import SCHEMA_VERSION, KVStore, PackedSplit, remove_store
 from pipeline.writer import AsyncChunkWriter, StoreWriter
@@ -392,13 +386,21 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, flags = parse_cli(KVMapConfig, sys.argv[1:] if argv is None else argv, flags=("overwrite",))
-        run_extraction(cfg, overwrite=flags["overwrite"])
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"extract: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    """`kvmap-extract` / `accelerate launch pipeline/extract.py`: see the module docstring."""
+    p = command_parser(
+        "kvmap-extract",
+        __doc__,
+        sections=["teacher", "data", "extract"],
+        examples=[
+            "kvmap-extract --config configs/default.yaml extract.store=stores/mine.zarr",
+            "accelerate launch --num_processes 2 pipeline/extract.py --config configs/default.yaml --overwrite",
+        ],
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete an existing store first (else: resume it)"
+    )
+    args = parse_args(p, argv)
+    return run_command("extract", lambda: run_extraction(config_from_args(KVMapConfig, args), args.overwrite))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ student can learn it and extraction stays cheap. Output is a pure function of (n
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import tempfile
 from pathlib import Path
+
+from pipeline.cli import command_parser
 
 # Distinct, common first names (each one or two tokens for the SmolLM2 tokenizer).
 NAMES = [
@@ -220,7 +221,15 @@ def check_teacher(model, tokenizer, rows: list[dict], data_cfg=None, batch_size:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = command_parser(
+        "python -m pipeline.make_default_data",
+        __doc__,
+        examples=[
+            "python -m pipeline.make_default_data --out data/default",
+            "python -m pipeline.make_default_data --out data/default_plus --n_extra_train 2300 --check-teacher",
+        ],
+        config=False,
+    )
     ap.add_argument("--out", default="data/default", help="output folder (train.jsonl, heldout.jsonl)")
     ap.add_argument("--n_train", type=int, default=DEFAULTS["n_train"])
     ap.add_argument("--n_eval", type=int, default=DEFAULTS["n_eval"])

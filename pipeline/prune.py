@@ -15,27 +15,21 @@ so an interrupted run never leaves a half-written student. `student.path` then p
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # `python pipeline/prune.py`: see pipeline/extract.py for why
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import json
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, git_sha, parse_cli, to_dict
+from pipeline.configlib import ConfigError, git_sha, to_dict
 from pipeline.prune_meta import FORMAT, META_FILE
 from pipeline.prune_select import check_counts, choose_layers, explicit_layers, make_plan
-
-USAGE = __doc__.split("\n\n")[1]
 
 
 def output_folder(cfg: KVMapConfig, overwrite: bool) -> Path:
@@ -168,24 +162,29 @@ def run_prune(cfg: KVMapConfig, overwrite: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(
-            USAGE.strip() + "\n\nKeys: prune.* (README 'Config reference'); --overwrite replaces prune.out."
-        )
-        return 0
+    """`kvmap-prune` / `python pipeline/prune.py`: see the module docstring."""
+    p = command_parser(
+        "kvmap-prune",
+        __doc__,
+        sections=["teacher", "student", "data", "prune"],
+        examples=[
+            "kvmap-prune --config configs/pruned.yaml",
+            "kvmap-prune --config configs/pruned_narrow.yaml prune.out=students/narrow --overwrite",
+        ],
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prune.out folder")
+    args = parse_args(p, argv)
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rc = 0
     if state.is_main_process:
-        try:
-            cfg, flags = parse_cli(KVMapConfig, argv, flags=("overwrite",))
+
+        def body() -> None:
             torch.manual_seed(0)  # from_config's throwaway init: deterministic, then overwritten
-            run_prune(cfg, overwrite=flags["overwrite"])
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"prune: error: {e}", file=sys.stderr, flush=True)
-            rc = 2
+            run_prune(config_from_args(KVMapConfig, args), overwrite=args.overwrite)
+
+        rc = run_command("prune", body)
     state.wait_for_everyone()
     return rc
 

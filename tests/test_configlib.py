@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, load_config, parse_cli, to_dict, write_run_metadata
+from pipeline.configlib import ConfigError, load_config, to_dict, write_run_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,15 +54,6 @@ def test_missing_file_and_bad_top_level(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(KVMapConfig, p)
-
-
-def test_parse_cli_flags_and_unknown_option(tmp_path):
-    p = tmp_path / "c.yaml"
-    p.write_text("seed: 7\n")
-    cfg, flags = parse_cli(KVMapConfig, ["--config", str(p), "train.steps=5", "--resume"], flags=("resume",))
-    assert cfg.seed == 7 and cfg.train.steps == 5 and flags == {"resume": True}
-    with pytest.raises(ConfigError, match="unknown option '--resumee'"):
-        parse_cli(KVMapConfig, ["--resumee"], flags=("resume",))
 
 
 def test_round_trip_and_run_metadata(tmp_path):

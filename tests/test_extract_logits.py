@@ -1,5 +1,5 @@
 """Stage 1 with `logits`: the stored top-k log-probs of both splits equal a direct forward's, and
-`pipeline.inspect` reports them."""
+`pipeline.inspect_store` reports them."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_stored_topk_equals_a_direct_forward(extracted, split):
 
 
 def test_inspect_shows_the_logits(extracted, capsys):
-    from pipeline.inspect import inspect_store, main
+    from pipeline.inspect_store import inspect_store, main
 
     cfg, summary = extracted
     r = inspect_store(cfg.extract.store)["logits"]

@@ -183,7 +183,7 @@ def test_remove_store_refuses_foreign_folders(tmp_path):
 
 
 def test_inspect_reports_sizes_and_exact_stats(tmp_path, capsys):
-    from pipeline.inspect import inspect_store, main
+    from pipeline.inspect_store import inspect_store, main
 
     path, train, truth = write_random_store(tmp_path / "s.zarr", chunk_tokens=32, inner_chunk_tokens=8)
     r = inspect_store(path)

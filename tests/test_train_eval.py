@@ -11,9 +11,9 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.store import KVStore
+from pipeline.train_config import EvalConfig
 from tests.conftest import tiny_student_config
 from tests.helpers_train import make_tiny_store, teacher_dir
-from trainer.config import EvalConfig
 from trainer.data import StoreDataset
 from trainer.evaluate import evaluate
 from trainer.greedy import greedy_exact_match, greedy_generate, reference_of

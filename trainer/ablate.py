@@ -35,19 +35,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import yaml
 from tqdm.auto import tqdm
 
+from pipeline.cli import command_parser, parse_args, run_command
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, git_sha, load_config, to_dict
 from trainer.ablation_config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
 from trainer.ablation_results import RESULTS_NAME, append_result, done_keys, read_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ("dry_run",)
 
 
 def _world_size() -> int:
@@ -328,32 +325,25 @@ def _barrier() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path, rest, flags = None, [], dict.fromkeys(FLAGS, False)
-    it = iter(argv)
-    for arg in it:
-        if arg == "--config":
-            path = next(it, None)
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg.startswith("--"):
-            name = arg[2:].replace("-", "_")
-            if name not in flags:
-                print(f"error: unknown option '{arg}' (known: --config, --dry-run)", file=sys.stderr)
-                return 2
-            flags[name] = True
-        else:
-            rest.append(arg)
-    if path is None:
-        print("error: --config PATH is required (e.g. configs/ablations/default.yaml)", file=sys.stderr)
-        return 2
-    try:
-        abl = load_ablation(path, rest)
-        run_ablation(abl, dry_run=flags["dry_run"])
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    """`kvmap-ablate` / `accelerate launch trainer/ablate.py`: see the module docstring."""
+    p = command_parser(
+        "kvmap-ablate",
+        __doc__,
+        sections=["the ablation YAML (trainer/ablation_config.py)", "every experiment key as an override"],
+        examples=[
+            "kvmap-ablate --config configs/ablations/demo.yaml",
+            "kvmap-ablate --config configs/ablations/default.yaml train.steps=50 'seeds=[0]' --dry-run",
+        ],
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+    args = parse_args(p, argv)
+    if args.config is None:
+        p.error("--config PATH is required (e.g. configs/ablations/default.yaml)")
+
+    def body() -> None:
+        run_ablation(load_ablation(args.config, args.overrides), dry_run=args.dry_run)
+
+    return run_command("ablate", body, extra=(RuntimeError,))
 
 
 if __name__ == "__main__":

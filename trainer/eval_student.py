@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, parse_cli
 
 
 def evaluate_student(cfg: KVMapConfig) -> dict:
@@ -41,13 +41,21 @@ def evaluate_student(cfg: KVMapConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, _ = parse_cli(KVMapConfig, sys.argv[1:] if argv is None else argv)
-        print(json.dumps(evaluate_student(cfg), indent=1))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"eval_student: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    """`python -m trainer.eval_student`: print the held-out metrics of `student` as JSON."""
+    p = command_parser(
+        "python -m trainer.eval_student",
+        __doc__,
+        sections=["student", "train.store", "extract.store", "eval"],
+        examples=[
+            "python -m trainer.eval_student --config configs/pruned.yaml",
+            "python -m trainer.eval_student --config configs/pruned_narrow.yaml eval.greedy_samples=0",
+        ],
+    )
+    args = parse_args(p, argv)
+    return run_command(
+        "eval_student",
+        lambda: print(json.dumps(evaluate_student(config_from_args(KVMapConfig, args)), indent=1)),
+    )
 
 
 if __name__ == "__main__":

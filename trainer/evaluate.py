@@ -52,7 +52,7 @@ def evaluate(
         student: the unwrapped student model.
         tokenizer: the student's tokenizer (None skips exact match: nothing to decode with).
         store_path, split: the store and its held-out split (tokens, segments, answer mask; no states).
-        eval_cfg: trainer.config.EvalConfig.
+        eval_cfg: pipeline.train_config.EvalConfig.
         ce_ids: the segment ids training's CE counts (train.ce_segments); None = all segments.
     Returns:
         {"eval/ce", "eval/ce_trained", "eval/ce_P", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A",

@@ -49,7 +49,7 @@ def check_finite(accelerator, res, step: int) -> None:
         if b > 0:
             raise FloatingPointError(
                 f"step {step}: {n} is not finite ({float(res.terms[n].detach())}); stopping (lower train.lr, check the store "
-                "with `python -m pipeline.inspect`, or run trainer/profile_alignment.py)"
+                "with `python -m pipeline.inspect_store`, or run trainer/profile_alignment.py)"
             )
 
 

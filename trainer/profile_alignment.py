@@ -19,19 +19,16 @@ teacher's own attention, and KL(aligned || student), KL(teacher's own, head-mixe
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, parse_cli
+from pipeline.configlib import ConfigError
 from trainer.data import collate_right_pad
 
 OUTLIER_RMS = 6.0
@@ -270,29 +267,32 @@ def format_report(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns 0 (clean), 1 (NaN/inf or shape mismatch found) or 2 (bad input)."""
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(
-        prog="python -m trainer.profile_alignment",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="--config PATH [key=value ...] [--live-teacher] are read as in every kvmap entry script.",
+    ap = command_parser(
+        "kvmap-profile",
+        __doc__,
+        sections=["student", "teacher (--live-teacher)", "data", "align", "train.store", "extract.store"],
+        examples=[
+            "kvmap-profile --config configs/demo.yaml --mode both --batch_size 4 --seq_length 128",
+            "kvmap-profile --config configs/default.yaml --mode structured --live-teacher",
+        ],
     )
     ap.add_argument("--mode", choices=("structured", "flat", "both"), default="both")
-    ap.add_argument("--batch_size", type=int, default=2)
-    ap.add_argument("--seq_length", type=int, default=128)
+    ap.add_argument("--batch_size", type=int, default=2, help="samples per batch (>= 1)")
+    ap.add_argument("--seq_length", type=int, default=128, help="tokens per sample, cropped (>= 2)")
     ap.add_argument("--num_batches", type=int, choices=(1, 2), default=1)
-    args, rest = ap.parse_known_args(argv)
-    try:
+    ap.add_argument(
+        "--live-teacher", action="store_true", help="run the teacher here instead of reading the store"
+    )
+    args = parse_args(ap, argv)
+
+    def body() -> int:
         if args.batch_size < 1 or args.seq_length < 2:
             raise ConfigError(
                 f"--batch_size {args.batch_size} / --seq_length {args.seq_length}: expected >= 1 / >= 2"
             )
-        cfg, flags = parse_cli(KVMapConfig, rest, flags=("live_teacher",))
-        args.live_teacher = flags["live_teacher"]
-        return _run(cfg, args)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
+        return _run(config_from_args(KVMapConfig, args), args)
+
+    return run_command("profile", body, extra=(KeyError,))
 
 
 def _run(cfg: KVMapConfig, args) -> int:

@@ -14,17 +14,14 @@ a delta is marked better/worse only when |delta| > 2 SE, i.e. when it exceeds th
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import math
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import yaml
 
+from pipeline.cli import command_parser
 from trainer.ablation_results import RESULTS_NAME, read_results
 
 # (metric key in metrics.json, column header, format, which direction is better (None = no direction))
@@ -278,7 +275,15 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.report", description=__doc__.split("\n\n")[0])
+    ap = command_parser(
+        "kvmap-report",
+        __doc__,
+        examples=[
+            "kvmap-report runs/ablations/demo --control kd_only",
+            "kvmap-report runs/ablations/x --no-plots",
+        ],
+        config=False,
+    )
     ap.add_argument("run_dir", help="an ablation out_dir holding results.jsonl")
     ap.add_argument("--control", default=None, help="arm the deltas are taken against")
     ap.add_argument("--no-plots", action="store_true", help="tables only")

@@ -35,13 +35,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):  # `accelerate launch trainer/train.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, parse_cli, to_dict, write_run_metadata
+from pipeline.configlib import ConfigError, to_dict, write_run_metadata
 from trainer.checkpoint import (
     MetricsLog,
     _jsonable,
@@ -348,17 +346,28 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: `--config PATH [key=value ...] [--resume] [--overwrite]`; prints the final metrics."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        return 0
-    try:
-        cfg, flags = parse_cli(KVMapConfig, argv, flags=("resume", "overwrite"))
-        metrics = run_training(cfg, resume=flags["resume"], overwrite=flags["overwrite"])
-    except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`kvmap-train` / `accelerate launch trainer/train.py`: train, then print the final metrics."""
+    p = command_parser(
+        "kvmap-train",
+        __doc__,
+        sections=["student", "align", "loss_config", "lambda_kv", "train", "eval", "seed"],
+        examples=[
+            "kvmap-train --config configs/default.yaml train.steps=50 run_dir=runs/try",
+            "accelerate launch trainer/train.py --config configs/default.yaml --resume",
+        ],
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="clear an existing run folder first")
+    args = parse_args(p, argv)
+    metrics: dict = {}
+
+    def body() -> None:
+        cfg = config_from_args(KVMapConfig, args)
+        metrics.update(run_training(cfg, resume=args.resume, overwrite=args.overwrite))
+
+    rc = run_command("train", body)
+    if rc:
+        return rc
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

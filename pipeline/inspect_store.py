@@ -1,6 +1,6 @@
 """Inspect a kvmap store: schema, sizes (stored vs raw bytes) and per-layer statistics of the teacher states.
 
-    python -m pipeline.inspect stores/default.zarr [--max-tokens N] [--json]
+    python -m pipeline.inspect_store stores/default.zarr [--max-tokens N] [--json]
 
 Shape glossary: N packed tokens of the train split, X heads of a component (H for q, G for k/v), D head dim.
 Statistics stream the arrays shard by shard (float64 accumulators), so memory stays at one shard;
@@ -9,13 +9,13 @@ Statistics stream the arrays shard by shard (float64 accumulators), so memory st
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import command_parser
 from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
 from pipeline.store_logits import decode_logprobs
 
@@ -174,7 +174,15 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.splitlines()[0])
+    p = command_parser(
+        "kvmap-inspect",
+        __doc__,
+        examples=[
+            "kvmap-inspect stores/default.zarr",
+            "kvmap-inspect stores/default.zarr --json --max-tokens 4096",
+        ],
+        config=False,
+    )
     p.add_argument("store", help="store folder (*.zarr)")
     p.add_argument("--max-tokens", type=int, default=None, help="statistics over the first N tokens only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -1,4 +1,4 @@
-"""Config sections owned by stage 2 (see pipeline/config.py for the whole schema).
+"""Config sections owned by stage 2 (the whole schema: pipeline/config.py, its one home both stages read).
 
 Every key is documented here next to its default; `trainer/train.py` validates the combinations that a
 dataclass cannot (e.g. segment names) before any step runs.
