@@ -98,8 +98,8 @@ class Stepper:
 
         from alignment import create_structural_loss
         from pipeline.models import load_model
+        from pipeline.train_config import segment_ids_of
         from trainer.data import ResumableSampler, StoreDataset, make_loader
-        from trainer.losses import segment_ids_of
         from trainer.setup import build_aligner, build_kd, needed_components, param_groups
         from trainer.step import DistillModel
         from trainer.store_checks import check_layers

@@ -61,6 +61,7 @@ def command_parser(
         description=(doc or "").strip().split("\n\n")[0],
         epilog="\n\n".join(epilog) or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a typo such as --resum must be an error, never a silent prefix match
     )
     if config:
         p.add_argument("--config", metavar="PATH", help="YAML config; keys it omits take their defaults")

@@ -7,14 +7,17 @@ everything else. Sections live next to the code that owns them; this module asse
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignment.config import AlignConfig, LossConfig
+from pipeline.configlib import ConfigError
 from pipeline.prune_config import PruneConfig
-from pipeline.train_config import EvalConfig, TrainConfig
+from pipeline.train_config import SEGMENTS, EvalConfig, TrainConfig
 
-SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
+__all__ = ["SEGMENTS", "KVMapConfig", "ModelConfig", "DataConfig", "ExtractConfig", "GenerationConfig"]
 
 
 @dataclass
@@ -200,3 +203,39 @@ class KVMapConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)  # pipeline/prune.py only
+
+    def __post_init__(self):
+        """Checks that span sections (each section checks its own keys in its own __post_init__)."""
+        _check_lambda(self)
+        _check_structural(self)
+
+
+def _check_lambda(cfg: KVMapConfig) -> None:
+    """lambda_kv is a value >= 0 or "auto"; auto needs a constant or step schedule without warm-up."""
+    t = cfg.train
+    if cfg.lambda_kv == "auto":
+        if t.lambda_schedule not in ("constant", "step") or t.lambda_warmup_steps:
+            raise ConfigError(
+                f"config key 'lambda_kv': 'auto' with train.lambda_schedule={t.lambda_schedule!r} and "
+                f"lambda_warmup_steps={t.lambda_warmup_steps}: expected schedule constant | step and no warm-up"
+            )
+    elif not (math.isfinite(cfg.lambda_kv) and cfg.lambda_kv >= 0):
+        raise ConfigError(
+            f"config key 'lambda_kv': got {cfg.lambda_kv!r}, expected a finite value >= 0 or 'auto'"
+        )
+
+
+def _check_structural(cfg: KVMapConfig) -> None:
+    """head_select distils teacher heads one to one (attention term only); relation settings are sane."""
+    from alignment.loss import check_relation
+
+    lc, hs = cfg.loss_config, cfg.align.head_select
+    if hs.method != "all" and (lc.attn_target != "teacher" or lc.alpha_attn <= 0 or lc.alpha_k or lc.alpha_v):
+        raise ConfigError(
+            f"config key 'align.head_select.method': {hs.method!r} distils teacher heads one-to-one: expected "
+            "loss_config.attn_target=teacher, alpha_attn > 0, alpha_k = alpha_v = 0"
+        )
+    try:
+        check_relation(dataclasses.asdict(lc.relation))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

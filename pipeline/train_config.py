@@ -6,8 +6,30 @@ dataclass cannot (e.g. segment names) before any step runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from pipeline.configlib import ConfigError
+
+SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
+
+
+def _at_least(section: str, obj, bounds: dict[str, int]) -> None:
+    for key, lo in bounds.items():
+        v = getattr(obj, key)
+        if v < lo:
+            raise ConfigError(f"config key '{section}.{key}': got {v!r}, expected an int >= {lo}")
+
+
+def segment_ids_of(names: list[str], key: str) -> list[int]:
+    """Segment names -> sorted unique ids, with a one-line error naming the config key on a bad name."""
+    bad = [n for n in names if n not in SEGMENTS]
+    if bad or not names:
+        raise ConfigError(
+            f"config key '{key}': got {names!r}, expected a non-empty list of segment names from {sorted(SEGMENTS)}"
+        )
+    return sorted({SEGMENTS[n] for n in names})
 
 
 @dataclass
@@ -49,6 +71,42 @@ class TrainConfig:
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
     progress: bool = True  # tqdm progress bar on the main process
+    # Keep a final checkpoint (optimizer state + RNG: ~3x the student's size) in run_dir/checkpoints, so the
+    # run can be continued with more steps. Off: a finished run keeps the student and metrics only, and the
+    # periodic checkpoints are deleted once student/ and metrics.json are written.
+    save_final_state: bool = False
+
+    def __post_init__(self):
+        _at_least(
+            "train",
+            self,
+            dict(steps=1, batch_size=1, grad_accum=1, warmup_steps=0, lambda_warmup_steps=0, ckpt_every=0,
+                 keep_checkpoints=1, log_every=1, num_workers=0, prefetch_factor=1),
+        )  # fmt: skip
+        for key in ("lr", "aligner_lr"):
+            v = getattr(self, key)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"config key 'train.{key}': got {v!r}, expected a finite value > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(
+                f"config key 'train.min_lr_ratio': got {self.min_lr_ratio!r}, expected a value in [0, 1]"
+            )
+        if self.clip_grad < 0:
+            raise ConfigError(
+                f"config key 'train.clip_grad': got {self.clip_grad!r}, expected >= 0 (0 = off)"
+            )
+        r = self.lambda_auto_range
+        if len(r) != 2 or not (0 <= r[0] <= r[1] and math.isfinite(r[1])):
+            raise ConfigError(
+                f"config key 'train.lambda_auto_range': got {r!r}, expected [lo, hi] with 0 <= lo <= hi"
+            )
+        if self.lambda_schedule == "step" and (self.lambda_until is None or self.lambda_until < 0):
+            raise ConfigError(
+                f"config key 'train.lambda_until': got {self.lambda_until!r}, expected an int >= 0 with "
+                "lambda_schedule 'step'"
+            )
+        segment_ids_of(self.ce_segments, "train.ce_segments")
+        segment_ids_of(self.struct_segments, "train.struct_segments")
 
 
 @dataclass
@@ -60,3 +118,10 @@ class EvalConfig:
     max_samples: int | None = None  # cap on eval samples for CE / accuracy (None = the whole split)
     greedy_samples: int = 64  # held-out samples decoded greedily for answer exact-match (0 = skip)
     max_new_tokens: int = 32
+
+    def __post_init__(self):
+        _at_least("eval", self, dict(every=0, batch_size=1, greedy_samples=0, max_new_tokens=1))
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(
+                f"config key 'eval.max_samples': got {self.max_samples!r}, expected null or >= 1"
+            )

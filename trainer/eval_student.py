@@ -22,10 +22,10 @@ def evaluate_student(cfg: KVMapConfig) -> dict:
 
     from pipeline.models import load_model
     from trainer.evaluate import evaluate
-    from trainer.setup import store_path_of, validate_config
+    from trainer.setup import segment_ids, store_path_of
     from trainer.store_checks import check_tokenizer, open_store
 
-    ce_ids, _ = validate_config(cfg)
+    ce_ids, _ = segment_ids(cfg)
     store = open_store(store_path_of(cfg))
     if "eval" not in store.splits:
         raise ValueError(

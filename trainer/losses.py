@@ -17,18 +17,6 @@ import torch.nn.functional as F
 from pipeline.config import SEGMENTS
 
 
-def segment_ids_of(names: Sequence[str], key: str) -> list[int]:
-    """Segment names -> ids, with a one-line error naming the config key on an unknown name."""
-    ids = []
-    for n in names:
-        if n not in SEGMENTS:
-            raise ValueError(f"{key}: segment {n!r} is unknown; expected names from {sorted(SEGMENTS)}")
-        ids.append(SEGMENTS[n])
-    if not ids:
-        raise ValueError(f"{key}=[]: expected at least one segment name from {sorted(SEGMENTS)}")
-    return sorted(set(ids))
-
-
 def shifted_targets(input_ids: torch.Tensor, segment_ids: torch.Tensor):
     """The target of every position (token t+1) and its segment; the last position and padding get -100 / -1.
 

@@ -8,108 +8,29 @@ expected; `trainer/train.py` calls all of this before its first step.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError
-from trainer.losses import segment_ids_of
+from pipeline.train_config import segment_ids_of
 from trainer.store_checks import teacher_config_from_attrs
 
 
-def validate_config(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
-    """Checks a dataclass cannot express; returns (ce segment ids, struct segment ids)."""
-    t = cfg.train
-    for key, v, lo in (
-        ("train.steps", t.steps, 1),
-        ("train.batch_size", t.batch_size, 1),
-        ("train.grad_accum", t.grad_accum, 1),
-        ("train.warmup_steps", t.warmup_steps, 0),
-        ("train.lambda_warmup_steps", t.lambda_warmup_steps, 0),
-        ("train.ckpt_every", t.ckpt_every, 0),
-        ("train.keep_checkpoints", t.keep_checkpoints, 1),
-        ("train.log_every", t.log_every, 1),
-        ("train.num_workers", t.num_workers, 0),
-        ("train.prefetch_factor", t.prefetch_factor, 1),
-        ("eval.every", cfg.eval.every, 0),
-        ("eval.batch_size", cfg.eval.batch_size, 1),
-        ("eval.greedy_samples", cfg.eval.greedy_samples, 0),
-        ("eval.max_new_tokens", cfg.eval.max_new_tokens, 1),
-    ):
-        if v < lo:
-            raise ConfigError(f"config key '{key}': got {v!r}, expected an int >= {lo}")
-    for key, v in (("train.lr", t.lr), ("train.aligner_lr", t.aligner_lr)):
-        if v is not None and not (math.isfinite(v) and v > 0):
-            raise ConfigError(f"config key '{key}': got {v!r}, expected a finite value > 0")
-    _validate_lambda(cfg)
-    _validate_structural(cfg)
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(
-            f"config key 'train.min_lr_ratio': got {t.min_lr_ratio!r}, expected a value in [0, 1]"
-        )
-    if t.clip_grad < 0:
-        raise ConfigError(
-            f"config key 'train.clip_grad': got {t.clip_grad!r}, expected a value >= 0 (0 = off)"
-        )
-    if cfg.eval.max_samples is not None and cfg.eval.max_samples < 1:
-        raise ConfigError(
-            f"config key 'eval.max_samples': got {cfg.eval.max_samples!r}, expected null or >= 1"
-        )
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+def segment_ids(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
+    """(CE target segment ids, structural-loss segment ids); also refuses fp16 without a GPU.
+
+    Every config key is checked where it is defined (the config classes' `__post_init__`); this only adds
+    what depends on the machine.
+    """
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError(
             "config key 'train.mixed_precision': got 'fp16', expected 'no' or 'bf16' without a GPU"
         )
-    try:
-        ce = segment_ids_of(t.ce_segments, "train.ce_segments")
-        st = segment_ids_of(t.struct_segments, "train.struct_segments")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.kv_projection_mode not in ("structured", "flat"):
-        raise ConfigError(
-            f"config key 'kv_projection_mode': got {cfg.kv_projection_mode!r}, expected structured | flat"
-        )
-    return ce, st
-
-
-def _validate_lambda(cfg: KVMapConfig) -> None:
-    """lambda_kv (a value or "auto"), the step schedule and the auto range (issue 13)."""
     t = cfg.train
-    if cfg.lambda_kv == "auto":
-        if t.lambda_schedule not in ("constant", "step") or t.lambda_warmup_steps:
-            raise ConfigError(
-                f"config key 'lambda_kv': 'auto' with train.lambda_schedule={t.lambda_schedule!r} and "
-                f"lambda_warmup_steps={t.lambda_warmup_steps}: expected schedule constant | step and no warm-up"
-            )
-    elif not (math.isfinite(cfg.lambda_kv) and cfg.lambda_kv >= 0):
-        raise ConfigError(
-            f"config key 'lambda_kv': got {cfg.lambda_kv!r}, expected a finite value >= 0 or 'auto'"
-        )
-    r = t.lambda_auto_range
-    if len(r) != 2 or not (0 <= r[0] <= r[1] and math.isfinite(r[1])):
-        raise ConfigError(
-            f"config key 'train.lambda_auto_range': got {r!r}, expected [lo, hi] with 0 <= lo <= hi"
-        )
-    if t.lambda_schedule == "step" and (t.lambda_until is None or t.lambda_until < 0):
-        raise ConfigError(
-            f"config key 'train.lambda_until': got {t.lambda_until!r}, expected an int >= 0 with lambda_schedule 'step'"
-        )
-
-
-def _validate_structural(cfg: KVMapConfig) -> None:
-    """head_select / relation / sink combinations a dataclass cannot express (issue 13)."""
-    from alignment.loss import check_relation
-
-    lc, hs = cfg.loss_config, cfg.align.head_select
-    if hs.method != "all" and (lc.attn_target != "teacher" or lc.alpha_attn <= 0 or lc.alpha_k or lc.alpha_v):
-        raise ConfigError(
-            f"config key 'align.head_select.method': {hs.method!r} distils teacher heads one-to-one: expected "
-            "loss_config.attn_target=teacher, alpha_attn > 0, alpha_k = alpha_v = 0"
-        )
-    try:
-        check_relation(dataclasses.asdict(lc.relation))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return segment_ids_of(t.ce_segments, "train.ce_segments"), segment_ids_of(
+        t.struct_segments, "train.struct_segments"
+    )
 
 
 def _check_relation_widths(cfg: KVMapConfig, aligner) -> None:

@@ -58,8 +58,8 @@ from trainer.setup import (
     check_resume_config,
     needed_components,
     param_groups,
+    segment_ids,
     store_path_of,
-    validate_config,
 )
 from trainer.step import DistillModel, forward_step
 from trainer.store_checks import check_layers, check_tokenizer, open_store, teacher_config_from_attrs
@@ -118,7 +118,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     from pipeline.models import load_model
 
     t0 = time.time()
-    ce_ids, struct_ids = validate_config(cfg)
+    ce_ids, struct_ids = segment_ids(cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = Accelerator(
         # Without a GPU, cpu=True is what makes a multi-process launch use gloo (DistributedType.MULTI_CPU);
