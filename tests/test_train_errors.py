@@ -88,7 +88,9 @@ def test_unknown_mode_and_key_and_segment(tmp_path, store):
         load_config(KVMapConfig, path, ["kv_projection_mode=diagonal"])
     with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
         load_config(KVMapConfig, path, ["train.lrr=1"])
-    _expect_error(tmp_path, store, r"'train.ce_segments': got \['P', 'Q'\]", **{"train.ce_segments": ["P", "Q"]})
+    _expect_error(
+        tmp_path, store, r"'train.ce_segments': got \['P', 'Q'\]", **{"train.ce_segments": ["P", "Q"]}
+    )
     _expect_error(tmp_path, store, "train.steps", **{"train.steps": 0})
     _expect_error(tmp_path, store, "lambda_kv", **{"lambda_kv": -1.0})
 
@@ -166,7 +168,10 @@ def test_resume_with_another_world_size_is_refused(tmp_path, store):
     from trainer.checkpoint import STATE_FILE, latest_checkpoint
 
     cfg = from_dict(
-        KVMapConfig, tiny_train_config(tmp_path, store, **{"train.steps": 2, "train.ckpt_every": 1})
+        KVMapConfig,
+        tiny_train_config(
+            tmp_path, store, **{"train.steps": 2, "train.ckpt_every": 1, "train.save_final_state": True}
+        ),
     )
     run_training(cfg)
     state_file = latest_checkpoint(cfg.run_dir) / STATE_FILE

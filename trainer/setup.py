@@ -181,6 +181,7 @@ RESUME_FREE_KEYS = (
     "train.keep_checkpoints",
     "train.log_every",
     "train.progress",
+    "train.save_final_state",
     "train.num_workers",
     "train.prefetch_factor",
     "eval.",
