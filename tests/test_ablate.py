@@ -210,6 +210,23 @@ def test_changed_arm_refuses_its_old_rows(tmp_path, fake):
         ablate.run_ablation(load_ablation(path, ["train.lr=0.5"]))
 
 
+def test_rows_survive_a_new_config_key_with_its_default(tmp_path, fake):
+    """The hash covers only non-default values: a key added with a behaviour-keeping default (here: set
+    explicitly to its default) keeps the rows; a row hashed by an older kvmap (over every key) is checked
+    against the run's saved resolved config instead."""
+    path = write_ablation(tmp_path, runner="fake", report=False, seeds=[0])
+    fake()
+    rows = ablate.run_ablation(load_ablation(path))
+    same = load_ablation(path, ["train.save_final_state=false", "train.progress=true"])
+    assert [s.config_hash for s in plan_runs(same)] == [r["config_hash"] for r in rows]
+    results = tmp_path / "out" / "results.jsonl"
+    legacy = [{**json.loads(x), "config_hash": "0123456789abcdef"} for x in results.read_text().splitlines()]
+    results.write_text("".join(json.dumps(r) + "\n" for r in legacy))
+    assert len(ablate.run_ablation(load_ablation(path))) == 2  # accepted through the saved configs
+    with pytest.raises(ConfigError, match="was made with another config"):
+        ablate.run_ablation(load_ablation(path, ["train.lr=0.5"]))
+
+
 def test_cli_overrides_and_mapping_equals_dotted(tmp_path):
     path = write_ablation(tmp_path)
     abl = load_ablation(path, ["seeds=[3]", "train.steps=2", "only_arms=[struct]"])
@@ -276,6 +293,7 @@ FAKE_TRAIN = textwrap.dedent(
     with open(os.environ["FAKE_CALLS"], "a") as f:
         f.write(json.dumps([rd.parent.name, cfg["seed"], resume]) + "\\n")
     (rd / "checkpoints" / "step_1").mkdir(parents=True, exist_ok=True)
+    (rd / "pid").write_text(str(os.getpid()))
     if os.environ.get("FAKE_HANG") == rd.parent.name and not resume:
         time.sleep(120)  # the test kills the whole sweep here
     (rd / "metrics.json").write_text(json.dumps({"eval/ce": 1.0 + cfg["seed"], "wall_s": 0.1}))
@@ -329,3 +347,53 @@ def test_sigkilled_sweep_resumes_with_subprocess_runner(tmp_path, monkeypatch):
         ("struct", 1),
     ]
     assert "--resume" in (tmp_path / "out" / "struct" / "seed_0.log").read_text()
+
+
+def test_sigint_stops_the_sweep_and_its_child_and_the_sweep_resumes(tmp_path, monkeypatch):
+    """SIGINT to the sweep process alone -- started with SIGINT ignored, as a shell's background job is --
+    stops it (exit 130, one message) and its training child; the same command then finishes the matrix."""
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    calls = tmp_path / "calls.jsonl"
+    path = write_ablation(tmp_path, runner="subprocess", train_entry=str(script), report=False)
+    env = {**os.environ, "FAKE_CALLS": str(calls), "FAKE_HANG": "struct"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "trainer" / "ablate.py"), "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        deadline = time.time() + 60
+        while len(_rows(calls)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        child = int((tmp_path / "out" / "struct" / "seed_0" / "pid").read_text())
+        os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read().decode()
+    assert rc == 130 and "ablate: interrupted" in err, err[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the training child is gone, not orphaned
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.delenv("FAKE_HANG", raising=False)
+    assert ablate.main(["--config", str(path)]) == 0
+    assert [(r["arm"], r["seed"]) for r in read_results(tmp_path / "out" / "results.jsonl")] == [
+        ("ce_only", 0), ("ce_only", 1), ("struct", 0), ("struct", 1),
+    ]  # fmt: skip
+
+
+def test_last_logged_step_follows_a_growing_metrics_file(tmp_path):
+    from trainer.child_process import last_logged_step
+
+    f = tmp_path / "metrics.jsonl"
+    assert last_logged_step(f) == (0, None)
+    f.write_text(
+        '{"step": 1, "loss": 2.5}\n{"step": 10, "loss": 1.25}\n{"step": 10, "eval/ce": 3.0}\n{"step": 2'
+    )
+    assert last_logged_step(f) == (10, 1.25)

@@ -29,7 +29,6 @@ import datetime as _dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, git_sha, load_config, to_dict
 from trainer.ablation_config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
 from trainer.ablation_results import RESULTS_NAME, append_result, done_keys, read_results
+from trainer.child_process import interrupt_on_signals, run_child
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,8 +86,8 @@ def run_subprocess(spec: RunSpec, resume: bool, abl: AblationConfig) -> None:
     log = log_path(spec)
     with open(log, "a") as f:
         f.write(f"\n# {_dt.datetime.now(_dt.timezone.utc).isoformat()} $ {' '.join(cmd)}\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env()).returncode
+    watch = (spec.run_dir / "metrics.jsonl", spec.cfg.train.steps, f"{spec.arm} seed {spec.seed}")
+    rc = run_child(cmd, log, _child_env(), progress=watch if _is_main() else None)
     if rc != 0:
         raise RuntimeError(
             f"arm '{spec.arm}' seed {spec.seed}: training exited with code {rc}; log {log}, last lines:\n"
@@ -165,7 +165,7 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
             cmd = [*(abl.launcher or [sys.executable]), str(REPO_ROOT / "pipeline" / "extract.py")]
             cmd += ["--config", str(cfg_file)]
             print(f"[ablate] store '{path}' missing or incomplete: {' '.join(cmd)}")
-            rc = subprocess.run(cmd, env=_child_env()).returncode
+            rc = run_child(cmd, None, _child_env())
             if rc != 0:
                 raise RuntimeError(
                     f"extraction of store '{path}' failed (exit code {rc}); see its output above"
@@ -239,12 +239,23 @@ def make_row(spec: RunSpec, wall_s: float, resumed: bool, fingerprint: str | Non
     }
 
 
+def _same_config(row: dict, spec: RunSpec) -> bool:
+    """The row's hash matches; or (a row hashed by an older kvmap, over every key) the run's saved resolved
+    config, read with today's schema, hashes the same."""
+    if row.get("config_hash") in (None, spec.config_hash):
+        return True
+    try:
+        return config_hash(load_config(KVMapConfig, config_path(spec))) == spec.config_hash
+    except ConfigError:
+        return False
+
+
 def check_rows(rows: dict, specs: list[RunSpec], fingerprint: str | None, results: Path) -> None:
     """Rows already present must come from the same config and store as the run they stand for."""
     by_key = {s.key: s for s in specs}
     for key, row in rows.items():
         spec = by_key.get(key)
-        if spec is not None and row.get("config_hash") not in (None, spec.config_hash):
+        if spec is not None and not _same_config(row, spec):
             raise ConfigError(
                 f"{results}: the row for arm '{key[0]}' seed {key[1]} was made with another config "
                 f"(hash {row.get('config_hash')} != {spec.config_hash}): restore the arm, rename it, use "
@@ -343,7 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         run_ablation(load_ablation(args.config, args.overrides), dry_run=args.dry_run)
 
-    return run_command("ablate", body, extra=(RuntimeError,))
+    interrupt_on_signals()
+    try:
+        return run_command("ablate", body, extra=(RuntimeError,))
+    except KeyboardInterrupt:
+        print(
+            "ablate: interrupted; finished runs are in results.jsonl and a stopped run resumes from its last "
+            "checkpoint: run the same command again to continue",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -151,9 +151,31 @@ def flatten_overrides(overrides: list[str] | dict[str, Any], where: str) -> list
     return list(overrides)
 
 
+def non_default(current: dict, default: dict) -> dict:
+    """The entries of a nested config dict that differ from the defaults' (whole values below a non-dict)."""
+    out = {}
+    for key, value in current.items():
+        ref = default.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(ref, dict):
+            sub = non_default(value, ref)
+            if sub:
+                out[key] = sub
+        elif value != ref:
+            out[key] = value
+    return out
+
+
+_MISSING = object()
+
+
 def config_hash(cfg: KVMapConfig) -> str:
-    """A short stable hash of a resolved experiment config (results rows carry it to detect changed arms)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    """A short stable hash of what a resolved experiment config sets away from the defaults.
+
+    Results rows carry it to detect changed arms. Hashing only the non-default values means that a new
+    config key whose default keeps the old behaviour (e.g. `train.save_final_state`) leaves every existing
+    row valid, while changing a default that an arm relied on does change the hash.
+    """
+    blob = json.dumps(non_default(to_dict(cfg), to_dict(KVMapConfig())), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

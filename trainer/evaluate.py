@@ -56,7 +56,8 @@ def evaluate(
         ce_ids: the segment ids training's CE counts (train.ce_segments); None = all segments.
     Returns:
         {"eval/ce", "eval/ce_trained", "eval/ce_P", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A",
-         "eval/acc", "eval/exact_match", "eval/samples"}; a value is NaN where its count is 0.
+         "eval/acc", "eval/exact_match", "eval/samples"}; a value is NaN where its count is 0, and
+        `eval/exact_match` is absent when greedy decoding is off (`eval.greedy_samples: 0` or no tokenizer).
         `eval/ce_trained` is CE over the segments training counts: with `ce_segments: [R, A]` the prompt is
         never a target, so `eval/ce` (all segments) is dominated by P and says little about the student.
     """
@@ -115,7 +116,8 @@ def evaluate(
     for j, name in enumerate(("R", "A")):
         out[f"eval/acc_{name}"] = ratio(acc[0, j], acc[1, j])
     out["eval/acc"] = ratio(acc[0].sum(), acc[1].sum())
-    out["eval/exact_match"] = ratio(em[0], em[1])
+    if tokenizer is not None and eval_cfg.greedy_samples > 0:  # a disabled evaluation reports no value
+        out["eval/exact_match"] = ratio(em[0], em[1])
     out["eval/samples"] = n
     if fidelity:
         out["eval/agree_top1"] = ratio(fid[0], fid[2])

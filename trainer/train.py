@@ -219,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(KVMapConfig, args)
         metrics.update(run_training(cfg, resume=args.resume, overwrite=args.overwrite))
 
-    rc = run_command("train", body)
+    try:
+        rc = run_command("train", body)
+    except KeyboardInterrupt:
+        print("train: interrupted; --resume continues from the newest checkpoint in run_dir", file=sys.stderr)
+        return 130
     if rc:
         return rc
     from accelerate import PartialState
