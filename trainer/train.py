@@ -27,9 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
-import signal
 import sys
 import time
 from functools import partial
@@ -63,10 +61,6 @@ from trainer.setup import (
 )
 from trainer.step import DistillModel, forward_step
 from trainer.store_checks import check_layers, check_tokenizer, open_store, teacher_config_from_attrs
-
-# Test hook (tests/test_train.py): SIGKILL this process right after optimizer step N completes
-# (after its checkpoint, if one falls on N), to prove that --resume reproduces an uninterrupted run.
-KILL_ENV = "KVMAP_TEST_KILL_AFTER_STEP"
 
 
 def _prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator) -> Path | None:
@@ -230,7 +224,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                 {k: v for k, v in row.items() if isinstance(v, float) and math.isfinite(v)}, step=row["step"]
             )
 
-    kill_after = int(os.environ.get(KILL_ENV, "-1"))
     final_eval: dict = {}
     bar = tqdm(
         total=cfg.train.steps, initial=start_step, disable=not (is_main and cfg.train.progress), desc="train"
@@ -308,8 +301,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
                 },
                 cfg.train.keep_checkpoints,
             )
-        if done == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
     # --- end: evaluation, diagnostics, saved student, metrics.json ---
