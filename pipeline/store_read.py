@@ -35,12 +35,15 @@ def _write_chunk(store, arr: zarr.Array, i: int) -> int | None:
     return i
 
 
-def chunk_error(store, arr: zarr.Array, i: int, err: BaseException) -> ValueError:
-    """One-line error for an unreadable chunk i of `arr` in `store` (a KVStore), with the fix."""
+def chunk_error(store, arr: zarr.Array, i: int, problem: str | BaseException) -> ValueError:
+    """One-line error: chunk i of `arr` in `store` (a KVStore) `problem` (an exception: "is damaged or
+    unreadable (its first line)"), with the fix."""
     from pipeline.store import PROGRESS_DIR  # here: pipeline.store imports this module
 
+    if isinstance(problem, BaseException):
+        first = (str(problem).strip().splitlines() or [""])[0]
+        problem = f"is damaged or unreadable ({type(problem).__name__}: {first})"
     n = chunk_len(arr)
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
     fix = "re-extract the store (kvmap-extract ... --overwrite)"
     c = _write_chunk(store, arr, i)
@@ -51,7 +54,7 @@ def chunk_error(store, arr: zarr.Array, i: int, err: BaseException) -> ValueErro
         )
     return ValueError(
         f"store '{store.path}': array {arr.path} chunk {i} (tokens {i * n}-{min((i + 1) * n, arr.shape[0])}, "
-        f"file {arr.path}/{key}) is damaged or unreadable ({type(err).__name__}: {first}): {fix}"
+        f"file {arr.path}/{key}) {problem}: {fix}"
     )
 
 
