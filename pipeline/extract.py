@@ -318,11 +318,10 @@ def _extract_loop(
                     model, cap, splits[split], start, end, writer.layers if on_train else [],
                     writer.components if on_train else [], cfg.extract.dtype, cfg.extract.batch_size, pad_id,
                     top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
-                    index_dtype=logits.get("index_dtype", "uint16"),
+                    index_dtype=logits.get("index_dtype", "uint16"), on_batch=bar.update,  # per batch
                 )  # fmt: skip
                 out.submit(c, bufs, stats)
                 computed += stats["tokens"] if on_train else 0  # train tokens (the summary's unit)
-                bar.update(stats["tokens"])
     except BaseException:
         out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
         raise
