@@ -11,6 +11,8 @@ not depend on the number of processes or on where a previous run was killed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -169,7 +171,7 @@ def extract_chunk(
     pad_id: int,
     top_k: int = 0,
     index_dtype: str = "uint16",
-    on_batch=None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[tuple, np.ndarray], dict]:
     """Teacher states (and top-k log-probs) of packed tokens [start, end) of `packed`.
 
