@@ -261,7 +261,8 @@ class KVStore:
     def _per_sample(self, split: str, name: str) -> np.ndarray:
         key = (split, name)
         if key not in self._sample_cache:
-            self._sample_cache[key] = np.asarray(self._array(split, name)[:])
+            arr = self._array(split, name)
+            self._sample_cache[key] = np.asarray(read_all(self, [(arr, slice(0, arr.shape[0]))])[0])
         return self._sample_cache[key]
 
     def num_samples(self, split: str = "train") -> int:

@@ -38,12 +38,13 @@ def _write_chunk(store, arr: zarr.Array, i: int) -> int | None:
 def chunk_error(store, arr: zarr.Array, i: int, problem: str | BaseException) -> ValueError:
     """One-line error: chunk i of `arr` in `store` (a KVStore) `problem` (an exception: "is damaged or
     unreadable (its first line)"), with the fix."""
-    from pipeline.store import PROGRESS_DIR  # here: pipeline.store imports this module
+    from pipeline.store import PROGRESS_DIR, SAMPLE_ARRAYS  # here: pipeline.store imports this module
 
     if isinstance(problem, BaseException):
         first = (str(problem).strip().splitlines() or [""])[0]
         problem = f"is damaged or unreadable ({type(problem).__name__}: {first})"
     n = chunk_len(arr)
+    unit = "samples" if arr.path.rsplit("/", 1)[-1] in SAMPLE_ARRAYS else "tokens"
     key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
     fix = "re-extract the store (kvmap-extract ... --overwrite)"
     c = _write_chunk(store, arr, i)
@@ -53,7 +54,7 @@ def chunk_error(store, arr: zarr.Array, i: int, problem: str | BaseException) ->
             "recompute that chunk"
         )
     return ValueError(
-        f"store '{store.path}': array {arr.path} chunk {i} (tokens {i * n}-{min((i + 1) * n, arr.shape[0])}, "
+        f"store '{store.path}': array {arr.path} chunk {i} ({unit} {i * n}-{min((i + 1) * n, arr.shape[0])}, "
         f"file {arr.path}/{key}) {problem}: {fix}"
     )
 

@@ -164,6 +164,14 @@ def _inspect(*argv: str):
     return run
 
 
+def _read_truncated_lengths(ctx: Ctx, capsys) -> Outcome:
+    """Cut the (unsharded) train/lengths chunk file in half: its zstd frame no longer decodes."""
+    store = _copy_store(ctx, "truncated.zarr")
+    f = store / "train" / "lengths" / "c" / "0"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return _raises(lambda: KVStore(store).read_sample(0))
+
+
 def _read_corrupt(ctx: Ctx, capsys) -> Outcome:
     store = KVStore(_corrupt_shard(ctx))
     return _raises(lambda: store.read_samples(range(store.num_samples())))
@@ -176,6 +184,12 @@ CASES = [
         _read_corrupt,
         "ValueError",
         lambda c: [str(c.tmp / "corrupt.zarr"), "array train/layers/2/k chunk 1", "checksum", "--overwrite"],
+    ),
+    (
+        "truncated per-sample array, read by the trainer's loader",
+        _read_truncated_lengths,
+        "ValueError",
+        lambda c: [str(c.tmp / "truncated.zarr"), "array train/lengths chunk 0 (samples 0-7", "Zstd"],
     ),
     (
         "corrupt shard under kvmap-inspect --check",
