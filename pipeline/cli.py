@@ -87,9 +87,11 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 def run_command(
     name: str, body: Callable[[], int | None], extra: tuple[type[BaseException], ...] = ()
 ) -> int:
-    """Run `body`; a user error (USER_ERRORS + `extra`) becomes one line `NAME: error: ...` on stderr, exit 2."""
+    """Run `body` (its int return is the exit status, anything else means 0); a user error (USER_ERRORS +
+    `extra`) becomes one line `NAME: error: ...` on stderr, exit 2."""
     try:
-        return body() or 0
+        rc = body()
+        return rc if isinstance(rc, int) else 0  # a body may return its result (a dict): success
     except USER_ERRORS + extra as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{name}: error: {msg}", file=sys.stderr, flush=True)

@@ -49,6 +49,23 @@ def new_counts() -> dict[str, Any]:
     }
 
 
+def _is_blank(p: Path, block: int = 1 << 20) -> bool:
+    """True when the file holds nothing but whitespace (read block by block: stops at the first byte)."""
+    with p.open("rb") as f:
+        while chunk := f.read(block):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _expected_rows(data_cfg: DataConfig) -> str:
+    fields = [data_cfg.prompt_field, data_cfg.reasoning_field, data_cfg.answer_field]
+    return (
+        f"expected at least one row with the fields {', '.join(f for f in fields if f)} "
+        f"(or {data_cfg.text_field}), one JSON object per line for .jsonl"
+    )
+
+
 def load_samples(data_cfg: DataConfig, split: str = "train") -> datasets.Dataset:
     """Rows of one split as a `datasets.Dataset` (JSONL / JSON / parquet file, or a saved dataset folder).
 
@@ -83,7 +100,11 @@ def load_samples(data_cfg: DataConfig, split: str = "train") -> datasets.Dataset
             raise ValueError(
                 f"data.{key}={path!r}: expected a .jsonl, .json or .parquet file or a dataset folder"
             )
+        if _is_blank(p):  # datasets raises a bare StopIteration / "corresponds to no data" here
+            raise ValueError(f"data.{key}={path!r}: the file is empty: {_expected_rows(data_cfg)}")
         ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
+    if len(ds) == 0:
+        raise ValueError(f"data.{key}={path!r}: holds no rows: {_expected_rows(data_cfg)}")
     limit = data_cfg.max_train_samples if split == "train" else data_cfg.max_eval_samples
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))

@@ -318,11 +318,10 @@ def _extract_loop(
                     model, cap, splits[split], start, end, writer.layers if on_train else [],
                     writer.components if on_train else [], cfg.extract.dtype, cfg.extract.batch_size, pad_id,
                     top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
-                    index_dtype=logits.get("index_dtype", "uint16"),
+                    index_dtype=logits.get("index_dtype", "uint16"), on_batch=bar.update,  # per batch
                 )  # fmt: skip
                 out.submit(c, bufs, stats)
                 computed += stats["tokens"] if on_train else 0  # train tokens (the summary's unit)
-                bar.update(stats["tokens"])
     except BaseException:
         out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
         raise
@@ -336,7 +335,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
     from accelerate import PartialState
 
-    from pipeline.extract_summary import print_summary, summarise
+    from pipeline.extract_summary import add_up_ranks, print_summary, summarise
     from pipeline.models import model_geometry
 
     t0 = time.perf_counter()
@@ -373,12 +372,13 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     computed, loop_s, loop_cpu_s = _extract_loop(
         cfg, state, model, writer, {"train": train, "eval": eval}, pad_id
     )
-    state.wait_for_everyone()
+    computed, loop_s, loop_cpu_s = add_up_ranks(state, computed, loop_s, loop_cpu_s)  # synchronises
     summary = None
     if state.is_main_process:
         summary = summarise(writer, counts, time.perf_counter() - t0, computed)
         summary["extract_loop_s_last_run"] = loop_s  # forwards + capture + writing, no model load
         summary["extract_loop_cpu_s_last_run"] = loop_cpu_s  # CPU seconds of all threads (writers too)
+        summary["processes_last_run"] = state.num_processes
         writer.mark_complete(summary)
         print_summary(path, summary)
     state.wait_for_everyone()

@@ -11,6 +11,8 @@ not depend on the number of processes or on where a previous run was killed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -169,6 +171,7 @@ def extract_chunk(
     pad_id: int,
     top_k: int = 0,
     index_dtype: str = "uint16",
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[tuple, np.ndarray], dict]:
     """Teacher states (and top-k log-probs) of packed tokens [start, end) of `packed`.
 
@@ -180,6 +183,8 @@ def extract_chunk(
             raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
         top_k: > 0 also stores the teacher's top-k log-probs at every token (`topk_logprobs`).
         index_dtype: storage dtype of the top-k token ids.
+        on_batch: called after every forward batch with the chunk tokens it produced (a progress bar's
+            `update`; the calls add up to end - start).
     Returns:
         ({(layer, comp): (end - start, X, D) array in the storage dtype (bf16 as uint16 words),
           ("logits", "values"): (end - start, K) float16 words, ("logits", "indices"): (end - start, K)},
@@ -219,4 +224,6 @@ def extract_chunk(
                 buf = bufs[key] = np.empty((end - start, *yn.shape[1:]), dtype=yn.dtype)
             for src, dst in runs:  # one contiguous copy per sample
                 buf[dst] = yn[src]
+        if on_batch is not None:
+            on_batch(len(jj))
     return bufs, stats

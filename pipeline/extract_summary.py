@@ -1,7 +1,8 @@
 """Stage 1's end summary: sizes, throughput and the teacher's own fit to the data, from the chunk stats.
 
 Every number is summed from the per-chunk stats recorded in the done-markers (`pipeline/extract_chunk.py`),
-so a resumed run reports the whole extraction, not only its last part.
+so a resumed run reports the whole extraction, not only its last part; the last run's tokens and loop
+seconds are added up over all ranks of a multi-process launch (`add_up_ranks`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,29 @@ def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens:
     return summary
 
 
+def combine_ranks(per_rank: list[tuple[int, float, float]]) -> tuple[int, float, float]:
+    """(train tokens computed, loop wall s, loop CPU s) of every rank -> the whole run's: tokens and CPU
+    seconds add up; wall seconds are the slowest rank's (the ranks run side by side).
+
+    Example:
+        combine_ranks([(320, 1.0, 0.5), (290, 1.2, 0.6)])  # -> (610, 1.2, 1.1)
+    """
+    return (
+        sum(int(r[0]) for r in per_rank),
+        max(float(r[1]) for r in per_rank),
+        sum(float(r[2]) for r in per_rank),
+    )
+
+
+def add_up_ranks(state, computed: int, loop_s: float, cpu_s: float) -> tuple[int, float, float]:
+    """`combine_ranks` over every process of `state` (accelerate's PartialState; every rank must call it)."""
+    if state.num_processes == 1:
+        return computed, loop_s, cpu_s
+    from accelerate.utils import gather_object
+
+    return combine_ranks(gather_object([(computed, loop_s, cpu_s)]))
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
@@ -99,7 +123,7 @@ def print_summary(path, s: dict) -> None:
         f"{s['bytes_per_token']:.0f} B/token)",
         f"  wall {s['wall_s_last_run']:.1f} s this run ({s['tokens_computed_last_run']} tokens computed, "
         f"{s['tokens_computed_last_run'] / max(s.get('extract_loop_s_last_run', 0.0), 1e-9):.0f} tokens/s in "
-        "the extraction loop)",
+        f"the extraction loop, all {s.get('processes_last_run', 1)} process(es) together)",
         f"  teacher, teacher-forced on the train split: answer-token accuracy {acc}; CE per target segment {ce}",
     ]
     if "logits_bytes_per_token" in s:

@@ -1,10 +1,14 @@
 """Inspect a kvmap store: schema, sizes (stored vs raw bytes) and per-layer statistics of the teacher states.
 
-    python -m pipeline.inspect_store stores/default.zarr [--max-tokens N] [--json]
+    kvmap-inspect stores/default.zarr [--max-tokens N] [--json] [--check]
 
 Shape glossary: N packed tokens of the train split, X heads of a component (H for q, G for k/v), D head dim.
 Statistics stream the arrays shard by shard (float64 accumulators), so memory stays at one shard;
 `--max-tokens` limits them to the first N tokens of the packed axis for a quick look at a large store.
+Exit status: 0 when the statistics saw only finite states, 1 when they counted NaN/inf (the count is
+printed) or `--check` (every chunk of every array read back: files, checksums, finiteness;
+pipeline/store_verify.py) found a bad chunk (one line naming the array and chunk), 2 for a missing or
+unreadable store.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from pipeline.cli import command_parser
 from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
 from pipeline.store_logits import decode_logprobs
+from pipeline.store_read import read_all
 
 
 def _stored_bytes(folder: Path) -> int:
@@ -32,7 +37,8 @@ def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | Non
     total = s1 = s2 = 0.0
     absmax, nans, infs = 0.0, 0, 0
     for a in range(0, n, step):
-        x = decode_states(arr[a : min(a + step, n)], store.dtype).double()  # (n_chunk, X, D)
+        raw = read_all(store, [(arr, slice(a, min(a + step, n)))])[0]  # a damaged chunk: one line
+        x = decode_states(raw, store.dtype).double()  # (n_chunk, X, D)
         nan, inf = x.isnan(), x.isinf()
         nans, infs = nans + int(nan.sum()), infs + int(inf.sum())
         x = x[~(nan | inf)]
@@ -67,7 +73,8 @@ def logits_report(store: KVStore, max_tokens: int | None = None) -> dict | None:
         step = int(store.attrs.get("chunk_tokens", 4096))
         mass = 0.0
         for a in range(0, n, step):
-            mass += float(decode_logprobs(vals[a : min(a + step, n)]).double().exp().sum())
+            words = read_all(store, [(vals, slice(a, min(a + step, n)))])[0]
+            mass += float(decode_logprobs(words).double().exp().sum())
         stored = _stored_bytes(store.path / split / "logits")
         out["splits"][split] = {
             "shape": list(vals.shape),
@@ -186,17 +193,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store", help="store folder (*.zarr)")
     p.add_argument("--max-tokens", type=int, default=None, help="statistics over the first N tokens only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also read every chunk of every array (files, checksums, finite values); exit 1 at the first bad one",
+    )
     args = p.parse_args(argv)
     try:
-        r = inspect_store(args.store, args.max_tokens)
+        store = KVStore(args.store)
     except (FileNotFoundError, ValueError) as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e, 2)
+    if args.check and _check(store):
+        return 1
+    try:
+        r = inspect_store(args.store, args.max_tokens)
+    except ValueError as e:  # a damaged chunk (pipeline/store_read.py names it)
+        return _error(e, 1)
     print(
         json.dumps(r, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
         if args.json
         else format_report(r)
     )
+    bad = non_finite_counts(r)
+    if bad:
+        return _error(non_finite_message(r, bad), 1)
+    return 0
+
+
+def _error(e: BaseException | str, rc: int) -> int:
+    print(f"inspect: error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+    return rc
+
+
+def non_finite_counts(r: dict) -> dict[str, int]:
+    """{layer/comp: NaN + inf count} of the arrays whose statistics saw non-finite values."""
+    return {k: s["nan"] + s["inf"] for k, s in r["stats"].items() if s["nan"] + s["inf"]}
+
+
+def non_finite_message(r: dict, bad: dict[str, int]) -> str:
+    first = next(iter(bad))
+    return (
+        f"store '{r['path']}': {sum(bad.values())} non-finite teacher-state values in {len(bad)} array(s), "
+        f"first layer/component {first} ({bad[first]}), over the tokens the statistics read: run "
+        "kvmap-inspect --check to name the chunk, then re-extract"
+    )
+
+
+def _check(store: KVStore) -> int:
+    """`--check`: every chunk of every array; one line and exit 1 at the first bad one."""
+    from pipeline.store_verify import verify_store
+
+    try:
+        n = verify_store(store)
+    except ValueError as e:
+        return _error(e, 1)
+    print(f"check: all {n} chunks of every array read back: files present, checksums and values finite")
     return 0
 
 

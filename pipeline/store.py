@@ -58,7 +58,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -72,9 +71,9 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.core.sync import sync
 
 from pipeline.store_logits import LOGIT_ARRAYS, decode_logprobs
+from pipeline.store_read import read_all
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)  # v1 stores predate logits: they read as stores without logits
@@ -262,7 +261,8 @@ class KVStore:
     def _per_sample(self, split: str, name: str) -> np.ndarray:
         key = (split, name)
         if key not in self._sample_cache:
-            self._sample_cache[key] = np.asarray(self._array(split, name)[:])
+            arr = self._array(split, name)
+            self._sample_cache[key] = np.asarray(read_all(self, [(arr, slice(0, arr.shape[0]))])[0])
         return self._sample_cache[key]
 
     def num_samples(self, split: str = "train") -> int:
@@ -316,11 +316,8 @@ class KVStore:
             state_arrays += [self.logit_array(name, split) for name in LOGIT_ARRAYS]
         sels = [slice(int(offsets[i]), int(offsets[i]) + int(lengths[i])) for i in indices]
 
-        async def fetch():
-            jobs = [a.async_array.getitem(s) for s in sels for a in token_arrays + state_arrays]
-            return await asyncio.gather(*jobs)
-
-        flat = sync(fetch()) if sels else []
+        # concurrent reads; a damaged chunk raises one line naming the array and chunk (pipeline/store_read.py)
+        flat = read_all(self, [(a, s) for s in sels for a in token_arrays + state_arrays])
         per = len(token_arrays) + len(state_arrays)
         out = []
         for j in range(len(sels)):

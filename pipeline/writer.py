@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,10 +43,6 @@ from pipeline.store import (
     quiet_codecs,
 )
 from pipeline.store_logits import LOGIT_ARRAYS, logit_codecs
-
-# Test hook (used by tests/test_extract_resume.py): SIGKILL this process in the middle of writing the
-# (N+1)-th chunk it writes, after part of the chunk's arrays are on disk and before its marker.
-KILL_ENV = "KVMAP_TEST_KILL_AT_CHUNK"
 
 
 class StoreWriter:
@@ -76,7 +71,6 @@ class StoreWriter:
             self.units += self._chunk_units("eval")
         self.num_chunks = len(self.units)
         self.progress = self.path / PROGRESS_DIR
-        self._written = 0
         self._arrays: dict[tuple[str, tuple], zarr.Array] = {}
         # Open every array now, in the calling thread: writer threads then only look them up
         # (warnings.catch_warnings in `quiet_codecs` is not thread-safe).
@@ -243,15 +237,10 @@ class StoreWriter:
                     f"expected {(end - start, *arr.shape[1:])} {arr.dtype}"
                 )
             items.append((arr, data))
-        kill = os.environ.get(KILL_ENV)
-        if kill is not None and self._written >= int(kill):
-            self._set_all(items[: len(items) // 2 or 1], start, end)
-            os.kill(os.getpid(), signal.SIGKILL)
         self._set_all(items, start, end)
         tmp = self._marker(c).with_suffix(".tmp")
         tmp.write_text(json.dumps(stats))
         os.replace(tmp, self._marker(c))
-        self._written += 1
 
     @staticmethod
     def _set_all(items, start: int, end: int) -> None:

@@ -1,6 +1,6 @@
 """trainer/ablate.py end to end with the real stages on tiny random models: the store is extracted by the
 sweep itself (it is missing), 2 arms x 2 seeds train with trainer.train, one training process is SIGKILLed
-mid-run (the sweep dies with it), and the rerun resumes that run from its checkpoint and completes the
+mid-run by the test (the sweep dies with it), and the rerun resumes that run from its checkpoint and completes the
 matrix without duplicate rows; then the report is built from the results.
 """
 
@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from pipeline.store import KVStore
+from tests.helpers_kill import KillChildWhen, files_exist
 from tests.helpers_store import save_tiny_teacher, write_extract_config
 from trainer import ablate
 from trainer.ablation_config import load_ablation
@@ -61,8 +62,6 @@ def write_matrix(tmp_path, teacher):
 
 @pytest.mark.slow  # one real training subprocess (~6 s of imports and steps on an idle 2-core machine)
 def test_real_sweep_extracts_survives_a_killed_run_and_resumes(tmp_path, teacher, monkeypatch):
-    from trainer.train import KILL_ENV
-
     abl = write_matrix(tmp_path, teacher)
     out = tmp_path / "out"
     real_inprocess = ablate.RUNNERS["inprocess"]
@@ -72,13 +71,17 @@ def test_real_sweep_extracts_survives_a_killed_run_and_resumes(tmp_path, teacher
         calls.append((spec.arm, spec.seed, resume))
         if len(calls) < 2:
             return real_inprocess(spec, resume, a)
-        # the second run trains in a child process that is SIGKILLed after step 2 (checkpoint written)
-        monkeypatch.setenv(KILL_ENV, "2")
-        return ablate.run_subprocess(spec, resume, a)
+        return ablate.run_subprocess(spec, resume, a)  # the second run trains in a child process
 
     monkeypatch.setitem(ablate.RUNNERS, "inprocess", first_sweep)
-    with pytest.raises(RuntimeError, match=r"arm 'ce_only' seed 1: training exited with code -9"):
+    # the test SIGKILLs that child from outside once its first checkpoint (step 2 of 4) is on disk
+    child_ckpts = out / "ce_only" / "seed_1" / "checkpoints"
+    watcher = KillChildWhen(
+        files_exist(child_ckpts, "step_??????"), match=str(out / "ce_only" / "seed_1.yaml")
+    )
+    with watcher, pytest.raises(RuntimeError, match=r"arm 'ce_only' seed 1: training exited with code -9"):
         ablate.run_ablation(abl)
+    assert len(watcher.killed) == 1
     assert KVStore(tmp_path / "store.zarr").complete  # extracted by the sweep, once
     rows = read_results(out / "results.jsonl")
     assert [(r["arm"], r["seed"]) for r in rows] == [("ce_only", 0)]
@@ -86,7 +89,6 @@ def test_real_sweep_extracts_survives_a_killed_run_and_resumes(tmp_path, teacher
     assert not (killed / "metrics.json").exists() and any((killed / "checkpoints").iterdir())
     assert ablate.run_state(abl_spec(abl, "ce_only", 1)) == "resumable"
 
-    monkeypatch.delenv(KILL_ENV)
     calls.clear()
 
     def counting(spec, resume, a):

@@ -88,3 +88,9 @@ def test_overrides_between_options_and_errors_are_one_line(tmp_path, capsys):
 
     assert run_command("x", boom) == 2
     assert capsys.readouterr().err == "x: error: line one\n"
+
+
+def test_a_body_returning_its_result_exits_0():
+    # kvmap-extract's body returns the summary dict: that is success, not sys.exit(dict) (exit 1)
+    assert run_command("x", lambda: {"tokens": 3}) == 0
+    assert run_command("x", lambda: 3) == 3

@@ -1,5 +1,5 @@
-"""Extraction as users run it (subprocesses): SIGKILL mid-run then resume, and a 2-process accelerate run,
-both bit-identical to an uninterrupted 1-process run."""
+"""Extraction as users run it (subprocesses): killed from outside (SIGKILL, and SIGINT as Ctrl-C) once chunks
+are done, then resumed, and a 2-process accelerate run: all bit-identical to an uninterrupted 1-process run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline.config import KVMapConfig
 from pipeline.configlib import load_config
 from pipeline.extract import run_extraction
 from pipeline.store import PROGRESS_DIR, KVStore
-from pipeline.writer import KILL_ENV
+from tests.helpers_kill import files_exist, run_until
 from tests.helpers_store import save_tiny_teacher, store_arrays, write_extract_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +25,10 @@ pytestmark = pytest.mark.slow
 
 
 def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop(KILL_ENV, None)
-    env.update(extra)
-    return env
+    # PYTHONPATH: the subprocess imports this checkout's packages, not whichever one is installed
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **extra
+    )
 
 
 def _run(cmd, **env):
@@ -60,27 +60,71 @@ def _assert_same_store(a, b):
     assert KVStore(a).fingerprint == KVStore(b).fingerprint
 
 
-def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
-    cfg, ref = setup
-    store = tmp_path / "killed.zarr"
+def _tear_first_unfinished_chunk(store: Path) -> int:
+    """Write garbage into half of the arrays of the first chunk without a done-marker: what a process
+    killed in the middle of writing a chunk leaves (zarr writes each shard atomically; a chunk spans all
+    arrays). Returns the chunk index; resume must recompute it, not trust what is on disk."""
+    from pipeline.writer import StoreWriter
+
+    w = StoreWriter(store)
+    c = w.todo_chunks()[0]
+    start, end = w.chunk_range(c)
+    keys = w.chunk_keys(w.chunk_split(c))
+    rng = np.random.default_rng(0)
+    for key in keys[: len(keys) // 2 or 1]:
+        a = w._array(key, w.chunk_split(c))
+        a[start:end] = rng.integers(0, 2**15, size=(end - start, *a.shape[1:])).astype(a.dtype)
+    return c
+
+
+def _todo_train_tokens(store: Path) -> int:
+    from pipeline.writer import StoreWriter
+
+    w = StoreWriter(store)
+    ranges = [w.chunk_range(c) for c in w.todo_chunks() if w.chunk_split(c) == "train"]
+    return sum(end - start for start, end in ranges)
+
+
+def _interrupt_then_resume(cfg, ref, store, sig, min_done):
+    """Start the extraction, send `sig` once `min_done` chunks are marked done, tear the next chunk, resume
+    with the same command, and compare with the uninterrupted reference bit for bit."""
     cmd = [sys.executable, SCRIPT, "--config", str(cfg), f"extract.store={store}"]
-    # dies by SIGKILL while writing its 3rd chunk: 2 chunks done, the 3rd half on disk without a marker
-    # (one writer thread so that exactly 2 markers exist; writer_threads is not part of the fingerprint)
-    r = _run([*cmd, "extract.writer_threads=1"], **{KILL_ENV: "2"})
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    # one writer thread: markers appear in chunk order (writer_threads is not part of the fingerprint)
+    r = run_until([*cmd, "extract.writer_threads=1"], files_exist(store / PROGRESS_DIR, "chunk_*.json", min_done),
+                  sig, cwd=ROOT, env=_env())  # fmt: skip
+    assert r.fired, (
+        f"the extraction ended (rc {r.returncode}) before {min_done} chunks were done: {r.stderr[-2000:]}"
+    )
     partial = KVStore(store)
     assert not partial.complete
     done = sorted(p.name for p in (store / PROGRESS_DIR).glob("chunk_*.json"))
-    assert len(done) == 2
     num_chunks = -(-partial.num_tokens() // 64)
-    assert num_chunks >= 6
+    assert num_chunks >= 6 and min_done <= len(done) < num_chunks
+    _tear_first_unfinished_chunk(store)
+    todo_tokens = _todo_train_tokens(store)
     summary = run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={store}"]))  # the same command
     resumed = KVStore(store, require_complete=True)
     assert summary == resumed.attrs["summary"]
-    # only the unfinished chunks were recomputed
-    assert resumed.attrs["summary"]["tokens_computed_last_run"] < resumed.num_tokens()
-    assert resumed.attrs["summary"]["tokens_computed_last_run"] >= resumed.num_tokens() - 2 * 64
+    # exactly the unfinished chunks were recomputed, the torn one among them
+    assert 64 <= resumed.attrs["summary"]["tokens_computed_last_run"] == todo_tokens
+    assert todo_tokens <= resumed.num_tokens() - min_done * 64
     _assert_same_store(store, ref)
+    return r
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
+    cfg, ref = setup
+    r = _interrupt_then_resume(cfg, ref, tmp_path / "killed.zarr", signal.SIGKILL, min_done=2)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
+
+def test_ctrl_c_stops_cleanly_then_resumes(setup, tmp_path):
+    """SIGINT (Ctrl-C): the queued chunks are finished (their markers stay valid), the process exits
+    with the interrupt, and the resumed store equals the reference."""
+    cfg, ref = setup
+    r = _interrupt_then_resume(cfg, ref, tmp_path / "ctrl_c.zarr", signal.SIGINT, min_done=1)
+    assert r.returncode in (-signal.SIGINT, 130, 1), r.stderr[-2000:]
+    assert "KeyboardInterrupt" in r.stderr
 
 
 def test_two_processes_equal_one(setup, tmp_path):
@@ -91,3 +135,8 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stderr  # really two processes (the progress bar names the world size)
     _assert_same_store(store, ref)
+    # the summary counts both ranks' work, not rank 0's half
+    summary = KVStore(store).attrs["summary"]
+    assert summary["processes_last_run"] == 2
+    assert summary["tokens_computed_last_run"] == KVStore(store).num_tokens() == summary["tokens"]
+    assert "all 2 process(es) together" in r.stdout

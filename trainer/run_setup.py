@@ -24,6 +24,7 @@ from pipeline.configlib import ConfigError, load_config, to_dict, write_run_meta
 from trainer.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
 from trainer.data import ResumableSampler, StoreDataset, make_loader
 from trainer.loop_utils import flat_config, trackers
+from trainer.run_dir import check_run_dir_writable
 from trainer.schedules import lr_multiplier
 from trainer.setup import (
     build_aligner,
@@ -86,19 +87,6 @@ def finished_metrics(cfg: KVMapConfig, resume: bool, overwrite: bool) -> dict | 
     return json.loads(done.read_text())
 
 
-def check_writable(run_dir: Path) -> None:
-    """One line naming the folder when the run cannot write there (before any model is loaded)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".kvmap_write_probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"run_dir='{run_dir}': cannot write there ({e.strerror}): expected a writable folder"
-        ) from None
-
-
 def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator) -> Path | None:
     """The checkpoint to resume from (or None); refuses to silently restart over an existing run, or to
     resume one with a different training config."""
@@ -125,7 +113,7 @@ def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator
             shutil.rmtree(run_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        check_writable(run_dir)
+        check_run_dir_writable(run_dir)
     return ckpt
 
 
