@@ -333,7 +333,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         meta = {
             "mode": cfg.kv_projection_mode,
             "align": to_dict(cfg.align),
-            "teacher": teacher_config_from_attrs(store.attrs),
+            "teacher": teacher_config_from_attrs(store.attrs, store.path),
             "teacher_layers": list(base.aligner.teacher_layers) if aligner is not None else [],
             "layer_map": list(base.aligner.layer_map) if aligner is not None else [],
         }
