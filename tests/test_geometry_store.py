@@ -96,7 +96,6 @@ def test_teacher_target_of_the_structural_loss_uses_the_store_geometry(extracted
     """KL(teacher target from the store || the teacher itself as student) ~ 0; without the geometry it is not."""
     arch, store, model = extracted
     x = store.read_sample(0)
-    T = x["input_ids"].numel()
     teacher_cfg = teacher_config_from_attrs(store.attrs, store.path)
     aligner = create_aligner("structured", teacher_cfg, model.config)  # 4 -> 4 layers: identity map
     q_t, k_t, v_t = (x[c][None] for c in "qkv")  # (1, L, H|G, T, D) stored
