@@ -27,11 +27,6 @@ from alignment.attention_probs import FILL, LogitSpec, attention_logits, visible
 _FILL = FILL  # finite "minus infinity" for masked logits (exp underflows to exactly 0)
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, spec: LogitSpec):
-    """q (B, L, H, c, D), k (B, L, G, e, D) -> z (B, L, H, c, e) and d z / d(q k^T) (None: it is spec.scale)."""
-    return attention_logits(q, k, spec)
-
-
 def _grads(dz: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mult) -> tuple[torch.Tensor, torch.Tensor]:
     """dz (B, L, H, c, e) -> dq (B, L, H, c, D), dk (B, L, G, e, D) for z = (q k^T) * mult under GQA
     (mult: a float, or a per-layer (L, 1, 1, 1) tensor)."""
@@ -62,7 +57,7 @@ def _mix(M: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _side(q, k, spec: LogitSpec, allowed, start):
     """One side's log-probabilities over its visible keys (`allowed` & its own window), its softcap derivative
     (None without softcap) and its visible keys."""
-    z, deriv = _logits(q, k, spec)
+    z, deriv = attention_logits(q, k, spec)  # (B, L, H, c, e)
     if spec.window is not None:
         rows = torch.arange(start, start + q.shape[3], device=q.device)
         allowed = allowed & visible_keys(rows, k.shape[3], spec.window, 5)  # (B, L, 1, c, e)
