@@ -31,6 +31,10 @@ def test_softcap_window_and_per_layer_scale_match_the_naive_reference(dtype, tar
         mix = mix.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
         kw = dict(scale_s=8**-0.5, scale_t=torch.tensor([24**-0.5, 0.3, 0.2]), softcap_t=2.5, window_t=win_t)
         kw["head_mix"] = mix
+        head_mask = torch.ones(L, 4, dtype=torch.bool)
+        head_mask[0] = False  # layer 0 is sliced away: the per-layer scale and window must follow
+        head_mask[2, 1] = False
+        kw["head_mask"] = head_mask
     else:  # both sides capped and windowed (student windows at least as wide as the teacher's)
         q_s, k_s, q_t, k_t = _states(4, 2, 8, 4, 2, 8, dtype, seed, scale=3.0)
         kw = dict(scale_s=0.3, scale_t=0.4, softcap_s=4.0, softcap_t=2.5, window_t=win_t)
