@@ -5,17 +5,20 @@ extracted to a tiny store; the attention rebuilt from the store equals the teach
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig
 
-from alignment import create_aligner, create_structural_loss
+from alignment import attention_dims, create_aligner, create_structural_loss
 from alignment.attention_probs import LogitSpec
 from pipeline.attention_profile import attention_maps
 from pipeline.capture import capture_qkv
 from pipeline.config import KVMapConfig
 from pipeline.configlib import load_config
 from pipeline.extract import run_extraction
-from pipeline.geometry import store_logit_spec, teacher_config_from_attrs
+from pipeline.geometry import store_logit_spec, teacher_config_from_attrs, teacher_geometry_attrs
 from pipeline.models import load_model
 from pipeline.store import KVStore
 from tests.conftest import _TEACHER_KW
@@ -26,8 +29,6 @@ D, PRE, CAP, WIN = 16, 24, 3.0, 4
 
 
 def _save_teacher(folder, arch: str):
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
-
     torch.manual_seed(0)
     if arch == "gemma2":  # layer_types default: sliding, full, sliding, full
         kw = {k: v for k, v in _TEACHER_KW.items() if k != "rope_theta"}
@@ -119,10 +120,30 @@ def test_old_stores_read_by_the_documented_rule():
         UserWarning, match=r"store 'old-llama.zarr' has no teacher.attention.*head_dim\*\*-0.5"
     ):
         cfg = teacher_config_from_attrs({"teacher": {**base, "model_type": "llama"}}, "old-llama.zarr")
-    from alignment import attention_dims
-
     assert attention_dims(cfg).logit_spec() == LogitSpec(D**-0.5)
     with pytest.raises(
         ValueError, match=r"store 'old-gemma.zarr' .* model_type='gemma2' needs it .* re-extract"
     ):
         teacher_config_from_attrs({"teacher": {**base, "model_type": "gemma2"}}, "old-gemma.zarr")
+
+
+def test_gemma3_geometry_round_trips_through_the_attributes():
+    """Gemma 3 (query_pre_attn_scalar, a window on every other layer, rotary per layer type): the attributes stage 1
+    writes rebuild its eager attention (no extraction: the attrs round trip is what differs from Gemma 2)."""
+    kw = {k: v for k, v in _TEACHER_KW.items() if k != "rope_theta"}
+    cfg = Gemma3TextConfig(
+        **kw, head_dim=D, query_pre_attn_scalar=PRE, sliding_window=WIN, sliding_window_pattern=2
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20.0)
+            layer.self_attn.k_proj.weight.mul_(20.0)
+    t = {"model_type": "gemma3_text", "num_layers": 4, "num_heads": 6, "num_kv_heads": 2, "head_dim": D}
+    t.update(json.loads(json.dumps(teacher_geometry_attrs(model))))  # as zarr attributes store it
+    assert t["attention"]["sliding_window"] == [WIN, None, WIN, None]
+    spec = attention_dims(teacher_config_from_attrs({"teacher": t})).logit_spec()
+    p_hf, q, k = _eager(model, torch.randint(3, 100, (3 * WIN,), generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(attention_maps(q, k, spec), p_hf, rtol=0, atol=2e-6)
+    assert (attention_maps(q, k, D**-0.5) - p_hf).abs().max() > 0.1
