@@ -14,6 +14,8 @@ Public API:
 - projectors: `HeadwiseMapProjector` (structured), `KVDimensionProjector` (flat), `RopePairDimMap`
 - aligner: `MapProjectionAligner`, `AlignedKV`, `create_structured_aligner`, `create_flat_aligner`, `create_aligner`
 - loss: `StructuralKVLoss`, `create_structural_loss`, `attention_kl`, `naive_attention_kl`
+- attention geometry: `attention_dims` / `AttentionDims` (the one reader of an HF config or a store's teacher
+  attributes), `LogitSpec` + `attention_probs` (the one Q/K -> attention builder: scaling, softcap, window)
 - diagnostics: `effective_rank`, `rms`
 """
 
@@ -25,6 +27,7 @@ from alignment.aligner import (
     create_structured_aligner,
 )
 from alignment.attention_kl import attention_kl, naive_attention_kl
+from alignment.attention_probs import LogitSpec, attention_probs
 from alignment.diagnostics import effective_rank, rms
 from alignment.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
 from alignment.layer_map import build_layer_map, teacher_layers_needed
@@ -39,6 +42,7 @@ __all__ = [
     "AttentionDims",
     "HeadwiseMapProjector",
     "KVDimensionProjector",
+    "LogitSpec",
     "MapProjectionAligner",
     "RopePairDimMap",
     "SegmentTimeWarper",
@@ -46,6 +50,7 @@ __all__ = [
     "WarpPlan",
     "attention_dims",
     "attention_kl",
+    "attention_probs",
     "build_layer_map",
     "create_aligner",
     "create_flat_aligner",

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignment.attention_probs import LogitSpec
 from alignment.head_maps import gqa_query_mixer, random_mixer, uniform_mixer
 from alignment.layer_map import build_layer_map, layer_slots, teacher_layers_needed
-from alignment.model_dims import attention_dims, rope_inv_freq
+from alignment.model_dims import AttentionDims, attention_dims, rope_inv_freq
 from alignment.projectors import CONSTRAINTS, Constraint, HeadwiseMapProjector, KVDimensionProjector, check_5d
 from alignment.rope import RopePairDimMap
 from alignment.time_warping import SegmentTimeWarper, WarpPlan, validate_segment_ids
@@ -41,7 +42,9 @@ class AlignedKV:
     `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
     the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
     head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`);
-    teacher_scale / student_scale: the models' attention scalings; v_t_raw (B, L_s, G_t, T', D_t) the teacher's
+    teacher_scale / student_scale: the models' attention scalings (a float, or (L_s,) per student layer);
+    teacher_softcap / student_softcap: their attention-logit softcaps (None: none); teacher_window /
+    student_window: (L_s,) per-layer sliding windows or None (`alignment.attention_probs`); v_t_raw (B, L_s, G_t, T', D_t) the teacher's
     raw values (relation distillation); head_mask (L_s, H_s) bool or None: the student heads `align.head_select`
     distils (head_mix is then the one-hot selection). `loss_kwargs()` bundles what the loss needs.
     """
@@ -59,6 +62,10 @@ class AlignedKV:
     student_scale: float | None = None
     v_t_raw: torch.Tensor | None = None
     head_mask: torch.Tensor | None = None
+    teacher_softcap: float | None = None
+    student_softcap: float | None = None
+    teacher_window: torch.Tensor | None = None
+    student_window: torch.Tensor | None = None
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments for `StructuralKVLoss` that come from the aligner, for either attn_target:
@@ -72,6 +79,10 @@ class AlignedKV:
             student_scale=self.student_scale,
             t_v_raw=self.v_t_raw,
             head_mask=self.head_mask,
+            teacher_softcap=self.teacher_softcap,
+            student_softcap=self.student_softcap,
+            teacher_window=self.teacher_window,
+            student_window=self.student_window,
         )
 
 
@@ -90,6 +101,9 @@ class MapProjectionAligner(nn.Module):
         rope_consistent: structured mode only: Q/K dim maps are `RopePairDimMap`s built from
             teacher_inv_freq / student_inv_freq ((P_t,), (P_s,)); V keeps the orthogonal dim map.
         teacher_scaling, student_scaling: attention scalings (default D**-0.5), kept for the loss.
+        teacher_geometry, student_geometry: the models' `AttentionDims` (per-layer scaling, softcap, sliding
+            window); when given they set the loss's attention geometry per student layer (`teacher_logits`:
+            the teacher layer each student layer maps to), else the plain scalings are used.
     Example:
         >>> aligner = create_structured_aligner(teacher_cfg, student_cfg)
         >>> k_s, v_s, q_s = aligner(k_t, v_t, q_t, segment_ids)
@@ -119,6 +133,8 @@ class MapProjectionAligner(nn.Module):
         student_inv_freq: torch.Tensor | None = None,
         teacher_scaling: float | None = None,
         student_scaling: float | None = None,
+        teacher_geometry: AttentionDims | None = None,
+        student_geometry: AttentionDims | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -142,6 +158,14 @@ class MapProjectionAligner(nn.Module):
         self.teacher_scaling = teacher_scaling if teacher_scaling is not None else D_t**-0.5
         self.student_scaling = student_scaling if student_scaling is not None else D_s**-0.5
         L = num_student_layers
+        self.teacher_logits = (  # (L_s,) student-layer order: the mapped teacher layers' attention
+            teacher_geometry.logit_spec(self.layer_map)
+            if teacher_geometry
+            else LogitSpec(self.teacher_scaling)
+        )
+        self.student_logits = (
+            student_geometry.logit_spec() if student_geometry else LogitSpec(self.student_scaling)
+        )
         if mode == "flat":
             if rope_consistent:
                 raise ValueError(
@@ -256,10 +280,14 @@ class MapProjectionAligner(nn.Module):
             q_t_raw=q,
             k_t_raw=k,
             head_mix=self.q_head_mix() if self.head_selection is None else self._sel_mix,
-            teacher_scale=self.teacher_scaling,
-            student_scale=self.student_scaling,
+            teacher_scale=self.teacher_logits.scale,
+            student_scale=self.student_logits.scale,
             v_t_raw=v,
             head_mask=None if self.head_selection is None else self._sel_mask,
+            teacher_softcap=self.teacher_logits.softcap,
+            student_softcap=self.student_logits.softcap,
+            teacher_window=self.teacher_logits.window,
+            student_window=self.student_logits.window,
         )
 
     def forward(
@@ -294,6 +322,8 @@ def _aligner_from_configs(mode: str, teacher_cfg: Any, student_cfg: Any, **kw: A
         student_heads=s.num_heads,
         student_kv_heads=s.num_kv_heads,
         student_head_dim=s.head_dim,
+        teacher_geometry=None if "teacher_scaling" in kw else t,  # an explicit scaling overrides the geometry
+        student_geometry=None if "student_scaling" in kw else s,
         teacher_scaling=kw.pop("teacher_scaling", t.scaling),
         student_scaling=kw.pop("student_scaling", s.scaling),
         **kw,

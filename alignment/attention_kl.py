@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from alignment.attention_kl_fn import StreamingAttentionKL
+from alignment.attention_probs import LogitSpec, attention_logits, visible_keys
 
 
 def _mix(head_mix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -107,16 +108,33 @@ def _check_head_mask(head_mask: torch.Tensor | None, L: int, H_s: int) -> None:
         )
 
 
-def _select_layers(head_mask, xs, M):
-    """Slice layers without a selected head away: xs (B, L, ., T, .) and M (L|1, H_s, H_t)."""
+def _select_layers(head_mask, xs, M, specs):
+    """Slice layers without a selected head away: xs (B, L, ., T, .), M (L|1, H_s, H_t) and per-layer specs."""
     keep = head_mask.any(-1)  # (L,)
     if bool(keep.all()):
-        return head_mask, xs, M
+        return head_mask, xs, M, specs
     idx = torch.nonzero(keep).flatten()
     xs = [x.index_select(1, idx) for x in xs]  # (B, L_sel, ., T, .)
     if M is not None and M.shape[0] == head_mask.shape[0]:
         M = M.index_select(0, idx)
-    return head_mask[idx], xs, M
+    return head_mask[idx], xs, M, [sp.select(idx) for sp in specs]
+
+
+def _spec(q: torch.Tensor, scale, softcap, window, temperature: float, name: str) -> LogitSpec:
+    """One side's LogitSpec: scale (default D**-0.5; float or (L,)), softcap, window (L,) ints, / temperature."""
+    L = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.is_tensor(scale) and scale.shape != (L,):
+        raise ValueError(f"{name} scale shape {tuple(scale.shape)}: expected a float or a per-layer (L={L},)")
+    if window is not None:
+        window = torch.as_tensor(window, dtype=torch.long, device=q.device)
+        if window.shape != (L,) or bool((window < 1).any()):
+            raise ValueError(f"{name} window {window.tolist()}: expected (L={L},) per-layer windows >= 1")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name} softcap={softcap!r}: expected None or a value > 0")
+    if torch.is_tensor(scale):
+        scale = scale.to(q.device)
+    return LogitSpec(scale, softcap, window).divided_by(temperature)
 
 
 def _rows(mask: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
@@ -145,6 +163,10 @@ def attention_kl(
     chunk_size: int = 128,
     head_mask: torch.Tensor | None = None,
     drop_keys: list[int] | tuple[int, ...] | None = None,
+    softcap_s: float | None = None,
+    softcap_t: float | None = None,
+    window_s: torch.Tensor | None = None,
+    window_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean row KL(teacher || student) of causal attention, streamed by query-row chunks (see module doc).
 
@@ -154,12 +176,15 @@ def attention_kl(
         mask: (B, T) bool, True = real token (None: all real): the keys attention may use.
         query_mask: (B, T) bool, the query rows the KL is averaged over (default: `mask`); e.g. only the
             reasoning segment's rows while their attention still spans every real key.
-        scale_s, scale_t: logit scalings (default D_s**-0.5, D_t**-0.5).
+        scale_s, scale_t: logit scalings (default D_s**-0.5, D_t**-0.5); a float or a per-layer (L,) tensor.
         temperature: both sides' logits are divided by it.
         head_mix: None or (H_s, H_t) / (L, H_s, H_t) convex weights mixing teacher distributions.
         chunk_size: query rows per chunk (forward and recomputed backward).
         head_mask: (L, H_s) bool, the (layer, student head) pairs that count (None: all).
         drop_keys: key positions removed from both distributions before the KL (None / []: keep all).
+        softcap_s, softcap_t: None or the tanh attention-logit cap of that side (Gemma 2).
+        window_s, window_t: None or (L,) long sliding windows per layer (row r sees keys r - window < j <= r;
+            `alignment.attention_probs.NO_WINDOW` on full layers).
     Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
     Example:
         >>> kl = attention_kl(q_s, k_s, q_t, k_t, mask, chunk_size=128)
@@ -171,8 +196,10 @@ def attention_kl(
         raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: expected a value > 0")
-    scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
-    scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
+    specs = [
+        _spec(q_s, scale_s, softcap_s, window_s, temperature, "student"),
+        _spec(q_t, scale_t, softcap_t, window_t, temperature, "teacher"),
+    ]
     wd = _work_dtype(q_s, q_t)
     keys, has_key = _key_mask(mask, drop_keys)
     row_w = (_rows(mask, query_mask) & has_key).to(wd)
@@ -181,12 +208,10 @@ def attention_kl(
         M = (head_mix if head_mix.dim() == 3 else head_mix[None]).to(wd)  # (L|1, H_s, H_t)
     head_w, xs = None, [q_s, k_s, q_t, k_t]
     if head_mask is not None:
-        head_mask, xs, M = _select_layers(head_mask, xs, M)
+        head_mask, xs, M, specs = _select_layers(head_mask, xs, M, specs)
         head_w = head_mask.to(wd)  # (L_sel, H_s)
     q_s, k_s, q_t, k_t = (x.to(wd) for x in xs)
-    total = StreamingAttentionKL.apply(
-        q_s, k_s, q_t, k_t, keys, row_w, M, chunk_size, scale_s, scale_t, head_w
-    )
+    total = StreamingAttentionKL.apply(q_s, k_s, q_t, k_t, keys, row_w, M, chunk_size, *specs, head_w)
     pairs = L * H_s if head_w is None else head_w.sum()
     return total / (row_w.sum() * pairs).clamp_min(1)
 
@@ -205,38 +230,45 @@ def naive_attention_kl(
     query_mask: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
     drop_keys: list[int] | tuple[int, ...] | None = None,
+    softcap_s: float | None = None,
+    softcap_t: float | None = None,
+    window_s: torch.Tensor | None = None,
+    window_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference for `attention_kl`: full T x T maps with explicit GQA repeats, masking by selection.
 
     Same arguments and result; keeps every (B, L, H, T, T) map alive for backward (test/benchmark use only).
     drop_keys is done the textbook way here (softmax over all allowed keys, zero the dropped columns, divide
-    by the row sum), head_mask by weighting every (layer, head) and dividing by the selected count.
+    by the row sum), head_mask by weighting every (layer, head) and dividing by the selected count; the KL
+    sums over the target's support (a teacher sliding window leaves p_t = 0 outside it).
     """
     L, H_s, mask = _check(q_s, k_s, q_t, k_t, mask, head_mix)
     _check_head_mask(head_mask, L, H_s)
-    scale_s = (q_s.shape[-1] ** -0.5 if scale_s is None else scale_s) / temperature
-    scale_t = (q_t.shape[-1] ** -0.5 if scale_t is None else scale_t) / temperature
+    spec_s = _spec(q_s, scale_s, softcap_s, window_s, temperature, "student")
+    spec_t = _spec(q_t, scale_t, softcap_t, window_t, temperature, "teacher")
     T = q_s.shape[3]
     wd = _work_dtype(q_s, q_t)
     rep = lambda k, H: k.repeat_interleave(H // k.shape[2], dim=2)  # noqa: E731 - (B, L, H, T, D)
-    z_s = (q_s.to(wd) @ rep(k_s, H_s).to(wd).transpose(-1, -2)) * scale_s  # (B, L, H_s, T, T)
-    z_t = (q_t.to(wd) @ rep(k_t, q_t.shape[2]).to(wd).transpose(-1, -2)) * scale_t  # (B, L, H_t, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q_s.device).tril()
-    allowed = causal[None] & mask[:, None, :]  # (B, T, T)
     # Padding query rows may have no allowed key; give them their diagonal so no row is empty (weight 0 anyway).
-    allowed = (allowed | torch.eye(T, dtype=torch.bool, device=q_s.device)[None])[:, None, None]
-    logp_s = torch.log_softmax(z_s.masked_fill(~allowed, float("-inf")), dim=-1)
-    logp_t = torch.log_softmax(z_t.masked_fill(~allowed, float("-inf")), dim=-1)
+    base = (causal[None] & mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=q_s.device)[None]
+    logps, allowed = [], []
+    for q, k, spec in ((q_s, k_s, spec_s), (q_t, k_t, spec_t)):
+        key_mask = base[:, None, None] & visible_keys(torch.arange(T, device=q.device), T, spec.window, 5)
+        z, _ = attention_logits(q.to(wd), rep(k, q.shape[2]).to(wd), spec)  # (B, L, H, T, T)
+        logps.append(torch.log_softmax(z.masked_fill(~key_mask, float("-inf")), dim=-1))
+        allowed.append(key_mask)
+    (logp_s, logp_t), (allowed_s, allowed_t) = logps, allowed
     rows = _rows(mask, query_mask)
     if drop_keys:
         keep = torch.ones(T, dtype=torch.bool, device=q_s.device)
         keep[[j for j in drop_keys if j < T]] = False
-        allowed = allowed & keep
-        logp_s, logp_t = _renormalise(logp_s, allowed), _renormalise(logp_t, allowed)
-        rows = rows & (allowed[:, 0, 0].any(-1))  # rows left with a key
+        allowed_s, allowed_t = allowed_s & keep, allowed_t & keep
+        logp_s, logp_t = _renormalise(logp_s, allowed_s), _renormalise(logp_t, allowed_t)
+        rows = rows & (base & keep).any(-1)  # rows left with a key
     if head_mix is not None:
         p_t = _mix(head_mix, logp_t.exp())
-    sel = allowed.expand_as(logp_s)
+    sel = allowed_t.expand_as(logp_s)
     rows = rows.to(wd)
     hw = torch.ones(L, H_s, dtype=wd) if head_mask is None else head_mask.to(wd)
     w = (rows[:, None, None, :, None] * hw[None, :, :, None, None]).expand_as(logp_s)[sel]

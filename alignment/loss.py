@@ -15,7 +15,9 @@ attn_target:
       projectors keep teacher vector norms, so pass `teacher_scale=aligner.teacher_scaling` to keep the
       projected logits on the teacher's scale.
   "teacher": the target is the teacher's own attention from `t_q_raw` (B, L, H_t, T, D_t) and `t_k_raw`
-      (B, L, G_t, T, D_t) with `teacher_scale` (default D_t**-0.5), mixed over teacher query heads by
+      (B, L, G_t, T, D_t) with `teacher_scale` (default D_t**-0.5; a float or (L,) per layer), the teacher's
+      `teacher_softcap` and per-layer sliding `teacher_window` (L,) (the store's geometry, via the aligner's
+      `out.loss_kwargs()`; `alignment/attention_probs.py`), mixed over teacher query heads by
       `head_mix` (H_s, H_t) or (L, H_s, H_t) (the aligner's Q head mixer; detached here so the target is fixed:
       nothing learned can reshape it). The student side uses its own s_q/s_k and `student_scale`.
 
@@ -91,7 +93,8 @@ class StructuralKVLoss(nn.Module):
         attention_mask (B, T) bool (True = real token; the keys attention may use). query_mask (B, T) bool:
         optional subset of positions the losses count (cosine positions, KL query rows), e.g. one segment,
         while attention still spans every real key. metrics: floats "loss_struct" and, per computed term,
-        "loss_k", "cos_k", "loss_v", "cos_v", "attn_kl". Inputs only a zero-alpha term would read may be None
+        "loss_k", "cos_k", "loss_v", "cos_v", "attn_kl". teacher_softcap / teacher_window (attn_target="teacher"
+        only) and student_softcap / student_window (always): attention geometry, None = plain causal softmax. Inputs only a zero-alpha term would read may be None
         (attention-only with attn_target="teacher" needs s_k, s_q, t_q_raw, t_k_raw, head_mix).
     Example:
         >>> loss_fn = create_structural_loss(alpha_attn=0.5)
@@ -173,6 +176,10 @@ class StructuralKVLoss(nn.Module):
         teacher_scale: float | None = None,
         head_mask: torch.Tensor | None = None,
         t_v_raw: torch.Tensor | None = None,
+        teacher_softcap: float | None = None,
+        teacher_window: torch.Tensor | None = None,
+        student_softcap: float | None = None,
+        student_window: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         # Tensors of a term whose alpha is 0 may be None (e.g. t_v / s_v for an attention-only loss).
         if self.alpha_k != 0 or (self.alpha_attn != 0 and self.attn_target == "projected"):
@@ -211,8 +218,11 @@ class StructuralKVLoss(nn.Module):
             if self.per_layer_metrics:
                 metrics[f"cos_{name}_layer"] = [float(c) for c in per_layer.detach()]
         if self.alpha_attn != 0:
+            geo = dict(softcap_s=student_softcap, window_s=student_window)
+            if self.attn_target == "teacher":  # the teacher's own attention: its softcap and sliding windows
+                geo.update(softcap_t=teacher_softcap, window_t=teacher_window)
             kl = self._attention_term(s_q, s_k, t_q, t_k, attention_mask, query_mask, t_q_raw, t_k_raw, head_mix,
-                                      student_scale, teacher_scale, head_mask)  # fmt: skip
+                                      student_scale, teacher_scale, head_mask, geo)  # fmt: skip
             total = total + self.alpha_attn * kl
             metrics["attn_kl"] = float(kl.detach())
         if self.relation is not None:
@@ -229,11 +239,13 @@ class StructuralKVLoss(nn.Module):
 
     def _attention_term(
         self, s_q, s_k, t_q, t_k, mask, query_mask, t_q_raw, t_k_raw, head_mix, student_scale, teacher_scale,
-        head_mask=None,
+        head_mask=None, geo=None,
     ):  # fmt: skip
         if s_q is None:
             raise ValueError("s_q is None: expected student queries (B, L, H_s, T, D_s) when alpha_attn > 0")
-        kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask)
+        kw = dict(
+            temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask, **(geo or {})
+        )
         if self.sink == "drop":
             kw["drop_keys"] = self.sink_keys
         if head_mask is not None:

@@ -1,15 +1,26 @@
-"""Read the attention geometry the aligner needs from an HF config (with the usual fallbacks).
+"""The one reader of a model's attention geometry: an HF config object, or the HF-config-like dict stage 2
+rebuilds from a store's `teacher` attributes (`pipeline.geometry.teacher_config_from_attrs`).
 
 Shapes: inv_freq (P,) rotary inverse frequencies, P = rotary pairs per head (HF rotate_half layout:
-pair i = dims (i, i + D/2)).
+pair i = dims (i, i + D/2)); per-layer tuples have L entries.
+
+Per-layer attention (what `alignment.attention_probs` needs to rebuild a layer's probabilities from Q/K):
+the values stage 1 measured from the running model (`kvmap_attention`: {"scaling", "softcap",
+"sliding_window"} lists, pipeline/geometry.py) when present, else the config's own rule: scaling =
+query_pre_attn_scalar**-0.5 if set, else head_dim**-0.5; softcap = attn_logit_softcapping; window =
+sliding_window on layers whose layer_types entry is "sliding_attention" (every layer when the config has a
+window but no layer_types, e.g. Mistral; none when use_sliding_window is false, e.g. Qwen2's default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from alignment.attention_probs import LogitSpec
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,21 @@ class AttentionDims:
     rope_type: str | None
     rope_theta: float | None
     rotary_dim: int | None  # dims that rotate (head_dim * partial_rotary_factor)
+    layer_scaling: tuple[float, ...] = ()  # (L,) softmax scale per layer
+    softcap: float | None = None  # tanh attention-logit cap (every layer), None = none
+    layer_window: tuple[int | None, ...] = ()  # (L,) sliding window per layer, None = full causal
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+    measured: bool = False  # per-layer values measured by stage 1's capture (else the config's rule)
+
+    def logit_spec(self, layers: Sequence[int] | None = None) -> LogitSpec:
+        """LogitSpec of `layers` (default all) in that order: scale float if equal on all of them, else (L,)."""
+        layers = range(self.num_layers) if layers is None else list(layers)
+        return LogitSpec.per_layer(
+            [self.layer_scaling[i] for i in layers],
+            [self.softcap] * len(layers),
+            [self.layer_window[i] for i in layers],
+        )
 
 
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
@@ -43,6 +69,8 @@ def _text_config(cfg: Any) -> Any:
 def _rope_params(cfg: Any) -> dict:
     rp = _get(cfg, "rope_parameters", "rope_scaling")
     rp = dict(rp) if isinstance(rp, dict) else {}
+    if isinstance(rp.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers' rotary
+        rp = dict(rp["full_attention"])
     if "rope_theta" not in rp and _get(cfg, "rope_theta") is not None:
         rp["rope_theta"] = _get(cfg, "rope_theta")
     rp.setdefault("rope_type", rp.get("type", "default"))
@@ -75,15 +103,56 @@ def attention_dims(cfg: Any, name: str = "config") -> AttentionDims:
     rp = _rope_params(cfg)
     theta = rp.get("rope_theta")
     partial = float(_get(cfg, "partial_rotary_factor", default=rp.get("partial_rotary_factor", 1.0)))
+    layer_scaling, softcap, windows, measured = _layer_attention(cfg, int(L), scaling, name)
+    hidden, vocab = _get(cfg, "hidden_size", "n_embd"), _get(cfg, "vocab_size")
     return AttentionDims(
         num_layers=int(L),
         num_heads=int(H),
         num_kv_heads=int(G),
         head_dim=int(D),
-        scaling=scaling,
+        scaling=layer_scaling[0] if measured else scaling,  # the uniform (or first layer's) scale
         rope_type=rp.get("rope_type") if theta is not None else None,
         rope_theta=float(theta) if theta is not None else None,
         rotary_dim=int(D * partial) if theta is not None else None,
+        layer_scaling=layer_scaling,
+        softcap=softcap,
+        layer_window=windows,
+        hidden_size=None if hidden is None else int(hidden),
+        vocab_size=None if vocab is None else int(vocab),
+        measured=measured,
+    )
+
+
+def _config_windows(cfg: Any, L: int) -> tuple[int | None, ...]:
+    """Sliding window per layer by the config's rule (module docstring)."""
+    win = _get(cfg, "sliding_window")
+    if win is None or _get(cfg, "use_sliding_window") is False:
+        return (None,) * L
+    types = _get(cfg, "layer_types")
+    if types:
+        return tuple(int(win) if t == "sliding_attention" else None for t in types)
+    return (int(win),) * L
+
+
+def _layer_attention(cfg: Any, L: int, scaling: float, name: str):
+    """(per-layer scaling, softcap, per-layer windows, measured) from `kvmap_attention`, else the config."""
+    m = _get(cfg, "kvmap_attention")
+    if not m:
+        cap = _get(cfg, "attn_logit_softcapping")
+        return (scaling,) * L, None if cap is None else float(cap), _config_windows(cfg, L), False
+    sc, caps, wins = m.get("scaling"), m.get("softcap"), m.get("sliding_window")
+    if not all(isinstance(x, list) and len(x) == L for x in (sc, caps, wins)):
+        raise ValueError(
+            f"{name}: kvmap_attention={m!r}: expected scaling / softcap / sliding_window lists of {L} layers"
+        )
+    if len(set(caps)) > 1:
+        raise ValueError(f"{name}: attention softcap per layer {caps}: expected one value for all layers")
+    cap = caps[0]
+    return (
+        tuple(float(x) for x in sc),
+        None if cap is None else float(cap),
+        tuple(None if w is None else int(w) for w in wins),
+        True,
     )
 
 

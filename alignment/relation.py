@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from alignment.attention_kl import attention_kl
+from alignment.attention_probs import LogitSpec, attention_logits
 
 COMPONENTS = ("q", "k", "v")
 
@@ -100,7 +101,7 @@ def naive_relation_kl(
 
     def logrel(x):
         r = split_relation_heads(x.to(wd), heads)
-        z = r @ r.transpose(-1, -2) / r.shape[-1] ** 0.5  # (B, L, R, T, T)
+        z, _ = attention_logits(r, r, LogitSpec(r.shape[-1] ** -0.5))  # (B, L, R, T, T)
         logp = torch.log_softmax(z.masked_fill(~allowed, float("-inf")), dim=-1)
         return logp.masked_fill(~allowed, 0.0)  # no -inf reaches the product below (0 * inf = NaN grads)
 

@@ -39,7 +39,7 @@ def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) 
     import torch
 
     from alignment.attention_kl import attention_kl, naive_attention_kl
-    from alignment.attention_kl_fn import _logits
+    from alignment.attention_probs import LogitSpec, attention_logits
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
@@ -51,8 +51,12 @@ def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) 
         """The same per-row math on whole (B, L, H, T, T) maps, autograd keeping them all for backward."""
         T = q_s.shape[3]
         allowed = torch.ones(T, T, dtype=torch.bool).tril()
-        logp_s = torch.log_softmax(_logits(q_s, k_s, D**-0.5).masked_fill(~allowed, -1e30), dim=-1)
-        logp_t = torch.log_softmax(_logits(q_t, k_t, D**-0.5).masked_fill(~allowed, -1e30), dim=-1)
+        logp_s = torch.log_softmax(
+            attention_logits(q_s, k_s, LogitSpec(D**-0.5))[0].masked_fill(~allowed, -1e30), dim=-1
+        )
+        logp_t = torch.log_softmax(
+            attention_logits(q_t, k_t, LogitSpec(D**-0.5))[0].masked_fill(~allowed, -1e30), dim=-1
+        )
         return torch.where(allowed, logp_t.exp() * (logp_t - logp_s), 0.0).sum() / (T * H)
 
     def run(q_s, k_s, q_t, k_t):

@@ -62,13 +62,17 @@ KL_SHAPE = dict(B=1, L=1, H=9, G=3, D=64)  # as benchmarks/bench_attention_kl.py
 
 def dense_kl(q_s, k_s, q_t, k_t):
     """bench_attention_kl.py's "naive": the streamed per-row math on whole (B, L, H, T, T) maps, autograd."""
-    from alignment.attention_kl_fn import _logits
+    from alignment.attention_probs import LogitSpec, attention_logits
 
     T, H, D = q_s.shape[3], q_s.shape[2], q_s.shape[4]
     allowed = torch.ones(T, T, dtype=torch.bool, device=q_s.device).tril()  # (T, T)
     # (B, L, H, T, T) maps on both sides
-    logp_s = torch.log_softmax(_logits(q_s, k_s, D**-0.5).masked_fill(~allowed, -1e30), dim=-1)
-    logp_t = torch.log_softmax(_logits(q_t, k_t, D**-0.5).masked_fill(~allowed, -1e30), dim=-1)
+    logp_s = torch.log_softmax(
+        attention_logits(q_s, k_s, LogitSpec(D**-0.5))[0].masked_fill(~allowed, -1e30), dim=-1
+    )
+    logp_t = torch.log_softmax(
+        attention_logits(q_t, k_t, LogitSpec(D**-0.5))[0].masked_fill(~allowed, -1e30), dim=-1
+    )
     return torch.where(allowed, logp_t.exp() * (logp_t - logp_s), 0.0).sum() / (T * H)
 
 

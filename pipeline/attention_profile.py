@@ -8,35 +8,36 @@ Shape glossary: L_sel stored layers, H query heads, G KV heads, T tokens, D head
 Why: the attention-KL target is built from these maps. A map dominated by the first token (an "attention
 sink") or spread thinly teaches the student little about *where* to look; README "Results" traces the
 default task's negative result to exactly that (23-59% first-token mass at the mapped layers). Rebuilt
-from the stored post-RoPE Q/K with causal masking and the 1/sqrt(D) scaling of Llama/Qwen-style models
-(an assumption: a model with another attention scale would need it passed in).
+from the stored post-RoPE Q/K with the teacher's own geometry as the store records it (per-layer scaling,
+softcap, sliding windows: pipeline/geometry.py, alignment/attention_probs.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from alignment.attention_probs import LogitSpec, attention_probs
 from pipeline.cli import command_parser
 from pipeline.config import SEGMENTS
+from pipeline.geometry import store_logit_spec
 from pipeline.store import KVStore
 
 
 def attention_maps(
-    q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, spec: LogitSpec | float, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Causal softmax attention of one sample. Shapes: q (L, H, T, D), k (L, G, T, D) -> (L, H, T, T);
-    with `rows` (n,) long query positions only those rows: (L, H, n, T) (row r sees keys 0..r)."""
+    """The teacher's own attention of one sample (`alignment.attention_probs.attention_probs`).
+
+    Shapes: q (L, H, T, D), k (L, G, T, D) -> (L, H, T, T); with `rows` (n,) long query positions only those
+    rows: (L, H, n, T) (row r sees keys 0..r, inside the layer's window). `spec`: the stored layers' LogitSpec
+    (`pipeline.geometry.store_logit_spec`) or a plain float scale.
+    """
     L, H, T, D = q.shape
     assert k.shape[0] == L and k.shape[2:] == (T, D) and H % k.shape[1] == 0, (q.shape, k.shape)
-    rows = torch.arange(T) if rows is None else rows
-    k = k.repeat_interleave(H // k.shape[1], dim=1)  # (L, H, T, D)
-    logits = (q[:, :, rows] @ k.transpose(-1, -2)) * scale  # (L, H, n, T)
-    future = torch.arange(T)[None, :] > rows[:, None]  # (n, T)
-    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return attention_probs(q, k, spec, rows=rows)
 
 
 def attention_profile(path: str | Path, split: str = "train", num_samples: int = 16) -> dict:
@@ -51,13 +52,13 @@ def attention_profile(path: str | Path, split: str = "train", num_samples: int =
     n = min(num_samples, store.num_samples(split))
     if n < 1:
         raise ValueError(f"num_samples={num_samples}: expected >= 1 (split {split!r} has {n} samples)")
-    scale = 1.0 / math.sqrt(int(store.attrs["teacher"]["head_dim"]))
+    spec = store_logit_spec(store)
     L = len(store.layers)
     sums = {s: torch.zeros(2, L, dtype=torch.float64) for s in SEGMENTS}  # rows: sink, entropy
     rows = dict.fromkeys(SEGMENTS, 0)
     for i in range(n):
         x = store.read_sample(i, split, components=("q", "k"))
-        p = attention_maps(x["q"], x["k"], scale)  # (L, H, T, T)
+        p = attention_maps(x["q"], x["k"], spec)  # (L, H, T, T)
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (L, H, T)
         for name, sid in SEGMENTS.items():
             m = x["segment_ids"] == sid  # (T,)

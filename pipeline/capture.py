@@ -51,7 +51,9 @@ class QKVCapture:
 
     Attributes:
         q, k, v: dict layer -> tensor; q (B, H, T, D) post-RoPE, k/v (B, G, T, D) before the KV repeat.
-        scaling: dict layer -> the softmax scale the layer used (`module.scaling`).
+        scaling: dict layer -> the softmax scale the layer used (the `scaling` it passed, else `module.scaling`).
+        softcap: dict layer -> the attention-logit softcap it passed (`softcap`, Gemma 2), or None.
+        sliding_window: dict layer -> the sliding window it passed (`sliding_window`), or None (full causal).
         layers: the captured layer indices (ascending); components: the captured components.
     """
 
@@ -63,6 +65,8 @@ class QKVCapture:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.scaling: dict[int, float] = {}
+        self.softcap: dict[int, float | None] = {}
+        self.sliding_window: dict[int, int | None] = {}
         self._wanted = set(layers)
 
     def clear(self) -> None:
@@ -71,14 +75,27 @@ class QKVCapture:
         self.k.clear()
         self.v.clear()
         self.scaling.clear()
+        self.softcap.clear()
+        self.sliding_window.clear()
 
-    def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> None:
+    def record(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scaling: float,
+        softcap: float | None = None,
+        sliding_window: int | None = None,
+    ) -> None:
         if layer not in self._wanted:
             return
         for name, t in (("q", q), ("k", k), ("v", v)):
             if name in self.components:
                 getattr(self, name)[layer] = t.detach() if self.detach else t
         self.scaling[layer] = float(scaling)
+        self.softcap[layer] = None if softcap is None else float(softcap)
+        self.sliding_window[layer] = None if sliding_window is None else int(sliding_window)
 
     def stack(self, component: str, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Stack one component over layers: (B, L, H|G, T, D), layers in the given order.
@@ -158,7 +175,10 @@ def capture_qkv(model, layers: Iterable[int] | None = None, components=COMPONENT
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         # query (B, H, T, D) post-RoPE; key/value (B, G, T, D) before the GQA repeat
-        cap.record(module.layer_idx, query, key, value, kwargs.get("scaling") or module.scaling)
+        scaling = kwargs.get("scaling") or module.scaling
+        softcap = kwargs.get("softcap", getattr(module, "attn_logit_softcapping", None))
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        cap.record(module.layer_idx, query, key, value, scaling, softcap, window)
         if base == "eager":
             return _eager_fn_for(module)(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

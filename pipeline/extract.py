@@ -40,19 +40,9 @@ from pipeline.writer import AsyncChunkWriter, StoreWriter
 
 def student_num_layers(model_cfg) -> int:
     """Decoder layer count of the student named by a ModelConfig (config dict, HF folder, .gguf, builtin)."""
-    from transformers import AutoConfig
+    from pipeline.models import load_hf_config, model_geometry
 
-    if model_cfg.config is not None:
-        d = dict(model_cfg.config)
-        hf = AutoConfig.for_model(d.pop("model_type"), **d)
-    else:
-        from pipeline.models import _from_pretrained_kwargs, _resolve_path
-
-        where, kw = _from_pretrained_kwargs(_resolve_path(model_cfg.path), model_cfg.trust_remote_code)
-        hf = AutoConfig.from_pretrained(where, **kw)
-    from pipeline.models import model_geometry
-
-    return model_geometry(hf)["layers"]
+    return model_geometry(load_hf_config(model_cfg))["layers"]
 
 
 def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, dict] | None:
@@ -142,6 +132,7 @@ def _sha(obj) -> str:
 
 def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict:
     """Store attributes describing the teacher, tokenizer and extraction settings."""
+    from pipeline.geometry import teacher_geometry_attrs
     from pipeline.models import model_geometry
 
     geo = model_geometry(model.config)
@@ -164,6 +155,7 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
             "vocab_size": geo["vocab"],
             "rope": rope,
             "dtype": cfg.teacher.dtype,
+            **teacher_geometry_attrs(model),  # scaling / softcap / windows as measured (pipeline/geometry.py)
         },
         # the config spec (e.g. builtin:...), not the resolved cache folder: stable across machines
         "tokenizer": {
@@ -186,11 +178,14 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
     for k in ("store", "writer_threads", "max_pending_chunks", "layers"):
         ex.pop(k)
     teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k != "device"}
+    from pipeline.geometry import GEOMETRY_KEYS  # derived from the hashed teacher config: old stores resume
+
+    t_attrs = {k: v for k, v in attrs["teacher"].items() if k not in GEOMETRY_KEYS}
     return _sha(
         {
             "schema_version": SCHEMA_VERSION,
             "teacher": teacher,
-            "teacher_attrs": attrs["teacher"],
+            "teacher_attrs": t_attrs,
             "tokenizer": attrs["tokenizer"],
             "layers": attrs["layers"],
             "extract": ex,

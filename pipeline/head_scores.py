@@ -11,8 +11,8 @@ teacher heads worth distilling one-to-one (`align.head_select`, alignment/head_s
 Definitions, per sample of the split and per stored teacher query head (layer l, head h). An *answer row* is
 the query row r = t - 1 that predicts an answer-bearing token t (answer_mask[t] = 1, t in R or A, t >= 1):
 the CE convention t -> t + 1 of `trainer.losses.shifted_targets`, and the row a copy head must copy *from*.
-Attention is the teacher's own causal softmax(q k^T / sqrt(D)) rebuilt from the stored post-RoPE Q/K
-(`attention_maps`), keys 0..r (a row may attend to itself).
+Attention is the teacher's own causal attention rebuilt from the stored post-RoPE Q/K with the store's
+geometry (`attention_maps`: per-layer scaling, softcap, sliding window), keys 0..r (a row may attend to itself).
   retrieval   fraction of answer rows whose argmax key j is a prompt (P) position holding the token to be
               predicted: ids[j] == ids[t] (a copy; Wu et al.'s retrieval score with the argmax as the
               copy test).
@@ -26,13 +26,14 @@ All three are averaged over every answer row of every sample (rows pooled, not p
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from alignment.attention_probs import LogitSpec
 from pipeline.attention_profile import attention_maps
+from pipeline.geometry import store_logit_spec
 from pipeline.store import KVStore
 
 PROMPT = 0  # segment id of P (pipeline.config.SEGMENTS)
@@ -74,7 +75,7 @@ def sample_head_sums(
     input_ids: torch.Tensor,
     segment_ids: torch.Tensor,
     answer_mask: torch.Tensor,
-    scale: float,
+    scale: LogitSpec | float,
 ) -> tuple[torch.Tensor, int]:
     """Per-head sums of the three scores over one sample's answer rows (module docstring) and the row count.
 
@@ -118,7 +119,7 @@ def head_scores(
     n = total if num_samples is None else min(num_samples, total)
     if n < 1:
         raise ValueError(f"--samples={num_samples}: expected >= 1 (split {split!r} has {total} samples)")
-    scale = 1.0 / math.sqrt(int(store.attrs["teacher"]["head_dim"]))
+    scale = store_logit_spec(store)  # the stored layers' scaling / softcap / windows
     acc, rows = None, 0
     for i in tqdm(range(n), desc="head scores", disable=not progress):
         x = store.read_sample(i, split, components=("q", "k"))

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ModelConfig
+from pipeline.geometry import model_geometry  # noqa: F401 (re-exported: the shape summary callers import here)
 
 BUILTIN_PREFIX = "builtin:"
 # name -> (python package holding the GGUF, GGUF file name inside it)
@@ -94,7 +95,8 @@ def resolve_builtin(name: str) -> Path:
     return target
 
 
-def _resolve_path(path: str) -> Path:
+def resolve_path(path: str) -> Path:
+    """The local file or folder of a model spec: an HF folder, a .gguf file, or `builtin:<name>` (converted)."""
     if path.startswith(BUILTIN_PREFIX):
         return resolve_builtin(path)
     p = Path(path).expanduser()
@@ -107,7 +109,8 @@ def _resolve_path(path: str) -> Path:
     return p
 
 
-def _from_pretrained_kwargs(p: Path, trust_remote_code: bool) -> tuple[Path, dict[str, Any]]:
+def from_pretrained_kwargs(p: Path, trust_remote_code: bool) -> tuple[Path, dict[str, Any]]:
+    """(folder, kwargs) for `from_pretrained` of a resolved path: offline, GGUF-aware."""
     if p.is_file():  # .gguf: transformers dequantises it (needs gguf + accelerate)
         return p.parent, dict(gguf_file=p.name, local_files_only=True)
     return p, dict(local_files_only=True, trust_remote_code=trust_remote_code)
@@ -115,7 +118,7 @@ def _from_pretrained_kwargs(p: Path, trust_remote_code: bool) -> tuple[Path, dic
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """Tokenizer from a path (HF folder or .gguf) or `builtin:<name>`; pad token defaults to eos."""
-    where, kw = _from_pretrained_kwargs(_resolve_path(spec), trust_remote_code)
+    where, kw = from_pretrained_kwargs(resolve_path(spec), trust_remote_code)
     tok = AutoTokenizer.from_pretrained(where, **kw)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -146,20 +149,13 @@ def load_model(model_cfg: ModelConfig, for_training: bool = False):
     trc = model_cfg.trust_remote_code
     attn = model_cfg.attn_implementation
     if model_cfg.config is not None:
-        cfg = dict(model_cfg.config)
-        if "model_type" not in cfg:
-            raise ValueError(f"config={sorted(cfg)!r}: expected a 'model_type' key (e.g. 'llama')")
-        model_type = cfg.pop("model_type")
-        try:
-            hf_config = AutoConfig.for_model(model_type, **cfg)
-        except ValueError as e:
-            raise ValueError(f"config.model_type={model_type!r}: {e}".splitlines()[0]) from None
+        hf_config = load_hf_config(model_cfg)
         model = AutoModelForCausalLM.from_config(
             hf_config, dtype=dtype, trust_remote_code=trc, attn_implementation=attn
         )
         tokenizer = load_tokenizer(model_cfg.tokenizer, trc) if model_cfg.tokenizer else None
     else:
-        where, kw = _from_pretrained_kwargs(_resolve_path(model_cfg.path), trc)
+        where, kw = from_pretrained_kwargs(resolve_path(model_cfg.path), trc)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **kw)
         tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.path, trc)
     if tokenizer is not None:
@@ -179,27 +175,20 @@ def load_model(model_cfg: ModelConfig, for_training: bool = False):
     return model, tokenizer
 
 
-def model_geometry(hf_config) -> dict[str, Any]:
-    """Attention geometry of an HF config: layers, heads, kv_heads, head_dim, hidden, rope_theta, vocab.
+def load_hf_config(model_cfg: ModelConfig):
+    """The HF config of a ModelConfig without loading weights: from its `config` dict or its `path`.
 
-    Fallbacks: the text sub-config of multimodal configs; kv_heads = heads (MHA); head_dim = hidden //
-    heads; rope_theta from `rope_parameters` (transformers >= 5), then `rope_theta`, else None.
+    Example:
+        >>> model_geometry(load_hf_config(cfg.student))["layers"]
     """
-    cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    heads = int(cfg.num_attention_heads)
-    hidden = int(cfg.hidden_size)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    if rope_theta is None:
-        rope_theta = getattr(cfg, "rope_theta", None)
-    return dict(
-        layers=int(cfg.num_hidden_layers),
-        heads=heads,
-        kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        hidden=hidden,
-        rope_theta=None if rope_theta is None else float(rope_theta),
-        vocab=int(cfg.vocab_size),
-    )
+    if model_cfg.config is not None:
+        cfg = dict(model_cfg.config)
+        if "model_type" not in cfg:
+            raise ValueError(f"config={sorted(cfg)!r}: expected a 'model_type' key (e.g. 'llama')")
+        model_type = cfg.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **cfg)
+        except ValueError as e:
+            raise ValueError(f"config.model_type={model_type!r}: {e}".splitlines()[0]) from None
+    where, kw = from_pretrained_kwargs(resolve_path(model_cfg.path), model_cfg.trust_remote_code)
+    return AutoConfig.from_pretrained(where, **kw)

@@ -13,6 +13,8 @@ import torch
 from pipeline.store import PackedSplit, encode_states
 
 H, G, D = 6, 2, 16
+# teacher.attention of a 4-layer Llama-style teacher as stage 1 measures it (pipeline/geometry.py)
+LLAMA_ATTENTION = {"scaling": [D**-0.5] * 4, "softcap": [None] * 4, "sliding_window": [None] * 4}
 
 
 def random_split(num_samples: int, seed: int = 0, vocab: int = 101, min_len: int = 5, max_len: int = 40):
@@ -62,7 +64,14 @@ def write_random_store(
             vals = torch.randn(train.num_tokens, x, d, generator=gen) * 3.0
             truth[(layer, comp)] = vals.to(getattr(torch, dtype)).float()
     attrs = {
-        "teacher": {"path": "tiny", "num_layers": 4, "num_heads": H, "num_kv_heads": G, "head_dim": D},
+        "teacher": {
+            "path": "tiny",
+            "num_layers": 4,
+            "num_heads": H,
+            "num_kv_heads": G,
+            "head_dim": D,
+            "attention": LLAMA_ATTENTION,
+        },  # fmt: skip
         "layers": list(layers),
         "components": ["q", "k", "v"],
         "dtype": dtype,

@@ -122,6 +122,10 @@ def make_tiny_store(
             "hidden_size": tcfg.hidden_size,
             "vocab_size": TINY_VOCAB,
             "rope": {k: hf[k] for k in ("rope_parameters", "rope_theta") if hf.get(k) is not None},
+            "attention": {
+                k: [v] * tcfg.num_hidden_layers
+                for k, v in (("scaling", D**-0.5), ("softcap", None), ("sliding_window", None))
+            },  # fmt: skip
         },
         "tokenizer": tokenizer_record
         or {"name": "tiny", "vocab_size": len(tok), "hash": tokenizer_fingerprint(tok)},

@@ -223,10 +223,13 @@ def _store_for(teacher):
     c = teacher.config
     rope = {"rope_parameters": dict(c.rope_parameters)}
     geo = teacher_shape(teacher)
+    from pipeline.geometry import teacher_geometry_attrs
+
     return SimpleNamespace(
+        path="from-prune-store",
         attrs={"teacher": {"model_type": c.model_type, "num_layers": geo.layers, "num_heads": geo.heads,
                            "num_kv_heads": geo.kv_heads, "head_dim": geo.head_dim, "hidden_size": geo.hidden,
-                           "rope": rope}}
+                           "rope": rope, **teacher_geometry_attrs(teacher)}},
     )  # fmt: skip
 
 

@@ -34,17 +34,20 @@ from trainer.data import collate_right_pad
 OUTLIER_RMS = 6.0
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
-    """Causal attention probabilities (float64) with padding keys masked; GQA by repeating K heads.
+def attention_probs(q: torch.Tensor, k: torch.Tensor, spec, mask: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities (float64) of one layer with padding keys masked (`alignment.attention_probs`).
 
-    Shapes: q (B, H, T, D), k (B, G, T, D), mask (B, T) bool -> (B, H, T, T).
+    Shapes: q (B, H, T, D), k (B, G, T, D), mask (B, T) bool -> (B, H, T, T). `spec`: a float scale or a
+    one-layer LogitSpec (the aligner's `teacher_logits` / `student_logits` at that layer).
     """
-    B, H, T, _ = q.shape
-    k = k.repeat_interleave(H // k.shape[1], dim=1)  # (B, H, T, D)
-    scores = torch.einsum("bhtd,bhsd->bhts", q.double(), k.double()) * scale  # (B, H, T, T)
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None] & mask[:, None, :]  # (B, T, T)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    from alignment.attention_probs import attention_probs as probs
+
+    return probs(q.double(), k.double(), spec, key_mask=mask)
+
+
+def _layer_spec(spec, ls: int):
+    """The one-layer LogitSpec of student layer `ls` from an aligner's per-student-layer spec."""
+    return spec.select(torch.tensor([ls])) if spec.window is not None or torch.is_tensor(spec.scale) else spec
 
 
 def mean_entropy(p: torch.Tensor, mask: torch.Tensor) -> float:
@@ -123,16 +126,18 @@ def profile_mode(mode: str, cfg: KVMapConfig, teacher_cfg, student, batch: dict,
             hm = out.head_mix
             if hm is not None and hm.dim() == 3:
                 hm = hm[ls]
-            p_s = attention_probs(s["q"][:, ls], s["k"][:, ls], aligner.student_scaling, out.mask)
-            p_a = attention_probs(out.q[:, ls], out.k[:, ls], aligner.student_scaling, out.mask)
-            p_t = attention_probs(out.q_t_raw[:, ls], out.k_t_raw[:, ls], aligner.teacher_scaling, out.mask)
-            kw = dict(scale_s=aligner.student_scaling)
+            spec_s, spec_t = _layer_spec(aligner.student_logits, ls), _layer_spec(aligner.teacher_logits, ls)
+            p_s = attention_probs(s["q"][:, ls], s["k"][:, ls], spec_s, out.mask)
+            p_a = attention_probs(out.q[:, ls], out.k[:, ls], spec_s, out.mask)
+            p_t = attention_probs(out.q_t_raw[:, ls], out.k_t_raw[:, ls], spec_t, out.mask)
+            kw = dict(scale_s=spec_s.scale, softcap_s=spec_s.softcap, window_s=spec_s.window)
             kl_a = attention_kl(s["q"][:, sl], s["k"][:, sl], out.q[:, sl], out.k[:, sl], out.mask,
-                                scale_t=aligner.student_scaling, **kw)  # fmt: skip
+                                scale_t=spec_s.scale, **kw)  # fmt: skip
             kl_t = float("nan")
             if hm is not None or aligner.H_t == aligner.H_s:
                 kl_t = attention_kl(s["q"][:, sl], s["k"][:, sl], out.q_t_raw[:, sl], out.k_t_raw[:, sl], out.mask,
-                                    scale_t=aligner.teacher_scaling, head_mix=hm, **kw)  # fmt: skip
+                                    scale_t=spec_t.scale, softcap_t=spec_t.softcap, window_t=spec_t.window,
+                                    head_mix=hm, **kw)  # fmt: skip
             attn.append(
                 {
                     "layer": ls,
@@ -216,7 +221,7 @@ def load_batches(cfg: KVMapConfig, args, layers: list[int]):
                         [getattr(cap, c)[lt][0].float().cpu() for lt in layers]
                     )  # (L_sel, X, T, D)
     else:
-        teacher_cfg = teacher_config_from_attrs(store.attrs)
+        teacher_cfg = teacher_config_from_attrs(store.attrs, store.path)
         check_layers(store, layers, ("q", "k", "v"))
         states = store.read_samples(list(range(B * n)), layers=layers)
         for s, st in zip(crop, states):
@@ -306,16 +311,14 @@ def _run(cfg: KVMapConfig, args) -> int:
     student, _ = load_model(cfg.student)
     L_s = student.config.num_hidden_layers
     if args.live_teacher:
-        from transformers import AutoConfig
+        from pipeline.models import load_hf_config, model_geometry
 
-        from pipeline.models import _from_pretrained_kwargs, _resolve_path, model_geometry
-
-        where, kw = _from_pretrained_kwargs(_resolve_path(cfg.teacher.path), cfg.teacher.trust_remote_code)
-        L_t = model_geometry(AutoConfig.from_pretrained(where, **kw))["layers"]
+        L_t = model_geometry(load_hf_config(cfg.teacher))["layers"]
     else:
         from trainer.store_checks import open_store
 
-        L_t = teacher_config_from_attrs(open_store(store_path_of(cfg)).attrs)["num_hidden_layers"]
+        store = open_store(store_path_of(cfg))
+        L_t = teacher_config_from_attrs(store.attrs, store.path)["num_hidden_layers"]
     layers = teacher_layers_needed(build_layer_map(cfg.align.layer_map, L_t, L_s))
     teacher_cfg, batches = load_batches(cfg, args, layers)
     modes = ("structured", "flat") if args.mode == "both" else (args.mode,)

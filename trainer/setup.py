@@ -79,7 +79,7 @@ def build_aligner(cfg: KVMapConfig, store, student):
         return None
     from alignment import create_aligner
 
-    teacher_cfg = teacher_config_from_attrs(store.attrs)
+    teacher_cfg = teacher_config_from_attrs(store.attrs, store.path)
     align_cfg, meta = cfg.align, None
     if cfg.align.init == "from_prune":  # the layer map is the kept teacher layers (prune_meta.json)
         from pipeline.prune_meta import read_prune_meta

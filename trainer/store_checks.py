@@ -10,7 +10,9 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+# The store's teacher geometry has one reader (pipeline/geometry.py); re-exported for stage-2 callers.
+from pipeline.geometry import teacher_config_from_attrs  # noqa: F401
 
 
 def open_store(path: str | Path):
@@ -31,42 +33,6 @@ def open_store(path: str | Path):
     if "train" not in store.splits:
         raise ValueError(f"train.store='{p}' has no train split (splits: {store.splits})")
     return store
-
-
-def teacher_config_from_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """An HF-config-like dict of the teacher's attention geometry, from the store's `teacher` attributes.
-
-    The teacher itself is never loaded in stage 2; the aligner only needs its geometry (layers, heads, KV
-    heads, head dim, rotary settings).
-    """
-    t = attrs.get("teacher")
-    if not isinstance(t, dict):
-        raise ValueError(f"store attrs 'teacher'={t!r}: expected a mapping with the teacher's geometry")
-    need = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
-    missing = [k for k in need if t.get(k) is None]
-    if missing:
-        raise ValueError(
-            f"store attrs 'teacher' lacks {missing}: expected {list(need)} (re-extract the store)"
-        )
-    cfg: dict[str, Any] = {
-        "model_type": t.get("model_type"),
-        "num_hidden_layers": int(t["num_layers"]),
-        "num_attention_heads": int(t["num_heads"]),
-        "num_key_value_heads": int(t["num_kv_heads"]),
-        "head_dim": int(t["head_dim"]),
-        "hidden_size": t.get("hidden_size"),
-    }
-    rope = t.get("rope")
-    if isinstance(rope, dict):
-        # extract.py records the teacher HF config's own rotary keys (rope_parameters / rope_theta /
-        # rope_scaling), so they merge back into an HF-config-like dict as they were.
-        cfg.update({k: v for k, v in rope.items() if v is not None})
-    elif isinstance(rope, (int, float)):
-        cfg["rope_theta"] = float(rope)
-    for k in ("query_pre_attn_scalar", "partial_rotary_factor"):
-        if t.get(k) is not None:
-            cfg[k] = t[k]
-    return cfg
 
 
 def check_layers(store, needed: Sequence[int], components: Sequence[str]) -> None:

@@ -148,7 +148,7 @@ def finish(run: Run, t0: float) -> dict:
         meta = {
             "mode": cfg.kv_projection_mode,
             "align": to_dict(cfg.align),
-            "teacher": teacher_config_from_attrs(run.store.attrs),
+            "teacher": teacher_config_from_attrs(run.store.attrs, run.store.path),
             "teacher_layers": list(base.aligner.teacher_layers) if base.aligner else [],
             "layer_map": list(base.aligner.layer_map) if base.aligner else [],
         }
