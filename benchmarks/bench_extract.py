@@ -31,9 +31,7 @@ from pipeline.configlib import load_config  # noqa: E402
 from pipeline.extract import generate_default_data, load_split, resolve_layers, run_extraction  # noqa: E402
 from pipeline.extract_chunk import chunk_batches, pad_batch  # noqa: E402
 from pipeline.models import load_model, model_geometry  # noqa: E402
-from pipeline.store import KVStore, make_compressors, quiet_codecs  # noqa: E402
-
-CODECS = ("zstd-shuffle", "zstd", "blosc-lz4", "none")
+from pipeline.store import CODECS, KVStore, make_compressors, quiet_codecs  # noqa: E402
 
 
 def forward_only(model, packed, chunk_tokens: int, batch_size: int, pad_id: int):
@@ -51,37 +49,51 @@ def forward_only(model, packed, chunk_tokens: int, batch_size: int, pad_id: int)
     return time.perf_counter() - t0, time.process_time() - c0, real, padded
 
 
-def codec_table(store: KVStore, workdir: Path, level: int) -> list[dict]:
-    """Re-encode the extracted state arrays with each codec: ratio vs raw, write and read MB/s."""
+def _encode_once(codec: str, arrays, data: dict, workdir: Path, level: int) -> tuple[int, float, float]:
+    """Write every array with `codec` into a fresh store: (stored bytes, write s, read s)."""
+    root = workdir / f"codec_{codec}.zarr"
+    with quiet_codecs():
+        g = zarr.open_group(str(root), mode="w", zarr_format=3)
+        made = {
+            name: g.create_array(
+                name.replace("/", "_"),
+                shape=a.shape,
+                dtype=a.dtype,
+                chunks=a.chunks,
+                shards=a.shards,
+                compressors=make_compressors(codec, level, a.dtype.itemsize),
+                fill_value=0,
+            )
+            for name, a in arrays
+        }
+    t0 = time.perf_counter()
+    for name, dst in made.items():
+        dst[:] = data[name]
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for name, dst in made.items():
+        assert np.array_equal(dst[:], data[name]), f"{codec}: round trip differs on {name}"
+    read_s = time.perf_counter() - t0
+    stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+    shutil.rmtree(root)
+    return stored, write_s, read_s
+
+
+def codec_table(store: KVStore, workdir: Path, level: int, repeats: int = 3) -> list[dict]:
+    """Re-encode the extracted state arrays with each codec: ratio vs raw, write and read MB/s (medians of
+    `repeats` rounds, codecs interleaved within a round so that load swings hit them alike)."""
     arrays = [(f"{layer}/{c}", store.array(layer, c)) for layer in store.layers for c in store.components]
     data = {name: np.asarray(a[:]) for name, a in arrays}
     raw = sum(d.nbytes for d in data.values())
+    runs = {codec: [] for codec in CODECS}
+    for _ in range(repeats):
+        for codec in CODECS:
+            runs[codec].append(_encode_once(codec, arrays, data, workdir, level))
     rows = []
-    for codec in CODECS:
-        root = workdir / f"codec_{codec}.zarr"
-        with quiet_codecs():
-            g = zarr.open_group(str(root), mode="w", zarr_format=3)
-            made = {
-                name: g.create_array(
-                    name.replace("/", "_"),
-                    shape=a.shape,
-                    dtype=a.dtype,
-                    chunks=a.chunks,
-                    shards=a.shards,
-                    compressors=make_compressors(codec, level),
-                    fill_value=0,
-                )
-                for name, a in arrays
-            }
-        t0 = time.perf_counter()
-        for name, dst in made.items():
-            dst[:] = data[name]
-        write_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for name, dst in made.items():
-            assert np.array_equal(dst[:], data[name]), f"{codec}: round trip differs on {name}"
-        read_s = time.perf_counter() - t0
-        stored = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+    for codec, got in runs.items():
+        stored = got[0][0]
+        write_s = statistics.median(g[1] for g in got)
+        read_s = statistics.median(g[2] for g in got)
         rows.append(
             {
                 "codec": codec,
@@ -91,7 +103,6 @@ def codec_table(store: KVStore, workdir: Path, level: int) -> list[dict]:
                 "read_MBps": raw / read_s / 1e6,
             }
         )
-        shutil.rmtree(root)
     return rows
 
 

@@ -16,12 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import command_parser
-from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
+from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore
 from pipeline.store_logits import decode_logprobs
-
-
-def _stored_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
 def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | None = None) -> dict:
@@ -32,7 +28,7 @@ def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | Non
     total = s1 = s2 = 0.0
     absmax, nans, infs = 0.0, 0, 0
     for a in range(0, n, step):
-        x = decode_states(arr[a : min(a + step, n)], store.dtype).double()  # (n_chunk, X, D)
+        x = store.read_states(layer, comp, a, min(a + step, n)).double()  # (n_chunk, X, D), int8 dequantised
         nan, inf = x.isnan(), x.isinf()
         nans, infs = nans + int(nan.sum()), infs + int(inf.sum())
         x = x[~(nan | inf)]
@@ -50,7 +46,7 @@ def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | Non
         "absmax": absmax,
         "nan": nans,
         "inf": infs,
-        "stored_bytes": _stored_bytes(store.path / "train" / "layers" / str(layer) / comp),
+        "stored_bytes": store.location.size(f"train/layers/{layer}/{comp}"),
         "raw_bytes": int(arr.nbytes),
     }
 
@@ -68,7 +64,7 @@ def logits_report(store: KVStore, max_tokens: int | None = None) -> dict | None:
         mass = 0.0
         for a in range(0, n, step):
             mass += float(decode_logprobs(vals[a : min(a + step, n)]).double().exp().sum())
-        stored = _stored_bytes(store.path / split / "logits")
+        stored = store.location.size(f"{split}/logits")
         out["splits"][split] = {
             "shape": list(vals.shape),
             "values_dtype": "float16 words (uint16)",
@@ -103,7 +99,7 @@ def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
             if len(lengths)
             else None,
             "arrays": arrays,
-            "stored_bytes": _stored_bytes(store.path / split),
+            "stored_bytes": store.location.size(split),
         }
     total_stored = total_raw = 0
     for layer in store.layers:

@@ -7,14 +7,17 @@ dataclass cannot (e.g. segment names) before any step runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
 class TrainConfig:
     """The stage-2 student loop (AdamW, warmup + cosine LR, lambda_kv schedule, checkpoints)."""
 
-    store: str | None = None  # the teacher-state store to train from; None = `extract.store`
+    store: str | None = None  # the teacher-state store to train from (folder or URL); None = `extract.store`
+    # fsspec options for a URL `store` (None = extract.storage_options when `store` is None); no
+    # credentials here: they come from the environment (pipeline/store_location.py)
+    storage_options: dict[str, Any] | None = None
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # samples per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -49,6 +52,11 @@ class TrainConfig:
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
     progress: bool = True  # tqdm progress bar on the main process
+
+    def __post_init__(self):
+        from pipeline.store_location import check_storage_options
+
+        check_storage_options(self.storage_options, "train.storage_options")
 
 
 @dataclass
