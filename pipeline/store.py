@@ -16,6 +16,9 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
         layers/{l}/q  (N, H, D)       teacher layer l (0-based), post-RoPE queries
         layers/{l}/k  (N, G, D)       post-RoPE keys, KV heads before any GQA repeat
         layers/{l}/v  (N, G, D)       values, KV heads before any GQA repeat
+        layers/{l}/{q,k,v}_scale      only with dtype "int8": float32 scales (pipeline/quantize.py), per the
+                                      `quantization` attribute: "channel" (C, X, D), one row per write
+                                      chunk (C = ceil(N / chunk_tokens)); "token" (N, X)
         logits/values (N, K) uint16   only with `logits` in extract.components: the teacher's log-softmax
                                       (fp32, temperature 1) at position t (its prediction of token t + 1),
                                       reduced to its top K, sorted descending, as float16 words (see below)
@@ -26,24 +29,33 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
                                       absent when the config has no eval data
       _kvmap_progress/                only while incomplete: one JSON done-marker per finished write chunk
 
+    STORE may be a folder or a URL (s3://bucket/prefix/name.zarr, memory://...; pipeline/store_location.py):
+    the same objects under the same keys, through zarr's LocalStore or FsspecStore.
     dtype "bfloat16": states are stored as the raw 16-bit words (zarr dtype uint16; numpy and zarr have no
-    bfloat16) and viewed back on read; dtype "float16": stored as float16 (overflow is an extraction error).
+    bfloat16) and viewed back on read; dtype "float16": stored as float16 (overflow is an extraction error);
+    dtype "int8": symmetric int8 words x float32 scales (`quantization` {q: channel, k: channel, v: token}:
+    Q/K per (write chunk, head, channel), V per (token, head); a chunk's scales come from its own tokens, so
+    it is self-contained), dequantised to float32 by every reader (`read_samples`, `read_states`,
+    trainer/preload.py, `decode_states` with the scales).
     State arrays are sharded: one shard = `chunk_tokens` tokens (the unit of writing, resuming and rank
     ownership), holding inner chunks of `inner_chunk_tokens` tokens (the unit of random-access reads).
-    Codec "zstd-shuffle" (default) = byte shuffle (element size 2) + Zstd (lossless; ~1.36x measured on
-    the default store's bf16 states, 4 of SmolLM2's 30 layers). Zarr pads the array's last inner chunk to
+    Codec "blosc-zstd" (default since issue 16; Zarr v3 spec BloscCodec: zstd + byte shuffle, 1 MiB blocks)
+    and "zstd-shuffle" (the default before: numcodecs' Shuffle + Zstd, outside the v3 spec) both give 1.36x
+    on the default teacher's bf16 states (8 of SmolLM2's 30 layers); a store's arrays carry their own codec
+    metadata, so stores written with either read alike. Zarr pads the array's last inner chunk to
     full size with zeros (at most inner_chunk_tokens - 1 tokens per array; compressed to almost nothing);
     nothing else beyond the real tokens is stored. Token arrays use plain chunks of 65536 entries.
     Reading sample i touches only the inner chunks overlapping [offsets[i], offsets[i] + lengths[i]).
     Top-k log-probs: float16 (not bf16: 8x finer steps where it matters, log-probs are bounded) viewed as
     uint16 words, a lossless Delta filter on the words (sorted descending negative halves have increasing
-    bit patterns, so neighbours differ by small integers) + byte shuffle + zstd: 79 B/token at K = 128 on
+    bit patterns, so neighbours differ by small integers; numcodecs, outside the v3 spec: without it the
+    ratio falls to 1.8-2.0x) + blosc-zstd (byte shuffle; before: Shuffle + Zstd): 79 B/token at K = 128 on
     the default teacher (3.2x); the indices are close to random (zstd: 1.14x). Sharded like the states.
 
 Group attributes: schema_version, complete (true only once every chunk is written), teacher {path,
 model_type, config_hash, num_layers, num_heads, num_kv_heads, head_dim, hidden_size, vocab_size, rope,
 dtype}, layers (stored teacher layers, ascending), components, tokenizer {name, vocab_size, hash}, dtype,
-storage_dtype, codec, compression_level, chunk_tokens, inner_chunk_tokens, segments {P, R, A}, logits
+quantization (int8 only: the scale scheme per component), storage_dtype, codec, compression_level, chunk_tokens, inner_chunk_tokens, segments {P, R, A}, logits
 ({top_k, dtype, index_dtype, splits}: only when stored), dataset
 {train|eval: {source, rows, kept, skipped, bad_rows, dropped_too_long, truncated}}, config_fingerprint (of
 teacher, tokens, layers and extraction settings; a re-run with another config is refused), and, once
@@ -59,11 +71,9 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import shutil
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +85,7 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.quantize import expand_scales, scale_key, scale_rows
+from pipeline.store_codecs import BLOSC_BLOCKSIZE, CODECS, make_compressors, quiet_codecs  # noqa: F401 (re-exported)
 from pipeline.store_location import StoreLocation
 from pipeline.store_logits import LOGIT_ARRAYS, decode_logprobs
 
@@ -89,53 +100,6 @@ PROGRESS_DIR = "_kvmap_progress"
 VOLATILE_ATTRS = ("complete", "summary")
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "int8": "int8"}
 FP16_MAX = 65504.0
-
-
-@contextlib.contextmanager
-def quiet_codecs():
-    """Silence zarr's "Numcodecs codecs are not in the Zarr version 3 specification" warning.
-
-    zarr emits it whenever an array using the byte-shuffle codec is created or opened; kvmap stores are
-    read back with zarr-python (which ships the codec), so the portability note is noise.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Numcodecs codecs are not in the Zarr", category=UserWarning
-        )
-        yield
-
-
-BLOSC_BLOCKSIZE = 1 << 20
-CODECS = ("blosc-zstd", "blosc-zstd-bit", "zstd-shuffle", "zstd", "blosc-lz4", "none")
-
-
-def make_compressors(codec: str, level: int = 1, typesize: int = 2) -> list:
-    """Zarr v3 compressor list for a codec name (one of `CODECS`; `typesize`: bytes per stored value).
-
-    blosc-zstd (byte shuffle) / blosc-zstd-bit (bit shuffle) / blosc-lz4 / zstd are codecs of the Zarr v3
-    spec; zstd-shuffle (numcodecs' Shuffle + zstd, the default before the spec codecs measured as well) is
-    not, and zarr warns about it whenever such an array is opened.
-    """
-    if codec == "none":
-        return []
-    if codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=level)]
-    if codec in ("blosc-zstd", "blosc-zstd-bit", "blosc-lz4"):
-        shuffle = "bitshuffle" if codec.endswith("-bit") else "shuffle"
-        cname = "lz4" if codec == "blosc-lz4" else "zstd"
-        # blocksize: blosc's automatic block (~32 KiB at clevel 1) cost 7% of the ratio on bf16 states;
-        # whole inner chunks (capped at 1 MiB) match numcodecs' shuffle + zstd and encode faster.
-        return [
-            zarr.codecs.BloscCodec(
-                cname=cname, clevel=level, shuffle=shuffle, typesize=typesize, blocksize=BLOSC_BLOCKSIZE
-            )
-        ]
-    if codec == "zstd-shuffle":
-        from zarr.codecs.numcodecs import Shuffle
-
-        with quiet_codecs():
-            return [Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=level)]
-    raise ValueError(f"codec={codec!r}: expected one of {', '.join(CODECS)}")
 
 
 def fingerprint_of(attrs: dict) -> str:
