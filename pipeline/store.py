@@ -33,9 +33,9 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
     the same objects under the same keys, through zarr's LocalStore or FsspecStore.
     dtype "bfloat16": states are stored as the raw 16-bit words (zarr dtype uint16; numpy and zarr have no
     bfloat16) and viewed back on read; dtype "float16": stored as float16 (overflow is an extraction error);
-    dtype "int8": symmetric int8 words x float32 scales (`quantization` {q: channel, k: channel, v: token}:
-    Q/K per (write chunk, head, channel), V per (token, head); a chunk's scales come from its own tokens, so
-    it is self-contained), dequantised to float32 by every reader (`read_samples`, `read_states`,
+    dtype "int8": symmetric int8 words x float32 scales (`quantization` {q, k, v: "channel"}: per (write
+    chunk, head, channel); "token" = per (token, head) also reads; a chunk's scales come from its own tokens,
+    so it is self-contained), dequantised to float32 by every reader (`read_samples`, `read_states`,
     trainer/preload.py, `decode_states` with the scales).
     State arrays are sharded: one shard = `chunk_tokens` tokens (the unit of writing, resuming and rank
     ownership), holding inner chunks of `inner_chunk_tokens` tokens (the unit of random-access reads).
@@ -100,6 +100,7 @@ PROGRESS_DIR = "_kvmap_progress"
 VOLATILE_ATTRS = ("complete", "summary")
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "int8": "int8"}
 FP16_MAX = 65504.0
+SCALE_CACHE_BYTES = 64 << 20  # per-chunk int8 scale arrays up to this size are read once and kept
 
 
 def fingerprint_of(attrs: dict) -> str:
@@ -221,6 +222,7 @@ class KVStore:
         self.quantization: dict[str, str] = dict(self.attrs.get("quantization") or {})
         self.chunk_tokens = int(self.attrs.get("chunk_tokens", 1))
         self._sample_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._scale_cache: dict[tuple[str, int, str], np.ndarray | None] = {}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
 
     @property
@@ -294,6 +296,26 @@ class KVStore:
         self.array(layer, component, split)  # same checks
         return self._array(split, f"layers/{layer}/{scale_key(component)}")
 
+    def _cached_scales(self, layer: int, component: str, split: str) -> np.ndarray | None:
+        """The whole per-chunk scale array, read once and kept: (C, X, D) with C = N / chunk_tokens is small
+        (85 KB per array on the default store) and saves one zarr read per layer and component per sample.
+        None for per-token scales or arrays over SCALE_CACHE_BYTES (read per sample instead)."""
+        key = (split, layer, component)
+        if key not in self._scale_cache:
+            a = self.scale_array(layer, component, split)
+            small = int(np.prod(a.shape)) * 4 <= SCALE_CACHE_BYTES
+            keep = self.quantization[component] == "channel" and small
+            self._scale_cache[key] = np.asarray(a[:]) if keep else None
+        return self._scale_cache[key]
+
+    async def _scale_rows(self, layer: int, component: str, split: str, sel: slice) -> np.ndarray:
+        """The scale rows tokens `sel` need (see pipeline/quantize.py `scale_rows`), cached when small."""
+        rows = scale_rows(self.quantization[component], sel.start, sel.stop, self.chunk_tokens)
+        cached = self._scale_cache[(split, layer, component)]  # filled by `_cached_scales` (sync) first
+        if cached is not None:
+            return cached[rows]
+        return await self.scale_array(layer, component, split).async_array.getitem(rows)
+
     def read_states(
         self, layer: int, component: str, start: int, end: int, split: str = "train"
     ) -> torch.Tensor:
@@ -302,9 +324,8 @@ class KVStore:
         scale = None
         if self.dtype == "int8":
             scheme = self.quantization[component]
-            rows = self.scale_array(layer, component, split)[
-                scale_rows(scheme, start, end, self.chunk_tokens)
-            ]
+            self._cached_scales(layer, component, split)
+            rows = sync(self._scale_rows(layer, component, split, slice(start, end)))
             scale = expand_scales(np.asarray(rows), scheme, start, end, self.chunk_tokens)
         return decode_states(words, self.dtype, scale)
 
@@ -332,7 +353,9 @@ class KVStore:
         if "logits" in components:
             state_arrays += [self.logit_array(name, split) for name in LOGIT_ARRAYS]
         int8 = self.dtype == "int8"
-        scales = [(c, self.scale_array(layer, c, split)) for c in comps for layer in layers] if int8 else []
+        scales = [(c, layer) for c in comps for layer in layers] if int8 else []
+        for c, layer in scales:  # outside the event loop: whole small scale arrays are read here once
+            self._cached_scales(layer, c, split)
         sels = [slice(int(offsets[i]), int(offsets[i]) + int(lengths[i])) for i in indices]
         ct = self.chunk_tokens
 
@@ -340,10 +363,7 @@ class KVStore:
             jobs = []
             for s in sels:
                 jobs += [a.async_array.getitem(s) for a in token_arrays + state_arrays]
-                jobs += [
-                    a.async_array.getitem(scale_rows(self.quantization[c], s.start, s.stop, ct))
-                    for c, a in scales
-                ]
+                jobs += [self._scale_rows(layer, c, split, s) for c, layer in scales]
             return await asyncio.gather(*jobs)
 
         flat = sync(fetch()) if sels else []

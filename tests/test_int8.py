@@ -68,29 +68,45 @@ def test_expand_scales_maps_tokens_to_their_chunk():
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    """The same extraction as bf16 and as int8 (chunks of 64 tokens, every layer)."""
+    """The same extraction as bf16, as int8 (the default schemes: per chunk, head, channel) and as int8 with
+    per-(token, head) V scales (chunks of 64 tokens, every layer)."""
     tmp = tmp_path_factory.mktemp("int8")
     teacher = save_tiny_teacher(tmp / "teacher")
     cfg = write_extract_config(
         tmp, teacher, num_rows=16, layers="all", chunk_tokens=64, inner_chunk_tokens=16
     )
     out = {}
-    for dtype in ("bfloat16", "int8"):
-        path = tmp / f"{dtype}.zarr"
-        run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={path}", f"extract.dtype={dtype}"]))
-        out[dtype] = path
+    for name, dtype, v_scheme in (
+        ("bfloat16", "bfloat16", None),
+        ("int8", "int8", None),
+        ("int8_vtoken", "int8", "token"),
+    ):
+        path = tmp / f"{name}.zarr"
+        saved = dict(INT8_SCHEMES)
+        try:
+            if v_scheme:
+                INT8_SCHEMES["v"] = v_scheme  # the dict extraction reads (attrs and quantiser alike)
+            run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={path}", f"extract.dtype={dtype}"]))
+        finally:
+            INT8_SCHEMES.update(saved)
+        out[name] = path
     return cfg, out
 
 
-def test_int8_store_schema_and_reads_equal_naive_dequant(stores):
+@pytest.mark.parametrize("name", ["int8", "int8_vtoken"])
+def test_int8_store_schema_and_reads_equal_naive_dequant(stores, name):
     _, paths = stores
-    st = KVStore(paths["int8"], require_complete=True)
+    st = KVStore(paths[name], require_complete=True)
     assert st.dtype == "int8" and st.attrs["storage_dtype"] == "int8"
-    assert st.quantization == INT8_SCHEMES == st.attrs["quantization"]
+    schemes = {**INT8_SCHEMES, "v": "token"} if name == "int8_vtoken" else INT8_SCHEMES
+    assert st.quantization == schemes == st.attrs["quantization"]
     ct, n = st.chunk_tokens, st.num_tokens()
-    raw = store_arrays(paths["int8"])
+    raw = store_arrays(paths[name])
     assert raw["train/layers/0/q_scale"].shape == (-(-n // ct), 6, 16)  # per chunk, head, channel
-    assert raw["train/layers/0/v_scale"].shape == (n, 2)  # per token, head
+    v_shape = (
+        (n, 2) if name == "int8_vtoken" else (-(-n // ct), 2, 16)
+    )  # per (token, head) | (chunk, head, ch)
+    assert raw["train/layers/0/v_scale"].shape == v_shape
     ref = KVStore(paths["bfloat16"])
     for i in range(st.num_samples()):
         got, bf = st.read_sample(i), ref.read_sample(i)
@@ -99,7 +115,7 @@ def test_int8_store_schema_and_reads_equal_naive_dequant(stores):
             for c in ("q", "k", "v"):
                 words = raw[f"train/layers/{layer}/{c}"][a:b].astype(np.float32)  # (T, X, D)
                 sc = raw[f"train/layers/{layer}/{scale_key(c)}"]
-                if INT8_SCHEMES[c] == "channel":
+                if schemes[c] == "channel":
                     naive = np.stack([words[t] * sc[(a + t) // ct] for t in range(b - a)])
                 else:
                     naive = words * sc[a:b, :, None]
@@ -113,11 +129,12 @@ def test_int8_store_schema_and_reads_equal_naive_dequant(stores):
                 )
 
 
-def test_int8_preload_equals_store_reads(stores):
+@pytest.mark.parametrize("name", ["int8", "int8_vtoken"])
+def test_int8_preload_equals_store_reads(stores, name):
     from trainer.preload import PreloadedSplit
 
     _, paths = stores
-    st = KVStore(paths["int8"])
+    st = KVStore(paths[name])
     pre = PreloadedSplit(st, "train", st.layers[1:3], ("q", "k", "v"))
     idx = list(range(st.num_samples()))
     for a, b in zip(pre.read_samples(idx), st.read_samples(idx, layers=st.layers[1:3])):
@@ -145,7 +162,7 @@ def test_int8_resume_is_bit_exact(stores, tmp_path):
             w.location.write_json(f"{PROGRESS_DIR}/chunk_{c:07d}.json", {"tokens": 0})
     g["train/layers/0/q"][ct : 2 * ct] = 5
     g["train/layers/0/q_scale"][3] = 1.0
-    g["train/layers/2/v_scale"][ct : 2 * ct] = 9.0
+    g["train/layers/2/v_scale"][1] = 9.0
     s = run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={path}", "extract.dtype=int8"]))
     assert s["tokens_computed_last_run"] <= 2 * ct
     a, b = store_arrays(path), store_arrays(paths["int8"])
