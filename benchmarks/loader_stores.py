@@ -61,6 +61,17 @@ def loader_rate(stepper_cls, cfg, store, B: int, batches: int) -> float:
     return rate
 
 
+def preload_seconds(where: str) -> float:
+    """Seconds to read the train split's states whole into RAM (`train.preload`; one read per shard)."""
+    from pipeline.store import KVStore
+    from trainer.preload import PreloadedSplit
+
+    t0 = time.perf_counter()
+    st = KVStore(where)
+    PreloadedSplit(st, "train", st.layers, st.components)
+    return time.perf_counter() - t0
+
+
 def consumption(stepper_cls, cfg, store, B: int, warmup: int, steps: int) -> float:
     """Samples/s the cached distillation step consumes (median step time, the config's own loader)."""
     st = stepper_cls("cached", cfg, store, B, warmup + steps)
@@ -90,13 +101,18 @@ def run_stores(args, overrides, stepper_cls, setup) -> dict:
                     loader_rate(stepper_cls, cfg, open_store(StoreLocation(where)), B, args.steps)
                 )
                 print(f"  {name}: {rates[name][-1]:.1f} samples/s", flush=True)
+        preload = {
+            name: statistics.median(preload_seconds(w) for _ in range(args.rounds))
+            for name, w in stores.items()
+        }
+        print("  preload s: " + "  ".join(f"{k} {v:.2f}" for k, v in preload.items()), flush=True)
         cfg_step, store, _ = setup(args, [*overrides, f"train.store={bf16}"])
         eat = consumption(stepper_cls, cfg_step, store, B, args.warmup, args.steps)
     finally:
         proc.kill()
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"batch_size": B, "workers": args.workers, "rounds": args.rounds, "samples_per_s": med,
-            "all": rates, "cached_consumes_samples_per_s": eat}  # fmt: skip
+            "all": rates, "cached_consumes_samples_per_s": eat, "preload_s": preload}  # fmt: skip
 
 
 def print_stores(r: dict) -> None:
@@ -105,6 +121,10 @@ def print_stores(r: dict) -> None:
         f"loader samples/s (median of {r['rounds']}, {r['workers']} workers, batch {r['batch_size']}): "
         + "  ".join(f"{k} {v:.1f}" for k, v in m.items())
         + f"; cached step consumes {eat:.1f} samples/s"
+    )
+    print(
+        "train.preload (whole split into RAM), seconds: "
+        + "  ".join(f"{k} {v:.2f}" for k, v in r["preload_s"].items())
     )
     bars = [
         ("int8 / bf16 loader samples/s", m["int8"] / m["bf16"], ">=", 1.0),
