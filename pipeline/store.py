@@ -75,7 +75,6 @@ import hashlib
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,7 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.packed_split import PackedSplit  # noqa: F401 (re-exported: stage 1 and tests import it here)
 from pipeline.quantize import expand_scales, scale_key, scale_rows
 from pipeline.store_codecs import BLOSC_BLOCKSIZE, CODECS, make_compressors, quiet_codecs  # noqa: F401 (re-exported)
 from pipeline.store_location import StoreLocation
@@ -129,57 +129,6 @@ def decode_states(a: np.ndarray, dtype: str, scale: np.ndarray | None = None) ->
             raise ValueError("decode_states: int8 states need their scales")
         return t.float() * torch.from_numpy(np.ascontiguousarray(scale))
     return t.float()
-
-
-@dataclass
-class PackedSplit:
-    """One split's samples packed end to end: token arrays (N,) plus per-sample offsets/lengths/rows (S,)."""
-
-    input_ids: np.ndarray
-    segment_ids: np.ndarray
-    answer_mask: np.ndarray
-    offsets: np.ndarray
-    lengths: np.ndarray
-    rows: np.ndarray
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[dict], rows: Sequence[int]) -> PackedSplit:
-        """Pack tokenised samples (dicts with 1-D `input_ids`, `segment_ids`, `answer_mask`)."""
-        lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int32)
-        if len(samples) and lengths.min() < 1:
-            raise ValueError(f"sample {int(lengths.argmin())} has 0 tokens: expected at least 1")
-        offsets = np.zeros(len(samples), dtype=np.int64)
-        offsets[1:] = np.cumsum(lengths[:-1], dtype=np.int64)
-
-        def cat(key, dt):
-            parts = [np.asarray(torch.as_tensor(s[key]).cpu(), dtype=dt).reshape(-1) for s in samples]
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
-
-        return cls(
-            input_ids=cat("input_ids", np.int32),
-            segment_ids=cat("segment_ids", np.int8),
-            answer_mask=cat("answer_mask", np.uint8),
-            offsets=offsets,
-            lengths=lengths,
-            rows=np.asarray(rows, dtype=np.int64).reshape(-1),
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.input_ids, self.segment_ids, self.answer_mask, self.lengths, self.rows):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
-
-    def samples_in(self, start: int, end: int) -> np.ndarray:
-        """Indices of the samples overlapping packed token range [start, end)."""
-        ends = self.offsets + self.lengths
-        lo = int(np.searchsorted(ends, start, side="right"))
-        hi = int(np.searchsorted(self.offsets, end, side="left"))
-        return np.arange(lo, hi)
 
 
 class KVStore:
