@@ -39,7 +39,7 @@ from pipeline.config import KVMapConfig  # noqa: E402
 from pipeline.configlib import load_config  # noqa: E402
 from pipeline.extract import generate_default_data, load_split, run_extraction  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.store import KVStore, quiet_codecs  # noqa: E402
+from pipeline.store import KVStore, make_compressors, quiet_codecs  # noqa: E402
 from pipeline.store_logits import decode_logprobs, encode_logprobs  # noqa: E402
 
 
@@ -69,7 +69,10 @@ def _codec_table(store: KVStore, workdir: Path) -> list[dict]:
     n = vals.shape[0]
     z = zarr.codecs.ZstdCodec
     cands = [
-        ("values", vals, "delta + shuffle + zstd (default)", [Delta(dtype="u2")], [Shuffle(elementsize=2), z(level=1)]),
+        ("values", vals, "delta + blosc-zstd (default)", [Delta(dtype="u2")], make_compressors("blosc-zstd")),
+        ("values", vals, "delta + shuffle + zstd", [Delta(dtype="u2")], [Shuffle(elementsize=2), z(level=1)]),
+        ("values", vals, "blosc-zstd (v3 spec only)", [], make_compressors("blosc-zstd")),
+        ("values", vals, "blosc-zstd-bit (v3 spec only)", [], make_compressors("blosc-zstd-bit")),
         ("values", vals, "shuffle + zstd", [], [Shuffle(elementsize=2), z(level=1)]),
         ("values", vals, "zstd", [], [z(level=1)]),
         ("indices", idx, "zstd (default)", [], [z(level=1)]),

@@ -140,17 +140,23 @@ class DataConfig:
 class ExtractConfig:
     """Stage 1: which teacher states to store, and how."""
 
-    store: str = "stores/default.zarr"
+    store: str = "stores/default.zarr"  # a folder, or a URL (s3://bucket/prefix/name.zarr, gs://, memory://)
+    # fsspec options for a URL store (e.g. {endpoint_url: http://127.0.0.1:9000}); credentials never go
+    # here: they come from the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...; pipeline/store_location.py)
+    storage_options: dict[str, Any] | None = None
     # "map" = the teacher layers the layer map needs for `student`; "all"; or an explicit list.
     layers: str | list[int] = "map"
     # Any of q, k, v (per-layer states) and logits (the teacher's top-k log-probs at every token of the
     # train AND held-out splits: the logit-KD target and the held-out teacher-fidelity metrics).
     components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
     logits_top_k: int = 128  # K log-probs kept per token with `logits` (sorted; ~300 B/token at 128)
-    # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error.
-    dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    # zstd-shuffle = byte shuffle + zstd (lossless, ~1.46x on bf16 states); blosc-lz4 is faster, weaker.
-    codec: Literal["zstd-shuffle", "zstd", "blosc-lz4", "none"] = "zstd-shuffle"
+    # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error;
+    # int8: symmetric int8 + float32 scales per write chunk (pipeline/quantize.py, README "int8 states").
+    dtype: Literal["bfloat16", "float16", "int8"] = "bfloat16"
+    # blosc-zstd = the Zarr v3 spec's Blosc codec, zstd + byte shuffle (lossless, 1.36x on bf16 states: the
+    # ratio of numcodecs' zstd-shuffle, the default before; faster to write and read; README "Store codecs");
+    # zstd-shuffle = numcodecs' Shuffle + zstd (outside the v3 spec); blosc-lz4 is faster, weaker.
+    codec: Literal["blosc-zstd", "blosc-zstd-bit", "zstd-shuffle", "zstd", "blosc-lz4", "none"] = "blosc-zstd"
     compression_level: int = 1
     batch_size: int = 8  # samples per teacher forward (sorted by length within a chunk to limit padding)
     # Write chunk (= zarr shard) on the packed token axis: the unit of writing, resuming and rank
@@ -180,6 +186,9 @@ class ExtractConfig:
             raise ValueError(
                 f"extract.components={self.components!r}: expected a non-empty subset of q, k, v, logits"
             )
+        from pipeline.store_location import check_storage_options
+
+        check_storage_options(self.storage_options, "extract.storage_options")
         if isinstance(self.layers, str) and self.layers not in ("map", "all"):
             raise ValueError(
                 f"extract.layers={self.layers!r}: expected 'map', 'all' or a list of layer indices"

@@ -35,6 +35,7 @@ from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError, to_dict
 from pipeline.extract_chunk import extract_chunk
 from pipeline.store import SCHEMA_VERSION, KVStore, PackedSplit, remove_store
+from pipeline.store_location import StoreLocation
 from pipeline.writer import AsyncChunkWriter, StoreWriter
 
 
@@ -166,16 +167,24 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
         "layers": layers,
         "components": state_components(cfg),
         "dtype": cfg.extract.dtype,
+        **({"quantization": int8_schemes(cfg)} if cfg.extract.dtype == "int8" else {}),
         "codec": cfg.extract.codec,
         "compression_level": cfg.extract.compression_level,
         "segments": {"P": 0, "R": 1, "A": 2},
     }
 
 
+def int8_schemes(cfg: KVMapConfig) -> dict[str, str]:
+    """The int8 scale scheme of each stored state component (pipeline/quantize.py)."""
+    from pipeline.quantize import INT8_SCHEMES
+
+    return {c: INT8_SCHEMES[c] for c in state_components(cfg)}
+
+
 def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: PackedSplit | None) -> str:
     """What makes two extractions produce the same bits: teacher, tokens, layers, dtype, codec, batching."""
     ex = to_dict(cfg.extract)
-    for k in ("store", "writer_threads", "max_pending_chunks", "layers"):
+    for k in ("store", "storage_options", "writer_threads", "max_pending_chunks", "layers"):
         ex.pop(k)
     teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k != "device"}
     from pipeline.geometry import GEOMETRY_KEYS  # derived from the hashed teacher config: old stores resume
@@ -193,25 +202,26 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
             "eval_tokens": eval.fingerprint() if eval is not None else None,
             # only with teacher-written completions, so dataset-mode fingerprints stay as they were
             **({"completions": attrs["completions"]} if "completions" in attrs else {}),
+            **({"quantization": attrs["quantization"]} if "quantization" in attrs else {}),
         }
     )
 
 
-def _existing_attrs(path: Path) -> dict | None:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        if path.exists() and any(path.iterdir()):
+def _existing_attrs(path: StoreLocation) -> dict | None:
+    meta = path.read_json("zarr.json")
+    if meta is None:
+        if not path.is_empty():
             raise ValueError(f"extract.store='{path}' exists and is not a kvmap store: choose another path")
         return None
-    attrs = json.loads(meta.read_text()).get("attributes", {})
+    attrs = meta.get("attributes", {})
     if "schema_version" not in attrs:
         raise ValueError(f"extract.store='{path}' is a zarr group but not a kvmap store: choose another path")
     return attrs
 
 
-def plan_store(path: Path, fingerprint: str, overwrite: bool) -> str:
+def plan_store(path: str | Path | StoreLocation, fingerprint: str, overwrite: bool) -> str:
     """'create' | 'resume' | 'done' for the store at `path` (read-only; every rank computes the same)."""
-    attrs = _existing_attrs(path)
+    attrs = _existing_attrs(StoreLocation(path))
     if attrs is None or "config_fingerprint" not in attrs or overwrite:
         return "create"  # absent, killed during creation, or --overwrite
     if attrs["config_fingerprint"] != fingerprint:
@@ -338,7 +348,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
     state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
     model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state, overwrite)
-    path = Path(cfg.extract.store)
+    path = StoreLocation(cfg.extract.store, cfg.extract.storage_options)
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
     state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it
     if action == "done":
@@ -395,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="delete an existing store first (else: resume it)"
     )
     args = parse_args(p, argv)
-    return run_command("extract", lambda: run_extraction(config_from_args(KVMapConfig, args), args.overwrite))
+    # run_extraction returns the summary; the command's exit status is 0
+    return run_command(
+        "extract", lambda: run_extraction(config_from_args(KVMapConfig, args), args.overwrite) and 0
+    )
 
 
 if __name__ == "__main__":

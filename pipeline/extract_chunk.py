@@ -16,10 +16,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.quantize import INT8_SCHEMES, quantize, scale_key
 from pipeline.store import PackedSplit
 from pipeline.store_logits import LOGPROB_FLOOR
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# int8: None = gather in the teacher's own dtype; the chunk is quantised once whole (`_quantize_chunk`)
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
 
 # Page-locked host staging buffers, one per (layer, component), reused across batches and chunks and grown
 # to the largest batch: allocating pinned memory costs about as much as the copy it speeds up.
@@ -130,7 +132,8 @@ def _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packe
     for layer in layers:
         for comp in components:
             x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
-            ys[(layer, comp)] = x[jj_d, :, tt_d].to(sdt)  # (N, X, D); fp16: inf where |x| overflows
+            y = x[jj_d, :, tt_d]  # (N, X, D)
+            ys[(layer, comp)] = y if sdt is None else y.to(sdt)  # fp16: inf where |x| overflows
     if not ys:
         return ys
     finite = torch.stack([torch.isfinite(y).all() for y in ys.values()])  # (L_sel * C,)
@@ -138,7 +141,7 @@ def _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packe
         for (layer, comp), ok in zip(ys, finite.tolist()):
             if not ok:
                 x = getattr(cap, comp)[layer]  # (B, X, T, D)
-                y = x.to(sdt)
+                y = x if sdt is None else x.to(sdt)
                 bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
                 raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
     return ys
@@ -156,6 +159,22 @@ def _to_host(ys: dict, device: torch.device) -> dict[tuple, np.ndarray]:
     for key, h in host.items():
         out[key] = (h.view(torch.uint16) if h.dtype == torch.bfloat16 else h).numpy()
     return out
+
+
+def _quantize_chunk(dev: dict, schemes: dict, device: torch.device) -> dict[tuple, np.ndarray]:
+    """int8 words and scales of whole-chunk state buffers, quantised on the device the states live on (so
+    only int8 + scales cross to the host: 2x fewer bytes than bf16 to copy and compress).
+
+    Shapes: dev[(layer, comp)] (end - start, X, D) teacher dtype -> (layer, comp) (end - start, X, D) int8 and
+    (layer, comp + "_scale") (1, X, D) | (end - start, X) float32 (pipeline/quantize.py).
+    """
+    out = {}
+    for (layer, comp), x in dev.items():
+        q, scale = quantize(x, schemes[comp])
+        out[(layer, comp)], out[(layer, scale_key(comp))] = q, scale
+    host = _to_host(out, device)
+    # on CUDA these are views of the reused pinned buffers: the async writer needs its own copy
+    return {k: v.copy() for k, v in host.items()} if device.type == "cuda" else host
 
 
 def extract_chunk(
@@ -179,7 +198,7 @@ def extract_chunk(
         model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`
             (None for a logits-only store).
         layers / components: the states to store (empty for a held-out chunk: logits only).
-        dtype: storage dtype "bfloat16" | "float16"; non-finite or fp16-overflowing states at real tokens
+        dtype: storage dtype "bfloat16" | "float16" | "int8" (quantised per chunk, `INT8_SCHEMES`); non-finite or fp16-overflowing states at real tokens
             raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
         top_k: > 0 also stores the teacher's top-k log-probs at every token (`topk_logprobs`).
         index_dtype: storage dtype of the top-k token ids.
@@ -193,6 +212,7 @@ def extract_chunk(
     """
     sdt = TORCH_DTYPES[dtype]
     bufs: dict[tuple, np.ndarray] = {}
+    dev: dict[tuple, torch.Tensor] = {}  # int8: the chunk's states on the device, quantised at the end
     stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
     device = next(model.parameters()).device
     for batch in chunk_batches(packed, start, end, batch_size):
@@ -214,6 +234,14 @@ def extract_chunk(
             stats["topk_mass"] += float(vals.exp().sum(dim=-1).double().sum())
             ys[("logits", "values")] = vals.clamp_min(LOGPROB_FLOOR).to(torch.float16)  # (N, K)
             ys[("logits", "indices")] = idx.to(torch.int32)  # (N, K); stored as `index_dtype`
+        if sdt is None:  # int8: keep the chunk's states on the device until every batch is in
+            for key in [k for k in ys if k[0] != "logits"]:
+                y = ys.pop(key)
+                buf = dev.get(key)
+                if buf is None:
+                    buf = dev[key] = torch.empty((end - start, *y.shape[1:]), dtype=y.dtype, device=y.device)
+                for src, dst in runs:
+                    buf[dst] = y[src]
         for key, yn in _to_host(ys, device).items():
             if key == ("logits", "values"):
                 yn = yn.view(np.uint16)  # float16 words (pipeline/store.py)
@@ -226,4 +254,6 @@ def extract_chunk(
                 buf[dst] = yn[src]
         if on_batch is not None:
             on_batch(len(jj))
+    if dev:
+        bufs.update(_quantize_chunk(dev, INT8_SCHEMES, device))
     return bufs, stats

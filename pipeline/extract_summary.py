@@ -14,12 +14,6 @@ from pipeline.writer import StoreWriter
 SEGS = ("P", "R", "A")
 
 
-def _stored(folder) -> int:
-    if not folder.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
-
-
 def _sum_stats(done: dict, writer: StoreWriter, split: str) -> dict:
     """Token, accuracy, CE and top-k mass sums over the finished chunks of one split."""
     out = {"tokens": 0, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
@@ -51,7 +45,7 @@ def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens:
     done = writer.done_chunks()
     train = _sum_stats(done, writer, "train")
     tokens = train["tokens"]
-    stored = _stored(writer.path / "train" / "layers")
+    stored = writer.location.size("train/layers")
     per_token_raw = 0
     for layer in writer.layers:
         for comp in writer.components:
@@ -72,7 +66,7 @@ def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens:
         **_teacher_fit(train, "teacher_"),
     }
     if writer.logit_splits:
-        lstored = _stored(writer.path / "train" / "logits")
+        lstored = writer.location.size("train/logits")
         summary["logits_stored_bytes"] = lstored
         summary["logits_bytes_per_token"] = lstored / max(tokens, 1)
         summary["topk_mass_mean"] = train["topk_mass"] / max(tokens, 1)

@@ -20,13 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import command_parser
-from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore, decode_states
+from pipeline.store import SAMPLE_ARRAYS, TOKEN_ARRAYS, KVStore
 from pipeline.store_logits import decode_logprobs
-from pipeline.store_read import read_all
-
-
-def _stored_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
 def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | None = None) -> dict:
@@ -37,8 +32,7 @@ def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | Non
     total = s1 = s2 = 0.0
     absmax, nans, infs = 0.0, 0, 0
     for a in range(0, n, step):
-        raw = read_all(store, [(arr, slice(a, min(a + step, n)))])[0]  # a damaged chunk: one line
-        x = decode_states(raw, store.dtype).double()  # (n_chunk, X, D)
+        x = store.read_states(layer, comp, a, min(a + step, n)).double()  # (n_chunk, X, D), int8 dequantised
         nan, inf = x.isnan(), x.isinf()
         nans, infs = nans + int(nan.sum()), infs + int(inf.sum())
         x = x[~(nan | inf)]
@@ -56,7 +50,7 @@ def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | Non
         "absmax": absmax,
         "nan": nans,
         "inf": infs,
-        "stored_bytes": _stored_bytes(store.path / "train" / "layers" / str(layer) / comp),
+        "stored_bytes": store.location.size(f"train/layers/{layer}/{comp}"),
         "raw_bytes": int(arr.nbytes),
     }
 
@@ -73,9 +67,8 @@ def logits_report(store: KVStore, max_tokens: int | None = None) -> dict | None:
         step = int(store.attrs.get("chunk_tokens", 4096))
         mass = 0.0
         for a in range(0, n, step):
-            words = read_all(store, [(vals, slice(a, min(a + step, n)))])[0]
-            mass += float(decode_logprobs(words).double().exp().sum())
-        stored = _stored_bytes(store.path / split / "logits")
+            mass += float(decode_logprobs(vals[a : min(a + step, n)]).double().exp().sum())
+        stored = store.location.size(f"{split}/logits")
         out["splits"][split] = {
             "shape": list(vals.shape),
             "values_dtype": "float16 words (uint16)",
@@ -110,7 +103,7 @@ def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
             if len(lengths)
             else None,
             "arrays": arrays,
-            "stored_bytes": _stored_bytes(store.path / split),
+            "stored_bytes": store.location.size(split),
         }
     total_stored = total_raw = 0
     for layer in store.layers:

@@ -16,6 +16,9 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
         layers/{l}/q  (N, H, D)       teacher layer l (0-based), post-RoPE queries
         layers/{l}/k  (N, G, D)       post-RoPE keys, KV heads before any GQA repeat
         layers/{l}/v  (N, G, D)       values, KV heads before any GQA repeat
+        layers/{l}/{q,k,v}_scale      only with dtype "int8": float32 scales (pipeline/quantize.py), per the
+                                      `quantization` attribute: "channel" (C, X, D), one row per write
+                                      chunk (C = ceil(N / chunk_tokens)); "token" (N, X)
         logits/values (N, K) uint16   only with `logits` in extract.components: the teacher's log-softmax
                                       (fp32, temperature 1) at position t (its prediction of token t + 1),
                                       reduced to its top K, sorted descending, as float16 words (see below)
@@ -26,24 +29,33 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
                                       absent when the config has no eval data
       _kvmap_progress/                only while incomplete: one JSON done-marker per finished write chunk
 
+    STORE may be a folder or a URL (s3://bucket/prefix/name.zarr, memory://...; pipeline/store_location.py):
+    the same objects under the same keys, through zarr's LocalStore or FsspecStore.
     dtype "bfloat16": states are stored as the raw 16-bit words (zarr dtype uint16; numpy and zarr have no
-    bfloat16) and viewed back on read; dtype "float16": stored as float16 (overflow is an extraction error).
+    bfloat16) and viewed back on read; dtype "float16": stored as float16 (overflow is an extraction error);
+    dtype "int8": symmetric int8 words x float32 scales (`quantization` {q, k, v: "channel"}: per (write
+    chunk, head, channel); "token" = per (token, head) also reads; a chunk's scales come from its own tokens,
+    so it is self-contained), dequantised to float32 by every reader (`read_samples`, `read_states`,
+    trainer/preload.py, `decode_states` with the scales).
     State arrays are sharded: one shard = `chunk_tokens` tokens (the unit of writing, resuming and rank
     ownership), holding inner chunks of `inner_chunk_tokens` tokens (the unit of random-access reads).
-    Codec "zstd-shuffle" (default) = byte shuffle (element size 2) + Zstd (lossless; ~1.36x measured on
-    the default store's bf16 states, 4 of SmolLM2's 30 layers). Zarr pads the array's last inner chunk to
+    Codec "blosc-zstd" (default since issue 16; Zarr v3 spec BloscCodec: zstd + byte shuffle, 1 MiB blocks)
+    and "zstd-shuffle" (the default before: numcodecs' Shuffle + Zstd, outside the v3 spec) both give 1.36x
+    on the default teacher's bf16 states (8 of SmolLM2's 30 layers); a store's arrays carry their own codec
+    metadata, so stores written with either read alike. Zarr pads the array's last inner chunk to
     full size with zeros (at most inner_chunk_tokens - 1 tokens per array; compressed to almost nothing);
     nothing else beyond the real tokens is stored. Token arrays use plain chunks of 65536 entries.
     Reading sample i touches only the inner chunks overlapping [offsets[i], offsets[i] + lengths[i]).
     Top-k log-probs: float16 (not bf16: 8x finer steps where it matters, log-probs are bounded) viewed as
     uint16 words, a lossless Delta filter on the words (sorted descending negative halves have increasing
-    bit patterns, so neighbours differ by small integers) + byte shuffle + zstd: 79 B/token at K = 128 on
+    bit patterns, so neighbours differ by small integers; numcodecs, outside the v3 spec: without it the
+    ratio falls to 1.8-2.0x) + blosc-zstd (byte shuffle; before: Shuffle + Zstd): 79 B/token at K = 128 on
     the default teacher (3.2x); the indices are close to random (zstd: 1.14x). Sharded like the states.
 
 Group attributes: schema_version, complete (true only once every chunk is written), teacher {path,
 model_type, config_hash, num_layers, num_heads, num_kv_heads, head_dim, hidden_size, vocab_size, rope,
 dtype}, layers (stored teacher layers, ascending), components, tokenizer {name, vocab_size, hash}, dtype,
-storage_dtype, codec, compression_level, chunk_tokens, inner_chunk_tokens, segments {P, R, A}, logits
+quantization (int8 only: the scale scheme per component), storage_dtype, codec, compression_level, chunk_tokens, inner_chunk_tokens, segments {P, R, A}, logits
 ({top_k, dtype, index_dtype, splits}: only when stored), dataset
 {train|eval: {source, rows, kept, skipped, bad_rows, dropped_too_long, truncated}}, config_fingerprint (of
 teacher, tokens, layers and extraction settings; a re-run with another config is refused), and, once
@@ -58,20 +70,23 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
 import json
 import shutil
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
+from pipeline.packed_split import PackedSplit  # noqa: F401 (re-exported: stage 1 and tests import it here)
+from pipeline.quantize import expand_scales, scale_key, scale_rows
+from pipeline.store_codecs import BLOSC_BLOCKSIZE, CODECS, make_compressors, quiet_codecs  # noqa: F401 (re-exported)
+from pipeline.store_location import StoreLocation
 from pipeline.store_logits import LOGIT_ARRAYS, decode_logprobs
 from pipeline.store_read import read_all
 
@@ -84,38 +99,9 @@ SAMPLE_ARRAYS = {"offsets": "int64", "lengths": "int32", "rows": "int64"}
 PROGRESS_DIR = "_kvmap_progress"
 # Attributes that change between otherwise identical stores (timings) are left out of the fingerprint.
 VOLATILE_ATTRS = ("complete", "summary")
-STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16"}
+STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "int8": "int8"}
 FP16_MAX = 65504.0
-
-
-@contextlib.contextmanager
-def quiet_codecs():
-    """Silence zarr's "Numcodecs codecs are not in the Zarr version 3 specification" warning.
-
-    zarr emits it whenever an array using the byte-shuffle codec is created or opened; kvmap stores are
-    read back with zarr-python (which ships the codec), so the portability note is noise.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="Numcodecs codecs are not in the Zarr", category=UserWarning
-        )
-        yield
-
-
-def make_compressors(codec: str, level: int = 1) -> list:
-    """Zarr v3 compressor list for a codec name ("zstd-shuffle" | "zstd" | "blosc-lz4" | "none")."""
-    if codec == "none":
-        return []
-    if codec == "zstd":
-        return [zarr.codecs.ZstdCodec(level=level)]
-    if codec == "blosc-lz4":
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle", typesize=2)]
-    if codec == "zstd-shuffle":
-        from zarr.codecs.numcodecs import Shuffle
-
-        with quiet_codecs():
-            return [Shuffle(elementsize=2), zarr.codecs.ZstdCodec(level=level)]
-    raise ValueError(f"codec={codec!r}: expected one of 'zstd-shuffle', 'zstd', 'blosc-lz4', 'none'")
+SCALE_CACHE_BYTES = 64 << 20  # per-chunk int8 scale arrays up to this size are read once and kept
 
 
 def fingerprint_of(attrs: dict) -> str:
@@ -133,83 +119,44 @@ def encode_states(x: torch.Tensor, dtype: str) -> np.ndarray:
     raise ValueError(f"dtype={dtype!r}: expected 'bfloat16' or 'float16'")
 
 
-def decode_states(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Numpy array of the storage dtype -> float32 torch tensor (exact: every 16-bit value is a float32)."""
+def decode_states(a: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
+    """Numpy array of the storage dtype -> float32 torch tensor (exact for 16-bit words; int8 words are
+    dequantised: `scale` broadcasts against `a`, see pipeline/quantize.py `expand_scales`)."""
     t = torch.from_numpy(np.ascontiguousarray(a))
     if dtype == "bfloat16":
         return t.view(torch.bfloat16).float()
+    if dtype == "int8":
+        if scale is None:
+            raise ValueError("decode_states: int8 states need their scales")
+        return t.float() * torch.from_numpy(np.ascontiguousarray(scale))
     return t.float()
-
-
-@dataclass
-class PackedSplit:
-    """One split's samples packed end to end: token arrays (N,) plus per-sample offsets/lengths/rows (S,)."""
-
-    input_ids: np.ndarray
-    segment_ids: np.ndarray
-    answer_mask: np.ndarray
-    offsets: np.ndarray
-    lengths: np.ndarray
-    rows: np.ndarray
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[dict], rows: Sequence[int]) -> PackedSplit:
-        """Pack tokenised samples (dicts with 1-D `input_ids`, `segment_ids`, `answer_mask`)."""
-        lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int32)
-        if len(samples) and lengths.min() < 1:
-            raise ValueError(f"sample {int(lengths.argmin())} has 0 tokens: expected at least 1")
-        offsets = np.zeros(len(samples), dtype=np.int64)
-        offsets[1:] = np.cumsum(lengths[:-1], dtype=np.int64)
-
-        def cat(key, dt):
-            parts = [np.asarray(torch.as_tensor(s[key]).cpu(), dtype=dt).reshape(-1) for s in samples]
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
-
-        return cls(
-            input_ids=cat("input_ids", np.int32),
-            segment_ids=cat("segment_ids", np.int8),
-            answer_mask=cat("answer_mask", np.uint8),
-            offsets=offsets,
-            lengths=lengths,
-            rows=np.asarray(rows, dtype=np.int64).reshape(-1),
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.input_ids, self.segment_ids, self.answer_mask, self.lengths, self.rows):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
-
-    def samples_in(self, start: int, end: int) -> np.ndarray:
-        """Indices of the samples overlapping packed token range [start, end)."""
-        ends = self.offsets + self.lengths
-        lo = int(np.searchsorted(ends, start, side="right"))
-        hi = int(np.searchsorted(self.offsets, end, side="left"))
-        return np.arange(lo, hi)
 
 
 class KVStore:
     """Reader for a kvmap store (see the module docstring for the schema).
 
     Args:
-        path: the store folder (`*.zarr`).
+        path: the store folder (`*.zarr`), a URL (`s3://bucket/prefix/name.zarr`) or a StoreLocation.
         require_complete: raise if the store is not marked complete (an interrupted extraction).
+        storage_options: fsspec options for a URL (pipeline/store_location.py; credentials from the env).
     Example:
         store = KVStore("stores/default.zarr")
         s = store.read_sample(3, layers=store.layers[:2], components=("k", "v"))  # s["k"]: (2, G, T, D)
     """
 
-    def __init__(self, path: str | Path, require_complete: bool = False):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
+    def __init__(
+        self,
+        path: str | Path | StoreLocation,
+        require_complete: bool = False,
+        storage_options: dict | None = None,
+    ):
+        # `path` is the StoreLocation (str() = the folder or URL; os.fspath works for local folders)
+        self.path = self.location = StoreLocation(path, storage_options)
+        if not self.location.exists():
             raise FileNotFoundError(
                 f"store '{self.path}' does not exist (no zarr.json): run pipeline/extract.py"
             )
-        self.group = zarr.open_group(str(self.path), mode="r")
+        self.group = self.location.open_group("r")
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         version = self.attrs.get("schema_version")
         if version not in READABLE_SCHEMA_VERSIONS:
@@ -221,7 +168,11 @@ class KVStore:
         self.dtype: str = self.attrs["dtype"]
         self.layers: list[int] = list(self.attrs["layers"])
         self.components: list[str] = list(self.attrs["components"])
+        # int8 stores: the scale scheme of each component (pipeline/quantize.py)
+        self.quantization: dict[str, str] = dict(self.attrs.get("quantization") or {})
+        self.chunk_tokens = int(self.attrs.get("chunk_tokens", 1))
         self._sample_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._scale_cache: dict[tuple[str, int, str], np.ndarray | None] = {}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
 
     @property
@@ -291,6 +242,44 @@ class KVStore:
             raise KeyError(f"component={component!r}: store '{self.path}' holds {self.components}")
         return self._array(split, f"layers/{layer}/{component}")
 
+    def scale_array(self, layer: int, component: str, split: str = "train") -> zarr.Array:
+        """int8 stores: the scales of one layer / component ((C, X, D) or (N, X) float32, pipeline/quantize.py)."""
+        self.array(layer, component, split)  # same checks
+        return self._array(split, f"layers/{layer}/{scale_key(component)}")
+
+    def _cached_scales(self, layer: int, component: str, split: str) -> np.ndarray | None:
+        """The whole per-chunk scale array, read once and kept: (C, X, D) with C = N / chunk_tokens is small
+        (85 KB per array on the default store) and saves one zarr read per layer and component per sample.
+        None for per-token scales or arrays over SCALE_CACHE_BYTES (read per sample instead)."""
+        key = (split, layer, component)
+        if key not in self._scale_cache:
+            a = self.scale_array(layer, component, split)
+            small = int(np.prod(a.shape)) * 4 <= SCALE_CACHE_BYTES
+            keep = self.quantization[component] == "channel" and small
+            self._scale_cache[key] = np.asarray(a[:]) if keep else None
+        return self._scale_cache[key]
+
+    async def _scale_rows(self, layer: int, component: str, split: str, sel: slice) -> np.ndarray:
+        """The scale rows tokens `sel` need (see pipeline/quantize.py `scale_rows`), cached when small."""
+        rows = scale_rows(self.quantization[component], sel.start, sel.stop, self.chunk_tokens)
+        cached = self._scale_cache[(split, layer, component)]  # filled by `_cached_scales` (sync) first
+        if cached is not None:
+            return cached[rows]
+        return await self.scale_array(layer, component, split).async_array.getitem(rows)
+
+    def read_states(
+        self, layer: int, component: str, start: int, end: int, split: str = "train"
+    ) -> torch.Tensor:
+        """Tokens [start, end) of one layer / component, decoded to float32: (end - start, X, D)."""
+        words = np.asarray(self.array(layer, component, split)[start:end])
+        scale = None
+        if self.dtype == "int8":
+            scheme = self.quantization[component]
+            self._cached_scales(layer, component, split)
+            rows = sync(self._scale_rows(layer, component, split, slice(start, end)))
+            scale = expand_scales(np.asarray(rows), scheme, start, end, self.chunk_tokens)
+        return decode_states(words, self.dtype, scale)
+
     def read_samples(
         self,
         indices: Sequence[int],
@@ -314,26 +303,52 @@ class KVStore:
         state_arrays = [self.array(layer, c, split) for c in comps for layer in layers]
         if "logits" in components:
             state_arrays += [self.logit_array(name, split) for name in LOGIT_ARRAYS]
+        int8 = self.dtype == "int8"
+        scales = [(c, layer) for c in comps for layer in layers] if int8 else []
+        for c, layer in scales:  # outside the event loop: whole small scale arrays are read here once
+            self._cached_scales(layer, c, split)
         sels = [slice(int(offsets[i]), int(offsets[i]) + int(lengths[i])) for i in indices]
+        ct = self.chunk_tokens
 
         # concurrent reads; a damaged chunk raises one line naming the array and chunk (pipeline/store_read.py)
         flat = read_all(self, [(a, s) for s in sels for a in token_arrays + state_arrays])
         per = len(token_arrays) + len(state_arrays)
+        if scales:  # int8: each sample's scale rows after its arrays (small, mostly cached)
+
+            async def fetch_scales():
+                return await asyncio.gather(
+                    *[self._scale_rows(layer, c, split, s) for s in sels for c, layer in scales]
+                )
+
+            rows = sync(fetch_scales())
+            k = len(scales)
+            flat = [
+                x
+                for j in range(len(sels))
+                for x in (flat[j * per : (j + 1) * per] + rows[j * k : (j + 1) * k])
+            ]
+            per += k
         out = []
-        for j in range(len(sels)):
+        for j, sel in enumerate(sels):
             got = flat[j * per : (j + 1) * per]
             s = {
                 "input_ids": torch.from_numpy(got[0].astype(np.int64)),  # (T,)
                 "segment_ids": torch.from_numpy(got[1].astype(np.int64)),  # (T,)
                 "answer_mask": torch.from_numpy(got[2].astype(bool)),  # (T,)
             }
+            first_scale = len(token_arrays) + len(state_arrays)
             for ci, c in enumerate(comps):
                 parts = got[3 + ci * len(layers) : 3 + (ci + 1) * len(layers)]
-                x = decode_states(np.stack(parts), self.dtype)  # (L, T, H|G, D)
+                scale = None
+                if int8:
+                    rows = got[first_scale + ci * len(layers) : first_scale + (ci + 1) * len(layers)]
+                    scheme = self.quantization[c]
+                    scale = np.stack([expand_scales(r, scheme, sel.start, sel.stop, ct) for r in rows])
+                x = decode_states(np.stack(parts), self.dtype, scale)  # (L, T, H|G, D)
                 s[c] = x.permute(0, 2, 1, 3).contiguous()  # (L, H|G, T, D)
             if "logits" in components:
-                s["topk_logprobs"] = decode_logprobs(got[-2])  # (T, K) float32
-                s["topk_indices"] = torch.from_numpy(got[-1].astype(np.int64))  # (T, K)
+                s["topk_logprobs"] = decode_logprobs(got[first_scale - 2])  # (T, K) float32
+                s["topk_indices"] = torch.from_numpy(got[first_scale - 1].astype(np.int64))  # (T, K)
             out.append(s)
         return out
 
@@ -360,8 +375,8 @@ class KVStore:
         return self.read_samples([i], split, layers, components)[0]
 
     def stored_bytes(self) -> int:
-        """Bytes on disk under the store folder."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        """Bytes stored under the store root (metadata included)."""
+        return self.location.size(skip_metadata=False)
 
     def __repr__(self) -> str:
         return (
@@ -379,13 +394,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'pipeline.store' has no attribute {name!r}")
 
 
-def remove_store(path: str | Path) -> None:
-    """Delete a store folder, refusing anything that is not a kvmap store (guards `--overwrite`)."""
-    path = Path(path)
-    if not path.exists():
+def remove_store(path: str | Path | StoreLocation, storage_options: dict | None = None) -> None:
+    """Delete a store (folder or URL), refusing anything that is not a kvmap store (guards `--overwrite`)."""
+    loc = StoreLocation(path, storage_options)
+    if loc.is_empty():
+        if not loc.remote and Path(loc.url).is_dir():
+            shutil.rmtree(loc.url)
         return
-    meta = path / "zarr.json"
-    is_store = meta.is_file() and "schema_version" in json.loads(meta.read_text()).get("attributes", {})
-    if not is_store and any(path.iterdir()):
-        raise ValueError(f"--overwrite: '{path}' exists and is not a kvmap store; refusing to delete it")
-    shutil.rmtree(path)
+    meta = loc.read_json("zarr.json") or {}
+    if "schema_version" not in meta.get("attributes", {}):
+        raise ValueError(f"--overwrite: '{loc}' exists and is not a kvmap store; refusing to delete it")
+    loc.delete()

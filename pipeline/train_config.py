@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.configlib import ConfigError
 
@@ -36,7 +36,10 @@ def segment_ids_of(names: list[str], key: str) -> list[int]:
 class TrainConfig:
     """The stage-2 student loop (AdamW, warmup + cosine LR, lambda_kv schedule, checkpoints)."""
 
-    store: str | None = None  # the teacher-state store to train from; None = `extract.store`
+    store: str | None = None  # the teacher-state store to train from (folder or URL); None = `extract.store`
+    # fsspec options for a URL `store` (None = extract.storage_options when `store` is None); no
+    # credentials here: they come from the environment (pipeline/store_location.py)
+    storage_options: dict[str, Any] | None = None
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # samples per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -107,6 +110,9 @@ class TrainConfig:
             )
         segment_ids_of(self.ce_segments, "train.ce_segments")
         segment_ids_of(self.struct_segments, "train.struct_segments")
+        from pipeline.store_location import check_storage_options
+
+        check_storage_options(self.storage_options, "train.storage_options")
 
 
 @dataclass

@@ -11,19 +11,19 @@ and ("logits", "values" | "indices") for logits.
 Crash safety (why the pieces are ordered as they are):
 - All arrays and the token/sample arrays are created and written before any teacher forward, so every
   rank knows the packed layout and the chunk it owns.
-- A write chunk (= one zarr shard of every state array) is written whole, then its done-marker file is
-  written atomically (tmp + rename). A chunk without a marker is recomputed on resume, so a chunk half
-  written when the process was killed is never taken as done.
-- `complete` is set in the group attributes only after every marker exists; the progress folder is then
+- A write chunk (= one zarr shard of every state array, and with int8 its scales) is written whole, then
+  its done-marker object is written (pipeline/store_location.py: atomic on a folder and on object storage).
+  A chunk without a marker is recomputed on resume, so a chunk half written when the process was killed is
+  never taken as done.
+- `complete` is set in the group attributes only after every marker exists; the progress prefix is then
   removed so the finished store is a plain zarr hierarchy.
-Zarr's LocalStore itself writes every object atomically, so a killed write leaves the old object or none.
+Zarr's LocalStore itself writes every object atomically, so a killed write leaves the old object or none;
+an object-store PUT is atomic too. The store may be a folder or a URL (s3://...; `storage_options`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from pipeline.quantize import scale_key
 from pipeline.store import (
     PROGRESS_DIR,
     SAMPLE_ARRAYS,
@@ -42,6 +43,7 @@ from pipeline.store import (
     make_compressors,
     quiet_codecs,
 )
+from pipeline.store_location import StoreLocation
 from pipeline.store_logits import LOGIT_ARRAYS, logit_codecs
 
 
@@ -55,10 +57,11 @@ class StoreWriter:
         w.mark_complete(summary)
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r+")
+    def __init__(self, path: str | Path | StoreLocation, storage_options: dict | None = None):
+        self.path = self.location = StoreLocation(path, storage_options)
+        self.group = self.location.open_group("r+")
         self.attrs = dict(self.group.attrs)
+        self.quantization = dict(self.attrs.get("quantization") or {})  # int8: scale scheme per component
         self.chunk_tokens = int(self.attrs["chunk_tokens"])
         self.layers = list(self.attrs["layers"])
         self.components = list(self.attrs["components"])
@@ -70,7 +73,6 @@ class StoreWriter:
         if "eval" in self.logit_splits:
             self.units += self._chunk_units("eval")
         self.num_chunks = len(self.units)
-        self.progress = self.path / PROGRESS_DIR
         self._arrays: dict[tuple[str, tuple], zarr.Array] = {}
         # Open every array now, in the calling thread: writer threads then only look them up
         # (warnings.catch_warnings in `quiet_codecs` is not thread-safe).
@@ -87,6 +89,8 @@ class StoreWriter:
         keys = (
             [(layer, comp) for layer in self.layers for comp in self.components] if split == "train" else []
         )
+        if split == "train" and self.quantization:  # int8: each state array's scales
+            keys += [(layer, scale_key(comp)) for layer in self.layers for comp in self.components]
         if split in self.logit_splits:
             keys += [("logits", name) for name in LOGIT_ARRAYS]
         return keys
@@ -101,7 +105,7 @@ class StoreWriter:
     @classmethod
     def create(
         cls,
-        path: str | Path,
+        path: str | Path | StoreLocation,
         *,
         attrs: dict,
         train: PackedSplit,
@@ -124,9 +128,8 @@ class StoreWriter:
             )
         if train.num_tokens == 0:
             raise ValueError("train split has 0 tokens: no sample was kept")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        loc = StoreLocation(path)
+        group = loc.open_group("w-", zarr_format=3)
         # Mark the folder as a kvmap store at once (so a creation killed midway can be overwritten), but
         # without `config_fingerprint`: extract treats such a store as never started and recreates it.
         group.attrs.update({"schema_version": SCHEMA_VERSION, "complete": False})
@@ -138,7 +141,8 @@ class StoreWriter:
             "inner_chunk_tokens": inner_chunk_tokens,
             "storage_dtype": STORAGE_DTYPES[attrs["dtype"]],
         }
-        compressors = make_compressors(attrs["codec"], attrs["compression_level"])
+        storage = STORAGE_DTYPES[attrs["dtype"]]
+        compressors = make_compressors(attrs["codec"], attrs["compression_level"], np.dtype(storage).itemsize)
         for split, packed in (("train", train), ("eval", eval)):
             if packed is None:
                 continue
@@ -169,9 +173,25 @@ class StoreWriter:
                             compressors=compressors,
                             fill_value=0,
                         )
-        (path / PROGRESS_DIR).mkdir()
+                    scheme = (attrs.get("quantization") or {}).get(comp)
+                    if scheme is not None:
+                        cls._create_scale_array(g, f"layers/{layer}/{scale_key(comp)}", scheme, packed.num_tokens,
+                                                (heads, dim), attrs, chunk_tokens, inner_chunk_tokens)  # fmt: skip
         group.attrs.update(full)  # last: from here on the store can be resumed
-        return cls(path)
+        return cls(loc)
+
+    @staticmethod
+    def _create_scale_array(g, name, scheme, n, shape, attrs, chunk_tokens: int, inner: int) -> None:
+        """int8 scales (pipeline/quantize.py): "channel" (C, X, D), one zarr chunk per write chunk;
+        "token" (N, X), sharded like the states."""
+        heads, dim = shape
+        comp = make_compressors(attrs["codec"], attrs["compression_level"], 4)
+        if scheme == "channel":
+            c = -(-n // chunk_tokens)
+            kw = dict(shape=(c, heads, dim), chunks=(1, heads, dim))
+        else:
+            kw = dict(shape=(n, heads), chunks=(inner, heads), shards=(chunk_tokens, heads))
+        g.create_array(name, dtype="float32", compressors=comp, fill_value=0, **kw)
 
     @staticmethod
     def _create_logit_arrays(g, n: int, logits: dict, attrs: dict, chunk_tokens: int, inner: int) -> None:
@@ -200,16 +220,19 @@ class StoreWriter:
         """ "train" or "eval": the split write chunk c belongs to."""
         return self.units[c][0]
 
-    def _marker(self, c: int) -> Path:
-        return self.progress / f"chunk_{c:07d}.json"
+    def _marker(self, c: int) -> str:
+        """The key of chunk c's done-marker (relative to the store root)."""
+        return f"{PROGRESS_DIR}/chunk_{c:07d}.json"
 
     def done_chunks(self) -> dict[int, dict]:
         """Finished chunks -> the stats recorded with them (all chunks once the store is complete)."""
         if self.attrs.get("complete"):
             return {c: {} for c in range(self.num_chunks)}
         done = {}
-        for p in self.progress.glob("chunk_*.json"):
-            done[int(p.stem.split("_")[1])] = json.loads(p.read_text())
+        for key in self.location.list(PROGRESS_DIR):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith("chunk_") and name.endswith(".json"):  # not a LocalStore temporary file
+                done[int(name[len("chunk_") : -len(".json")])] = self.location.read_json(key)
         return done
 
     def todo_chunks(self) -> list[int]:
@@ -230,22 +253,28 @@ class StoreWriter:
         items = []
         for key, data in states.items():
             arr = self._array(key, split)
-            if data.shape != (end - start, *arr.shape[1:]) or data.dtype != arr.dtype:
+            region = self._region(key, c, start, end)
+            if data.shape != (region.stop - region.start, *arr.shape[1:]) or data.dtype != arr.dtype:
                 what = f"{split} logits/{key[1]}" if key[0] == "logits" else f"layer {key[0]} {key[1]}"
                 raise ValueError(
                     f"chunk {c} {what}: got {data.shape} {data.dtype}, "
-                    f"expected {(end - start, *arr.shape[1:])} {arr.dtype}"
+                    f"expected {(region.stop - region.start, *arr.shape[1:])} {arr.dtype}"
                 )
-            items.append((arr, data))
+            items.append((arr, data, region))
         self._set_all(items, start, end)
-        tmp = self._marker(c).with_suffix(".tmp")
-        tmp.write_text(json.dumps(stats))
-        os.replace(tmp, self._marker(c))
+        self.location.write_json(self._marker(c), stats)
+
+    def _region(self, key: tuple, c: int, start: int, end: int) -> slice:
+        """Rows of array `key` that chunk c writes: its tokens, or its own row of per-chunk int8 scales."""
+        comp = key[1][: -len("_scale")] if key[0] != "logits" and key[1].endswith("_scale") else None
+        if comp is not None and self.quantization.get(comp) == "channel":
+            return slice(c, c + 1)  # train chunks come first, so c is the train chunk index
+        return slice(start, end)
 
     @staticmethod
     def _set_all(items, start: int, end: int) -> None:
         async def put():
-            await asyncio.gather(*[a.async_array.setitem(slice(start, end), d) for a, d in items])
+            await asyncio.gather(*[arr.async_array.setitem(region, d) for arr, d, region in items])
 
         sync(put())
 
@@ -256,9 +285,7 @@ class StoreWriter:
             raise RuntimeError(f"store '{self.path}': chunks {missing[:5]} not written; cannot mark complete")
         self.group.attrs.update({"summary": summary, "complete": True})
         self.attrs = dict(self.group.attrs)
-        for p in self.progress.glob("*"):
-            p.unlink()
-        self.progress.rmdir()
+        self.location.delete(PROGRESS_DIR)
 
 
 class AsyncChunkWriter:

@@ -63,3 +63,7 @@ def teacher_config():
 @pytest.fixture
 def student_config():
     return tiny_student_config()
+
+
+# The local S3 server (moto) fixture `s3` for the object-storage tests (tests/test_s3_store.py).
+from tests.s3_server import s3  # noqa: E402, F401

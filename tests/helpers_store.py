@@ -186,13 +186,12 @@ TINY_STUDENT = _tiny_student_dict()
 
 def store_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of a store (by zarr path) as numpy, for bit-exact comparisons between stores."""
-    import zarr
-
     from pipeline.store import quiet_codecs
+    from pipeline.store_location import StoreLocation
 
     out = {}
     with quiet_codecs():
-        g = zarr.open_group(str(path), mode="r")
+        g = StoreLocation(path).open_group("r")  # a folder, a URL or a StoreLocation
         for name, arr in _walk(g):
             out[name] = np.asarray(arr[:])
     return out

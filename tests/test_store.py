@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -122,7 +120,7 @@ def test_chunk_markers_and_incomplete_store(tmp_path):
     s, e = w.chunk_range(1)
     w.write_chunk(1, {(1, "k"): np.zeros((e - s, G, D), np.uint16)}, stats={"tokens": e - s})
     assert w.todo_chunks() == [0] + list(range(2, w.num_chunks))
-    assert json.loads((w.path / PROGRESS_DIR / "chunk_0000001.json").read_text()) == {"tokens": e - s}
+    assert w.location.read_json(f"{PROGRESS_DIR}/chunk_0000001.json") == {"tokens": e - s}
     with pytest.raises(ValueError, match=r"chunk 0 layer 1 k: got \(3, 2, 16\)"):
         w.write_chunk(0, {(1, "k"): np.zeros((3, G, D), np.uint16)}, stats={})
     with pytest.raises(ValueError, match="expected"):

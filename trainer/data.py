@@ -7,7 +7,8 @@ Why these pieces:
 - `StoreDataset.__getitems__` lets torch's DataLoader fetch a whole batch with one call, so the store's
   concurrent `read_samples` issues every zarr read of the batch at once (per-sample reads would serialise
   one small read per layer/component). `__getitem__` still works for single samples.
-- The store handle is opened lazily in each worker process (zarr groups are not meant to be pickled).
+- The store handle is opened lazily in each worker process (zarr groups are not meant to be pickled, and an
+  object-storage client is not fork-safe: a forked worker reopens the store when its pid differs).
 - `ResumableSampler` defines the whole run's sample order up front (a fresh seeded permutation per epoch)
   and can start at any global position, so a resumed run reads exactly the batches an uninterrupted run
   would have read, without touching the skipped ones. Accelerate then shards its batches across ranks.
@@ -15,6 +16,7 @@ Why these pieces:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import partial
 
@@ -28,7 +30,7 @@ class StoreDataset(Dataset):
     """Samples of one split of a kvmap store, with the teacher states of the selected layers.
 
     Args:
-        store_path: the store folder.
+        store_path: the store folder, URL or StoreLocation (which carries the URL's storage_options).
         split: "train" or "eval".
         layers: teacher layers to read (ascending, as `aligner.teacher_layers`); ignored without components.
         components: subset of ("q", "k", "v", "logits") to read; () reads tokens only (CE-only runs).
@@ -46,18 +48,20 @@ class StoreDataset(Dataset):
 
     def __init__(
         self,
-        store_path: str,
+        store_path,
         split: str = "train",
         layers: Sequence[int] = (),
         components: Sequence[str] = (),
         indices: Sequence[int] | None = None,
         preload: bool = False,
     ):
-        self.store_path = str(store_path)
+        from pipeline.store_location import StoreLocation
+
+        self.store_path = StoreLocation(store_path)
         self.split = split
         self.layers = [int(x) for x in layers]
         self.components = tuple(components)
-        self._store = None
+        self._store, self._pid = None, None
         n = self.store.num_samples(split)
         self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
         self._pre = None
@@ -68,10 +72,10 @@ class StoreDataset(Dataset):
 
     @property
     def store(self):
-        if self._store is None:
+        if self._store is None or self._pid != os.getpid():
             from pipeline.store import KVStore
 
-            self._store = KVStore(self.store_path)
+            self._store, self._pid = KVStore(self.store_path), os.getpid()
         return self._store
 
     def __getstate__(self):

@@ -7,7 +7,8 @@ Why: per-sample zarr reads cost ~40 ms per sample on the default store (12 small
 chunks, mostly Python overhead), more than the default student's whole step; a sweep reads each sample
 several times per run and again in every run. Reading each array whole is one bulk decode (seconds), after
 which a sample is a slice. Memory: the split's raw size for the selected layers/components (storage dtype:
-2 bytes per value; `KVStore.num_tokens * sum over components of X * D_t * 2 * L_sel`). DataLoader workers
+2 bytes per value, 1 for int8 + its scales; `KVStore.num_tokens * sum over components of X * D_t * 2 * L_sel`).
+int8 stores stay int8 in RAM (half the bytes) and are dequantised per sample, as `KVStore.read_samples` does. DataLoader workers
 forked after the load share these pages copy-on-write (nothing writes to them).
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.quantize import expand_scales
 from pipeline.store import TOKEN_ARRAYS, decode_states
 from pipeline.store_logits import LOGIT_ARRAYS, decode_logprobs
 
@@ -31,8 +33,10 @@ def preload_bytes(store, split: str, layers: Sequence[int], components: Sequence
             if c == "logits":
                 continue
             for layer in layers:
-                a = store.array(layer, c, split)
-                total += int(np.prod(a.shape)) * a.dtype.itemsize
+                arrays = [store.array(layer, c, split)]
+                if store.dtype == "int8":
+                    arrays.append(store.scale_array(layer, c, split))
+                total += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
     if "logits" in components:
         for name in LOGIT_ARRAYS:
             a = store.logit_array(name, split)
@@ -65,6 +69,12 @@ class PreloadedSplit:
             c: np.stack([np.asarray(store.array(layer, c, split)[:]) for layer in self.layers])
             for c in self.components
         }
+        # int8: (L_sel, C, X, D_t) per-chunk or (L_sel, N, X) per-token scales (pipeline/quantize.py)
+        self.quantization, self.chunk_tokens = store.quantization, store.chunk_tokens
+        self.scales = {
+            c: np.stack([np.asarray(store.scale_array(layer, c, split)[:]) for layer in self.layers])
+            for c in (self.components if self.dtype == "int8" else [])
+        }
         # (N, K) top-k log-probs (float16 words) and token ids, when asked for
         self.logits = (
             {name: np.asarray(store.logit_array(name, split)[:]) for name in LOGIT_ARRAYS}
@@ -86,10 +96,24 @@ class PreloadedSplit:
                 "answer_mask": torch.from_numpy(self.tokens["answer_mask"][a:b].astype(bool)),  # (T,)
             }
             for c in self.components:
-                x = decode_states(self.states[c][:, a:b], self.dtype)  # (L_sel, T, X, D_t)
+                x = decode_states(
+                    self.states[c][:, a:b], self.dtype, self._scales(c, a, b)
+                )  # (L_sel, T, X, D_t)
                 s[c] = x.permute(0, 2, 1, 3).contiguous()  # (L_sel, X, T, D_t)
             if self.logits is not None:
                 s["topk_logprobs"] = decode_logprobs(self.logits["values"][a:b])  # (T, K)
                 s["topk_indices"] = torch.from_numpy(self.logits["indices"][a:b].astype(np.int64))  # (T, K)
             out.append(s)
         return out
+
+    def _scales(self, c: str, a: int, b: int) -> np.ndarray | None:
+        """int8: the scales of tokens [a, b) broadcastable to (L_sel, b - a, X, D_t); None otherwise."""
+        if c not in self.scales:
+            return None
+        scheme = self.quantization[c]
+        s = self.scales[c]  # (L_sel, C, X, D_t) | (L_sel, N, X)
+        if scheme == "token":
+            return s[:, a:b, :, None]  # (L_sel, T, X, 1)
+        return np.stack(
+            [expand_scales(x, scheme, a, b, self.chunk_tokens) for x in s[:, a // self.chunk_tokens :]]
+        )

@@ -69,8 +69,14 @@ def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
         aligner.set_head_selection(sel)
 
 
-def store_path_of(cfg: KVMapConfig) -> str:
-    return cfg.train.store or cfg.extract.store
+def store_path_of(cfg: KVMapConfig):
+    """The store stage 2 reads: `train.store` (+ train.storage_options) or `extract.store` (+ its options),
+    as a StoreLocation (str() = the folder or URL)."""
+    from pipeline.store_location import StoreLocation
+
+    if cfg.train.store:
+        return StoreLocation(cfg.train.store, cfg.train.storage_options)
+    return StoreLocation(cfg.extract.store, cfg.train.storage_options or cfg.extract.storage_options)
 
 
 def build_aligner(cfg: KVMapConfig, store, student):

@@ -18,9 +18,10 @@ from pipeline.geometry import teacher_config_from_attrs  # noqa: F401
 def open_store(path: str | Path):
     """Open a store for training: it must exist, be complete and hold a train split."""
     from pipeline.store import KVStore
+    from pipeline.store_location import StoreLocation
 
-    p = Path(path)
-    if not p.exists():
+    p = StoreLocation(path)  # a folder or a URL (+ storage_options when `path` is a StoreLocation)
+    if p.is_empty():
         raise FileNotFoundError(f"train.store='{p}' does not exist: run stage 1 (pipeline/extract.py) first")
     try:
         store = KVStore(p)
