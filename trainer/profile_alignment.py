@@ -177,8 +177,9 @@ def _maybe_load_aligner(aligner, cfg: KVMapConfig, mode: str) -> str:
 
 def load_batches(cfg: KVMapConfig, args, layers: list[int]):
     """(teacher HF-like config, list of collated batches with q_t/k_t/v_t for `layers`), tokens cropped to T."""
+    from pipeline.geometry import teacher_config_from_attrs
     from trainer.setup import store_path_of
-    from trainer.store_checks import check_layers, open_store, teacher_config_from_attrs
+    from trainer.store_checks import check_layers, open_store
 
     B, T, n = args.batch_size, args.seq_length, args.num_batches
     store_path = Path(store_path_of(cfg))
@@ -303,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: KVMapConfig, args) -> int:
     from alignment import build_layer_map, teacher_layers_needed
     from pipeline.capture import capture_qkv
+    from pipeline.geometry import teacher_config_from_attrs
     from pipeline.models import load_model
     from trainer.setup import store_path_of
-    from trainer.store_checks import teacher_config_from_attrs
 
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student)

@@ -13,8 +13,8 @@ import torch
 
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError
+from pipeline.geometry import teacher_config_from_attrs
 from pipeline.train_config import segment_ids_of
-from trainer.store_checks import teacher_config_from_attrs
 
 
 def segment_ids(cfg: KVMapConfig) -> tuple[list[int], list[int]]:

@@ -11,9 +11,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-# The store's teacher geometry has one reader (pipeline/geometry.py); re-exported for stage-2 callers.
-from pipeline.geometry import teacher_config_from_attrs  # noqa: F401
-
 
 def open_store(path: str | Path):
     """Open a store for training: it must exist, be complete and hold a train split."""

@@ -33,13 +33,13 @@ import time
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config import KVMapConfig
 from pipeline.configlib import to_dict
+from pipeline.geometry import teacher_config_from_attrs
 from trainer.checkpoint import _jsonable, save_checkpoint, save_student
 from trainer.evaluate import alignment_diagnostics, evaluate
 from trainer.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run_setup import Run, finished_metrics, setup_run
 from trainer.schedules import lambda_kv_at
 from trainer.step import forward_step
-from trainer.store_checks import teacher_config_from_attrs
 
 
 def train_step(run: Run, step: int) -> dict:
