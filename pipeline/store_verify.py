@@ -54,7 +54,7 @@ def check_chunk(store: KVStore, arr: zarr.Array, kind: str, i: int) -> None:
     n = chunk_len(arr)
     key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
     # sharded arrays (states, logits) are written whole, chunk by chunk: every shard file must exist
-    if arr.shards is not None and not (store.path / arr.path / key).is_file():
+    if arr.shards is not None and not store.location.exists(f"{arr.path}/{key}"):
         raise chunk_error(store, arr, i, "is missing (zarr would read it as zeros)")
     try:
         raw = arr[i * n : min((i + 1) * n, arr.shape[0])]
