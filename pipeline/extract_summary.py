@@ -105,13 +105,28 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def skip_reasons(counts: dict) -> str:
+    """' (too long 3, bad field "answer" 2; truncated 1)' for a split's counts, or '' when nothing was
+    skipped or cut, so that a user sees WHY samples were left out, not only how many."""
+    parts = [f"too long {counts['dropped_too_long']}"] if counts.get("dropped_too_long") else []
+    parts += [f'bad field "{k}" {v}' for k, v in sorted(dict(counts.get("bad_rows") or {}).items()) if v]
+    other = counts.get("skipped", 0) - sum(int(x.split()[-1]) for x in parts)
+    if other > 0:
+        parts.append(f"other {other}")
+    cut = f"truncated {counts['truncated']}" if counts.get("truncated") else ""
+    text = "; ".join(x for x in (", ".join(parts), cut) if x)
+    return f" ({text})" if text else ""
+
+
 def print_summary(path, s: dict) -> None:
     c = s["samples"]
     acc = " ".join(f"{seg}={_fmt(s.get(f'teacher_acc_{seg}'))}" for seg in ("R", "A", "all"))
     ce = " ".join(f"{seg}={_fmt(s.get(f'teacher_ce_{seg}'))}" for seg in SEGS)
     lines = [
         f"store {path}: train samples kept {c['train']['kept']} / skipped {c['train']['skipped']}"
-        + (f", eval kept {c['eval']['kept']} / skipped {c['eval']['skipped']}" if "eval" in c else ""),
+        + skip_reasons(c["train"])
+        + (f", eval kept {c['eval']['kept']} / skipped {c['eval']['skipped']}" if "eval" in c else "")
+        + (skip_reasons(c["eval"]) if "eval" in c else ""),
         f"  tokens {s['tokens']}, states {s['stored_state_bytes'] / 1e6:.1f} MB stored vs "
         f"{s['raw_16bit_state_bytes'] / 1e6:.1f} MB raw 16-bit (ratio {s['compression_ratio']:.3f}x, "
         f"{s['bytes_per_token']:.0f} B/token)",

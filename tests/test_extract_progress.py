@@ -38,3 +38,11 @@ def test_summary_adds_up_ranks():
         num_processes = 1
 
     assert add_up_ranks(OneProcess(), 5, 1.5, 2.5) == (5, 1.5, 2.5)  # no collective in a 1-process run
+
+
+def test_summary_names_why_samples_were_skipped():
+    from pipeline.extract_summary import skip_reasons
+
+    c = {"skipped": 6, "dropped_too_long": 3, "bad_rows": {"answer": 2, "prompt": 0}, "truncated": 1}
+    assert skip_reasons(c) == ' (too long 3, bad field "answer" 2, other 1; truncated 1)'
+    assert skip_reasons({"skipped": 0, "dropped_too_long": 0, "bad_rows": {}, "truncated": 0}) == ""
