@@ -313,21 +313,8 @@ class KVStore:
         # concurrent reads; a damaged chunk raises one line naming the array and chunk (pipeline/store_read.py)
         flat = read_all(self, [(a, s) for s in sels for a in token_arrays + state_arrays])
         per = len(token_arrays) + len(state_arrays)
-        if scales:  # int8: each sample's scale rows after its arrays (small, mostly cached)
-
-            async def fetch_scales():
-                return await asyncio.gather(
-                    *[self._scale_rows(layer, c, split, s) for s in sels for c, layer in scales]
-                )
-
-            rows = sync(fetch_scales())
-            k = len(scales)
-            flat = [
-                x
-                for j in range(len(sels))
-                for x in (flat[j * per : (j + 1) * per] + rows[j * k : (j + 1) * k])
-            ]
-            per += k
+        k = len(scales)  # int8: each sample's scale rows (small, mostly cached), in `scales` order
+        scale_rows = sync(self._gather_scale_rows(scales, split, sels)) if k else []
         out = []
         for j, sel in enumerate(sels):
             got = flat[j * per : (j + 1) * per]
@@ -341,7 +328,7 @@ class KVStore:
                 parts = got[3 + ci * len(layers) : 3 + (ci + 1) * len(layers)]
                 scale = None
                 if int8:
-                    rows = got[first_scale + ci * len(layers) : first_scale + (ci + 1) * len(layers)]
+                    rows = scale_rows[j * k + ci * len(layers) : j * k + (ci + 1) * len(layers)]
                     scheme = self.quantization[c]
                     scale = np.stack([expand_scales(r, scheme, sel.start, sel.stop, ct) for r in rows])
                 x = decode_states(np.stack(parts), self.dtype, scale)  # (L, T, H|G, D)
@@ -351,6 +338,11 @@ class KVStore:
                 s["topk_indices"] = torch.from_numpy(got[first_scale - 1].astype(np.int64))  # (T, K)
             out.append(s)
         return out
+
+    async def _gather_scale_rows(self, scales: list, split: str, sels: list[slice]) -> list:
+        return await asyncio.gather(
+            *[self._scale_rows(layer, c, split, s) for s in sels for c, layer in scales]
+        )
 
     def logit_array(self, name: str, split: str = "train") -> zarr.Array:
         """The raw zarr array logits/{values|indices} (N, K) of a split (storage dtype)."""
