@@ -305,6 +305,20 @@ def _rows(path: Path) -> list:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def _start_sweep(path: Path, env: dict, ignore_sigint: bool = False) -> subprocess.Popen:
+    """`trainer/ablate.py --config PATH` in its own session (so a test can kill the whole group);
+    `ignore_sigint` starts it with SIGINT ignored, as a shell's background job is."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "trainer" / "ablate.py"), "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+    )
+
+
 def test_sigkilled_sweep_resumes_with_subprocess_runner(tmp_path, monkeypatch):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
@@ -312,14 +326,7 @@ def test_sigkilled_sweep_resumes_with_subprocess_runner(tmp_path, monkeypatch):
     path = write_ablation(tmp_path, runner="subprocess", train_entry=str(script), report=False)
     results = tmp_path / "out" / "results.jsonl"
     env = {**os.environ, "FAKE_CALLS": str(calls), "FAKE_HANG": "struct"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "trainer" / "ablate.py"), "--config", str(path)],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = _start_sweep(path, env)
     try:
         deadline = time.time() + 60
         while len(_rows(calls)) < 3 and time.time() < deadline and proc.poll() is None:
@@ -357,15 +364,7 @@ def test_sigint_stops_the_sweep_and_its_child_and_the_sweep_resumes(tmp_path, mo
     calls = tmp_path / "calls.jsonl"
     path = write_ablation(tmp_path, runner="subprocess", train_entry=str(script), report=False)
     env = {**os.environ, "FAKE_CALLS": str(calls), "FAKE_HANG": "struct"}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "trainer" / "ablate.py"), "--config", str(path)],
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    proc = _start_sweep(path, env, ignore_sigint=True)
     try:
         deadline = time.time() + 60
         while len(_rows(calls)) < 3 and time.time() < deadline and proc.poll() is None:
