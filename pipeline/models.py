@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ def builtin_gguf(name: str) -> Path:
     return path
 
 
+def _complete(folder: Path) -> bool:
+    """A converted builtin folder is usable: marker (written last) and the model config are there."""
+    return (folder / _MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _wait_for(target: Path, timeout_s: float = 900.0) -> Path:
+    """Wait for another process (rank 0) to publish the converted folder; error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not _complete(target):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{target}: no complete conversion after {timeout_s:.0f} s (is rank 0 alive?)")
+        time.sleep(1.0)
+    return target
+
+
 def resolve_builtin(name: str) -> Path:
     """The converted safetensors folder of a builtin (model + tokenizer), converting it on first use.
 
@@ -66,7 +82,7 @@ def resolve_builtin(name: str) -> Path:
     name = name.removeprefix(BUILTIN_PREFIX)
     gguf = builtin_gguf(name)
     target = cache_root() / name
-    if (target / _MARKER).is_file():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a private tmp folder then rename: a concurrent or killed conversion never leaves a
@@ -81,6 +97,10 @@ def resolve_builtin(name: str) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file():
+            # transformers writes weights only on torch.distributed rank 0: under `accelerate launch` on a
+            # fresh machine the other ranks must wait for rank 0's folder, not publish an empty one.
+            return _wait_for(target)
         tokenizer.save_pretrained(tmp)
         source = {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "builtin": name}
         (tmp / _MARKER).write_text(json.dumps(source, indent=1))
@@ -88,8 +108,8 @@ def resolve_builtin(name: str) -> Path:
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / _MARKER).is_file():  # lost a race to a complete folder: fine; else re-raise
-                raise
+            if not _complete(target):  # lost a race to a complete folder: fine; else say what to delete
+                raise RuntimeError(f"builtin:{name}: {target} is incomplete; delete it and rerun") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

