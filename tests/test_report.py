@@ -31,6 +31,7 @@ def _metrics(arm, seed):
         "eval/exact_match": 0.0,
         "train/loss_ce": 1.0,
         "align/params": 1234,
+        "train/step_s": 0.5 if arm == "ce_only" else 0.7 + 0.1 * seed,  # v40_2: mean 0.75 = 1.5x
         "wall_s": 10.0 + seed,
         "steps": 6,
     }
@@ -98,7 +99,11 @@ def test_tables_hold_means_stds_and_deltas(ablation_dir):
     assert q2[7] == f"0.710 ± {statistics.stdev([0.70, 0.72]):.3f}"
     a = _row_cells(md, "Alignment and cost", "ce_only")
     assert a[2:5] == ["–", "–", "–"]  # no structural terms in the control
-    assert a[8] == "1,234" and a[9] == "11.0 ± 1.0" and a[10] == "6"
+    assert a[8] == "1,234" and a[9] == "0.500 ± 0.000" and a[10] == "11.0 ± 1.0" and a[11] == "6"
+    assert (
+        "Step cost ÷ `ce_only` (mean seconds per optimiser step, evaluation excluded): `ce_only` 1.00x, `v40_2` 1.50x."
+        in md
+    )
     a2 = _row_cells(md, "Alignment and cost", "v40_2")
     assert a2[2:5] == ["0.500 ± 0.000", "0.250 ± 0.000", "0.1250 ± 0.0000"]
     d = _row_cells(md, "Delta vs the control `ce_only`", "v40_2")

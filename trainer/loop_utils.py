@@ -11,7 +11,18 @@ import torch
 
 from pipeline.configlib import to_dict
 
-FINAL_TRAIN_KEYS = ("loss", "loss_ce", "loss_kd", "loss_struct", "cos_k", "cos_v", "cos_q", "attn_kl")
+# step_s: seconds per optimiser step (forward + backward + update, no evaluation): the report's step cost
+FINAL_TRAIN_KEYS = (
+    "loss",
+    "loss_ce",
+    "loss_kd",
+    "loss_struct",
+    "cos_k",
+    "cos_v",
+    "cos_q",
+    "attn_kl",
+    "step_s",
+)
 
 
 def reduce_logs(accelerator, logs: list[dict]) -> dict:

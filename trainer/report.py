@@ -46,6 +46,7 @@ ALIGN_COLUMNS = [
     ("align/eff_rank_k", "eff rank K", ".2f", None),
     ("align/eff_rank_v", "eff rank V", ".2f", None),
     ("align/params", "aligner params", ",.0f", None),
+    ("train/step_s", "step s", ".3f", None),
     ("wall_s", "wall s", ".1f", None),
     ("steps", "steps", ".0f", None),
 ]
@@ -184,6 +185,23 @@ def delta_table(groups: dict, stats: dict, control: str) -> str:
     return _table(headers, body)
 
 
+def cost_line(stats: dict, ref: str | None) -> str:
+    """'Step cost ÷ `ref`: arm 1.00x, ...' from the mean seconds per optimiser step; '' without step times."""
+    base = stats.get(ref, {}).get("train/step_s", (math.nan, math.nan, 0)) if ref else (math.nan, math.nan, 0)
+    if base[2] == 0 or not base[0] > 0:
+        return ""
+    cells = [
+        f"`{a}` {st['train/step_s'][0] / base[0]:.2f}x"
+        for a, st in stats.items()
+        if st["train/step_s"][2] > 0
+    ]
+    return (
+        f"Step cost ÷ `{ref}` (mean seconds per optimiser step, evaluation excluded): "
+        + ", ".join(cells)
+        + "."
+    )
+
+
 def build_report(run_dir: str | Path, control: str | None = None, plots: bool = True) -> str:
     """Write RUN_DIR/report.md (+ PNG plots) from RUN_DIR/results.jsonl and return the markdown.
 
@@ -232,6 +250,9 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
         "",
         stats_table(groups, stats, ALIGN_COLUMNS),
     ]
+    cost = cost_line(stats, "ce_only" if "ce_only" in groups else control)
+    if cost:
+        out += ["", cost]
     if any(r.get("resumed") for r in rows):
         out += [
             "",
