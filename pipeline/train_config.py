@@ -78,13 +78,16 @@ class TrainConfig:
     # run can be continued with more steps. Off: a finished run keeps the student and metrics only, and the
     # periodic checkpoints are deleted once student/ and metrics.json are written.
     save_final_state: bool = False
+    # Every N steps, log each weighted term's gradient norm on the student and the cosines between terms
+    # (trainer/grad_probe.py: is a structural term too weak, or pulling elsewhere?). 0 = off.
+    grad_probe_every: int = 0
 
     def __post_init__(self):
         _at_least(
             "train",
             self,
             dict(steps=1, batch_size=1, grad_accum=1, warmup_steps=0, lambda_warmup_steps=0, ckpt_every=0,
-                 keep_checkpoints=1, log_every=1, num_workers=0, prefetch_factor=1),
+                 keep_checkpoints=1, log_every=1, num_workers=0, prefetch_factor=1, grad_probe_every=0),
         )  # fmt: skip
         for key in ("lr", "aligner_lr"):
             v = getattr(self, key)

@@ -36,6 +36,7 @@ from pipeline.configlib import to_dict
 from pipeline.geometry import teacher_config_from_attrs
 from trainer.checkpoint import _jsonable, save_checkpoint, save_student
 from trainer.evaluate import alignment_diagnostics, evaluate
+from trainer.grad_probe import grad_probe, term_weights
 from trainer.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run_setup import Run, finished_metrics, setup_run
 from trainer.schedules import lambda_kv_at
@@ -51,6 +52,8 @@ def train_step(run: Run, step: int) -> dict:
     )  # fmt: skip
     lam = "auto" if cfg.lambda_kv == "auto" and lam > 0 else lam  # auto: computed per batch in the step
     micro_logs, tokens, t_step = [], 0, time.time()
+    every = cfg.train.grad_probe_every
+    probe = every > 0 and (step + 1) % every == 0  # 1-based like metrics.jsonl
     for micro in range(cfg.train.grad_accum):
         batch = next(run.batches)
         tokens += int(batch["attention_mask"].sum())
@@ -62,6 +65,8 @@ def train_step(run: Run, step: int) -> dict:
                 lambda_auto_range=cfg.train.lambda_auto_range,
             )  # fmt: skip
             check_finite(acc, res, step + 1)  # 1-based like metrics.jsonl
+            if probe:  # before backward: the probe's extra gradients leave this step's update unchanged
+                res.logs.update(probe_step(run, res))
             acc.backward(res.loss / cfg.train.grad_accum)
         micro_logs.append(res.logs)
     grad_norm = None
@@ -82,6 +87,14 @@ def train_step(run: Run, step: int) -> dict:
     return logs
 
 
+def probe_step(run: Run, res) -> dict:
+    """`train.grad_probe_every`: per-term gradient norms / cosines on the student for this micro-batch."""
+    lam = res.logs.get("lambda_kv", 0.0)  # the resolved weight (auto: this batch's value)
+    weights = term_weights(run.cfg.loss_config.ce_weight, run.kd.alpha if run.kd else None, lam)
+    params = [p for p in run.base.student.parameters() if p.requires_grad]
+    return grad_probe(res.terms, weights, params)
+
+
 def emit(run: Run, row: dict) -> None:
     """A metrics.jsonl row, and its scalars to the trackers (TensorBoard) when any is installed."""
     run.log.write(row)
@@ -94,7 +107,8 @@ def emit(run: Run, row: dict) -> None:
 def record(run: Run, done: int, logs: dict) -> None:
     """Keep the final-metrics window; log every `log_every` steps and the first and last."""
     run.recent = (run.recent + [logs])[-run.cfg.train.log_every :]
-    if done % run.cfg.train.log_every == 0 or done == 1 or done == run.cfg.train.steps:
+    probed = any(k.startswith("gprobe/") for k in logs)
+    if done % run.cfg.train.log_every == 0 or done == 1 or done == run.cfg.train.steps or probed:
         emit(run, {"step": done, **logs})
 
 
