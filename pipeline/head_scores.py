@@ -35,9 +35,11 @@ from alignment.attention_probs import LogitSpec
 from pipeline.attention_profile import attention_maps
 from pipeline.geometry import store_logit_spec
 from pipeline.store import KVStore
+from pipeline.store_location import StoreLocation
 
 PROMPT = 0  # segment id of P (pipeline.config.SEGMENTS)
 SCORES = ("retrieval", "answer_mass", "sink")
+SIDECAR_SUFFIX = ".head_scores.json"
 
 
 def answer_rows(answer_mask: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,10 +134,25 @@ def head_scores(
     return out
 
 
-def sidecar_path(store_path: str | Path) -> Path:
-    """Where head scores are written: next to the store, `<store>.head_scores.json` (the store stays untouched)."""
-    p = Path(store_path)
-    return p.with_name(p.name + ".head_scores.json")
+def sidecar_path(store_path) -> Path | str:
+    """Where head scores are written: next to the store, `<store>.head_scores.json` (the store stays untouched).
+
+    A local store gives a Path; a URL store (`s3://b/x.zarr`, `memory://x.zarr`) the sibling URL
+    `<url>.head_scores.json`, written through the store's fsspec filesystem and `storage_options`.
+    """
+    loc = StoreLocation(store_path)
+    if loc.remote:
+        return loc.url.rstrip("/") + SIDECAR_SUFFIX
+    p = Path(loc.url)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def _sidecar_fs(store_path):
+    """(fsspec filesystem, path inside it) of a URL store's sidecar."""
+    import fsspec
+
+    loc = StoreLocation(store_path)
+    return fsspec.core.url_to_fs(sidecar_path(loc), **loc.storage_options)
 
 
 def ranked_heads(scores: dict, by: str = "retrieval") -> list[tuple[int, int, float]]:
@@ -169,20 +186,35 @@ def format_head_scores(scores: dict, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def write_sidecar(scores: dict, store_path: str | Path) -> Path:
+def write_sidecar(scores: dict, store_path) -> Path | str:
+    """Write the scores beside the store (atomically: a local rename, or one object PUT for a URL)."""
     out = sidecar_path(store_path)
+    text = json.dumps(scores, indent=1)
+    if isinstance(out, str):
+        fs, path = _sidecar_fs(store_path)
+        fs.pipe_file(path, text.encode())
+        return out
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(scores, indent=1))
+    tmp.write_text(text)
     tmp.replace(out)  # atomic: nothing half-written
     return out
+
+
+def read_sidecar(store_path) -> dict | None:
+    """The sidecar's scores, or None when there is none."""
+    out = sidecar_path(store_path)
+    if isinstance(out, str):
+        fs, path = _sidecar_fs(store_path)
+        return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+    return json.loads(out.read_text()) if out.exists() else None
 
 
 def load_or_compute(store_path: str | Path, split: str = "train", num_samples: int | None = None) -> dict:
     """The sidecar's scores when it matches the store's fingerprint, split and sample count, else computed
     (and not written: only the CLI writes the sidecar)."""
-    p = sidecar_path(store_path)
-    if p.exists():
-        s, store = json.loads(p.read_text()), KVStore(store_path)
+    s = read_sidecar(store_path)
+    if s is not None:
+        store = KVStore(store_path)
         total = store.num_samples(split) if split in store.splits else 0
         want_n = total if num_samples is None else min(num_samples, total)
         if (

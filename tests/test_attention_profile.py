@@ -98,3 +98,24 @@ def test_head_scores_equal_a_direct_loop_and_the_sidecar_is_written(tmp_path, ca
     out = capsys.readouterr().out
     assert sum(line.startswith("| ") and "rank" not in line for line in out.splitlines()) == 3  # --top 3 rows
     assert json.loads(sidecar_path(path).read_text())["samples"] == 4
+
+
+def test_head_scores_sidecar_of_a_url_store_sits_beside_it_and_is_read_back(tmp_path, monkeypatch, capsys):
+    """A URL store (memory:// here; s3:// goes through the same fsspec calls) gets its sidecar as a sibling URL."""
+    import fsspec
+
+    from pipeline import head_scores as hs
+
+    url = f"memory://kvmap-tests/{tmp_path.name}/s.zarr"
+    write_random_store(url, num_samples=5, layers=(0, 2))
+    assert hs.sidecar_path(url) == url + ".head_scores.json"
+    assert main([url, "--head-scores", "--samples", "4", "--top", "3"]) == 0
+    capsys.readouterr()
+    fs, path = fsspec.core.url_to_fs(url + ".head_scores.json")
+    written = json.loads(fs.cat_file(path))
+    assert written["samples"] == 4 and written["fingerprint"] == KVStore(url).fingerprint
+    assert not fs.exists(url.removeprefix("memory://") + "/s.zarr.head_scores.json")  # not inside the store
+    monkeypatch.setattr(hs, "head_scores", lambda *a, **k: pytest.fail("the sidecar should have been read"))
+    assert hs.load_or_compute(url, "train", 4) == written
+    fs.rm(path)
+    assert hs.read_sidecar(url) is None
