@@ -59,3 +59,24 @@ def test_attention_helpers():
     assert p[0, 0, 3, 3] == 0  # a padding key is never attended
     ent = mean_entropy(p, mask)  # rows 0..2 uniform over 1, 2, 3 keys
     assert ent == pytest.approx((0 + torch.log(torch.tensor(2.0)) + torch.log(torch.tensor(3.0))).item() / 3)
+
+
+def test_a_url_store_is_profiled_like_the_local_one(tmp_path, capsys):
+    """`train.store` may be a URL (issue 16): memory:// holding a copy of the local store gives the same report."""
+    import fsspec
+
+    store = make_tiny_store(tmp_path / "u.zarr", num_train=6, num_eval=0)
+    url = f"memory://kvmap-tests/{tmp_path.name}/u.zarr"
+    fsspec.filesystem("memory").put(str(store), url.removeprefix("memory://"), recursive=True)
+    argv = ["--mode", "structured", "--batch_size", "2", "--seq_length", "12"]
+    (tmp_path / "local").mkdir()
+    (tmp_path / "url").mkdir()
+    local = write_config(tmp_path / "local", tiny_train_config(tmp_path / "local", store))
+    remote = write_config(
+        tmp_path / "url", tiny_train_config(tmp_path / "url", store, **{"train.store": url})
+    )
+    assert main(["--config", str(local), *argv]) == 0
+    want = capsys.readouterr().out
+    assert main(["--config", str(remote), *argv]) == 0
+    got = capsys.readouterr().out
+    assert got.rstrip().endswith("status: ok") and got.replace(url, str(store)) == want

@@ -182,8 +182,9 @@ def load_batches(cfg: KVMapConfig, args, layers: list[int]):
     from trainer.store_checks import check_layers, open_store
 
     B, T, n = args.batch_size, args.seq_length, args.num_batches
-    store_path = Path(store_path_of(cfg))
-    store = open_store(store_path) if (store_path.exists() or not args.live_teacher) else None
+    store_path = store_path_of(cfg)  # a StoreLocation: a local folder or a URL (s3://, memory://)
+    present = store_path.exists() if store_path.remote else store_path.local_path().exists()
+    store = open_store(store_path) if (present or not args.live_teacher) else None
     if store is not None:
         split_n = store.num_samples("train")
         if split_n < B * n:
