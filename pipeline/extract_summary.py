@@ -46,11 +46,12 @@ def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens:
     train = _sum_stats(done, writer, "train")
     tokens = train["tokens"]
     stored = writer.location.size("train/layers")
-    per_token_raw = 0
+    per_token_raw = per_token_words = 0
     for layer in writer.layers:
         for comp in writer.components:
-            shape = writer._array((layer, comp)).shape
-            per_token_raw += shape[1] * shape[2] * 2
+            arr = writer._array((layer, comp))
+            per_token_raw += arr.shape[1] * arr.shape[2] * 2  # the 16-bit reference (bf16 / fp16 words)
+            per_token_words += arr.shape[1] * arr.shape[2] * arr.dtype.itemsize  # 1 for int8 words
     raw = tokens * per_token_raw
     summary = {
         "samples": counts,
@@ -59,6 +60,8 @@ def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens:
         "forward_tokens": train["forward_tokens"],
         "stored_state_bytes": stored,
         "raw_16bit_state_bytes": raw,
+        "raw_word_state_bytes": tokens
+        * per_token_words,  # the stored words uncompressed (int8: half of 16-bit)
         "compression_ratio": raw / max(stored, 1),
         "bytes_per_token": stored / max(tokens, 1),
         "wall_s_last_run": wall_s,
@@ -118,6 +121,14 @@ def skip_reasons(counts: dict) -> str:
     return f" ({text})" if text else ""
 
 
+def _word_note(s: dict) -> str:
+    """int8 stores: the raw size of the int8 words themselves (the ratio above is against 16-bit words)."""
+    words = s.get("raw_word_state_bytes")
+    if not words or words == s["raw_16bit_state_bytes"]:
+        return ""
+    return f"; raw int8 words {words / 1e6:.1f} MB, compressed {words / max(s['stored_state_bytes'], 1):.3f}x"
+
+
 def print_summary(path, s: dict) -> None:
     c = s["samples"]
     acc = " ".join(f"{seg}={_fmt(s.get(f'teacher_acc_{seg}'))}" for seg in ("R", "A", "all"))
@@ -129,7 +140,7 @@ def print_summary(path, s: dict) -> None:
         + (skip_reasons(c["eval"]) if "eval" in c else ""),
         f"  tokens {s['tokens']}, states {s['stored_state_bytes'] / 1e6:.1f} MB stored vs "
         f"{s['raw_16bit_state_bytes'] / 1e6:.1f} MB raw 16-bit (ratio {s['compression_ratio']:.3f}x, "
-        f"{s['bytes_per_token']:.0f} B/token)",
+        f"{s['bytes_per_token']:.0f} B/token)" + _word_note(s),
         f"  wall {s['wall_s_last_run']:.1f} s this run ({s['tokens_computed_last_run']} tokens computed, "
         f"{s['tokens_computed_last_run'] / max(s.get('extract_loop_s_last_run', 0.0), 1e-9):.0f} tokens/s in "
         f"the extraction loop, all {s.get('processes_last_run', 1)} process(es) together)",

@@ -169,3 +169,14 @@ def test_int8_resume_is_bit_exact(stores, tmp_path):
     assert sorted(a) == sorted(b)
     for k in a:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_extraction_summary_counts_int8_words_as_one_byte(stores):
+    """The summary keeps the 16-bit reference and adds the stored words' own raw size (int8: half of it)."""
+    _, paths = stores
+    bf, q = (KVStore(paths[n]).attrs["summary"] for n in ("bfloat16", "int8"))
+    assert bf["raw_word_state_bytes"] == bf["raw_16bit_state_bytes"] == q["raw_16bit_state_bytes"]
+    assert q["raw_word_state_bytes"] * 2 == q["raw_16bit_state_bytes"]
+    from pipeline.extract_summary import _word_note
+
+    assert _word_note(bf) == "" and _word_note(q).startswith("; raw int8 words ")
