@@ -175,3 +175,22 @@ def test_results_file_survives_a_killed_write(tmp_path):
     path.write_text('garbage\n{"arm": "a", "seed": 0, "metrics": {}}\n')
     with pytest.raises(ValueError, match=re.escape("results.jsonl:1: not a JSON object")):
         read_results(path)
+
+
+def test_gradient_probe_table_first_and_mean(ablation_dir):
+    """Runs that logged `gprobe/*` rows get a table: value at the first probe / mean over probes, over seeds."""
+    assert "## Gradient probe" not in build_report(ablation_dir, plots=False)  # no run probed
+    for seed in (0, 1):
+        path = ablation_dir / "v40_2" / f"seed_{seed}" / "metrics.jsonl"
+        with open(path, "a") as f:
+            f.write("\n")
+            for step, struct, cos in ((10, 0.5, -0.25), (20, 1.0 + seed, 0.25)):
+                row = {"step": step, "gprobe/norm_ce": 2.0, "gprobe/norm_kd": 1.0, "gprobe/norm_struct": struct,
+                       "gprobe/cos_ce_kd": 0.5, "gprobe/cos_ce_struct": 0.0, "gprobe/cos_kd_struct": cos}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    md = build_report(ablation_dir, plots=False)
+    cells = _row_cells(md, "Gradient probe", "v40_2")
+    # struct ÷ KD: first 0.5 both seeds; means (0.5 + 1.0) / 2 = 0.75 and (0.5 + 2.0) / 2 = 1.25 -> 1.0
+    assert cells[1] == "0.500 / 1.000" and cells[2] == "0.250 / 0.500" and cells[3] == "0.500 / 0.500"
+    assert cells[6] == "-0.250 / 0.000"
+    assert "| ce_only |" not in md.split("## Gradient probe")[1].split("\n## ")[0]  # the control never probed

@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.cli import command_parser
 from trainer.ablation_results import RESULTS_NAME, read_results
+from trainer.report_probe import probe_table
 
 # (metric key in metrics.json, column header, format, which direction is better (None = no direction))
 QUALITY_COLUMNS = [
@@ -278,6 +279,16 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
     ]
     if missing:
         out += ["", "Incomplete arms: " + ", ".join(missing) + "."]
+    probes = probe_table(run_dir, groups)
+    if probes:
+        out += [
+            "",
+            "## Gradient probe (`train.grad_probe_every`; first probe step / mean over probe steps and seeds)",
+            "",
+            "Each weighted term's gradient on the student alone (trainer/grad_probe.py): norm ratios and cosines.",
+            "",
+            probes,
+        ]
     out += ["", "## Arms", ""]
     for arm, rs in groups.items():
         desc = arms_meta.get(arm, {}).get("description") or ""
