@@ -140,3 +140,16 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert summary["processes_last_run"] == 2
     assert summary["tokens_computed_last_run"] == KVStore(store).num_tokens() == summary["tokens"]
     assert "all 2 process(es) together" in r.stdout
+
+
+def test_two_processes_equal_one_int8(setup, tmp_path):
+    """int8 states (per write-chunk scales, issue 16) from 2 ranks are the 1-rank store bit for bit, scales too."""
+    cfg, _ = setup
+    ref, store = tmp_path / "ref8.zarr", tmp_path / "two8.zarr"
+    run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={ref}", "extract.dtype=int8"]))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    r = _run([*launch, SCRIPT, "--config", str(cfg), f"extract.store={store}", "extract.dtype=int8"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0/2" in r.stderr
+    assert KVStore(store).dtype == "int8" and any(k.endswith("_scale") for k in store_arrays(store))
+    _assert_same_store(store, ref)

@@ -137,6 +137,22 @@ def test_sigkill_mid_extraction_then_resume_on_s3(extracted, s3, tmp_path):
     assert FAKE_SECRET not in out and FAKE_KEY_ID not in out
 
 
+def test_two_ranks_extract_into_s3_like_one_local_process(extracted, s3):
+    """`accelerate launch --num_processes 2` writing one S3 store (ranks take every other chunk, markers on
+    S3): the bits of the 1-process local store; no credential in the output."""
+    cfg, ref, _ = extracted
+    url = s3.url("two_ranks.zarr")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd = [*launch, str(ROOT / "pipeline" / "extract.py"), "--config", str(cfg), f"extract.store={url}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0/2" in r.stderr and "all 2 process(es) together" in r.stdout
+    _assert_same(url, ref)
+    assert KVStore(url, require_complete=True).fingerprint == KVStore(ref).fingerprint
+    assert FAKE_SECRET not in r.stdout + r.stderr and FAKE_KEY_ID not in r.stdout + r.stderr
+
+
 def test_train_from_s3_equals_local_and_keeps_credentials_out(tmp_path, s3, capfd):
     from tests.helpers_train import make_tiny_store, tiny_train_config
     from trainer.train import run_training
