@@ -396,3 +396,16 @@ def test_last_logged_step_follows_a_growing_metrics_file(tmp_path):
         '{"step": 1, "loss": 2.5}\n{"step": 10, "loss": 1.25}\n{"step": 10, "eval/ce": 3.0}\n{"step": 2'
     )
     assert last_logged_step(f) == (10, 1.25)
+
+
+def test_invocations_with_disjoint_seeds_share_out_dir_and_the_report_sees_every_seed(tmp_path, fake):
+    """Two `kvmap-ablate ... 'seeds=[..]'` sharing out_dir (README's two-process recipe) must not overwrite
+    each other's planned seeds in ablation.yaml: the report would call the other's arms incomplete."""
+    path = write_ablation(tmp_path, runner="fake")
+    fake()
+    ablate.run_ablation(load_ablation(path, ["seeds=[1]"]))
+    ablate.run_ablation(load_ablation(path, ["seeds=[0]"]))
+    out = Path(load_ablation(path).out_dir)
+    assert yaml.safe_load((out / "ablation.yaml").read_text())["seeds"] == [0, 1]
+    assert "Incomplete arms" not in (out / "report.md").read_text()
+    assert not list(out.glob(".ablation.yaml.*"))  # the atomic write leaves no temp file

@@ -123,6 +123,23 @@ def pick_runner(abl: AblationConfig) -> tuple[str, Callable]:
     return name, RUNNERS[name]
 
 
+def record_ablation(out: Path, abl: AblationConfig) -> None:
+    """Write `out/ablation.yaml` (what the report reads: arms, control, planned seeds), atomically.
+
+    Seeds are the union with those an earlier or concurrent invocation recorded: two processes sharing
+    `out_dir` with disjoint `seeds` (README, "Ablations"), or a later run adding seeds, must not hide each
+    other's seeds from the report.
+    """
+    d = to_dict(abl)
+    path = out / "ablation.yaml"
+    if path.exists():
+        before = yaml.safe_load(path.read_text()) or {}
+        d["seeds"] = sorted(set(before.get("seeds") or []) | set(d["seeds"]))
+    tmp = path.with_name(f".ablation.yaml.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(d, sort_keys=False))
+    tmp.replace(path)
+
+
 def store_path(cfg: KVMapConfig) -> str:
     return cfg.train.store or cfg.extract.store
 
@@ -295,7 +312,7 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
         return list(rows.values())
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "ablation.yaml").write_text(yaml.safe_dump(to_dict(abl), sort_keys=False))
+        record_ablation(out, abl)
     fingerprint = ensure_store(abl, specs, inprocess=runner_name != "subprocess") if todo else None
     if fingerprint:
         check_rows(rows, specs, fingerprint, results)
