@@ -12,7 +12,10 @@ Assignment rule (deterministic, printed at the start of training by `describe`):
   2. "top_retrieval" / "top_answer_mass" rank the candidates by that train-split score (pipeline/head_scores.py;
      ties: lower layer, then lower head) and keep `top`; "list" keeps `heads` in the order given;
   3. in that order, each chosen teacher head (t, h) goes to the first student layer l with layer_map[l] == t
-     that still has a free head, and there to the lowest free student head index (0, 1, ...).
+     that still has a free head, and there to the lowest free student head index (0, 1, ...); for a student
+     cut from the teacher (`cut_from`, align.init: from_prune) it goes to the student head cut from (t, h)
+     when that layer kept it (distilling teacher head 6 into the student's head 0, itself teacher head 0,
+     would overwrite a working head and leave the copy of head 6 untouched).
 The selection is a (L_s, H_s, H_t) one-hot head mix (the target row of student head s is teacher head h's own
 attention, not a learned mix: nothing trains it) and a (L_s, H_s) bool mask of the distilled student heads.
 """
@@ -79,6 +82,23 @@ def _candidates(method, top, heads, scores, mapped, H_t):
     return sorted(cells, key=lambda c: (-c[2], c[0], c[1]))[:top]
 
 
+def _slot(t, h, layer_map, used, H_s, cut_from) -> tuple[int, int]:
+    """(student layer, student head) for teacher head (t, h): rule 3 of the module docstring."""
+    layers = [ls for ls, lt in enumerate(layer_map) if lt == t]
+    if cut_from is not None:  # the student head cut from (t, h), where that student layer kept it
+        for ls in layers:
+            if h in cut_from[ls] and cut_from[ls].index(h) not in used[ls]:
+                return ls, cut_from[ls].index(h)
+    for ls in layers:
+        free = [s for s in range(H_s) if s not in used[ls]]
+        if free:
+            return ls, free[0]
+    raise ValueError(
+        f"align.head_select: teacher layer {t} gets more chosen heads than its student layer(s) have "
+        f"({H_s} each): expected at most {H_s * len(layers)} heads from layer {t}"
+    )
+
+
 def select_heads(
     method: str,
     layer_map: list[int],
@@ -88,6 +108,7 @@ def select_heads(
     top: int | None = None,
     heads: list[list[int]] | None = None,
     scores: dict | None = None,
+    cut_from: list[list[int]] | None = None,
 ) -> HeadSelection | None:
     """The selection for `align.head_select` (module docstring); None for method "all".
 
@@ -97,6 +118,9 @@ def select_heads(
         H_t, H_s: teacher / student query heads.
         top: top_*: how many heads; heads: list: [[teacher layer, head], ...];
         scores: `pipeline.head_scores.head_scores` output (top_* only).
+        cut_from: a student cut from the teacher (`align.init: from_prune`): per student layer, the teacher
+            head each student head was cut from (prune_meta's kept_query_heads, (L_s, H_s)); a chosen
+            teacher head then goes to the student head that *is* it, not to the lowest free one.
     Example:
         >>> sel = select_heads("list", [7, 14, 22, 29], 9, 4, heads=[[14, 3], [7, 7]])
         >>> sel.head_mask.nonzero().tolist()
@@ -110,17 +134,11 @@ def select_heads(
     L_s = len(layer_map)
     mix = torch.full((L_s, H_s, H_t), 1.0 / H_t)
     mask = torch.zeros(L_s, H_s, dtype=torch.bool)
-    free = [0] * L_s  # next free student head per student layer
+    used: list[set[int]] = [set() for _ in range(L_s)]  # student heads already given a teacher head
     pairs = []
     for t, h, v in chosen:
-        slots = [ls for ls in range(L_s) if layer_map[ls] == t and free[ls] < H_s]
-        if not slots:
-            raise ValueError(
-                f"align.head_select: teacher layer {t} gets more chosen heads than its student layer(s) have "
-                f"({H_s} each): expected at most {H_s * layer_map.count(t)} heads from layer {t}"
-            )
-        ls, hs = slots[0], free[slots[0]]
-        free[ls] += 1
+        ls, hs = _slot(t, h, layer_map, used, H_s, cut_from)
+        used[ls].add(hs)
         mix[ls, hs] = 0.0
         mix[ls, hs, h] = 1.0
         mask[ls, hs] = True

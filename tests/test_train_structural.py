@@ -193,3 +193,17 @@ def test_new_arms_train_end_to_end(tmp_path, store, capsys):
             want = [min(100.0, max(0.01, r["loss_ce"] / r["loss_struct"])) for r in rows]  # default range
             assert [r["lambda_kv"] for r in rows] == pytest.approx(want, rel=1e-4)
     assert "head_select: 2 heads one-to-one: student L0.h0 <- teacher" in capsys.readouterr().out
+
+
+def test_a_pruned_students_chosen_heads_go_to_the_heads_cut_from_them():
+    """cut_from (align.init: from_prune): teacher head (t, h) -> the student head that was cut from it."""
+    scores = {"layers": [4, 9], "retrieval": [[0.0, 0.1, 0.9, 0.0], [0.8, 0.0, 0.0, 0.7]]}
+    plain = select_heads("top_retrieval", [4, 9], 4, 3, top=3, scores=scores)
+    assert [p[:4] for p in plain.pairs] == [(0, 0, 4, 2), (1, 0, 9, 0), (1, 1, 9, 3)]  # lowest free head
+    kept = [[0, 1, 2], [3, 1, 0]]  # student layer 1's heads were teacher heads 3, 1, 0
+    sel = select_heads("top_retrieval", [4, 9], 4, 3, top=4, scores=scores, cut_from=kept)
+    assert [p[:4] for p in sel.pairs] == [(0, 2, 4, 2), (1, 2, 9, 0), (1, 0, 9, 3), (0, 1, 4, 1)]
+    for ls, hs, _, h, _ in sel.pairs:
+        assert sel.head_mask[ls, hs] and sel.head_mix[ls, hs, h] == 1.0 and kept[ls][hs] == h
+    narrow = select_heads("top_retrieval", [4, 9], 4, 3, top=2, scores=scores, cut_from=[[0, 1, 3], [1, 2, 3]])
+    assert [p[:4] for p in narrow.pairs] == [(0, 0, 4, 2), (1, 0, 9, 0)]  # pruned-away heads: lowest free

@@ -60,9 +60,14 @@ def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
         from pipeline.head_scores import load_or_compute
 
         scores = load_or_compute(store.path, "train", hs.samples)
+    cut_from = None
+    if cfg.align.init == "from_prune":  # each chosen teacher head goes to the student head cut from it
+        from pipeline.prune_meta import read_prune_meta
+
+        cut_from = read_prune_meta(cfg.student)["kept_query_heads"]
     try:
         sel = select_heads(hs.method, aligner.layer_map, aligner.H_t, aligner.H_s, top=hs.top, heads=hs.heads,
-                           scores=scores)  # fmt: skip
+                           scores=scores, cut_from=cut_from)  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if sel is not None:
