@@ -14,7 +14,8 @@ what the student is pushed towards), then logs
 The probe uses `torch.autograd.grad` with the graph retained, so the step's own backward and update are
 unchanged (tests/test_grad_probe.py checks a probed run equals an unprobed one bit for bit). It costs one
 extra backward per term on probe steps only. Under several processes each rank probes its own micro-batches
-(local gradients, before the all-reduce); the logged values are the mean over micro-batches and ranks.
+(local gradients, before the all-reduce; measured single-process so far); the logged values are the mean over
+micro-batches and ranks.
 """
 
 from __future__ import annotations
