@@ -191,6 +191,7 @@ def test_gradient_probe_table_first_and_mean(ablation_dir):
     md = build_report(ablation_dir, plots=False)
     cells = _row_cells(md, "Gradient probe", "v40_2")
     # struct ÷ KD: first 0.5 both seeds; means (0.5 + 1.0) / 2 = 0.75 and (0.5 + 2.0) / 2 = 1.25 -> 1.0
-    assert cells[1] == "0.500 / 1.000" and cells[2] == "0.250 / 0.500" and cells[3] == "0.500 / 0.500"
-    assert cells[6] == "-0.250 / 0.000"
+    # last: (1.0 + 2.0) / 2 = 1.5 struct ÷ KD
+    assert cells[1] == "0.500 / 1.000 / 1.500" and cells[2] == "0.250 / 0.500 / 0.750"
+    assert cells[3] == "0.500 / 0.500 / 0.500" and cells[6] == "-0.250 / 0.000 / 0.250"
     assert "| ce_only |" not in md.split("## Gradient probe")[1].split("\n## ")[0]  # the control never probed

@@ -205,5 +205,7 @@ def test_a_pruned_students_chosen_heads_go_to_the_heads_cut_from_them():
     assert [p[:4] for p in sel.pairs] == [(0, 2, 4, 2), (1, 2, 9, 0), (1, 0, 9, 3), (0, 1, 4, 1)]
     for ls, hs, _, h, _ in sel.pairs:
         assert sel.head_mask[ls, hs] and sel.head_mix[ls, hs, h] == 1.0 and kept[ls][hs] == h
-    narrow = select_heads("top_retrieval", [4, 9], 4, 3, top=2, scores=scores, cut_from=[[0, 1, 3], [1, 2, 3]])
+    narrow = select_heads(
+        "top_retrieval", [4, 9], 4, 3, top=2, scores=scores, cut_from=[[0, 1, 3], [1, 2, 3]]
+    )
     assert [p[:4] for p in narrow.pairs] == [(0, 0, 4, 2), (1, 0, 9, 0)]  # pruned-away heads: lowest free

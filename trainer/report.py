@@ -283,7 +283,7 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
     if probes:
         out += [
             "",
-            "## Gradient probe (`train.grad_probe_every`; first probe step / mean over probe steps and seeds)",
+            "## Gradient probe (`train.grad_probe_every`; first / mean / last probe step, mean over seeds)",
             "",
             "Each weighted term's gradient on the student alone (trainer/grad_probe.py): norm ratios and cosines.",
             "",

@@ -1,7 +1,7 @@
 """The report's gradient-probe table (`train.grad_probe_every`, trainer/grad_probe.py), when runs logged one.
 
 Per arm, over its seeds' probe steps: the structural term's gradient norm relative to KD's (and to CE's), and
-the cosines between the terms' gradients on the student, early (first probe) and averaged over the run.
+the cosines between the terms' gradients on the student: first probe, mean over the run, last probe.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _ratio(a: dict, b: dict) -> dict[int, float]:
 
 
 def arm_probe(out_dir: Path, rows: list[dict]) -> dict[str, tuple[float, float]] | None:
-    """{quantity: (value at the first probe step, mean over every probe step)} averaged over seeds."""
+    """{quantity: (first probe step, mean over every probe step, last probe step)}, each averaged over seeds."""
     per_seed = []
     for row in rows:
         run = resolve_run_dir(out_dir, row)
@@ -41,12 +41,13 @@ def arm_probe(out_dir: Path, rows: list[dict]) -> dict[str, tuple[float, float]]
     for q in per_seed[0]:
         firsts = [d[q][min(d[q])] for d in per_seed if d[q]]
         means = [sum(d[q].values()) / len(d[q]) for d in per_seed if d[q]]
-        out[q] = (sum(firsts) / len(firsts), sum(means) / len(means)) if firsts else (math.nan, math.nan)
+        lasts = [d[q][max(d[q])] for d in per_seed if d[q]]
+        out[q] = tuple(sum(v) / len(v) for v in (firsts, means, lasts)) if firsts else (math.nan,) * 3
     return out
 
 
 def probe_table(out_dir: Path, groups: dict[str, list[dict]]) -> str:
-    """Markdown table 'first probe / mean over probes' per arm and quantity; '' when no run probed."""
+    """Markdown table 'first / mean / last probe' per arm and quantity; '' when no run probed."""
     probes = {a: arm_probe(out_dir, rs) for a, rs in groups.items()}
     probes = {a: p for a, p in probes.items() if p}
     if not probes:
@@ -54,6 +55,6 @@ def probe_table(out_dir: Path, groups: dict[str, list[dict]]) -> str:
     qs = list(next(iter(probes.values())))
     lines = ["| arm | " + " | ".join(qs) + " |", "|---|" + "---|" * len(qs)]
     for arm, p in probes.items():
-        cells = ["–" if math.isnan(p[q][0]) else f"{p[q][0]:.3f} / {p[q][1]:.3f}" for q in qs]
+        cells = ["–" if math.isnan(p[q][0]) else " / ".join(f"{v:.3f}" for v in p[q]) for q in qs]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
