@@ -188,8 +188,8 @@ def delta_table(groups: dict, stats: dict, control: str) -> str:
 
 def cost_line(stats: dict, ref: str | None) -> str:
     """'Step cost ÷ `ref`: arm 1.00x, ...' from the mean seconds per optimiser step; '' without step times."""
-    base = stats.get(ref, {}).get("train/step_s", (math.nan, math.nan, 0)) if ref else (math.nan, math.nan, 0)
-    if base[2] == 0 or not base[0] > 0:
+    base = stats.get(ref, {}).get("train/step_s") if ref else None  # (mean, std, n)
+    if base is None or base[2] == 0 or not base[0] > 0:
         return ""
     cells = [
         f"`{a}` {st['train/step_s'][0] / base[0]:.2f}x"

@@ -107,7 +107,8 @@ def emit(run: Run, row: dict) -> None:
 def record(run: Run, done: int, logs: dict) -> None:
     """Keep the final-metrics window; log every `log_every` steps and the first and last."""
     run.recent = (run.recent + [logs])[-run.cfg.train.log_every :]
-    probed = any(k.startswith("gprobe/") for k in logs)
+    every = run.cfg.train.grad_probe_every
+    probed = every > 0 and done % every == 0  # probe rows are logged even off the log_every grid
     if done % run.cfg.train.log_every == 0 or done == 1 or done == run.cfg.train.steps or probed:
         emit(run, {"step": done, **logs})
 
