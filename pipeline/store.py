@@ -174,6 +174,7 @@ class KVStore:
         self._sample_cache: dict[tuple[str, str], np.ndarray] = {}
         self._scale_cache: dict[tuple[str, int, str], np.ndarray | None] = {}
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self.shard_cache = None  # a ShardCache: read_samples reads whole shards (pipeline/shard_cache.py)
 
     @property
     def logits(self) -> dict | None:
@@ -311,7 +312,8 @@ class KVStore:
         ct = self.chunk_tokens
 
         # concurrent reads; a damaged chunk raises one line naming the array and chunk (pipeline/store_read.py)
-        flat = read_all(self, [(a, s) for s in sels for a in token_arrays + state_arrays])
+        jobs = [(a, s) for s in sels for a in token_arrays + state_arrays]
+        flat = self.shard_cache.read(self, jobs) if self.shard_cache else read_all(self, jobs)
         per = len(token_arrays) + len(state_arrays)
         k = len(scales)  # int8: each sample's scale rows (small, mostly cached), in `scales` order
         scale_rows = sync(self._gather_scale_rows(scales, split, sels)) if k else []

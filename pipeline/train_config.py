@@ -71,6 +71,13 @@ class TrainConfig:
     # Needs the split's raw size in RAM per process (default store: ~1.1 GB; each accelerate rank holds its
     # own copy); the run logs it. Off for stores that do not fit.
     preload: bool = False
+    # Sample order. "global": a fresh permutation of the whole split per epoch. "shards": shuffle the store's
+    # shards (write chunks of extract.chunk_tokens tokens), then the samples inside each window of
+    # `shuffle_window` consecutive shards, and read whole shards through a small cache (pipeline/shard_cache.py):
+    # one request per shard and array instead of ~2 per sample, for stores on object storage (README "Stores
+    # at scale"). Each loader worker keeps shuffle_window + 1 shards of the read arrays in RAM.
+    shuffle: Literal["global", "shards"] = "global"
+    shuffle_window: int = 4
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
     progress: bool = True  # tqdm progress bar on the main process
@@ -87,7 +94,8 @@ class TrainConfig:
             "train",
             self,
             dict(steps=1, batch_size=1, grad_accum=1, warmup_steps=0, lambda_warmup_steps=0, ckpt_every=0,
-                 keep_checkpoints=1, log_every=1, num_workers=0, prefetch_factor=1, grad_probe_every=0),
+                 keep_checkpoints=1, log_every=1, num_workers=0, prefetch_factor=1, grad_probe_every=0,
+                 shuffle_window=1),
         )  # fmt: skip
         for key in ("lr", "aligner_lr"):
             v = getattr(self, key)

@@ -84,8 +84,8 @@ def test_loader_workers_and_preload_read_s3(extracted):
     _, ref, loc = extracted
     kw = dict(layers=[1, 3], components=("q", "k", "v", "logits"))
     want = list(make_loader(StoreDataset(ref, "train", **kw), 5, pad_id=0))
-    for preload in (False, True):
-        remote = StoreDataset(loc, "train", preload=preload, **kw)
+    for preload, cache in ((False, 0), (True, 0), (False, 2)):  # cache: whole-shard reads (train.shuffle)
+        remote = StoreDataset(loc, "train", preload=preload, shard_cache=cache, **kw)
         workers = 0 if preload else 2  # forked workers reopen the S3 store (clients are not fork-safe)
         got = list(make_loader(remote, 5, pad_id=0, num_workers=workers))
         assert len(got) == len(want) >= 3

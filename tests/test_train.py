@@ -155,6 +155,16 @@ def test_flat_mode_trains(tmp_path, store):
     assert m["align/params"] > 0
 
 
+def test_shard_window_order_trains_with_cached_whole_shard_reads(tmp_path, store, capsys):
+    kw = {"train.steps": 4, "train.lr": 1e-2}
+    m = run_training(
+        _cfg(tmp_path / "s", store, **kw, **{"train.shuffle": "shards", "train.shuffle_window": 2})
+    )
+    assert "train.shuffle=shards:" in capsys.readouterr().out and math.isfinite(m["train/loss_ce"])
+    run_training(_cfg(tmp_path / "g", store, **kw))
+    assert losses(tmp_path / "s" / "run") != losses(tmp_path / "g" / "run")  # another sample order
+
+
 def test_segments_and_lambda_schedule_are_applied(tmp_path, store):
     cfg = _cfg(
         tmp_path,

@@ -12,6 +12,9 @@ Why these pieces:
 - `ResumableSampler` defines the whole run's sample order up front (a fresh seeded permutation per epoch)
   and can start at any global position, so a resumed run reads exactly the batches an uninterrupted run
   would have read, without touching the skipped ones. Accelerate then shards its batches across ranks.
+  With `groups` (each sample's store shard) it shuffles shards, then samples within windows of a few shards
+  (`train.shuffle: shards`): with the dataset's `shard_cache`, each shard is read whole, once per worker
+  (pipeline/shard_cache.py), the order object-storage loaders use (WebDataset, MosaicML streaming).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -38,6 +42,8 @@ class StoreDataset(Dataset):
         indices: optional subset of sample indices (dataset index i reads store sample indices[i]).
         preload: read the split's selected arrays into RAM at construction (`trainer.preload`) and serve
             samples from memory; the same items, without ~40 ms of zarr reads per sample.
+        shard_cache: > 0: read whole shards and keep this many per array in each process
+            (pipeline/shard_cache.py; for `train.shuffle: shards`); the same items.
     Shapes:
         item: input_ids / segment_ids (T,) int64, answer_mask (T,) bool, q (L_sel, H_t, T, D_t),
         k / v (L_sel, G_t, T, D_t) float32, index () int64 (the store sample index); with "logits":
@@ -54,6 +60,7 @@ class StoreDataset(Dataset):
         components: Sequence[str] = (),
         indices: Sequence[int] | None = None,
         preload: bool = False,
+        shard_cache: int = 0,
     ):
         from pipeline.store_location import StoreLocation
 
@@ -61,7 +68,7 @@ class StoreDataset(Dataset):
         self.split = split
         self.layers = [int(x) for x in layers]
         self.components = tuple(components)
-        self._store, self._pid = None, None
+        self._store, self._pid, self.shard_cache = None, None, shard_cache
         n = self.store.num_samples(split)
         self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
         self._pre = None
@@ -76,7 +83,16 @@ class StoreDataset(Dataset):
             from pipeline.store import KVStore
 
             self._store, self._pid = KVStore(self.store_path), os.getpid()
+            if self.shard_cache:
+                from pipeline.shard_cache import ShardCache
+
+                self._store.shard_cache = ShardCache(self.shard_cache)
         return self._store
+
+    def shards(self) -> np.ndarray:
+        """(len(self),) int64: the store shard (write chunk) each item's first token lies in."""
+        offsets = self.store.offsets(self.split)[self.indices]
+        return np.asarray(offsets, dtype=np.int64) // self.store.chunk_tokens
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -150,6 +166,27 @@ def collate_right_pad(samples: list[dict[str, torch.Tensor]], pad_id: int) -> di
     return out
 
 
+def shard_window_permutation(groups: torch.Tensor, window: int, g: torch.Generator) -> torch.Tensor:
+    """A permutation of range(n) that visits shards in random order, `window` shards at a time, with the
+    samples of each window in random order.
+
+    Shapes: groups (n,) int64 shard of each sample -> (n,) int64.
+    Example:
+        shard_window_permutation(torch.tensor([0, 0, 1, 1, 2]), 2, torch.Generator().manual_seed(0))
+    """
+    _, dense = torch.unique(
+        groups, return_inverse=True
+    )  # shard ids 0..S-1 (shards without a sample start drop)
+    n_shards = int(dense.max()) + 1
+    rank = torch.empty(n_shards, dtype=torch.long)
+    rank[torch.randperm(n_shards, generator=g)] = torch.arange(
+        n_shards
+    )  # position of each shard in the order
+    n = len(groups)
+    key = (rank[dense] // window) * n + torch.randperm(n, generator=g)  # window first, random inside it
+    return torch.argsort(key)
+
+
 class ResumableSampler(Sampler[int]):
     """Sample indices for a whole run: epoch e is `randperm(n)` seeded by (seed, e); starts at `start`.
 
@@ -162,9 +199,25 @@ class ResumableSampler(Sampler[int]):
         seed: the run's seed.
         total: length of the whole stream (samples the run consumes, all ranks together).
         start: first stream position to yield (0 for a fresh run).
+        groups: optional (n,) shard of each sample: epochs are `shard_window_permutation`s instead.
+        window: shards per window with `groups` (>= 1).
     """
 
-    def __init__(self, num_samples: int, seed: int, total: int, start: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        total: int,
+        start: int = 0,
+        groups: Sequence[int] | None = None,
+        window: int = 1,
+    ):
+        if groups is not None and (len(groups) != num_samples or window < 1):
+            raise ValueError(
+                f"groups of {len(groups)} samples, window {window}: expected {num_samples}, >= 1"
+            )
+        self.groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
+        self.window = window
         if num_samples < 1:
             raise ValueError(f"num_samples={num_samples}: expected a non-empty split")
         if not 0 <= start <= total:
@@ -175,7 +228,11 @@ class ResumableSampler(Sampler[int]):
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_samples, generator=g), epoch
+            if self.groups is None:
+                perm = torch.randperm(self.num_samples, generator=g)
+            else:
+                perm = shard_window_permutation(self.groups, self.window, g)
+            self._perm, self._perm_epoch = perm, epoch
         return self._perm
 
     def __iter__(self):

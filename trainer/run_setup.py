@@ -159,7 +159,9 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     if kd is not None:
         comps = (*comps, "logits")
     t_load = time.perf_counter()
-    train_ds = StoreDataset(store.path, "train", layers=layers, components=comps, preload=cfg.train.preload)
+    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload)
+    if train_ds.shard_cache:
+        accelerator.print(shard_order_line(cfg, store, layers, comps))
     if cfg.train.preload:
         from trainer.preload import preload_bytes
 
@@ -168,6 +170,35 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     return dict(store=store, student=student, tokenizer=tokenizer, aligner=aligner, kd=kd, loss_fn=loss_fn,
                 train_ds=train_ds, pad_id=pad_id)  # fmt: skip
+
+
+def train_dataset(cfg: KVMapConfig, store, layers: list[int], comps, preload: bool) -> StoreDataset:
+    """The train split as the trainer reads it; `train.shuffle: shards` reads whole shards through a cache of
+    shuffle_window + 1 shards per array (preload reads the split whole anyway)."""
+    shards = cfg.train.shuffle == "shards" and not preload
+    cache = cfg.train.shuffle_window + 1 if shards else 0
+    return StoreDataset(
+        store.path, "train", layers=layers, components=comps, preload=preload, shard_cache=cache
+    )
+
+
+def train_sampler(cfg: KVMapConfig, ds: StoreDataset, total: int, start: int = 0) -> ResumableSampler:
+    """The run's sample stream: global permutations, or shard windows (`train.shuffle: shards`)."""
+    groups = ds.shards() if cfg.train.shuffle == "shards" else None
+    return ResumableSampler(len(ds), cfg.seed, total, start, groups=groups, window=cfg.train.shuffle_window)
+
+
+def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
+    """What `train.shuffle: shards` costs: shards per window and each loader process's cache in RAM."""
+    from trainer.preload import preload_bytes
+
+    n_shards = -(-store.num_tokens("train") // store.chunk_tokens)
+    per_shard = preload_bytes(store, "train", layers or store.layers, comps) / max(n_shards, 1)
+    gib = per_shard * (cfg.train.shuffle_window + 1) / 2**30
+    return (
+        f"train.shuffle=shards: {n_shards} shards of {store.chunk_tokens} tokens, {cfg.train.shuffle_window} "
+        f"per window; each loader process caches up to {gib:.2f} GiB of decoded shards"
+    )
 
 
 def optimizer_and_schedule(cfg: KVMapConfig, student, aligner):
@@ -210,9 +241,7 @@ def sample_stream(run: Run, train_ds: StoreDataset):
     """The run's whole seeded sample stream, restarted at the first sample not yet consumed."""
     cfg, acc = run.cfg, run.accelerator
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-    sampler = ResumableSampler(
-        len(train_ds), cfg.seed, cfg.train.steps * global_batch, run.start_step * global_batch
-    )
+    sampler = train_sampler(cfg, train_ds, cfg.train.steps * global_batch, run.start_step * global_batch)
     # Pinned host batches on CUDA: the teacher states are most of a batch's bytes, and a pageable copy of
     # them cost 214-254 ms vs 38 ms pinned per 4 x 1024-token batch of 7B states on an H100
     # (benchmarks/bench_gpu.py, section 2) -- more than the CE-only step itself.
