@@ -131,7 +131,7 @@ def int8_fidelity(bf16: KVStore, int8: KVStore, num_samples: int) -> dict:
 
 def run_int8(args, base: list[str]) -> int:
     """bf16 vs int8 extraction of the same samples: bytes, fidelity, throughput (see the module docstring)."""
-    from int8_fidelity import scheme_table  # the sibling module (HERE on sys.path)
+    from int8_fidelity import levels_table, scheme_table  # the sibling module (HERE on sys.path)
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_int8_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +159,7 @@ def run_int8(args, base: list[str]) -> int:
         "loop_s": loop_s,
         "fidelity": fid,
         "schemes": scheme_table(states, int(bf.attrs["chunk_tokens"])),
+        "levels": levels_table(bf, args.kl_samples),
         "load_avg_1min_at_end": os.getloadavg()[0],
     }
     print(f"\n{res['tokens']} tokens, layers {bf.layers}, OMP/torch threads {torch.get_num_threads()}, "
@@ -167,6 +168,11 @@ def run_int8(args, base: list[str]) -> int:
     for row in res["schemes"]:
         print(f"  {row['component']} {row['scheme']:<29} {row['rel_rms']:>8.4f} {row['cos']:>10.7f} "
               f"{row['bytes_over_bf16']:>10.3f}")  # fmt: skip
+    print(f"{'fewer levels (first chunk, all layers)':<40} {'bytes/bf16':>10} {'min cos':>10} {'attn KL':>9}")
+    for row in res["levels"]:
+        print(
+            f"  qmax {row['qmax']:<33} {row['bytes_over_bf16']:>10.3f} {row['min_cos']:>10.7f} {row['kl']:>9.2e}"
+        )
     bars = [
         ("int8 / bf16 stored state bytes", res["bytes_ratio"], "<=", 0.55),
         ("cosine q (dequantised vs bf16)", fid["cos_q"], ">=", 0.9999),

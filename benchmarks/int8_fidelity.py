@@ -91,3 +91,43 @@ def scheme_table(states: dict[str, np.ndarray], chunk_tokens: int, level: int = 
                 }
             )
     return rows
+
+
+LEVELS = (127, 90, 63, 45, 31)
+
+
+def _sample(src: dict, layers: list[int], a: int, b: int) -> dict[str, torch.Tensor]:
+    """Tokens [a, b) of {(layer, comp): (N, X, D)} as one sample: {comp: (L, X, T, D)}."""
+    return {c: torch.stack([src[(layer, c)][a:b] for layer in layers]).permute(0, 2, 1, 3) for c in "qkv"}
+
+
+def levels_table(store, num_samples: int, level: int = 1) -> list[dict]:
+    """Fewer quantisation levels (symmetric, per (head, channel), qmax < 127) on the store's first write chunk:
+    compressed bytes vs bf16 and fidelity, every stored layer.
+
+    Why: int8 words that use the whole range compress ~1.05x with any lossless codec (their entropy is ~7.3-7.7
+    bits per word), so below ~0.65x the bf16 bytes only using fewer levels shrinks a store; this table says
+    what each level count costs in cosine and attention KL. Args: store, a bf16 KVStore; num_samples, samples
+    that lie inside the first chunk for the cosine / KL columns.
+    """
+    ct, layers = min(store.chunk_tokens, store.num_tokens()), store.layers
+    x = {(layer, c): store.read_states(layer, c, 0, ct) for layer in layers for c in "qkv"}  # (ct, X, D)
+    ref_bytes = sum(
+        _compressed_bytes(v.to(torch.bfloat16).view(torch.int16).numpy(), level) for v in x.values()
+    )
+    off, ln = store.offsets(), store.lengths()
+    inside = [i for i in range(store.num_samples()) if off[i] + ln[i] <= ct][:num_samples]
+    head_dim = int(store.attrs["teacher"]["head_dim"])
+    rows = []
+    for qmax in LEVELS:
+        deq, nbytes = {}, 0
+        for key, v in x.items():
+            q, s = quantize(v, "channel", qmax)
+            nbytes += _compressed_bytes(q.numpy(), level)
+            deq[key] = q.float() * s
+        m = [sample_metrics(_sample(x, layers, off[i], off[i] + ln[i]), _sample(deq, layers, off[i], off[i] + ln[i]),
+                            head_dim) for i in inside]  # fmt: skip
+        cos = min(float(np.mean([r[f"cos_{c}"] for r in m])) for c in "qkv")
+        rows.append({"qmax": qmax, "bytes_over_bf16": nbytes / ref_bytes, "min_cos": cos,
+                     "kl": float(np.mean([r["kl"] for r in m])), "samples": len(m)})  # fmt: skip
+    return rows

@@ -36,9 +36,11 @@ def scale_key(comp: str) -> str:
     return f"{comp}_scale"
 
 
-def quantize(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, scheme: str, qmax: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 of one chunk's states, on the device they live on.
 
+    `qmax` < 127 uses fewer levels (benchmarks/int8_fidelity.py `levels_table` measures the bytes / fidelity
+    trade; stores always use 127).
     Shapes: x (N, X, D) float -> q (N, X, D) int8, scale (1, X, D) for "channel" | (N, X) for "token" float32.
     Example:
         q, s = quantize(torch.randn(4096, 3, 64), "channel")  # s: (1, 3, 64)
@@ -47,15 +49,15 @@ def quantize(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"quantize: x has shape {tuple(x.shape)}, expected (N, X, D)")
     x = x.float()
     if scheme == "channel":
-        scale = x.abs().amax(dim=0, keepdim=True) / QMAX  # (1, X, D)
+        scale = x.abs().amax(dim=0, keepdim=True) / qmax  # (1, X, D)
         full = scale
     elif scheme == "token":
-        scale = x.abs().amax(dim=2) / QMAX  # (N, X)
+        scale = x.abs().amax(dim=2) / qmax  # (N, X)
         full = scale.unsqueeze(-1)  # (N, X, 1)
     else:
         raise ValueError(f"int8 scheme={scheme!r}: expected one of {SCHEMES}")
     safe = torch.where(full > 0, full, torch.ones_like(full))
-    q = torch.round(x / safe).clamp_(-QMAX, QMAX).to(torch.int8)  # zero-scale entries are exactly 0
+    q = torch.round(x / safe).clamp_(-qmax, qmax).to(torch.int8)  # zero-scale entries are exactly 0
     return q, scale
 
 

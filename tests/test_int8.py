@@ -14,39 +14,39 @@ from pipeline.store import PROGRESS_DIR, KVStore
 from tests.helpers_store import save_tiny_teacher, store_arrays, write_extract_config
 
 
-def naive_quantize(x: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-    """Loop-level reference: symmetric int8 with absmax / 127 scales (0 -> 0) per the scheme's groups."""
+def naive_quantize(x: np.ndarray, scheme: str, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Loop-level reference: symmetric int8 with absmax / qmax scales (0 -> 0) per the scheme's groups."""
     n, heads, dim = x.shape
     q = np.zeros(x.shape, dtype=np.int8)
     if scheme == "channel":
         scale = np.zeros((1, heads, dim), dtype=np.float32)
         for h in range(heads):
             for d in range(dim):
-                s = np.float32(np.abs(x[:, h, d]).max()) / np.float32(127)
+                s = np.float32(np.abs(x[:, h, d]).max()) / np.float32(qmax)
                 scale[0, h, d] = s
                 if s > 0:
-                    q[:, h, d] = np.clip(np.round(x[:, h, d] / s), -127, 127)
+                    q[:, h, d] = np.clip(np.round(x[:, h, d] / s), -qmax, qmax)
     else:
         scale = np.zeros((n, heads), dtype=np.float32)
         for t in range(n):
             for h in range(heads):
-                s = np.float32(np.abs(x[t, h]).max()) / np.float32(127)
+                s = np.float32(np.abs(x[t, h]).max()) / np.float32(qmax)
                 scale[t, h] = s
                 if s > 0:
-                    q[t, h] = np.clip(np.round(x[t, h] / s), -127, 127)
+                    q[t, h] = np.clip(np.round(x[t, h] / s), -qmax, qmax)
     return q, scale
 
 
 @pytest.mark.parametrize("scheme", ["channel", "token"])
-@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
-def test_quantize_equals_naive_reference(scheme, src):
-    g = torch.Generator().manual_seed(hash((scheme, str(src))) % 2**31)
+@pytest.mark.parametrize("src, qmax", [(torch.float32, 127), (torch.bfloat16, 127), (torch.float32, 45)])
+def test_quantize_equals_naive_reference(scheme, src, qmax):
+    g = torch.Generator().manual_seed(hash((scheme, str(src), qmax)) % 2**31)
     x = torch.randn(50, 3, 8, generator=g) * torch.logspace(-3, 2, 8)  # channels over 5 decades
     x[:, 1, 2] = 0  # an all-zero channel
     x[7] = 0  # an all-zero token
     x = x.to(src)
-    q, s = quantize(x, scheme)
-    q_ref, s_ref = naive_quantize(x.float().numpy(), scheme)
+    q, s = quantize(x, scheme, qmax)
+    q_ref, s_ref = naive_quantize(x.float().numpy(), scheme, qmax)
     np.testing.assert_array_equal(s.numpy(), s_ref)
     np.testing.assert_array_equal(q.numpy(), q_ref)
     full = s if scheme == "channel" else s.unsqueeze(-1)
@@ -180,3 +180,15 @@ def test_extraction_summary_counts_int8_words_as_one_byte(stores):
     from pipeline.extract_summary import _word_note
 
     assert _word_note(bf) == "" and _word_note(q).startswith("; raw int8 words ")
+
+
+def test_int8_reads_through_the_shard_cache_equal_plain_reads(stores):
+    from trainer.data import StoreDataset
+
+    _, paths = stores
+    for name in ("int8", "int8_vtoken"):
+        plain = StoreDataset(paths[name], "train", layers=[0, 3], components=("q", "k", "v"))
+        cached = StoreDataset(paths[name], "train", layers=[0, 3], components=("q", "k", "v"), shard_cache=1)
+        idx = list(range(len(plain)))[::-1]
+        for a, b in zip(plain.__getitems__(idx), cached.__getitems__(idx)):
+            assert all(torch.equal(a[k], b[k]) for k in a)
