@@ -109,7 +109,8 @@ class Stepper:
         from alignment import create_structural_loss
         from pipeline.models import load_model
         from pipeline.train_config import segment_ids_of
-        from trainer.data import ResumableSampler, StoreDataset, make_loader
+        from trainer.data import make_loader
+        from trainer.run_setup import train_dataset, train_sampler
         from trainer.setup import build_aligner, build_kd, needed_components, param_groups
         from trainer.step import DistillModel
         from trainer.store_checks import check_layers
@@ -129,9 +130,9 @@ class Stepper:
         # as the trainer reads it: `train.preload` (the default config) holds the split's arrays in RAM; the
         # loader variant measures the store reads themselves
         pre = cfg.train.preload and variant != "loader"
-        ds = StoreDataset(store.path, "train", layers=self.layers, components=comps, preload=pre)
+        ds = train_dataset(cfg, store, self.layers, comps, pre)  # as the trainer: train.shuffle honoured
         pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-        sampler = ResumableSampler(len(ds), cfg.seed, total_batches * B)
+        sampler = train_sampler(cfg, ds, total_batches * B)
         self.loader = make_loader(ds, B, pad_id, sampler, cfg.train.num_workers, cfg.train.prefetch_factor)
         self.batches = iter(self.loader)
         self.loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config)) if self.aligner else None
