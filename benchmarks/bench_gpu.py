@@ -19,8 +19,9 @@ Sections:
              uniform layer map of the section-2 student needs, vs capture + Q/K/V copied token-major into
              pinned CPU bf16 buffers (async: the best case), vs `pipeline.extract_chunk.extract_chunk` (what
              stage 1 runs per chunk: capture, finiteness check, pageable `.cpu()`, numpy packing, answer
-             accuracy; the zarr write itself is CPU work, not timed). Also checks that capture leaves the
-             logits unchanged.
+             accuracy; the zarr write itself is CPU work, not timed), in bf16 and in int8 (quantised on the
+             device before the copy; issue-16 bar: extract_chunk_int8 <= 1.3x plain, i.e. <= +30%). Also
+             checks that capture leaves the logits unchanged.
   2 step     student at Qwen2.5-1.5B geometry, fp32 master weights, accelerate mixed_precision="bf16"
              (autocast around `DistillModel.forward`, prepared as `trainer/train.py` does), random teacher
              states (B, L_sel, H_t|G_t, T, D_t) float32 as the store reader returns them. One step =

@@ -217,8 +217,9 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
                 samples = [dict(input_ids=ids_cpu[b], segment_ids=seg, answer_mask=ans) for b in range(B)]
                 packed = PackedSplit.from_samples(samples, list(range(B)))
                 comps = ["q", "k", "v"]
-                measure("extract_chunk", lambda: extract_chunk(model, cap, packed, 0, B * T, layers, comps,
-                                                                "bfloat16", B, 0))  # fmt: skip
+                for dtype, name in (("bfloat16", "extract_chunk"), ("int8", "extract_chunk_int8")):
+                    measure(name, lambda dt=dtype: extract_chunk(model, cap, packed, 0, B * T, layers, comps,
+                                                                 dt, B, 0))  # fmt: skip
             except Exception as e:
                 traceback.print_exc()
                 rows["extract_chunk"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
