@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DataConfig, KVMapConfig
-from pipeline.configlib import to_dict
+from pipeline.configlib import ConfigError, to_dict
 from pipeline.data import _field, load_samples
 from pipeline.generate import REJECT_REASONS, complete_rows
+from pipeline.store_location import is_url
 
 SPLIT_PATHS = {"train": "train_path", "eval": "eval_path"}
 
@@ -43,6 +44,11 @@ def completions_dir(cfg: KVMapConfig) -> Path:
     """Where the completions of `cfg` live (`data.generation.out_dir`, or beside the store)."""
     if cfg.data.generation.out_dir is not None:
         return Path(cfg.data.generation.out_dir)
+    if is_url(cfg.extract.store):  # Path() of a URL would be a local folder named "s3:"
+        raise ConfigError(
+            f"config key 'data.generation.out_dir': null with extract.store='{cfg.extract.store}' (a URL): "
+            "expected a local folder for the teacher's completions (written beside local stores only)"
+        )
     store = Path(cfg.extract.store)
     return store.with_name(store.name.removesuffix(".zarr") + ".completions")
 

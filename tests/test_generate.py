@@ -220,6 +220,16 @@ def test_bad_values_are_one_line_errors(override, expected):
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
+def test_url_store_needs_a_local_completions_folder():
+    cfg = load_config(KVMapConfig, None, ["data.completions=teacher", "extract.store=s3://b/x.zarr"])
+    with pytest.raises(
+        ConfigError, match="'data.generation.out_dir': null with extract.store='s3://b/x.zarr'"
+    ):
+        completions_dir(cfg)
+    cfg.data.generation.out_dir = "gen"
+    assert completions_dir(cfg) == Path("gen")
+
+
 def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
