@@ -49,7 +49,7 @@ def test_shard_sampler_is_seeded_resumable_and_fresh_each_epoch():
     assert _windows_in_order([int(groups[i]) for i in full[:30]], 2)
     assert list(ResumableSampler(30, seed=3, total=75, start=41, groups=groups, window=2)) == full[41:]
     assert full[:30] != list(ResumableSampler(30, seed=3, total=30))  # not the global order
-    with pytest.raises(ValueError, match="groups of 5 samples"):
+    with pytest.raises(ValueError, match="got 5 shard ids for 30 samples"):
         ResumableSampler(30, seed=0, total=10, groups=groups[:5])
 
 

@@ -174,14 +174,11 @@ def shard_window_permutation(groups: torch.Tensor, window: int, g: torch.Generat
     Example:
         shard_window_permutation(torch.tensor([0, 0, 1, 1, 2]), 2, torch.Generator().manual_seed(0))
     """
-    _, dense = torch.unique(
-        groups, return_inverse=True
-    )  # shard ids 0..S-1 (shards without a sample start drop)
+    # shard ids -> 0..S-1 (a shard in which no sample starts has no id); rank = each shard's place in the order
+    _, dense = torch.unique(groups, return_inverse=True)
     n_shards = int(dense.max()) + 1
     rank = torch.empty(n_shards, dtype=torch.long)
-    rank[torch.randperm(n_shards, generator=g)] = torch.arange(
-        n_shards
-    )  # position of each shard in the order
+    rank[torch.randperm(n_shards, generator=g)] = torch.arange(n_shards)
     n = len(groups)
     key = (rank[dense] // window) * n + torch.randperm(n, generator=g)  # window first, random inside it
     return torch.argsort(key)
@@ -214,7 +211,8 @@ class ResumableSampler(Sampler[int]):
     ):
         if groups is not None and (len(groups) != num_samples or window < 1):
             raise ValueError(
-                f"groups of {len(groups)} samples, window {window}: expected {num_samples}, >= 1"
+                f"ResumableSampler: got {len(groups)} shard ids for {num_samples} samples and window={window}: "
+                "expected one id per sample and window >= 1"
             )
         self.groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
         self.window = window

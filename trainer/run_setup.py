@@ -197,7 +197,7 @@ def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
     gib = per_shard * (cfg.train.shuffle_window + 1) / 2**30
     return (
         f"train.shuffle=shards: {n_shards} shards of {store.chunk_tokens} tokens, {cfg.train.shuffle_window} "
-        f"per window; each loader process caches up to {gib:.2f} GiB of decoded shards"
+        f"per window; each loader process caches up to {gib:.2f} GiB of decompressed shards"
     )
 
 
