@@ -132,7 +132,7 @@ class Stepper:
         pre = cfg.train.preload and variant != "loader"
         ds = train_dataset(cfg, store, self.layers, comps, pre)  # as the trainer: train.shuffle honoured
         pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-        sampler = train_sampler(cfg, ds, total_batches * B)
+        sampler = train_sampler(cfg, ds, total_batches * B, batch=B)
         self.loader = make_loader(ds, B, pad_id, sampler, cfg.train.num_workers, cfg.train.prefetch_factor)
         self.batches = iter(self.loader)
         self.loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config)) if self.aligner else None

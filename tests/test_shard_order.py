@@ -9,7 +9,8 @@ import torch
 from pipeline.shard_cache import ShardCache
 from pipeline.store import KVStore
 from tests.helpers_store import write_random_store
-from trainer.data import ResumableSampler, StoreDataset, make_loader, shard_window_permutation
+from trainer.data import ResumableSampler, StoreDataset, make_loader
+from trainer.sample_order import shard_window_permutation
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,52 @@ def test_a_damaged_shard_read_through_the_cache_names_the_array_and_chunk(tmp_pa
     ds = StoreDataset(path, "train", layers=[0], components=("k",), shard_cache=2)
     with pytest.raises(ValueError, match=r"array train/layers/0/k chunk 1 \(tokens 64-128"):
         list(make_loader(ds, 12, pad_id=0))
+
+
+def _fetches(stream: list[int], groups: np.ndarray, n: int, readers: int, batch: int) -> int:
+    """Whole-shard fetches if batch b is read by reader b % readers, each reader caching its shards for an epoch."""
+    touched = set()
+    for p, i in enumerate(stream):
+        touched.add(((p // batch) % readers, p // n, int(groups[i])))  # (reader, epoch, shard)
+    return len(touched)
+
+
+@pytest.mark.parametrize("readers, batch", [(2, 3), (3, 4), (4, 2)])
+def test_reader_order_deals_each_shard_to_one_reader_and_resumes(readers, batch):
+    rng = np.random.default_rng(readers)
+    groups = np.repeat(np.arange(0, 48, 4), rng.integers(3, 10, 12))  # 12 shards of 3-9 samples
+    groups = groups[: len(groups) - (len(groups) % batch == 0)]  # n not a multiple of the batch
+    n, total = len(groups), 3 * len(groups) + 5
+    kw = dict(groups=groups, window=2, readers=readers, batch=batch)
+    full = list(ResumableSampler(n, 0, total, **kw))
+    for e in range(3):
+        assert sorted(full[e * n : (e + 1) * n]) == list(range(n))  # each epoch a permutation
+    assert n % batch  # epochs end mid-batch: the next epoch's first batch continues that reader's slot
+    for p in (1, n - 1, n + batch + 1, 2 * n + 3):
+        assert list(ResumableSampler(n, 0, total, start=p, **kw)) == full[p:]
+    dealt = _fetches(full[: 3 * n], groups, n, readers, batch)
+    shared = _fetches(list(ResumableSampler(n, 0, 3 * n, groups=groups, window=2)), groups, n, readers, batch)
+    assert dealt <= 3 * (12 + 2 * readers)  # each shard once per epoch, plus a few at the end of an epoch
+    assert shared >= 1.5 * dealt  # undealt, every reader fetches most shards
+
+
+class _WorkerId(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.tensor(torch.utils.data.get_worker_info().id)
+
+
+def test_batch_b_is_read_by_reader_b_mod_readers():
+    """What reader_order relies on: torch hands a rank's batch j to worker j % W, accelerate global batch b to
+    rank b % N (so reader b % (N * W) reads batch b)."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    loader = torch.utils.data.DataLoader(_WorkerId(), batch_size=4, num_workers=2, prefetch_factor=3)
+    assert [int(b[0]) for b in loader] == [j % 2 for j in range(16)]
+    batches = list(BatchSampler(SequentialSampler(range(40)), 4, drop_last=False))
+    for rank in range(2):
+        got = list(BatchSamplerShard(BatchSampler(SequentialSampler(range(40)), 4, False), 2, rank))
+        assert got == batches[rank::2]

@@ -12,9 +12,10 @@ Why these pieces:
 - `ResumableSampler` defines the whole run's sample order up front (a fresh seeded permutation per epoch)
   and can start at any global position, so a resumed run reads exactly the batches an uninterrupted run
   would have read, without touching the skipped ones. Accelerate then shards its batches across ranks.
-  With `groups` (each sample's store shard) it shuffles shards, then samples within windows of a few shards
-  (`train.shuffle: shards`): with the dataset's `shard_cache`, each shard is read whole, once per worker
-  (pipeline/shard_cache.py), the order object-storage loaders use (WebDataset, MosaicML streaming).
+  With `groups` (each sample's store shard) it shuffles shards, then samples within windows of a few shards,
+  dealt to the run's readers (`train.shuffle: shards`, trainer/sample_order.py): with the dataset's
+  `shard_cache`, each shard is read whole by one reader per epoch (pipeline/shard_cache.py), the order
+  object-storage loaders use (WebDataset, MosaicML streaming).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from functools import partial
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from trainer.sample_order import reader_order
 
 PAD_SEGMENT = -1
 
@@ -166,24 +169,6 @@ def collate_right_pad(samples: list[dict[str, torch.Tensor]], pad_id: int) -> di
     return out
 
 
-def shard_window_permutation(groups: torch.Tensor, window: int, g: torch.Generator) -> torch.Tensor:
-    """A permutation of range(n) that visits shards in random order, `window` shards at a time, with the
-    samples of each window in random order.
-
-    Shapes: groups (n,) int64 shard of each sample -> (n,) int64.
-    Example:
-        shard_window_permutation(torch.tensor([0, 0, 1, 1, 2]), 2, torch.Generator().manual_seed(0))
-    """
-    # shard ids -> 0..S-1 (a shard in which no sample starts has no id); rank = each shard's place in the order
-    _, dense = torch.unique(groups, return_inverse=True)
-    n_shards = int(dense.max()) + 1
-    rank = torch.empty(n_shards, dtype=torch.long)
-    rank[torch.randperm(n_shards, generator=g)] = torch.arange(n_shards)
-    n = len(groups)
-    key = (rank[dense] // window) * n + torch.randperm(n, generator=g)  # window first, random inside it
-    return torch.argsort(key)
-
-
 class ResumableSampler(Sampler[int]):
     """Sample indices for a whole run: epoch e is `randperm(n)` seeded by (seed, e); starts at `start`.
 
@@ -196,8 +181,12 @@ class ResumableSampler(Sampler[int]):
         seed: the run's seed.
         total: length of the whole stream (samples the run consumes, all ranks together).
         start: first stream position to yield (0 for a fresh run).
-        groups: optional (n,) shard of each sample: epochs are `shard_window_permutation`s instead.
+        groups: optional (n,) shard of each sample: epochs are shard-window orders instead
+            (trainer/sample_order.py `reader_order`).
         window: shards per window with `groups` (>= 1).
+        readers: with `groups`, the processes that read the stream's batches (ranks x loader workers;
+            batch b is read by reader b % readers), each given its own shards.
+        batch: with `groups`, the micro-batch size (the unit a reader reads).
     """
 
     def __init__(
@@ -208,14 +197,16 @@ class ResumableSampler(Sampler[int]):
         start: int = 0,
         groups: Sequence[int] | None = None,
         window: int = 1,
+        readers: int = 1,
+        batch: int = 1,
     ):
-        if groups is not None and (len(groups) != num_samples or window < 1):
+        if groups is not None and (len(groups) != num_samples or min(window, readers, batch) < 1):
             raise ValueError(
-                f"ResumableSampler: got {len(groups)} shard ids for {num_samples} samples and window={window}: "
-                "expected one id per sample and window >= 1"
+                f"ResumableSampler: got {len(groups)} shard ids for {num_samples} samples, window={window}, "
+                f"readers={readers}, batch={batch}: expected one id per sample and window, readers, batch >= 1"
             )
         self.groups = None if groups is None else torch.as_tensor(np.asarray(groups), dtype=torch.long)
-        self.window = window
+        self.window, self.readers, self.batch = window, readers, batch
         if num_samples < 1:
             raise ValueError(f"num_samples={num_samples}: expected a non-empty split")
         if not 0 <= start <= total:
@@ -229,7 +220,9 @@ class ResumableSampler(Sampler[int]):
             if self.groups is None:
                 perm = torch.randperm(self.num_samples, generator=g)
             else:
-                perm = shard_window_permutation(self.groups, self.window, g)
+                first = epoch * self.num_samples  # stream position of the epoch's first sample
+                slot, room = first // self.batch, self.batch - first % self.batch
+                perm = reader_order(self.groups, self.window, self.readers, self.batch, slot, room, g)
             self._perm, self._perm_epoch = perm, epoch
         return self._perm
 

@@ -182,10 +182,21 @@ def train_dataset(cfg: KVMapConfig, store, layers: list[int], comps, preload: bo
     )
 
 
-def train_sampler(cfg: KVMapConfig, ds: StoreDataset, total: int, start: int = 0) -> ResumableSampler:
-    """The run's sample stream: global permutations, or shard windows (`train.shuffle: shards`)."""
+def train_sampler(
+    cfg: KVMapConfig,
+    ds: StoreDataset,
+    total: int,
+    start: int = 0,
+    processes: int = 1,
+    batch: int | None = None,
+) -> ResumableSampler:
+    """The run's sample stream: global permutations, or shard windows dealt to the run's readers (`processes`
+    ranks x `train.num_workers` loader workers reading micro-batches of `batch`, default train.batch_size;
+    `train.shuffle: shards`, trainer/sample_order.py)."""
     groups = ds.shards() if cfg.train.shuffle == "shards" else None
-    return ResumableSampler(len(ds), cfg.seed, total, start, groups=groups, window=cfg.train.shuffle_window)
+    readers = processes * max(cfg.train.num_workers, 1)
+    return ResumableSampler(len(ds), cfg.seed, total, start, groups=groups, window=cfg.train.shuffle_window,
+                            readers=readers, batch=batch or cfg.train.batch_size)  # fmt: skip
 
 
 def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
@@ -241,7 +252,8 @@ def sample_stream(run: Run, train_ds: StoreDataset):
     """The run's whole seeded sample stream, restarted at the first sample not yet consumed."""
     cfg, acc = run.cfg, run.accelerator
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
-    sampler = train_sampler(cfg, train_ds, cfg.train.steps * global_batch, run.start_step * global_batch)
+    total, start = cfg.train.steps * global_batch, run.start_step * global_batch
+    sampler = train_sampler(cfg, train_ds, total, start, processes=acc.num_processes)
     # Pinned host batches on CUDA: the teacher states are most of a batch's bytes, and a pageable copy of
     # them cost 214-254 ms vs 38 ms pinned per 4 x 1024-token batch of 7B states on an H100
     # (benchmarks/bench_gpu.py, section 2) -- more than the CE-only step itself.
