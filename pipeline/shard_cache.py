@@ -29,54 +29,62 @@ class ShardCache:
     """Decoded whole shards, least recently used evicted first.
 
     Args:
-        max_shards: shards kept per array (>= 1); the cache holds at most `max_shards` x (arrays read)
-            shards. A read that needs more shards than that still returns correct data: a call assembles
-            its answer from the shards it fetched before anything is evicted.
+        max_shards: shards kept per array (>= 1; each array has its own LRU, so small one-chunk arrays such as
+            the token ids stay while the state arrays cycle through shards). A read that needs more shards
+            than that still returns correct data: a call assembles its answer before anything is evicted.
     """
 
     def __init__(self, max_shards: int):
         if max_shards < 1:
             raise ValueError(f"ShardCache max_shards={max_shards}: expected >= 1")
         self.max_shards = max_shards
-        self._lru: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._paths: set[str] = set()
+        self._lru: dict[str, OrderedDict[int, np.ndarray]] = {}  # array path -> shard index -> its words
         self.fetched = 0  # whole-shard reads issued so far (tests and benchmarks count requests with it)
 
     def read(self, store, jobs: list[tuple[zarr.Array, slice]]) -> list[np.ndarray]:
         """Each (array, token slice) of `jobs` as a numpy array (a copy), like `read_all`.
 
-        Missing shards are read whole, all at once (`read_all`: concurrent, damaged chunks named).
+        The shard a range starts in is read whole and cached; the part of a range that runs on into a shard
+        not cached is read as that part only (a sample straddling a boundary should not pull a whole shard
+        another reader owns, trainer/sample_order.py). Every read is issued at once (`read_all`: concurrent,
+        damaged chunks named).
         """
         have: dict[tuple[str, int], np.ndarray] = {}
         need: dict[tuple[str, int], tuple[zarr.Array, slice]] = {}
-        for arr, sel in jobs:
+        tails: dict[tuple[int, int], tuple[zarr.Array, slice]] = {}  # (job, shard) -> the job's part in it
+        for j, (arr, sel) in enumerate(jobs):
             n = chunk_len(arr)
+            lru = self._lru.setdefault(arr.path, OrderedDict())
             for i in range(sel.start // n, -(-sel.stop // n)):
                 key = (arr.path, i)
                 if key in have or key in need:
                     continue
-                if key in self._lru:
-                    self._lru.move_to_end(key)
-                    have[key] = self._lru[key]
-                else:
+                if i in lru:
+                    lru.move_to_end(i)
+                    have[key] = lru[i]
+                elif i == sel.start // n:
                     need[key] = (arr, slice(i * n, min((i + 1) * n, arr.shape[0])))
-        for key, got in zip(need, read_all(store, list(need.values()))):
-            have[key] = np.asarray(got)
-            self._lru[key] = have[key]
+                else:
+                    tails[(j, i)] = (arr, slice(i * n, min(sel.stop, (i + 1) * n)))
+        got = read_all(store, [*need.values(), *tails.values()])
+        for (path, i), a in zip(need, got):
+            have[(path, i)] = self._lru[path][i] = np.asarray(a)
+            while len(self._lru[path]) > self.max_shards:
+                self._lru[path].popitem(last=False)
+        part = dict(zip(tails, got[len(need) :]))
         self.fetched += len(need)
-        self._paths.update(arr.path for arr, _ in jobs)
-        while len(self._lru) > self.max_shards * len(self._paths):
-            self._lru.popitem(last=False)
-        return [self._cut(arr, sel, have) for arr, sel in jobs]
+        return [self._cut(arr, sel, have, part, j) for j, (arr, sel) in enumerate(jobs)]
 
     @staticmethod
-    def _cut(arr: zarr.Array, sel: slice, have: dict) -> np.ndarray:
-        """Tokens `sel` of `arr` from its shards in `have` (a copy: callers may write into what they get)."""
+    def _cut(arr: zarr.Array, sel: slice, have: dict, part: dict, j: int) -> np.ndarray:
+        """Tokens `sel` of `arr` (job j) from whole shards in `have` or its own parts in `part` (parts start at
+        their shard's first token, so both index alike); a copy: callers may write into what they get."""
         n = chunk_len(arr)
         if sel.stop <= sel.start:
             return np.asarray(arr[sel])  # an empty range: no shard to cut from
-        parts = [
-            have[(arr.path, i)][max(sel.start - i * n, 0) : min(sel.stop - i * n, n)]
-            for i in range(sel.start // n, -(-sel.stop // n))
-        ]
+        parts = []
+        for i in range(sel.start // n, -(-sel.stop // n)):
+            src = have.get((arr.path, i))
+            src = np.asarray(part[(j, i)]) if src is None else src
+            parts.append(src[max(sel.start - i * n, 0) : min(sel.stop - i * n, n)])
         return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
