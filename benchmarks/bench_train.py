@@ -26,12 +26,12 @@ loader samples/s >= 3x what the cached step consumes.
           base_overrides + the arm's overrides on top of --config), interleaved in one process; prints each
           arm's median step time and its ratio to CE-only. A staged arm is timed in its "on" stage.
 
-    python benchmarks/bench_train.py --config configs/default.yaml --stores BF16_STORE,INT8_STORE
+    python benchmarks/bench_train.py --config configs/default.yaml --stores BF16_STORE[,INT8_STORE]
         [--rounds 3] [--workers 2] [--steps 8] [--warmup 2] [--threads 1] [key=value ...]
   stores  instead of the above (issue 16): the trainer's DataLoader on a bf16 store, on an int8 store of the
-          same extraction (`bench_extract.py --int8 --out DIR`) and on the bf16 store copied to a local S3
-          server (moto, own process), rounds interleaved; and the cached step's consumption
-          (benchmarks/loader_stores.py).
+          same extraction (`bench_extract.py --int8 --out DIR`; optional) and on the bf16 store copied to a
+          local S3 server (moto, own process) in the global and the shard-window order, rounds interleaved;
+          and the cached step's consumption (benchmarks/loader_stores.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _args(argv):
     ap.add_argument("--rss_steps", type=int, default=3, help="steps of each peak-RSS process")
     ap.add_argument("--arms", default=None, help="ablation YAML: time each arm's step next to CE-only")
     ap.add_argument("--only", default=None, help="--arms: comma-separated arm names")
-    ap.add_argument("--stores", default=None, help="BF16,INT8 store folders: compare loaders (docstring)")
+    ap.add_argument("--stores", default=None, help="BF16[,INT8] store folders: compare loaders (docstring)")
     ap.add_argument("--rounds", type=int, default=3, help="--stores: interleaved rounds")
     ap.add_argument("--workers", type=int, default=2, help="--stores: DataLoader workers")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
