@@ -162,6 +162,9 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload)
     if train_ds.shard_cache:
         accelerator.print(shard_order_line(cfg, store, layers, comps))
+    elif store.location.remote and not cfg.train.preload:
+        accelerator.print("note: train.store is a URL read in the global order (~2 requests per sample and array); "
+                          "train.shuffle=shards reads whole shards instead (README 'Stores at scale')")  # fmt: skip
     if cfg.train.preload:
         from trainer.preload import preload_bytes
 
