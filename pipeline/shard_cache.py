@@ -6,10 +6,11 @@ write chunk, `extract.chunk_tokens`).
 Why: zarr reads a token range inside a shard as one request for the shard index plus one request per inner
 chunk, one after the other (zarr.codecs.sharding `_decode_partial_single`). On a local disk that is cheap;
 against object storage every request is a round trip, and a batch of 16 random samples x 29 arrays issues
-~1,000 of them (measured: 11.6 samples/s from a local S3 server vs 127 from a folder). Reading a *whole*
-shard is one request (zarr's full-shard path), so with a sample order that visits a few shards at a time
-(`train.shuffle: shards`, trainer/data.py) each shard of each array is fetched once per loader worker and
-every sample of the window is cut from memory: 431 samples/s from the same server (README "Stores at scale").
+~1,000 of them (measured: 10-11 samples/s from a local S3 server, 0.4x what the trainer consumes). Reading a
+*whole* shard is one request (zarr's full-shard path), so with a sample order that visits a few shards at a
+time and deals them to the loader workers (`train.shuffle: shards`, trainer/sample_order.py) each shard of
+each array is fetched by one worker per epoch and every sample of its window is cut from memory: 5.9x the
+trainer's consumption from the same server (README "Stores at scale").
 
 Example:
     store.shard_cache = ShardCache(max_shards=5)  # KVStore.read_samples now reads whole shards
@@ -26,7 +27,7 @@ from pipeline.store_read import chunk_len, read_all
 
 
 class ShardCache:
-    """Decoded whole shards, least recently used evicted first.
+    """Whole shards (decompressed storage words), least recently used evicted first.
 
     Args:
         max_shards: shards kept per array (>= 1; each array has its own LRU, so small one-chunk arrays such as

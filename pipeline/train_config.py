@@ -73,9 +73,10 @@ class TrainConfig:
     preload: bool = False
     # Sample order. "global": a fresh permutation of the whole split per epoch. "shards": shuffle the store's
     # shards (write chunks of extract.chunk_tokens tokens), then the samples inside each window of
-    # `shuffle_window` consecutive shards, and read whole shards through a small cache (pipeline/shard_cache.py):
-    # one request per shard and array instead of ~2 per sample, for stores on object storage (README "Stores
-    # at scale"). Each loader worker keeps shuffle_window + 1 shards of the read arrays in RAM.
+    # `shuffle_window` consecutive shards, each epoch's shards dealt to the readers (ranks x loader workers;
+    # trainer/sample_order.py), and read whole shards through a small cache (pipeline/shard_cache.py): one
+    # request per shard and array instead of ~2 per sample, for stores on object storage (README "Stores at
+    # scale"). Each loader worker keeps shuffle_window + 1 shards of the read arrays in RAM.
     shuffle: Literal["global", "shards"] = "global"
     shuffle_window: int = 4
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
