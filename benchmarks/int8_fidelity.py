@@ -105,7 +105,7 @@ def levels_table(store, num_samples: int, level: int = 1) -> list[dict]:
     """Fewer quantisation levels (symmetric, per (head, channel), qmax < 127) on the store's first write chunk:
     compressed bytes vs bf16 and fidelity, every stored layer.
 
-    Why: int8 words that use the whole range compress ~1.05x with any lossless codec (their entropy is ~7.3-7.7
+    Why: int8 words that use the whole range compress ~1.05x with any lossless codec (their entropy is ~7.1-7.7
     bits per word), so below ~0.65x the bf16 bytes only using fewer levels shrinks a store; this table says
     what each level count costs in cosine and attention KL. Args: store, a bf16 KVStore; num_samples, samples
     that lie inside the first chunk for the cosine / KL columns.
