@@ -32,9 +32,9 @@ from pipeline.cli import command_parser, config_from_args, parse_args, run_comma
 from pipeline.config import KVMapConfig
 from pipeline.configlib import ConfigError
 from pipeline.extract_chunk import extract_chunk
-from pipeline.store import KVStore, PackedSplit, remove_store
+from pipeline.store import KVStore, PackedSplit
 from pipeline.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
-from pipeline.store_location import StoreLocation
+from pipeline.store_location import StoreLocation, remove_store
 from pipeline.writer import AsyncChunkWriter, StoreWriter
 
 

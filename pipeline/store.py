@@ -73,7 +73,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -386,16 +385,3 @@ def __getattr__(name: str):
 
         return StoreWriter
     raise AttributeError(f"module 'pipeline.store' has no attribute {name!r}")
-
-
-def remove_store(path: str | Path | StoreLocation, storage_options: dict | None = None) -> None:
-    """Delete a store (folder or URL), refusing anything that is not a kvmap store (guards `--overwrite`)."""
-    loc = StoreLocation(path, storage_options)
-    if loc.is_empty():
-        if not loc.remote and Path(loc.url).is_dir():
-            shutil.rmtree(loc.url)
-        return
-    meta = loc.read_json("zarr.json") or {}
-    if "schema_version" not in meta.get("attributes", {}):
-        raise ValueError(f"--overwrite: '{loc}' exists and is not a kvmap store; refusing to delete it")
-    loc.delete()

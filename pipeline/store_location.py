@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,18 @@ class StoreLocation:
                 sync(store.fs._rm(store.path, recursive=True))
             self._invalidate()
         else:
-            import shutil
-
             shutil.rmtree(self.url, ignore_errors=False)
         self._stores.clear()
+
+
+def remove_store(path: str | Path | StoreLocation, storage_options: dict | None = None) -> None:
+    """Delete a store (folder or URL), refusing anything that is not a kvmap store (guards `--overwrite`)."""
+    loc = StoreLocation(path, storage_options)
+    if loc.is_empty():
+        if not loc.remote and Path(loc.url).is_dir():
+            shutil.rmtree(loc.url)
+        return
+    meta = loc.read_json("zarr.json") or {}
+    if "schema_version" not in meta.get("attributes", {}):
+        raise ValueError(f"--overwrite: '{loc}' exists and is not a kvmap store; refusing to delete it")
+    loc.delete()

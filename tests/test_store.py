@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.store import PROGRESS_DIR, KVStore, PackedSplit, decode_states, encode_states, remove_store
+from pipeline.store import PROGRESS_DIR, KVStore, PackedSplit, decode_states, encode_states
+from pipeline.store_location import remove_store
 from pipeline.writer import StoreWriter
 from tests.helpers_store import D, G, H, random_split, write_random_store
 
