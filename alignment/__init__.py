@@ -19,23 +19,23 @@ Public API:
 - diagnostics: `effective_rank`, `rms`
 """
 
-from alignment.aligner import (
+from alignment.geometry.attention_probs import LogitSpec, attention_probs
+from alignment.geometry.model_dims import AttentionDims, attention_dims, rope_inv_freq
+from alignment.losses.attention_kl import attention_kl, naive_attention_kl
+from alignment.losses.diagnostics import effective_rank, rms
+from alignment.losses.structural import StructuralKVLoss, create_structural_loss
+from alignment.mapping.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
+from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
+from alignment.mapping.time_warping import SegmentTimeWarper, WarpPlan, create_reasoning_focused_warper
+from alignment.projection.aligner import (
     AlignedKV,
     MapProjectionAligner,
     create_aligner,
     create_flat_aligner,
     create_structured_aligner,
 )
-from alignment.attention_kl import attention_kl, naive_attention_kl
-from alignment.attention_probs import LogitSpec, attention_probs
-from alignment.diagnostics import effective_rank, rms
-from alignment.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
-from alignment.layer_map import build_layer_map, teacher_layers_needed
-from alignment.loss import StructuralKVLoss, create_structural_loss
-from alignment.model_dims import AttentionDims, attention_dims, rope_inv_freq
-from alignment.projectors import HeadwiseMapProjector, KVDimensionProjector
-from alignment.rope import RopePairDimMap
-from alignment.time_warping import SegmentTimeWarper, WarpPlan, create_reasoning_focused_warper
+from alignment.projection.projectors import HeadwiseMapProjector, KVDimensionProjector
+from alignment.projection.rope import RopePairDimMap
 
 __all__ = [
     "AlignedKV",

@@ -1,4 +1,4 @@
-"""Config sections owned by the aligner and the structural loss (see pipeline/config.py for the whole schema)."""
+"""Config sections owned by the aligner and the structural loss (see pipeline/config/kvmap.py for the whole schema)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 @dataclass
 class HeadSelectConfig:
-    """Which teacher query heads the attention KL distils (alignment/head_select.py; scores: pipeline/head_scores.py).
+    """Which teacher query heads the attention KL distils (alignment/mapping/head_select.py; scores: pipeline/analysis/head_scores.py).
 
     method "all" = every student head against the head-mixed teacher (the design). Otherwise the chosen
     teacher heads, each one-to-one into its own student head; every other student head gets no KL term.
@@ -37,17 +37,17 @@ class AlignConfig:
     ratio_map: dict[str, float] = field(default_factory=lambda: {"P": 1.0, "R": 1.0, "A": 1.0})
     alpha_map: dict[str, float] = field(default_factory=lambda: {"P": 0.0, "R": 0.0, "A": 0.0})
     # Structured mode: Q/K dim maps select the teacher rotary pair of the nearest frequency for each student
-    # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/rope.py).
+    # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/projection/rope.py).
     rope_consistent: bool = False
     head_select: HeadSelectConfig = field(default_factory=HeadSelectConfig)
     # "from_prune": the student was cut from the teacher (pipeline/prune.py); read its prune_meta.json and
-    # start the layer map, head mixers and dim maps at the exact correspondence (alignment/prune_init.py).
+    # start the layer map, head mixers and dim maps at the exact correspondence (alignment/projection/prune_init.py).
     init: Literal["default", "from_prune"] = "default"
 
 
 @dataclass
 class RelationConfig:
-    """MiniLMv2 relation KL (alignment/relation.py): + weight * sum over components of KL(teacher || student)
+    """MiniLMv2 relation KL (alignment/losses/relation.py): + weight * sum over components of KL(teacher || student)
     of softmax(X X^T / sqrt(d_r)) over `heads` relation heads re-split from each side's concatenated heads."""
 
     components: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
@@ -73,7 +73,7 @@ class LossConfig:
     sink: Literal["keep", "drop"] = "keep"
     sink_keys: list[int] = field(default_factory=lambda: [0])
     relation: RelationConfig = field(default_factory=RelationConfig)
-    # Logit distillation from the store's top-k log-probs (alignment/logit_kd.py). The total objective is
+    # Logit distillation from the store's top-k log-probs (alignment/losses/logit_kd.py). The total objective is
     # ce_weight * CE + alpha_logit * KD + lambda_kv * loss_struct; KD counts the rows CE counts.
     alpha_logit: float = 0.0  # 0 = off; > 0 needs a store extracted with `logits` in extract.components
     kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"

@@ -7,7 +7,7 @@ each first does one tiny pass so lazy one-time initialisation is not counted.
 - Time: without that variable; one warm-up, then the median of --repeats timed forward+backward passes.
 Shapes: B=1, L=1, H=9 query heads, G=3 KV heads, D=64 (SmolLM2-like), both sides trainable (projected target).
 Kinds: "naive" = the same per-row math on whole T x T maps through autograd, no chunking or recomputation
-(what a direct implementation keeps alive for backward); "stream" = `alignment.attention_kl` (query-row chunks,
+(what a direct implementation keeps alive for backward); "stream" = `alignment.losses.attention_kl` (query-row chunks,
 custom autograd Function recomputing each chunk in backward); "reference" (opt-in via --naive-kind reference) = `naive_attention_kl`, the test reference, which
 masks by selection and holds even more.
 
@@ -38,8 +38,8 @@ def _rss_kb() -> int:
 def child(kind: str, T: int, what: str, repeats: int, chunk: int, threads: int) -> dict:
     import torch
 
-    from alignment.attention_kl import attention_kl, naive_attention_kl
-    from alignment.attention_probs import LogitSpec, attention_logits
+    from alignment.geometry.attention_probs import LogitSpec, attention_logits
+    from alignment.losses.attention_kl import attention_kl, naive_attention_kl
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

@@ -37,12 +37,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
-from pipeline.config import KVMapConfig  # noqa: E402
-from pipeline.configlib import load_config  # noqa: E402
-from pipeline.extract import generate_default_data, load_split, resolve_layers, run_extraction  # noqa: E402
-from pipeline.extract_chunk import chunk_batches, pad_batch  # noqa: E402
-from pipeline.models import load_model, model_geometry  # noqa: E402
-from pipeline.store import CODECS, KVStore, make_compressors, quiet_codecs  # noqa: E402
+from pipeline.config.configlib import load_config  # noqa: E402
+from pipeline.config.kvmap import KVMapConfig  # noqa: E402
+from pipeline.data.default_data import generate_default_data  # noqa: E402
+from pipeline.extract import load_split, resolve_layers, run_extraction  # noqa: E402
+from pipeline.extraction.chunk import chunk_batches, pad_batch  # noqa: E402
+from pipeline.models.load import load_model, model_geometry  # noqa: E402
+from pipeline.store.codecs import CODECS, make_compressors, quiet_codecs  # noqa: E402
+from pipeline.store.reader import KVStore  # noqa: E402
 
 
 def forward_only(model, packed, chunk_tokens: int, batch_size: int, pad_id: int):

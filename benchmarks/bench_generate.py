@@ -19,10 +19,10 @@ import time
 
 import torch  # noqa: E402
 
-from pipeline.config import DataConfig, GenerationConfig, ModelConfig  # noqa: E402
-from pipeline.generate import complete_rows  # noqa: E402
-from pipeline.make_default_data import make_rows  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from pipeline.config.kvmap import DataConfig, GenerationConfig, ModelConfig  # noqa: E402
+from pipeline.data.default_data import make_rows  # noqa: E402
+from pipeline.data.generate import complete_rows  # noqa: E402
+from pipeline.models.load import load_model  # noqa: E402
 
 
 def run(model, tok, rows, data_cfg) -> tuple[list[dict], float]:

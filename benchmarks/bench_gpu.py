@@ -8,16 +8,16 @@ map reads, H query heads, G KV heads, D head dim; `_t` teacher, `_s` student.
     python benchmarks/bench_gpu.py --sections 1,3 --repeats 5
 
 Needs the repo root importable (this script puts it on sys.path; no pip install), torch, transformers,
-accelerate; section 1's extract_chunk row also needs zarr (it imports pipeline.store) and is skipped with its
+accelerate; section 1's extract_chunk row also needs zarr (it imports pipeline.store.reader) and is skipped with its
 error when zarr is missing. Each section is guarded: a failing one prints its traceback and the others still
 run; the JSON at --out is rewritten after every section, so a crash keeps what was measured. Exit code 1 when
 a section failed.
 
 Sections:
   1 capture  random-weight teacher at Qwen2.5-7B geometry (bf16, sdpa, B x T tokens, inference_mode):
-             plain forward vs forward under `pipeline.capture.capture_qkv` for the teacher layers the
+             plain forward vs forward under `pipeline.models.capture.capture_qkv` for the teacher layers the
              uniform layer map of the section-2 student needs, vs capture + Q/K/V copied token-major into
-             pinned CPU bf16 buffers (async: the best case), vs `pipeline.extract_chunk.extract_chunk` (what
+             pinned CPU bf16 buffers (async: the best case), vs `pipeline.extraction.chunk.extract_chunk` (what
              stage 1 runs per chunk: capture, finiteness check, pageable `.cpu()`, numpy packing, answer
              accuracy; the zarr write itself is CPU work, not timed), in bf16 and in int8 (quantised on the
              device before the copy; issue-16 bar: extract_chunk_int8 <= 1.3x plain, i.e. <= +30%). Also
@@ -25,12 +25,12 @@ Sections:
   2 step     student at Qwen2.5-1.5B geometry, fp32 master weights, accelerate mixed_precision="bf16"
              (autocast around `DistillModel.forward`, prepared as `trainer/train.py` does), random teacher
              states (B, L_sel, H_t|G_t, T, D_t) float32 as the store reader returns them. One step =
-             `trainer.step.forward_step` + `accelerator.backward` + clip_grad_norm(1.0) + AdamW (the
+             `trainer.objective.step.forward_step` + `accelerator.backward` + clip_grad_norm(1.0) + AdamW (the
              trainer's param groups). Variants: CE-only, structured, flat, attention-only (alpha_k = alpha_v =
              0, attn_target "teacher"); default AlignConfig (uniform layer map). Also the host -> device copy
              of the batch (pageable, as the trainer's loader gives it, and pinned). A variant that runs out of
              memory is retried once at half the batch (its row shows B; the CE-only ratio is per token).
-  3 attn_kl  `alignment.attention_kl` (streamed, two chunk sizes) vs the dense per-row math of
+  3 attn_kl  `alignment.losses.attention_kl` (streamed, two chunk sizes) vs the dense per-row math of
              benchmarks/bench_attention_kl.py ("naive"), value + backward, B=1 L=1 H=9 G=3 D=64 float32;
              values and gradients compared with naive; naive out of memory is recorded and skipped.
 Timing: warm-up, then the median of --repeats runs, each between torch.cuda.synchronize calls. Memory: CUDA
@@ -63,7 +63,7 @@ KL_SHAPE = dict(B=1, L=1, H=9, G=3, D=64)  # as benchmarks/bench_attention_kl.py
 
 def dense_kl(q_s, k_s, q_t, k_t):
     """bench_attention_kl.py's "naive": the streamed per-row math on whole (B, L, H, T, T) maps, autograd."""
-    from alignment.attention_probs import LogitSpec, attention_logits
+    from alignment.geometry.attention_probs import LogitSpec, attention_logits
 
     T, H, D = q_s.shape[3], q_s.shape[2], q_s.shape[4]
     allowed = torch.ones(T, T, dtype=torch.bool, device=q_s.device).tril()  # (T, T)
@@ -96,7 +96,7 @@ def _kl_kind(f, xs: list, dev: torch.device, repeats: int) -> tuple[dict, list]:
 
 def _kl_row(T: int, geo: dict, dev: torch.device, repeats: int) -> dict:
     """One T: naive first (the reference for values and gradients), then each streamed chunk size."""
-    from alignment.attention_kl import attention_kl
+    from alignment.losses.attention_kl import attention_kl
 
     B, L, H, G, D = (KL_SHAPE[k] for k in "BLHGD")
     g = torch.Generator(device=dev).manual_seed(T)

@@ -35,12 +35,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
-from pipeline.config import KVMapConfig  # noqa: E402
-from pipeline.configlib import load_config  # noqa: E402
-from pipeline.extract import generate_default_data, load_split, run_extraction  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.store import KVStore, make_compressors, quiet_codecs  # noqa: E402
-from pipeline.store_logits import decode_logprobs, encode_logprobs  # noqa: E402
+from pipeline.config.configlib import load_config  # noqa: E402
+from pipeline.config.kvmap import KVMapConfig  # noqa: E402
+from pipeline.data.default_data import generate_default_data  # noqa: E402
+from pipeline.extract import load_split, run_extraction  # noqa: E402
+from pipeline.models.load import load_model  # noqa: E402
+from pipeline.store.codecs import make_compressors, quiet_codecs  # noqa: E402
+from pipeline.store.encoding import decode_logprobs, encode_logprobs  # noqa: E402
+from pipeline.store.reader import KVStore  # noqa: E402
 
 
 def _time_extractions(args, base: list[str], workdir: Path) -> dict:

@@ -8,7 +8,7 @@ Shape glossary: B batch, T tokens (longest sample of the batch), L_sel teacher l
 Step variants (every step includes fetching its batch from the trainer's DataLoader):
   ce      CE-only student step (lambda_kv = 0: tokens only, no aligner, no capture).
   cached  this trainer's step: teacher Q/K/V of the mapped layers read from the store by the DataLoader
-          (workers + prefetch), aligner + StructuralKVLoss + CE, backward, AdamW (trainer.step.forward_step).
+          (workers + prefetch), aligner + StructuralKVLoss + CE, backward, AdamW (trainer.objective.step.forward_step).
   online  the same student step, but the teacher states come from a teacher forward with capture inside
           the loop (the teacher is loaded in the process: what offline extraction saves). Written only here.
 How it is measured (one invocation, subprocesses):
@@ -84,10 +84,10 @@ def _setup(args, overrides):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipeline.config import KVMapConfig
-    from pipeline.configlib import load_config
-    from trainer.setup import store_path_of
-    from trainer.store_checks import open_store
+    from pipeline.config.configlib import load_config
+    from pipeline.config.kvmap import KVMapConfig
+    from trainer.run.setup import store_path_of
+    from trainer.run.store_checks import open_store
 
     cfg = load_config(KVMapConfig, args.config, overrides)
     if args.store:
@@ -107,13 +107,13 @@ class Stepper:
         import torch
 
         from alignment import create_structural_loss
-        from pipeline.models import load_model
-        from pipeline.train_config import segment_ids_of
-        from trainer.data import make_loader
-        from trainer.run_setup import train_dataset, train_sampler
-        from trainer.setup import build_aligner, build_kd, needed_components, param_groups
-        from trainer.step import DistillModel
-        from trainer.store_checks import check_layers
+        from pipeline.config.train import segment_ids_of
+        from pipeline.models.load import load_model
+        from trainer.data.loader import make_loader
+        from trainer.objective.step import DistillModel
+        from trainer.run.run_setup import train_dataset, train_sampler
+        from trainer.run.setup import build_aligner, build_kd, needed_components, param_groups
+        from trainer.run.store_checks import check_layers
 
         torch.manual_seed(cfg.seed)
         student, tok = load_model(cfg.student, for_training=True)
@@ -143,8 +143,8 @@ class Stepper:
     def step(self) -> float:
         import torch
 
-        from pipeline.capture import capture_qkv
-        from trainer.step import forward_step
+        from pipeline.models.capture import capture_qkv
+        from trainer.objective.step import forward_step
 
         t0 = time.perf_counter()
         batch = next(self.batches)
@@ -173,7 +173,7 @@ class Stepper:
 
 
 def _teacher(cfg):
-    from pipeline.models import load_model
+    from pipeline.models.load import load_model
 
     return load_model(cfg.teacher)[0]
 
@@ -230,7 +230,7 @@ def _arm_overrides(path: str, only: str | None) -> dict[str, list[str]]:
     """{arm name: dotted overrides (base_overrides first)} of an ablation YAML, CE-only arms left out."""
     import yaml
 
-    from trainer.ablation_config import flatten_overrides
+    from trainer.ablation.config import flatten_overrides
 
     spec = yaml.safe_load(Path(path).read_text())
     base = flatten_overrides(spec.get("base_overrides") or [], f"{path}: base_overrides")

@@ -119,7 +119,7 @@ def build_lm(geom: dict, dtype: torch.dtype, dev: torch.device):
 
 def mapped_teacher_layers(geo: dict) -> list[int]:
     """Teacher layers the default ("uniform") layer map needs for the section-2 student."""
-    from alignment.layer_map import build_layer_map, teacher_layers_needed
+    from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
 
     L_t, L_s = geo["teacher"]["num_hidden_layers"], geo["student"]["num_hidden_layers"]
     return teacher_layers_needed(build_layer_map("uniform", L_t, L_s))
@@ -139,7 +139,7 @@ def segments(B: int, T: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- section 1
 def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
-    from pipeline.capture import capture_qkv
+    from pipeline.models.capture import capture_qkv
 
     tg = geo["teacher"]
     B, T = geo["capture_bt"]
@@ -208,8 +208,8 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
             measure("capture+pinned_d2h", fwd_capture_pinned)
             bufs = None
             try:
-                from pipeline.extract_chunk import extract_chunk
-                from pipeline.store import PackedSplit
+                from pipeline.extraction.chunk import extract_chunk
+                from pipeline.store.packed_split import PackedSplit
 
                 ans = torch.zeros(T, dtype=torch.bool)
                 ans[(3 * T) // 4 : (3 * T) // 4 + max(T // 32, 1)] = True
@@ -262,8 +262,8 @@ def _step_variant(ctx: SimpleNamespace, mode: str | None, loss_kw: dict, B: int,
     """One variant at batch B: build aligner + loss + optimizer, time `repeats` optimizer steps."""
     from alignment import create_aligner, create_structural_loss
     from alignment.config import AlignConfig, LossConfig
-    from trainer.setup import param_groups
-    from trainer.step import DistillModel, forward_step
+    from trainer.objective.step import DistillModel, forward_step
+    from trainer.run.setup import param_groups
 
     acc, dev, student, T = ctx.acc, ctx.dev, ctx.student, ctx.T
     g = torch.Generator().manual_seed(0)
@@ -315,7 +315,7 @@ def section_step(geo: dict, dev: torch.device, repeats: int) -> dict:
     from accelerate import Accelerator
     from transformers import Qwen2Config
 
-    from pipeline.train_config import TrainConfig
+    from pipeline.config.train import TrainConfig
 
     tg, sg = geo["teacher"], geo["student"]
     B, T = geo["step_bt"]

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import torch
 
-from pipeline.quantize import SCHEMES, quantize
-from pipeline.store import BLOSC_BLOCKSIZE
+from pipeline.store.codecs import BLOSC_BLOCKSIZE
+from pipeline.store.int8 import SCHEMES, quantize
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

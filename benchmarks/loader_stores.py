@@ -65,8 +65,8 @@ def loader_rate(stepper_cls, cfg, store, B: int, batches: int) -> float:
 
 def preload_seconds(where: str) -> float:
     """Seconds to read the train split's states whole into RAM (`train.preload`; one read per shard)."""
-    from pipeline.store import KVStore
-    from trainer.preload import PreloadedSplit
+    from pipeline.store.reader import KVStore
+    from trainer.data.preload import PreloadedSplit
 
     t0 = time.perf_counter()
     st = KVStore(where)
@@ -84,8 +84,8 @@ def consumption(stepper_cls, cfg, store, B: int, warmup: int, steps: int) -> flo
 
 def run_stores(args, overrides, stepper_cls, setup) -> dict:
     """Loader samples/s per store (medians of `args.rounds`) and the cached step's consumption."""
-    from pipeline.store_location import StoreLocation
-    from trainer.store_checks import open_store
+    from pipeline.store.location import StoreLocation
+    from trainer.run.store_checks import open_store
 
     bf16, *int8 = args.stores.split(",")  # the int8 store is optional (S3 rows only without it)
     proc, fs = start_s3()

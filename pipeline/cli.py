@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from pipeline.configlib import ConfigError, load_config
+from pipeline.config.configlib import ConfigError, load_config
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """Load `args.config` into `cls` and apply `args.overrides` (see `pipeline.configlib.load_config`)."""
+    """Load `args.config` into `cls` and apply `args.overrides` (see `pipeline.config.configlib.load_config`)."""
     return load_config(cls, args.config, args.overrides)
 
 

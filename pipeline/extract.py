@@ -1,4 +1,4 @@
-"""Stage 1: run the teacher over the dataset once and store its per-layer Q/K/V (schema: pipeline/store.py).
+"""Stage 1: run the teacher over the dataset once and store its per-layer Q/K/V (schema: pipeline/store/reader.py).
 
     accelerate launch pipeline/extract.py --config configs/default.yaml [key=value ...] [--overwrite]
     python pipeline/extract.py --config configs/default.yaml          # one process
@@ -29,29 +29,31 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError
-from pipeline.extract_chunk import extract_chunk
-from pipeline.store import KVStore, PackedSplit
-from pipeline.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
-from pipeline.store_location import StoreLocation, remove_store
-from pipeline.writer import AsyncChunkWriter, StoreWriter
+from pipeline.config.configlib import ConfigError
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.data.default_data import generate_default_data
+from pipeline.extraction.chunk import extract_chunk
+from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
+from pipeline.store.location import StoreLocation, remove_store
+from pipeline.store.packed_split import PackedSplit
+from pipeline.store.reader import KVStore
+from pipeline.store.writer import AsyncChunkWriter, StoreWriter
 
 
 def student_num_layers(model_cfg) -> int:
     """Decoder layer count of the student named by a ModelConfig (config dict, HF folder, .gguf, builtin)."""
-    from pipeline.models import load_hf_config, model_geometry
+    from pipeline.models.load import load_hf_config, model_geometry
 
     return model_geometry(load_hf_config(model_cfg))["layers"]
 
 
 def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, dict] | None:
-    """Tokenise one split (pipeline.data) into the packed layout.
+    """Tokenise one split (pipeline.data.samples) into the packed layout.
 
     Returns (packed, counts) with counts {"rows", "kept", "skipped", "bad_rows", "dropped_too_long",
     "truncated"}, or None when the split has no data (eval_path null). Bad rows follow `data.on_bad_row`.
     """
-    from pipeline.data import tokenize_split
+    from pipeline.data.samples import tokenize_split
 
     if split == "eval" and cfg.data.eval_path is None:
         return None
@@ -80,10 +82,10 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
     if spec == "all":
         return list(range(num_teacher_layers))
     if spec == "map":
-        from alignment.layer_map import build_layer_map, teacher_layers_needed
+        from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
 
         if cfg.align.init == "from_prune":  # a student pruned from the teacher: its kept layers
-            from pipeline.prune_meta import read_prune_meta
+            from pipeline.pruning.meta import read_prune_meta
 
             return teacher_layers_needed(read_prune_meta(cfg.student)["kept_layers"])
         layer_map = build_layer_map(cfg.align.layer_map, num_teacher_layers, student_num_layers(cfg.student))
@@ -123,24 +125,10 @@ def plan_store(path: str | Path | StoreLocation, fingerprint: str, overwrite: bo
     return "done" if attrs.get("complete") else "resume"
 
 
-def generate_default_data(cfg: KVMapConfig) -> None:
-    """With `data.generate_default`, write the embedded default dataset where `data.train_path` expects it."""
-    if cfg.data.generate_default and not Path(cfg.data.train_path).exists():
-        from pipeline.make_default_data import generate
-
-        out = Path(cfg.data.train_path).parent
-        print(f"generating the default dataset in {out}", flush=True)
-        paths = generate(out)
-        if Path(cfg.data.train_path) != paths["train"]:
-            raise ValueError(
-                f"data.generate_default=true writes {paths['train']}, but data.train_path={cfg.data.train_path!r}"
-            )
-
-
 def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     """Load the teacher, have it write the completions (`data.completions: teacher`), tokenise both splits,
     resolve the layers and build the store attributes (every rank)."""
-    from pipeline.models import load_model, model_geometry
+    from pipeline.models.load import load_model, model_geometry
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.teacher)
@@ -149,7 +137,7 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
         if state.is_main_process:
             generate_default_data(cfg)
-    from pipeline.completions import teacher_completions
+    from pipeline.data.completions import teacher_completions
 
     cfg, completion_counts, completion_settings = teacher_completions(cfg, model, tokenizer, state, overwrite)
     with state.main_process_first():
@@ -184,7 +172,7 @@ def _extract_loop(
     """
     from tqdm.auto import tqdm
 
-    from pipeline.capture import capture_qkv
+    from pipeline.models.capture import capture_qkv
 
     todo = writer.todo_chunks()
     state.wait_for_everyone()  # every rank listed the same unfinished chunks before anyone writes
@@ -231,8 +219,8 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
     from accelerate import PartialState
 
-    from pipeline.extract_summary import add_up_ranks, print_summary, summarise
-    from pipeline.models import model_geometry
+    from pipeline.extraction.summary import add_up_ranks, print_summary, summarise
+    from pipeline.models.load import model_geometry
 
     t0 = time.perf_counter()
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every

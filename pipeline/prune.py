@@ -6,9 +6,9 @@
 Shape glossary: B batch, T tokens (calibration batches are right-padded).
 
 Steps: load the teacher once; validate the `prune:` counts against its geometry (one-line errors before any
-forward); run `prune.calibration_samples` random train rows (pipeline/data.py tokenisation, `prune.seed`)
-through it with importance hooks (pipeline/prune_importance.py); choose what to keep
-(pipeline/prune_select.py); slice the weights (pipeline/prune_slice.py); write the folder (config.json,
+forward); run `prune.calibration_samples` random train rows (pipeline/data/samples.py tokenisation, `prune.seed`)
+through it with importance hooks (pipeline/pruning/importance.py); choose what to keep
+(pipeline/pruning/select.py); slice the weights (pipeline/pruning/slicing.py); write the folder (config.json,
 safetensors, tokenizer, generation config, prune_meta.json) into a temp folder and rename it into place,
 so an interrupted run never leaves a half-written student. `student.path` then points at the folder.
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, git_sha, to_dict
-from pipeline.prune_meta import FORMAT, META_FILE
-from pipeline.prune_select import check_counts, choose_layers, explicit_layers, make_plan
+from pipeline.config.configlib import ConfigError, git_sha, to_dict
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.pruning.meta import FORMAT, META_FILE
+from pipeline.pruning.select import check_counts, choose_layers, explicit_layers, make_plan
 
 
 def output_folder(cfg: KVMapConfig, overwrite: bool) -> Path:
@@ -52,7 +52,7 @@ def calibration_batches(cfg: KVMapConfig, tokenizer, seed: int) -> tuple[list, d
 
     Returns ([(input_ids (B, T), attention_mask (B, T)), ...], description for prune_meta.json).
     """
-    from pipeline.data import load_samples, tokenize_sample
+    from pipeline.data.samples import load_samples, tokenize_sample
 
     rows = load_samples(cfg.data, "train")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -125,10 +125,10 @@ def run_prune(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     """Prune the teacher of `cfg` into `prune.out` (or `student.path`); returns the prune_meta dict."""
     from tqdm.auto import tqdm
 
-    from pipeline.extract import generate_default_data
-    from pipeline.models import load_model
-    from pipeline.prune_importance import compute_importance
-    from pipeline.prune_slice import build_pruned_model, teacher_shape
+    from pipeline.data.default_data import generate_default_data
+    from pipeline.models.load import load_model
+    from pipeline.pruning.importance import compute_importance
+    from pipeline.pruning.slicing import build_pruned_model, teacher_shape
 
     t0 = time.perf_counter()
     out = output_folder(cfg, overwrite)

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.store import PackedSplit, encode_states
+from pipeline.store.encoding import encode_states
+from pipeline.store.packed_split import PackedSplit
 
 H, G, D = 6, 2, 16
-# teacher.attention of a 4-layer Llama-style teacher as stage 1 measures it (pipeline/geometry.py)
+# teacher.attention of a 4-layer Llama-style teacher as stage 1 measures it (pipeline/models/geometry.py)
 LLAMA_ATTENTION = {"scaling": [D**-0.5] * 4, "softcap": [None] * 4, "sliding_window": [None] * 4}
 
 
@@ -52,7 +53,7 @@ def write_random_store(
     The returned states are the float32 values *after* rounding to `dtype`, i.e. exactly what
     `KVStore.read_sample` must give back.
     """
-    from pipeline.writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     train = random_split(num_samples, seed)
     ev = random_split(3, seed + 1) if with_eval else None
@@ -186,8 +187,8 @@ TINY_STUDENT = _tiny_student_dict()
 
 def store_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of a store (by zarr path) as numpy, for bit-exact comparisons between stores."""
-    from pipeline.store import quiet_codecs
-    from pipeline.store_location import StoreLocation
+    from pipeline.store.codecs import quiet_codecs
+    from pipeline.store.location import StoreLocation
 
     out = {}
     with quiet_codecs():

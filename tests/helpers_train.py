@@ -1,7 +1,7 @@
 """Tiny learnable stores for the trainer's tests, written with stage 1's own pieces.
 
 The teacher is the tiny random Llama of tests/conftest.py (4 layers / 6 heads / 2 KV heads / head_dim 16);
-its states are captured with `pipeline.capture.capture_qkv` and written with `pipeline.writer.StoreWriter`
+its states are captured with `pipeline.models.capture.capture_qkv` and written with `pipeline.store.writer.StoreWriter`
 in the store schema, so the trainer reads exactly what extraction would write. The task is a toy
 key->value retrieval with a learnable structure (so CE falls within a few steps):
 
@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline.store import PackedSplit, encode_states
+from pipeline.store.encoding import encode_states
+from pipeline.store.packed_split import PackedSplit
 from tests.conftest import TINY_VOCAB, tiny_llama_config, tiny_student_config
-from trainer.store_checks import tokenizer_fingerprint
+from trainer.run.store_checks import tokenizer_fingerprint
 
 SEP, ANS = 3, 4
 KEYS = range(10, 50)
@@ -90,14 +91,14 @@ def make_tiny_store(
     The teacher and its tokenizer are saved as an HF folder at `teacher_dir(path)` (for live-teacher tools).
     `poison=True` writes a NaN into the teacher keys of the first sample (for NaN-detection tests).
     `top_k > 0` also stores the teacher's top-k log-probs of both splits (as stage 1 computes them:
-    `pipeline.extract_chunk.topk_logprobs` on an unpadded forward).
+    `pipeline.extraction.chunk.topk_logprobs` on an unpadded forward).
     """
     from transformers import AutoModelForCausalLM
 
-    from pipeline.capture import capture_qkv
-    from pipeline.extract_chunk import topk_logprobs
-    from pipeline.store_logits import encode_logprobs
-    from pipeline.writer import StoreWriter
+    from pipeline.extraction.chunk import topk_logprobs
+    from pipeline.models.capture import capture_qkv
+    from pipeline.store.encoding import encode_logprobs
+    from pipeline.store.writer import StoreWriter
 
     torch.manual_seed(seed)
     tcfg = tiny_llama_config()

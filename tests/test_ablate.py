@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.configlib import ConfigError
+from pipeline.config.configlib import ConfigError
 from tests.helpers_store import write_random_store
 from trainer import ablate
-from trainer.ablation_config import flatten_overrides, load_ablation, plan_runs
-from trainer.ablation_results import read_results
+from trainer.ablation.config import flatten_overrides, load_ablation, plan_runs
+from trainer.ablation.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 

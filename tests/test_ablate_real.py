@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.store import KVStore
+from pipeline.store.reader import KVStore
 from tests.helpers_kill import KillChildWhen, files_exist
 from tests.helpers_store import save_tiny_teacher, write_extract_config
 from trainer import ablate
-from trainer.ablation_config import load_ablation
-from trainer.ablation_results import read_results
+from trainer.ablation.config import load_ablation
+from trainer.ablation.results import read_results
 
 torch.set_num_threads(1)
 
@@ -121,6 +121,6 @@ def test_real_sweep_extracts_survives_a_killed_run_and_resumes(tmp_path, teacher
 
 
 def abl_spec(abl, arm, seed):
-    from trainer.ablation_config import plan_runs
+    from trainer.ablation.config import plan_runs
 
     return next(s for s in plan_runs(abl) if s.key == (arm, seed))

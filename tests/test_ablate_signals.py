@@ -16,7 +16,7 @@ import pytest
 
 from tests.test_ablate import ROOT, write_ablation
 from trainer import ablate
-from trainer.ablation_results import read_results
+from trainer.ablation.results import read_results
 
 FAKE_TRAIN = textwrap.dedent(
     """
@@ -123,7 +123,7 @@ def test_sigint_stops_the_sweep_and_its_child_and_the_sweep_resumes(tmp_path, mo
 
 
 def test_last_logged_step_follows_a_growing_metrics_file(tmp_path):
-    from trainer.child_process import last_logged_step
+    from trainer.ablation.child_process import last_logged_step
 
     f = tmp_path / "metrics.jsonl"
     assert last_logged_step(f) == (0, None)

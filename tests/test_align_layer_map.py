@@ -2,7 +2,7 @@
 
 import pytest
 
-from alignment.layer_map import build_layer_map, layer_slots, teacher_layers_needed
+from alignment.mapping.layer_map import build_layer_map, layer_slots, teacher_layers_needed
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 
 

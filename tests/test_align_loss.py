@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import alignment.loss as loss_mod
+import alignment.losses.structural as loss_mod
 from alignment import StructuralKVLoss, attention_kl, create_structural_loss, naive_attention_kl
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from alignment.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
-from alignment.projectors import HeadwiseMapProjector, KVDimensionProjector
+from alignment.mapping.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
+from alignment.projection.projectors import HeadwiseMapProjector, KVDimensionProjector
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 
 

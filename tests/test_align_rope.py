@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from alignment import RopePairDimMap, create_aligner, create_structured_aligner, rope_inv_freq
 from alignment.config import AlignConfig
-from alignment.projectors import OrthogonalDimMap
+from alignment.projection.projectors import OrthogonalDimMap
 from tests.conftest import tiny_llama_config, tiny_student_config
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 

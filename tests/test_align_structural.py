@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignment import attention_kl, create_structural_loss, naive_attention_kl
-from alignment.relation import naive_relation_kl, relation_kl
+from alignment.losses.relation import naive_relation_kl, relation_kl
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_align_loss import TOL, B, L, T, _compare, _mask, _states
 
@@ -59,7 +59,7 @@ def test_sink_drop_really_removes_key_zero_and_head_mask_is_a_selected_mean():
 
 def test_all_true_head_mask_with_the_uniform_mixer_reproduces_the_plain_loss_exactly():
     """head_select 'all' + selection matrix = the uniform GQA mixer: today's arm, bit for bit (value and grads)."""
-    from alignment.head_maps import gqa_query_mixer, uniform_mixer
+    from alignment.mapping.head_maps import gqa_query_mixer, uniform_mixer
 
     q_s, k_s, q_t, k_t = _states(4, 2, 8, 6, 2, 16, torch.float32, _fresh_seed())
     mix = gqa_query_mixer(uniform_mixer(2, 2), 6, 2, 4, 2)

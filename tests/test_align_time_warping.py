@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignment.time_warping import SegmentTimeWarper, create_reasoning_focused_warper
+from alignment.mapping.time_warping import SegmentTimeWarper, create_reasoning_focused_warper
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 
 P, R, A, PAD = 0, 1, 2, -1

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignment import attention_kl
-from alignment.attention_probs import NO_WINDOW, LogitSpec, attention_probs
+from alignment.geometry.attention_probs import NO_WINDOW, LogitSpec, attention_probs
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_align_loss import L, _compare, _mask, _states
 

@@ -1,4 +1,4 @@
-"""pipeline/attention_profile.py: the teacher's own attention rebuilt from a store, against a direct loop."""
+"""pipeline/analysis/attention_profile.py: the teacher's own attention rebuilt from a store, against a direct loop."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from pipeline.attention_profile import attention_maps, attention_profile, main
-from pipeline.store import KVStore
+from pipeline.analysis.attention_profile import attention_profile, main
+from pipeline.analysis.head_scores import attention_maps
+from pipeline.store.reader import KVStore
 from tests.helpers_store import write_random_store
 
 
@@ -57,7 +58,7 @@ def test_missing_store_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_head_scores_equal_a_direct_loop_and_the_sidecar_is_written(tmp_path, capsys):
-    from pipeline.head_scores import head_scores, prompt_answer_span, sidecar_path
+    from pipeline.analysis.head_scores import head_scores, prompt_answer_span, sidecar_path
 
     ids = torch.tensor([5, 7, 8, 9, 3, 7, 8, 4, 7, 8])
     seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
@@ -104,7 +105,7 @@ def test_head_scores_sidecar_of_a_url_store_sits_beside_it_and_is_read_back(tmp_
     """A URL store (memory:// here; s3:// goes through the same fsspec calls) gets its sidecar as a sibling URL."""
     import fsspec
 
-    from pipeline import head_scores as hs
+    from pipeline.analysis import head_scores as hs
 
     url = f"memory://kvmap-tests/{tmp_path.name}/s.zarr"
     write_random_store(url, num_samples=5, layers=(0, 2))

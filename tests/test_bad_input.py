@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.store import KVStore
+from pipeline.store.reader import KVStore
 from tests.helpers_store import write_random_store
 from tests.helpers_train import make_tiny_store, tiny_train_config, write_config
 
@@ -88,7 +88,7 @@ def _nan_store(ctx: Ctx) -> Path:
     store = _copy_store(ctx, "nan.zarr")
     import zarr
 
-    from pipeline.store import quiet_codecs
+    from pipeline.store.codecs import quiet_codecs
 
     with quiet_codecs():
         a = zarr.open_array(store=str(store), path="train/layers/3/v", mode="r+")
@@ -136,7 +136,7 @@ def _train_read_only(ctx: Ctx, capsys) -> Outcome:
 
 
 def _run_dir_check_read_only(ctx: Ctx, capsys) -> Outcome:
-    from trainer.run_dir import check_run_dir_writable
+    from trainer.run.run_dir import check_run_dir_writable
 
     ro = ctx.tmp / "read_only_2"
     if not _read_only(ro):
@@ -148,8 +148,8 @@ def _run_dir_check_read_only(ctx: Ctx, capsys) -> Outcome:
 
 
 def _empty_jsonl(ctx: Ctx, capsys) -> Outcome:
-    from pipeline.config import DataConfig
-    from pipeline.data import load_samples
+    from pipeline.config.kvmap import DataConfig
+    from pipeline.data.samples import load_samples
 
     (ctx.tmp / "empty.jsonl").write_text("\n")
     return _raises(lambda: load_samples(DataConfig(train_path=str(ctx.tmp / "empty.jsonl")), "train"))
@@ -157,7 +157,7 @@ def _empty_jsonl(ctx: Ctx, capsys) -> Outcome:
 
 def _inspect(*argv: str):
     def run(ctx: Ctx, capsys, make: Callable[[Ctx], Path]) -> Outcome:
-        from pipeline.inspect_store import main
+        from pipeline.analysis.inspect_store import main
 
         return _cli(main, [str(make(ctx)), *argv], capsys)
 
@@ -234,7 +234,7 @@ CASES = [
         lambda c: [str(c.tmp / "read_only" / "run")],
     ),
     (
-        "read-only run_dir, trainer.run_dir.check_run_dir_writable",
+        "read-only run_dir, trainer.run.run_dir.check_run_dir_writable",
         _run_dir_check_read_only,
         "PermissionError",
         lambda c: [f"run_dir='{c.tmp / 'read_only_2'}'", "not a writable folder"],

@@ -9,7 +9,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pipeline.capture import capture_qkv
+from pipeline.models.capture import capture_qkv
 from tests.conftest import tiny_llama_config, tiny_qwen2_config
 
 CONFIGS = {"llama": tiny_llama_config, "qwen2": tiny_qwen2_config}

@@ -12,22 +12,22 @@ import pytest
 import tomllib
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError
+from pipeline.config.configlib import ConfigError
+from pipeline.config.kvmap import KVMapConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
     "pipeline.extract",
     "pipeline.prune",
-    "pipeline.inspect_store",
-    "pipeline.completions",
-    "pipeline.make_default_data",
-    "pipeline.attention_profile",
+    "pipeline.analysis.inspect_store",
+    "pipeline.data.completions",
+    "pipeline.data.default_data",
+    "pipeline.analysis.attention_profile",
     "trainer.train",
     "trainer.ablate",
-    "trainer.report",
+    "trainer.ablation.report",
     "trainer.profile_alignment",
-    "trainer.eval_student",
+    "trainer.eval.eval_student",
 ]
 
 

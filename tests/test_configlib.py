@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, load_config, to_dict, write_run_metadata
+from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
+from pipeline.config.kvmap import KVMapConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,7 @@ def test_every_experiment_yaml_parses(path):
     "path", sorted((ROOT / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_ablation_yaml_resolves(path):
-    from trainer.ablation_config import load_ablation, plan_runs
+    from trainer.ablation.config import load_ablation, plan_runs
 
     abl = load_ablation(path)
     runs = plan_runs(abl)  # every (arm, seed) config parsed strictly

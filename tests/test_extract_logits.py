@@ -1,5 +1,5 @@
 """Stage 1 with `logits`: the stored top-k log-probs of both splits equal a direct forward's, and
-`pipeline.inspect_store` reports them."""
+`pipeline.analysis.inspect_store` reports them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, load_config
-from pipeline.data import tokenize_split
+from pipeline.config.configlib import ConfigError, load_config
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.data.samples import tokenize_split
 from pipeline.extract import run_extraction
-from pipeline.models import load_model
-from pipeline.store import KVStore
+from pipeline.models.load import load_model
+from pipeline.store.reader import KVStore
 from tests.helpers_store import save_tiny_teacher, write_extract_config
 
 torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def test_stored_topk_equals_a_direct_forward(extracted, split):
 
 
 def test_inspect_shows_the_logits(extracted, capsys):
-    from pipeline.inspect_store import inspect_store, main
+    from pipeline.analysis.inspect_store import inspect_store, main
 
     cfg, summary = extracted
     r = inspect_store(cfg.extract.store)["logits"]

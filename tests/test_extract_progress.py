@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.capture import capture_qkv
-from pipeline.extract_chunk import chunk_batches, extract_chunk
-from pipeline.extract_summary import add_up_ranks, combine_ranks
+from pipeline.extraction.chunk import chunk_batches, extract_chunk
+from pipeline.extraction.summary import add_up_ranks, combine_ranks
+from pipeline.models.capture import capture_qkv
 from tests.conftest import tiny_llama_config
 from tests.helpers_store import random_split
 
@@ -41,7 +41,7 @@ def test_summary_adds_up_ranks():
 
 
 def test_summary_names_why_samples_were_skipped():
-    from pipeline.extract_summary import skip_reasons
+    from pipeline.extraction.summary import skip_reasons
 
     c = {"skipped": 6, "dropped_too_long": 3, "bad_rows": {"answer": 2, "prompt": 0}, "truncated": 1}
     assert skip_reasons(c) == ' (too long 3, bad field "answer" 2, other 1; truncated 1)'

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import load_config
+from pipeline.config.configlib import load_config
+from pipeline.config.kvmap import KVMapConfig
 from pipeline.extract import run_extraction
-from pipeline.store import PROGRESS_DIR, KVStore
+from pipeline.store.reader import KVStore
+from pipeline.store.schema import PROGRESS_DIR
 from tests.helpers_kill import files_exist, run_until
 from tests.helpers_store import save_tiny_teacher, store_arrays, write_extract_config
 
@@ -64,7 +65,7 @@ def _tear_first_unfinished_chunk(store: Path) -> int:
     """Write garbage into half of the arrays of the first chunk without a done-marker: what a process
     killed in the middle of writing a chunk leaves (zarr writes each shard atomically; a chunk spans all
     arrays). Returns the chunk index; resume must recompute it, not trust what is on disk."""
-    from pipeline.writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     w = StoreWriter(store)
     c = w.todo_chunks()[0]
@@ -78,7 +79,7 @@ def _tear_first_unfinished_chunk(store: Path) -> int:
 
 
 def _todo_train_tokens(store: Path) -> int:
-    from pipeline.writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     w = StoreWriter(store)
     ranges = [w.chunk_range(c) for c in w.todo_chunks() if w.chunk_split(c) == "train"]

@@ -1,4 +1,4 @@
-"""Teacher-written completions (pipeline/generate.py, pipeline/completions.py) on a tiny random teacher:
+"""Teacher-written completions (pipeline/data/generate.py, pipeline/data/completions.py) on a tiny random teacher:
 batching = one prompt at a time, the R/A boundary, the answer_match filter, cuts, resume, 2 processes."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.completions import completions_dir, write_completions
-from pipeline.config import SEGMENTS, DataConfig, GenerationConfig, KVMapConfig
-from pipeline.configlib import ConfigError, load_config
-from pipeline.data import tokenize_sample
+from pipeline.config.configlib import ConfigError, load_config
+from pipeline.config.kvmap import SEGMENTS, DataConfig, GenerationConfig, KVMapConfig
+from pipeline.data.completions import completions_dir, write_completions
+from pipeline.data.generate import complete_rows, generate_continuations
+from pipeline.data.samples import tokenize_sample
 from pipeline.extract import run_extraction
-from pipeline.generate import complete_rows, generate_continuations
-from pipeline.models import load_model
-from pipeline.store import KVStore
+from pipeline.models.load import load_model
+from pipeline.store.reader import KVStore
 from tests.helpers_store import save_tiny_teacher, write_extract_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_tok(teacher):
-    from pipeline.config import ModelConfig
+    from pipeline.config.kvmap import ModelConfig
 
     return load_model(ModelConfig(path=str(teacher), device="cpu"))
 
@@ -120,7 +120,7 @@ def test_ra_boundary_is_where_answer_prefix_was_appended(model_tok):
 
 
 def test_answer_match_keeps_exactly_the_answers_that_contain_the_gold(model_tok, monkeypatch):
-    import pipeline.generate as g
+    import pipeline.data.generate as g
 
     _, tok = model_tok
     r_texts = [" w10 w11", " w12", " w13", "  ", " w14 w7"]
@@ -264,7 +264,7 @@ def test_extraction_on_teacher_text_and_two_processes_equal_one(tmp_path, teache
 
 
 def test_extra_default_prompts_keep_the_held_out_prompts():
-    from pipeline.make_default_data import make_rows
+    from pipeline.data.default_data import make_rows
 
     train, held = make_rows(50, 20)
     more, held2 = make_rows(50, 20, n_extra_train=30)

@@ -12,15 +12,15 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig
 
 from alignment import attention_dims, create_aligner, create_structural_loss
-from alignment.attention_probs import LogitSpec
-from pipeline.attention_profile import attention_maps
-from pipeline.capture import capture_qkv
-from pipeline.config import KVMapConfig
-from pipeline.configlib import load_config
+from alignment.geometry.attention_probs import LogitSpec
+from pipeline.analysis.head_scores import attention_maps
+from pipeline.config.configlib import load_config
+from pipeline.config.kvmap import KVMapConfig
 from pipeline.extract import run_extraction
-from pipeline.geometry import store_logit_spec, teacher_config_from_attrs, teacher_geometry_attrs
-from pipeline.models import load_model
-from pipeline.store import KVStore
+from pipeline.models.capture import capture_qkv
+from pipeline.models.geometry import store_logit_spec, teacher_config_from_attrs, teacher_geometry_attrs
+from pipeline.models.load import load_model
+from pipeline.store.reader import KVStore
 from tests.conftest import _TEACHER_KW
 from tests.helpers_store import word_tokenizer, write_extract_config
 

@@ -1,4 +1,4 @@
-"""trainer/grad_probe.py (`train.grad_probe_every`): per-term gradient norms and cosines on the student."""
+"""trainer/objective/grad_probe.py (`train.grad_probe_every`): per-term gradient norms and cosines on the student."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, from_dict
+from pipeline.config.configlib import ConfigError, from_dict
+from pipeline.config.kvmap import KVMapConfig
 from tests.helpers_train import make_tiny_store, tiny_train_config
-from trainer.grad_probe import grad_probe, term_gradients, term_weights
+from trainer.objective.grad_probe import grad_probe, term_gradients, term_weights
 from trainer.train import run_training
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # dtype -> tolerance of norms / cosines vs the reference

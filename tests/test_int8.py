@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import load_config
+from pipeline.config.configlib import load_config
+from pipeline.config.kvmap import KVMapConfig
 from pipeline.extract import run_extraction
-from pipeline.quantize import INT8_SCHEMES, expand_scales, quantize, scale_key
-from pipeline.store import PROGRESS_DIR, KVStore
+from pipeline.store.int8 import INT8_SCHEMES, expand_scales, quantize
+from pipeline.store.reader import KVStore
+from pipeline.store.schema import PROGRESS_DIR, scale_key
 from tests.helpers_store import save_tiny_teacher, store_arrays, write_extract_config
 
 
@@ -131,7 +132,7 @@ def test_int8_store_schema_and_reads_equal_naive_dequant(stores, name):
 
 @pytest.mark.parametrize("name", ["int8", "int8_vtoken"])
 def test_int8_preload_equals_store_reads(stores, name):
-    from trainer.preload import PreloadedSplit
+    from trainer.data.preload import PreloadedSplit
 
     _, paths = stores
     st = KVStore(paths[name])
@@ -154,7 +155,7 @@ def test_int8_resume_is_bit_exact(stores, tmp_path):
     g = zarr.open_group(str(path), mode="r+")
     g.attrs.update({"complete": False})
     ct = int(g.attrs["chunk_tokens"])
-    from pipeline.writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     w = StoreWriter(path)
     for c in range(w.num_chunks):
@@ -177,13 +178,13 @@ def test_extraction_summary_counts_int8_words_as_one_byte(stores):
     bf, q = (KVStore(paths[n]).attrs["summary"] for n in ("bfloat16", "int8"))
     assert bf["raw_word_state_bytes"] == bf["raw_16bit_state_bytes"] == q["raw_16bit_state_bytes"]
     assert q["raw_word_state_bytes"] * 2 == q["raw_16bit_state_bytes"]
-    from pipeline.extract_summary import _word_note
+    from pipeline.extraction.summary import _word_note
 
     assert _word_note(bf) == "" and _word_note(q).startswith("; raw int8 words ")
 
 
 def test_int8_reads_through_the_shard_cache_equal_plain_reads(stores):
-    from trainer.data import StoreDataset
+    from trainer.data.loader import StoreDataset
 
     _, paths = stores
     for name in ("int8", "int8_vtoken"):

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.logit_kd import LogitKDLoss
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, from_dict
-from pipeline.extract_chunk import topk_logprobs
-from pipeline.store import KVStore
-from pipeline.store_logits import decode_logprobs, encode_logprobs
+from alignment.losses.logit_kd import LogitKDLoss
+from pipeline.config.configlib import ConfigError, from_dict
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.extraction.chunk import topk_logprobs
+from pipeline.store.encoding import decode_logprobs, encode_logprobs
+from pipeline.store.reader import KVStore
 from tests.conftest import tiny_student_config
 from tests.helpers_train import make_tiny_store, teacher_dir, tiny_train_config
-from trainer.data import StoreDataset, collate_right_pad
-from trainer.step import DistillModel, KDTerm, forward_step
+from trainer.data.loader import StoreDataset, collate_right_pad
+from trainer.objective.step import DistillModel, KDTerm, forward_step
 from trainer.train import run_training
 
 K = 12
@@ -155,7 +155,7 @@ def test_stored_ids_past_the_student_head_are_refused(tmp_path, store):
     (big / "zarr.json").write_text(json.dumps(meta))
     import zarr
 
-    from pipeline.store import quiet_codecs
+    from pipeline.store.codecs import quiet_codecs
 
     with quiet_codecs():
         arr = zarr.open_array(str(big / "train" / "logits" / "indices"), mode="r+")

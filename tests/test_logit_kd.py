@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from alignment.logit_kd import LogitKDLoss, lse_gather, teacher_fidelity_sums
+from alignment.losses.logit_kd import LogitKDLoss, lse_gather, teacher_fidelity_sums
 
 # dtype of the student's logits -> (value rtol, gradient rtol): the loss computes in fp32 (fp64 kept), and
 # a bf16 input gets its gradient back in bf16 (8 mantissa bits: relative rounding 2^-8).

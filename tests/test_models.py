@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from pipeline import models
-from pipeline.config import ModelConfig
-from pipeline.models import load_model, model_geometry
+from pipeline.config.kvmap import ModelConfig
+from pipeline.models import load as models
+from pipeline.models.load import load_model, model_geometry
 from tests.conftest import tiny_llama_config, tiny_qwen2_config
 
 TINY = dict(tiny_llama_config().to_dict(), model_type="llama")

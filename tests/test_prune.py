@@ -15,14 +15,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignment.config import AlignConfig
-from pipeline.capture import capture_qkv
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, from_dict
+from pipeline.config.configlib import ConfigError, from_dict
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.config.prune import PruneConfig
+from pipeline.models.capture import capture_qkv
 from pipeline.prune import calibration_batches, run_prune
-from pipeline.prune_config import PruneConfig
-from pipeline.prune_importance import compute_importance
-from pipeline.prune_select import check_counts, make_plan
-from pipeline.prune_slice import build_pruned_model, teacher_shape
+from pipeline.pruning.importance import compute_importance
+from pipeline.pruning.select import check_counts, make_plan
+from pipeline.pruning.slicing import build_pruned_model, teacher_shape
 from tests.conftest import tiny_llama_config, tiny_qwen2_config
 from tests.helpers_store import save_tiny_teacher, write_jsonl
 
@@ -186,7 +186,7 @@ def test_extract_map_stores_the_kept_layers_of_a_pruned_student(tmp_path):
 
 
 def _tok(folder):
-    from pipeline.models import load_tokenizer
+    from pipeline.models.load import load_tokenizer
 
     return load_tokenizer(str(folder))
 
@@ -223,7 +223,7 @@ def _store_for(teacher):
     c = teacher.config
     rope = {"rope_parameters": dict(c.rope_parameters)}
     geo = teacher_shape(teacher)
-    from pipeline.geometry import teacher_geometry_attrs
+    from pipeline.models.geometry import teacher_geometry_attrs
 
     return SimpleNamespace(
         path="from-prune-store",
@@ -255,7 +255,7 @@ def _write_pruned(tmp_path, teacher, layers, **counts):
 )
 def test_from_prune_aligns_the_first_kept_layer_exactly_at_step_0(tmp_path, arch, constraint, rope, counts):
     from alignment import create_structural_loss
-    from trainer.setup import build_aligner
+    from trainer.run.setup import build_aligner
 
     teacher = _teacher(arch)
     student, plan, folder = _write_pruned(tmp_path, teacher, [0, 2], **counts)
@@ -283,7 +283,7 @@ def test_from_prune_aligns_the_first_kept_layer_exactly_at_step_0(tmp_path, arch
 
 
 def test_from_prune_errors(tmp_path):
-    from trainer.setup import build_aligner
+    from trainer.run.setup import build_aligner
 
     teacher = _teacher("llama")
     student, _, folder = _write_pruned(tmp_path, teacher, [0, 2], heads_per_kv_group=2)

@@ -1,4 +1,4 @@
-"""trainer/report.py: tables (mean ± std over seeds, deltas vs control) and plots from hand-written results."""
+"""trainer/ablation/report.py: tables (mean ± std over seeds, deltas vs control) and plots from hand-written results."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import statistics
 import pytest
 import yaml
 
-from trainer.ablation_results import append_result, read_results
-from trainer.report import build_report, delta, main, mean_std, verdict
+from trainer.ablation.report import build_report, main
+from trainer.ablation.results import append_result, read_results
+from trainer.ablation.stats import delta, mean_std, verdict
 
 # Hand-written final metrics: arm -> seed -> metrics (the numbers the tables must reproduce).
 CE = {"ce_only": {0: 0.9, 1: 1.0, 2: 1.1}, "v40_2": {0: 0.8, 1: 0.9}}

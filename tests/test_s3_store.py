@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import from_dict, load_config
+from pipeline.config.configlib import from_dict, load_config
+from pipeline.config.kvmap import KVMapConfig
 from pipeline.extract import run_extraction
-from pipeline.store import PROGRESS_DIR, KVStore
-from pipeline.store_location import StoreLocation, check_storage_options
+from pipeline.store.location import StoreLocation, check_storage_options
+from pipeline.store.reader import KVStore
+from pipeline.store.schema import PROGRESS_DIR
 from tests.helpers_store import save_tiny_teacher, store_arrays, write_extract_config
 from tests.s3_server import FAKE_KEY_ID, FAKE_SECRET
 
@@ -67,8 +68,8 @@ def test_s3_extraction_equals_local_and_refuses_a_mismatch(extracted, s3, capsys
 
 
 def test_inspect_and_attention_profile_read_s3(extracted):
-    from pipeline.attention_profile import attention_profile
-    from pipeline.inspect_store import inspect_store
+    from pipeline.analysis.attention_profile import attention_profile
+    from pipeline.analysis.inspect_store import inspect_store
 
     _, ref, loc = extracted
     a, b = inspect_store(loc.url), inspect_store(ref)
@@ -79,7 +80,7 @@ def test_inspect_and_attention_profile_read_s3(extracted):
 
 
 def test_loader_workers_and_preload_read_s3(extracted):
-    from trainer.data import StoreDataset, make_loader
+    from trainer.data.loader import StoreDataset, make_loader
 
     _, ref, loc = extracted
     kw = dict(layers=[1, 3], components=("q", "k", "v", "logits"))
@@ -185,7 +186,7 @@ def test_train_from_s3_equals_local_and_keeps_credentials_out(tmp_path, s3, capf
 
 
 def test_storage_options_refuse_credentials_and_memory_urls_work(tmp_path):
-    from pipeline.configlib import ConfigError
+    from pipeline.config.configlib import ConfigError
     from tests.helpers_store import write_random_store
 
     assert check_storage_options({"endpoint_url": "http://x", "client_kwargs": {"region_name": "r"}}) == {

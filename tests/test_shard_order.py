@@ -1,4 +1,4 @@
-"""`train.shuffle: shards`: the shard-window sample order and whole-shard cached reads (pipeline/shard_cache.py)."""
+"""`train.shuffle: shards`: the shard-window sample order and whole-shard cached reads (pipeline/store/shard_cache.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shard_cache import ShardCache
-from pipeline.store import KVStore
+from pipeline.store.reader import KVStore
+from pipeline.store.shard_cache import ShardCache
 from tests.helpers_store import write_random_store
-from trainer.data import ResumableSampler, StoreDataset, make_loader
-from trainer.sample_order import shard_window_permutation
+from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
+from trainer.data.sample_order import shard_window_permutation
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_shard_sampler_is_seeded_resumable_and_fresh_each_epoch():
 
 def _jobs(st: KVStore, indices, layers=(0, 2)):
     off, ln = st.offsets(), st.lengths()
-    arrays = [st.array(layer, c) for layer in layers for c in "qkv"] + [st._array("train", "input_ids")]
+    arrays = [st.array(layer, c) for layer in layers for c in "qkv"] + [st.token_array("input_ids")]
     return [(a, slice(int(off[i]), int(off[i] + ln[i]))) for i in indices for a in arrays]
 
 

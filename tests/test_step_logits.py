@@ -1,4 +1,4 @@
-"""Logits at the CE rows only (trainer.step): same loss and gradients as full logits + masked_ce."""
+"""Logits at the CE rows only (trainer.objective.step): same loss and gradients as full logits + masked_ce."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_student_config
-from trainer.losses import masked_ce
-from trainer.step import DistillModel, forward_step
+from trainer.objective.losses import masked_ce
+from trainer.objective.step import DistillModel, forward_step
 
 # dtype -> (rtol, atol) for the loss and every parameter gradient
 TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-3)}

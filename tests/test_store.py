@@ -1,4 +1,4 @@
-"""Store schema round trips (pipeline/store.py + pipeline/writer.py), no stored padding, chunk markers."""
+"""Store schema round trips (pipeline/store/reader.py + pipeline/store/writer.py), no stored padding, chunk markers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.store import PROGRESS_DIR, KVStore, PackedSplit, decode_states, encode_states
-from pipeline.store_location import remove_store
-from pipeline.writer import StoreWriter
+from pipeline.store.encoding import decode_states, encode_states
+from pipeline.store.location import remove_store
+from pipeline.store.packed_split import PackedSplit
+from pipeline.store.reader import KVStore
+from pipeline.store.schema import PROGRESS_DIR
+from pipeline.store.writer import StoreWriter
 from tests.helpers_store import D, G, H, random_split, write_random_store
 
 
@@ -182,7 +185,7 @@ def test_remove_store_refuses_foreign_folders(tmp_path):
 
 
 def test_inspect_reports_sizes_and_exact_stats(tmp_path, capsys):
-    from pipeline.inspect_store import inspect_store, main
+    from pipeline.analysis.inspect_store import inspect_store, main
 
     path, train, truth = write_random_store(tmp_path / "s.zarr", chunk_tokens=32, inner_chunk_tokens=8)
     r = inspect_store(path)

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import from_dict
+from pipeline.config.configlib import from_dict
+from pipeline.config.kvmap import KVMapConfig
 from tests.helpers_kill import files_exist, run_until
 from tests.helpers_train import losses, make_tiny_store, tiny_train_config, write_config
-from trainer.checkpoint import latest_checkpoint, read_metrics
+from trainer.run.checkpoint import latest_checkpoint, read_metrics
 from trainer.train import run_training
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,10 +97,10 @@ def test_saved_student_equals_trained_weights(tmp_path, store):
 
 def test_lambda_zero_equals_plain_ce_training(tmp_path, store):
     """With lambda_kv=0 the trainer is exactly a plain causal-LM loop (HF's own loss on the same batches)."""
-    from pipeline.models import load_model
-    from pipeline.store import KVStore
-    from trainer.data import ResumableSampler
-    from trainer.schedules import lr_multiplier
+    from pipeline.models.load import load_model
+    from pipeline.store.reader import KVStore
+    from trainer.data.loader import ResumableSampler
+    from trainer.objective.schedules import lr_multiplier
 
     steps, B = 5, 4
     cfg = _cfg(tmp_path, store, **{"lambda_kv": 0.0, "train.steps": steps, "train.batch_size": B})

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.helpers_store import write_random_store
-from trainer.data import ResumableSampler, StoreDataset, collate_right_pad, make_loader
-from trainer.greedy import generated_matches
-from trainer.losses import ce_sums_by_segment, masked_ce
-from trainer.schedules import lambda_kv_at, lr_multiplier
+from trainer.data.loader import ResumableSampler, StoreDataset, collate_right_pad, make_loader
+from trainer.eval.greedy import generated_matches
+from trainer.objective.losses import ce_sums_by_segment, masked_ce
+from trainer.objective.schedules import lambda_kv_at, lr_multiplier
 
 
 @pytest.fixture(scope="module")

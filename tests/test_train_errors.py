@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, from_dict, load_config
+from pipeline.config.configlib import ConfigError, from_dict, load_config
+from pipeline.config.kvmap import KVMapConfig
 from tests.helpers_train import make_tiny_store, tiny_train_config, write_config
-from trainer.store_checks import check_tokenizer, tokenizer_fingerprint
+from trainer.run.store_checks import check_tokenizer, tokenizer_fingerprint
 from trainer.train import main, run_training
 
 
@@ -123,7 +123,7 @@ def test_tokenizer_mismatch(tmp_path):
         num_eval=0,
         tokenizer_record={"name": "theirs", "vocab_size": 101, "hash": tokenizer_fingerprint(theirs)},
     )
-    from pipeline.store import KVStore
+    from pipeline.store.reader import KVStore
 
     ks = KVStore(s)
     check_tokenizer(ks, theirs, 101)  # same vocabulary: fine
@@ -165,7 +165,7 @@ def test_nan_loss_stops_naming_step_and_term(tmp_path):
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path, store):
-    from trainer.checkpoint import STATE_FILE, latest_checkpoint
+    from trainer.run.checkpoint import STATE_FILE, latest_checkpoint
 
     cfg = from_dict(
         KVMapConfig,

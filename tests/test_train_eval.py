@@ -10,13 +10,13 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.store import KVStore
-from pipeline.train_config import EvalConfig
+from pipeline.config.train import EvalConfig
+from pipeline.store.reader import KVStore
 from tests.conftest import tiny_student_config
 from tests.helpers_train import make_tiny_store, teacher_dir
-from trainer.data import StoreDataset
-from trainer.evaluate import evaluate
-from trainer.greedy import greedy_exact_match, greedy_generate, reference_of
+from trainer.data.loader import StoreDataset
+from trainer.eval.evaluate import evaluate
+from trainer.eval.greedy import greedy_exact_match, greedy_generate, reference_of
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import KVMapConfig
-from pipeline.configlib import from_dict
+from pipeline.config.configlib import from_dict
+from pipeline.config.kvmap import KVMapConfig
 from tests.helpers_train import losses, make_tiny_store, tiny_train_config, write_config
 from trainer.train import run_training
 

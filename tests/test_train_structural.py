@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment.head_select import HeadSelection, select_heads
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, from_dict
+from alignment.mapping.head_select import HeadSelection, select_heads
+from pipeline.config.configlib import ConfigError, from_dict
+from pipeline.config.kvmap import KVMapConfig
 from tests.conftest import tiny_llama_config, tiny_student_config
 from tests.helpers_train import make_tiny_store, tiny_train_config
 from tests.test_step_logits import _batch
-from trainer.schedules import auto_lambda, lambda_kv_at
-from trainer.step import DistillModel, forward_step
+from trainer.objective.schedules import auto_lambda, lambda_kv_at
+from trainer.objective.step import DistillModel, forward_step
 from trainer.train import run_training
 
 

@@ -7,8 +7,8 @@ Entry points:
   [--live-teacher] [--num_batches 1|2]`.
 - `benchmarks/bench_train.py` (step cost: CE-only vs cached vs online, loader throughput).
 
-Pieces: `trainer.data` (StoreDataset, collate_right_pad, ResumableSampler, make_loader), `trainer.step`
-(DistillModel, forward_step), `trainer.losses`, `trainer.schedules` (lr_multiplier, lambda_kv_at),
-`trainer.evaluate` (evaluate, alignment_diagnostics), `trainer.greedy` (exact match), `trainer.checkpoint`,
-`trainer.store_checks`, `trainer.setup`, `trainer.loop_utils`; config sections in `trainer.config`.
+Pieces: `trainer.data.loader` (StoreDataset, collate_right_pad, ResumableSampler, make_loader), `trainer.objective.step`
+(DistillModel, forward_step), `trainer.objective.losses`, `trainer.objective.schedules` (lr_multiplier, lambda_kv_at),
+`trainer.eval.evaluate` (evaluate, alignment_diagnostics), `trainer.eval.greedy` (exact match), `trainer.run.checkpoint`,
+`trainer.run.store_checks`, `trainer.run.setup`, `trainer.run.loop_utils`; config sections in `trainer.config`.
 """

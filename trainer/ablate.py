@@ -5,7 +5,7 @@
 
 `key=value` sets an ablation field (`seeds=[0,1]`, `out_dir=runs/x`, `only_arms=[ce_only]`) or, for any
 other key, an experiment override applied to every arm (`train.steps=50`). The YAML format is documented
-in trainer/ablation_config.py.
+in trainer/ablation/config.py.
 
 What it does, in order:
 1. Resolves and validates every (arm, seed) config strictly (unknown keys, bad values, arms that would
@@ -13,11 +13,11 @@ What it does, in order:
 2. Extracts the store (pipeline/extract.py) only if it is missing or incomplete; checks that it holds the
    teacher layers every arm's layer map needs.
 3. For each (arm, seed) not already in OUT_DIR/results.jsonl: trains into OUT_DIR/ARM/seed_SEED (a fresh
-   process per run by default), then appends one row (see trainer/ablation_results.py). A run folder left
+   process per run by default), then appends one row (see trainer/ablation/results.py). A run folder left
    by a killed sweep resumes from its checkpoint (same config) or restarts cleanly; it never counts as done
    until its row is written. A finished run whose row was lost (killed between the two) is recorded
    without retraining.
-4. Writes OUT_DIR/report.md and plots (trainer/report.py) and prints the table.
+4. Writes OUT_DIR/report.md and plots (trainer/ablation/report.py) and prints the table.
 
 Runners (the `runner` field) are a dict, RUNNERS, so tests and users can add their own:
 `runner(spec, resume, abl) -> None` trains `spec.cfg` into `spec.run_dir` and leaves metrics.json there.
@@ -38,11 +38,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from pipeline.cli import command_parser, parse_args, run_command
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError, git_sha, load_config, to_dict
-from trainer.ablation_config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
-from trainer.ablation_results import RESULTS_NAME, append_result, done_keys, read_results
-from trainer.child_process import interrupt_on_signals, run_child
+from pipeline.config.configlib import ConfigError, git_sha, load_config, to_dict
+from pipeline.config.kvmap import KVMapConfig
+from trainer.ablation.child_process import interrupt_on_signals, run_child
+from trainer.ablation.config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
+from trainer.ablation.results import RESULTS_NAME, append_result, done_keys, read_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +152,7 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
     so the teacher's memory is returned to the OS before training starts. An incomplete store resumes.
     Raises ValueError when the store lacks teacher layers an arm's layer map needs (before any run).
     """
-    from pipeline.store import KVStore
+    from pipeline.store.reader import KVStore
 
     paths = sorted({store_path(s.cfg) for s in specs})
     if len(paths) != 1:
@@ -196,7 +196,7 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
 
 def check_layers(store, specs: list[RunSpec]) -> None:
     """Every arm's layer map must point at stored teacher layers (checked where the student's depth is known)."""
-    from alignment.layer_map import build_layer_map
+    from alignment.mapping.layer_map import build_layer_map
 
     L_t = int(store.attrs.get("teacher", {}).get("num_layers", 0))
     if not L_t:
@@ -339,7 +339,7 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
     _barrier()  # the main rank has appended its last row
     all_rows = read_results(results) if results.exists() else []
     if abl.report and _is_main() and all_rows:
-        from trainer.report import build_report
+        from trainer.ablation.report import build_report
 
         print(build_report(out, control=abl.control))
     return all_rows
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     p = command_parser(
         "kvmap-ablate",
         __doc__,
-        sections=["the ablation YAML (trainer/ablation_config.py)", "every experiment key as an override"],
+        sections=["the ablation YAML (trainer/ablation/config.py)", "every experiment key as an override"],
         examples=[
             "kvmap-ablate --config configs/ablations/demo.yaml",
             "kvmap-ablate --config configs/ablations/default.yaml train.steps=50 'seeds=[0]' --dry-run",

@@ -27,20 +27,20 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-from pipeline.config import KVMapConfig
-from pipeline.configlib import ConfigError
-from trainer.data import collate_right_pad
+from pipeline.config.configlib import ConfigError
+from pipeline.config.kvmap import KVMapConfig
+from trainer.data.loader import collate_right_pad
 
 OUTLIER_RMS = 6.0
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, spec, mask: torch.Tensor) -> torch.Tensor:
-    """Attention probabilities (float64) of one layer with padding keys masked (`alignment.attention_probs`).
+    """Attention probabilities (float64) of one layer with padding keys masked (`alignment.geometry.attention_probs`).
 
     Shapes: q (B, H, T, D), k (B, G, T, D), mask (B, T) bool -> (B, H, T, T). `spec`: a float scale or a
     one-layer LogitSpec (the aligner's `teacher_logits` / `student_logits` at that layer).
     """
-    from alignment.attention_probs import attention_probs as probs
+    from alignment.geometry.attention_probs import attention_probs as probs
 
     return probs(q.double(), k.double(), spec, key_mask=mask)
 
@@ -177,9 +177,9 @@ def _maybe_load_aligner(aligner, cfg: KVMapConfig, mode: str) -> str:
 
 def load_batches(cfg: KVMapConfig, args, layers: list[int]):
     """(teacher HF-like config, list of collated batches with q_t/k_t/v_t for `layers`), tokens cropped to T."""
-    from pipeline.geometry import teacher_config_from_attrs
-    from trainer.setup import store_path_of
-    from trainer.store_checks import check_layers, open_store
+    from pipeline.models.geometry import teacher_config_from_attrs
+    from trainer.run.setup import store_path_of
+    from trainer.run.store_checks import check_layers, open_store
 
     B, T, n = args.batch_size, args.seq_length, args.num_batches
     store_path = store_path_of(cfg)  # a StoreLocation: a local folder or a URL (s3://, memory://)
@@ -193,8 +193,8 @@ def load_batches(cfg: KVMapConfig, args, layers: list[int]):
             )
         tokens = [store.read_sample(i, components=()) for i in range(B * n)]
     else:
-        from pipeline import data
-        from pipeline.models import load_tokenizer
+        from pipeline.data import samples as data
+        from pipeline.models.load import load_tokenizer
 
         tok = load_tokenizer(cfg.student.tokenizer or cfg.teacher.path)
         tokens = []
@@ -210,8 +210,8 @@ def load_batches(cfg: KVMapConfig, args, layers: list[int]):
     for i, s in enumerate(crop):
         s["index"] = torch.tensor(i)
     if args.live_teacher:
-        from pipeline.capture import capture_qkv
-        from pipeline.models import load_model
+        from pipeline.models.capture import capture_qkv
+        from pipeline.models.load import load_model
 
         teacher, _ = load_model(cfg.teacher)
         teacher_cfg = teacher.config
@@ -304,20 +304,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: KVMapConfig, args) -> int:
     from alignment import build_layer_map, teacher_layers_needed
-    from pipeline.capture import capture_qkv
-    from pipeline.geometry import teacher_config_from_attrs
-    from pipeline.models import load_model
-    from trainer.setup import store_path_of
+    from pipeline.models.capture import capture_qkv
+    from pipeline.models.geometry import teacher_config_from_attrs
+    from pipeline.models.load import load_model
+    from trainer.run.setup import store_path_of
 
     torch.manual_seed(cfg.seed)
     student, _ = load_model(cfg.student)
     L_s = student.config.num_hidden_layers
     if args.live_teacher:
-        from pipeline.models import load_hf_config, model_geometry
+        from pipeline.models.load import load_hf_config, model_geometry
 
         L_t = model_geometry(load_hf_config(cfg.teacher))["layers"]
     else:
-        from trainer.store_checks import open_store
+        from trainer.run.store_checks import open_store
 
         store = open_store(store_path_of(cfg))
         L_t = teacher_config_from_attrs(store.attrs, store.path)["num_hidden_layers"]

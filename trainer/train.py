@@ -4,11 +4,11 @@
     python trainer/train.py --config configs/default.yaml train.steps=50      # single process
 
 Shape glossary: B batch (per process), T tokens, L_sel teacher layers read from the store, L_s student
-layers; see trainer/step.py for the loss shapes.
+layers; see trainer/objective/step.py for the loss shapes.
 
 What happens, in order (every check runs before the first step):
 1. config checks (segments, schedules, precision), the store (complete, readable, train split), the
-   student (`pipeline.models.load_model`, random init seeded by `seed`), tokenizer/vocab agreement with the
+   student (`pipeline.models.load.load_model`, random init seeded by `seed`), tokenizer/vocab agreement with the
    store, the aligner from the store's teacher geometry (the teacher is never loaded), the teacher layers
    and components the loss needs.
 2. the run folder: config.yaml + meta.json (git SHA, seed, store fingerprint); `--resume` loads the newest
@@ -31,16 +31,16 @@ import sys
 import time
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-from pipeline.config import KVMapConfig
-from pipeline.configlib import to_dict
-from pipeline.geometry import teacher_config_from_attrs
-from trainer.checkpoint import _jsonable, save_checkpoint, save_student
-from trainer.evaluate import alignment_diagnostics, evaluate
-from trainer.grad_probe import grad_probe, term_weights
-from trainer.loop_utils import check_finite, final_train_metrics, reduce_logs
-from trainer.run_setup import Run, finished_metrics, setup_run
-from trainer.schedules import lambda_kv_at
-from trainer.step import forward_step
+from pipeline.config.configlib import to_dict
+from pipeline.config.kvmap import KVMapConfig
+from pipeline.models.geometry import teacher_config_from_attrs
+from trainer.eval.evaluate import alignment_diagnostics, evaluate
+from trainer.objective.grad_probe import grad_probe, term_weights
+from trainer.objective.schedules import lambda_kv_at
+from trainer.objective.step import forward_step
+from trainer.run.checkpoint import _jsonable, save_checkpoint, save_student
+from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
+from trainer.run.run_setup import Run, finished_metrics, setup_run
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -181,7 +181,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
     """Train the student of `cfg` on its store; returns the final metrics (also written to metrics.json).
 
     Args:
-        cfg: the resolved config (pipeline.config.KVMapConfig).
+        cfg: the resolved config (pipeline.config.kvmap.KVMapConfig).
         resume: continue from the newest checkpoint in `cfg.run_dir` (a fresh start if there is none; a
             finished run returns its metrics.json).
         overwrite: delete an existing run folder that holds checkpoints or a finished run instead of refusing it.

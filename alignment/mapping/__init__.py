@@ -1,0 +1,4 @@
+"""What teacher piece goes where: the layer map, segment time warping, head maps and head selection.
+
+May import alignment.geometry only.
+"""

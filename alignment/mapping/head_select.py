@@ -1,0 +1,146 @@
+"""One-to-one head selection for the attention KL (`align.head_select`): which teacher head each student head copies.
+
+Shapes: L_s student layers, H_s / H_t student / teacher query heads.
+
+Why: a convex mix of all teacher heads into every student head averages the few sharp retrieval heads away
+and leaves no student head free to copy (README, issue 5). Here only chosen teacher heads are distilled, each
+into its own student head; every other student head (and every layer without a chosen head) gets no KL term.
+
+Assignment rule (deterministic, printed at the start of training by `describe`):
+  1. candidates are the heads of the teacher layers the layer map uses (student layer l reads teacher
+     layer layer_map[l]: a head can only be distilled where its layer's states arrive);
+  2. "top_retrieval" / "top_answer_mass" rank the candidates by that train-split score (pipeline/analysis/head_scores.py;
+     ties: lower layer, then lower head) and keep `top`; "list" keeps `heads` in the order given;
+  3. in that order, each chosen teacher head (t, h) goes to the first student layer l with layer_map[l] == t
+     that still has a free head, and there to the lowest free student head index (0, 1, ...); for a student
+     cut from the teacher (`cut_from`, align.init: from_prune) it goes to the student head cut from (t, h)
+     when that layer kept it (distilling teacher head 6 into the student's head 0, itself teacher head 0,
+     would overwrite a working head and leave the copy of head 6 untouched).
+The selection is a (L_s, H_s, H_t) one-hot head mix (the target row of student head s is teacher head h's own
+attention, not a learned mix: nothing trains it) and a (L_s, H_s) bool mask of the distilled student heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("all", "top_retrieval", "top_answer_mass", "list")
+_SCORE_OF = {"top_retrieval": "retrieval", "top_answer_mass": "answer_mass"}
+
+
+@dataclass
+class HeadSelection:
+    """pairs: [(student layer, student head, teacher layer, teacher head, score | None)] in rank order;
+    head_mix (L_s, H_s, H_t) one-hot rows for the chosen student heads (uniform rows elsewhere, unused);
+    head_mask (L_s, H_s) bool."""
+
+    pairs: list[tuple[int, int, int, int, float | None]]
+    head_mix: torch.Tensor
+    head_mask: torch.Tensor
+
+    def describe(self) -> str:
+        cells = [
+            f"student L{ls}.h{hs} <- teacher L{lt}.h{ht}" + (f" ({v:.3f})" if v is not None else "")
+            for ls, hs, lt, ht, v in self.pairs
+        ]
+        return f"head_select: {len(self.pairs)} heads one-to-one: " + "; ".join(cells)
+
+
+def _candidates(method, top, heads, scores, mapped, H_t):
+    if method == "list":
+        if not heads:
+            raise ValueError(
+                "align.head_select.heads: expected [[teacher layer, head], ...] for method 'list'"
+            )
+        for pair in heads:
+            ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, int) for x in pair)
+            if not ok or pair[0] not in mapped or not 0 <= pair[1] < H_t:
+                raise ValueError(
+                    f"align.head_select.heads: {pair!r}: expected [teacher layer in the layer map {sorted(mapped)}, "
+                    f"head in [0, {H_t})]"
+                )
+        if len({tuple(p) for p in heads}) != len(heads):
+            raise ValueError(f"align.head_select.heads={heads!r}: expected no repeated head")
+        return [(int(t), int(h), None) for t, h in heads]
+    n = len(mapped) * H_t
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= n:
+        raise ValueError(
+            f"align.head_select.top={top!r}: expected an int in [1, {n}] (heads of the mapped teacher layers)"
+        )
+    if scores is None:
+        raise ValueError(f"align.head_select.method={method!r}: expected teacher head scores")
+    li = {layer: i for i, layer in enumerate(scores["layers"])}
+    missing = [t for t in sorted(mapped) if t not in li]
+    if missing:
+        raise ValueError(
+            f"head scores lack teacher layers {missing}: expected a store holding the mapped layers"
+        )
+    vals = scores[_SCORE_OF[method]]
+    cells = [(t, h, float(vals[li[t]][h])) for t in sorted(mapped) for h in range(H_t)]
+    return sorted(cells, key=lambda c: (-c[2], c[0], c[1]))[:top]
+
+
+def _slot(t, h, layer_map, used, H_s, cut_from) -> tuple[int, int]:
+    """(student layer, student head) for teacher head (t, h): rule 3 of the module docstring."""
+    layers = [ls for ls, lt in enumerate(layer_map) if lt == t]
+    if cut_from is not None:  # the student head cut from (t, h), where that student layer kept it
+        for ls in layers:
+            if h in cut_from[ls] and cut_from[ls].index(h) not in used[ls]:
+                return ls, cut_from[ls].index(h)
+    for ls in layers:
+        free = [s for s in range(H_s) if s not in used[ls]]
+        if free:
+            return ls, free[0]
+    raise ValueError(
+        f"align.head_select: teacher layer {t} gets more chosen heads than its student layer(s) have "
+        f"({H_s} each): expected at most {H_s * len(layers)} heads from layer {t}"
+    )
+
+
+def select_heads(
+    method: str,
+    layer_map: list[int],
+    H_t: int,
+    H_s: int,
+    *,
+    top: int | None = None,
+    heads: list[list[int]] | None = None,
+    scores: dict | None = None,
+    cut_from: list[list[int]] | None = None,
+) -> HeadSelection | None:
+    """The selection for `align.head_select` (module docstring); None for method "all".
+
+    Args:
+        method: "all" | "top_retrieval" | "top_answer_mass" | "list".
+        layer_map: teacher layer per student layer (the aligner's `layer_map`).
+        H_t, H_s: teacher / student query heads.
+        top: top_*: how many heads; heads: list: [[teacher layer, head], ...];
+        scores: `pipeline.analysis.head_scores.head_scores` output (top_* only).
+        cut_from: a student cut from the teacher (`align.init: from_prune`): per student layer, the teacher
+            head each student head was cut from (prune_meta's kept_query_heads, (L_s, H_s)); a chosen
+            teacher head then goes to the student head that *is* it, not to the lowest free one.
+    Example:
+        >>> sel = select_heads("list", [7, 14, 22, 29], 9, 4, heads=[[14, 3], [7, 7]])
+        >>> sel.head_mask.nonzero().tolist()
+        [[0, 0], [1, 0]]
+    """
+    if method not in METHODS:
+        raise ValueError(f"align.head_select.method={method!r}: expected one of {list(METHODS)}")
+    if method == "all":
+        return None
+    chosen = _candidates(method, top, heads, scores, set(layer_map), H_t)
+    L_s = len(layer_map)
+    mix = torch.full((L_s, H_s, H_t), 1.0 / H_t)
+    mask = torch.zeros(L_s, H_s, dtype=torch.bool)
+    used: list[set[int]] = [set() for _ in range(L_s)]  # student heads already given a teacher head
+    pairs = []
+    for t, h, v in chosen:
+        ls, hs = _slot(t, h, layer_map, used, H_s, cut_from)
+        used[ls].add(hs)
+        mix[ls, hs] = 0.0
+        mix[ls, hs, h] = 1.0
+        mask[ls, hs] = True
+        pairs.append((ls, hs, t, h, v))
+    return HeadSelection(pairs, mix, mask)

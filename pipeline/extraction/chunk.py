@@ -1,0 +1,260 @@
+"""Compute one write chunk of teacher states: batch the samples overlapping it, forward, check, pack.
+
+Shape glossary: B batch, T tokens (padded batch length), X heads of a component (H for q, G for k/v),
+D head dim, V vocab, K stored top-k log-probs, N real tokens of a batch that land in the chunk; a chunk
+covers packed tokens [start, end) of one split (see pipeline/store/reader.py; eval chunks hold logits only).
+
+Why per chunk: a chunk is the unit of writing, resuming and rank ownership (pipeline/extract.py). The
+batches are a function of the chunk alone (the overlapping samples, longest first), so the stored bits do
+not depend on the number of processes or on where a previous run was killed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.store.encoding import LOGPROB_FLOOR
+from pipeline.store.int8 import INT8_SCHEMES, quantize
+from pipeline.store.packed_split import PackedSplit
+from pipeline.store.schema import scale_key
+
+# int8: None = gather in the teacher's own dtype; the chunk is quantised once whole (`_quantize_chunk`)
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
+
+# Page-locked host staging buffers, one per (layer, component), reused across batches and chunks and grown
+# to the largest batch: allocating pinned memory costs about as much as the copy it speeds up.
+_PINNED: dict[tuple, torch.Tensor] = {}
+
+
+def _pinned(key: tuple, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    n = shape[0]
+    buf = _PINNED.get(key)
+    if buf is None or buf.shape[1:] != shape[1:] or buf.dtype != dtype or buf.shape[0] < n:
+        buf = _PINNED[key] = torch.empty((max(n, 1), *shape[1:]), dtype=dtype, pin_memory=True)
+    return buf[:n]
+
+
+def _bad_sample_error(kind, x, y, valid, batch, packed, layer, comp) -> ValueError:
+    """One-line error naming the first sample of `batch` whose (real-token) states are not storable."""
+    j = int(kind.nonzero()[0, 0])
+    i = int(batch[j])
+    where = f"train sample {i} (dataset row {int(packed.rows[i])}), teacher layer {layer}, component {comp}"
+    xs = x[j].transpose(0, 1)[valid[j]]  # (T_real, X, D) the raw teacher values of that sample
+    if not torch.isfinite(xs).all():
+        return ValueError(f"teacher states contain NaN/inf: {where}")
+    return ValueError(
+        f"teacher states overflow float16 (|x| max {xs.abs().max().item():.4g} > 65504): {where}; "
+        "use extract.dtype=bfloat16"
+    )
+
+
+def chunk_batches(packed: PackedSplit, start: int, end: int, batch_size: int) -> list[np.ndarray]:
+    """Sample-index batches covering packed tokens [start, end): every overlapping sample, longest first
+    (batches of similar length pad little). Depends only on the chunk, never on the rank count."""
+    idx = packed.samples_in(start, end)
+    idx = idx[np.argsort(-packed.lengths[idx], kind="stable")]
+    return [idx[b : b + batch_size] for b in range(0, len(idx), batch_size)]
+
+
+def pad_batch(packed: PackedSplit, batch: np.ndarray, pad_id: int):
+    """Right-padded (B, T) input_ids, segment_ids (-1 on padding) and answer_mask (bool) of `batch`."""
+    lens = packed.lengths[batch]
+    ids = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)  # (B, T)
+    seg = torch.full_like(ids, -1)
+    ans = torch.zeros_like(ids, dtype=torch.bool)
+    for j, i in enumerate(batch):
+        o, n = int(packed.offsets[i]), int(lens[j])
+        ids[j, :n] = torch.from_numpy(packed.input_ids[o : o + n].astype(np.int64))
+        seg[j, :n] = torch.from_numpy(packed.segment_ids[o : o + n].astype(np.int64))
+        ans[j, :n] = torch.from_numpy(packed.answer_mask[o : o + n].astype(bool))
+    return ids, seg, ans
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's log-softmax (fp32, temperature 1) reduced to its top k, sorted descending.
+
+    Shapes: logits (..., V) -> values (..., k) float32, indices (..., k) int64.
+    """
+    return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1, sorted=True)
+
+
+def _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own) -> None:
+    """Answer-token accuracy and per-segment teacher CE of the samples starting in this chunk (summable)."""
+    from pipeline.data.metrics import answer_token_accuracy
+
+    if not own.any():
+        return
+    if not own.all():  # a sample crossing into this chunk was counted where it starts
+        o = torch.from_numpy(own)
+        logits, ids, ans, seg = logits[o.to(logits.device)], ids[o], ans[o], seg[o]
+    acc = answer_token_accuracy(logits, ids, ans, seg)
+    for k in ("n_R", "correct_R", "n_A", "correct_A", "n_all", "correct_all"):  # counts sum over chunks
+        stats["acc"][k] = stats["acc"].get(k, 0) + int(acc[k])
+    # Teacher-forced CE per target segment: how well the teacher's own distribution fits the data (a
+    # teacher that does not write like the data is a poor logit-KD target).
+    tgt_seg = seg[:, 1:].to(logits.device)  # (B, T-1)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none"
+    )  # (B, T-1)
+    for name, j in (("P", 0), ("R", 1), ("A", 2)):
+        m = tgt_seg == j
+        stats["ce"][f"sum_{name}"] = stats["ce"].get(f"sum_{name}", 0.0) + float(ce[m].double().sum())
+        stats["ce"][f"n_{name}"] = stats["ce"].get(f"n_{name}", 0) + int(m.sum())
+
+
+def _chunk_rows(packed: PackedSplit, batch: np.ndarray, start: int, end: int):
+    """Which (sample, position) of the padded batch lands on which chunk row: each real token of the chunk
+    exactly once (a sample crossing a chunk edge contributes only its tokens inside).
+
+    Returns jj, tt (N,) batch row / position of each gathered token and runs [(gathered rows, chunk rows)].
+    """
+    jj, tt, runs, n = [], [], [], 0
+    for j, i in enumerate(batch):
+        o = int(packed.offsets[i])
+        s0, s1 = max(o, start), min(o + int(packed.lengths[i]), end)
+        jj.append(np.full(s1 - s0, j))
+        tt.append(np.arange(s0 - o, s1 - o))
+        runs.append((slice(n, n + s1 - s0), slice(s0 - start, s1 - start)))
+        n += s1 - s0
+    return np.concatenate(jj), np.concatenate(tt), runs
+
+
+def _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packed) -> dict:
+    """Real tokens of every (layer, component), gathered on the device (token-major, as the store),
+    converted to the storage dtype and checked with ONE reduction and one sync per batch (the per-layer
+    syncs and padded pageable copies this replaces cost 8.6x the forward on an H100).
+
+    Returns {(layer, comp): (N, X, D)}; raises a one-line ValueError naming the first bad sample.
+    """
+    ys = {}
+    for layer in layers:
+        for comp in components:
+            x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+            y = x[jj_d, :, tt_d]  # (N, X, D)
+            ys[(layer, comp)] = y if sdt is None else y.to(sdt)  # fp16: inf where |x| overflows
+    if not ys:
+        return ys
+    finite = torch.stack([torch.isfinite(y).all() for y in ys.values()])  # (L_sel * C,)
+    if not bool(finite.all()):
+        for (layer, comp), ok in zip(ys, finite.tolist()):
+            if not ok:
+                x = getattr(cap, comp)[layer]  # (B, X, T, D)
+                y = x if sdt is None else x.to(sdt)
+                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
+                raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
+    return ys
+
+
+def _to_host(ys: dict, device: torch.device) -> dict[tuple, np.ndarray]:
+    """Gathered device tensors -> numpy (bf16 as uint16 words); pinned + async on CUDA."""
+    pinned = device.type == "cuda"
+    host = {}
+    for key, y in ys.items():  # on CPU the gathered tensor already is the host copy
+        host[key] = _pinned(key, tuple(y.shape), y.dtype).copy_(y, non_blocking=True) if pinned else y
+    if pinned:
+        torch.cuda.synchronize(device)
+    out = {}
+    for key, h in host.items():
+        out[key] = (h.view(torch.uint16) if h.dtype == torch.bfloat16 else h).numpy()
+    return out
+
+
+def _quantize_chunk(dev: dict, schemes: dict, device: torch.device) -> dict[tuple, np.ndarray]:
+    """int8 words and scales of whole-chunk state buffers, quantised on the device the states live on (so
+    only int8 + scales cross to the host: 2x fewer bytes than bf16 to copy and compress).
+
+    Shapes: dev[(layer, comp)] (end - start, X, D) teacher dtype -> (layer, comp) (end - start, X, D) int8 and
+    (layer, comp + "_scale") (1, X, D) | (end - start, X) float32 (pipeline/store/int8.py).
+    """
+    out = {}
+    for (layer, comp), x in dev.items():
+        q, scale = quantize(x, schemes[comp])
+        out[(layer, comp)], out[(layer, scale_key(comp))] = q, scale
+    host = _to_host(out, device)
+    # on CUDA these are views of the reused pinned buffers: the async writer needs its own copy
+    return {k: v.copy() for k, v in host.items()} if device.type == "cuda" else host
+
+
+def extract_chunk(
+    model,
+    cap,
+    packed: PackedSplit,
+    start: int,
+    end: int,
+    layers: list[int],
+    components: list[str],
+    dtype: str,
+    batch_size: int,
+    pad_id: int,
+    top_k: int = 0,
+    index_dtype: str = "uint16",
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[tuple, np.ndarray], dict]:
+    """Teacher states (and top-k log-probs) of packed tokens [start, end) of `packed`.
+
+    Args:
+        model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`
+            (None for a logits-only store).
+        layers / components: the states to store (empty for a held-out chunk: logits only).
+        dtype: storage dtype "bfloat16" | "float16" | "int8" (quantised per chunk, `INT8_SCHEMES`); non-finite or fp16-overflowing states at real tokens
+            raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
+        top_k: > 0 also stores the teacher's top-k log-probs at every token (`topk_logprobs`).
+        index_dtype: storage dtype of the top-k token ids.
+        on_batch: called after every forward batch with the chunk tokens it produced (a progress bar's
+            `update`; the calls add up to end - start).
+    Returns:
+        ({(layer, comp): (end - start, X, D) array in the storage dtype (bf16 as uint16 words),
+          ("logits", "values"): (end - start, K) float16 words, ("logits", "indices"): (end - start, K)},
+         stats {"tokens", "forward_tokens", "acc": answer-token accuracy counts, "ce": teacher CE sums per
+         target segment, "topk_mass": summed top-k probability mass, of the samples starting here})
+    """
+    sdt = TORCH_DTYPES[dtype]
+    bufs: dict[tuple, np.ndarray] = {}
+    dev: dict[tuple, torch.Tensor] = {}  # int8: the chunk's states on the device, quantised at the end
+    stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
+    device = next(model.parameters()).device
+    for batch in chunk_batches(packed, start, end, batch_size):
+        ids, seg, ans = pad_batch(packed, batch, pad_id)
+        valid = seg >= 0  # (B, T)
+        if cap is not None:
+            cap.clear()
+        logits = model(
+            input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
+        ).logits  # (B, T, V)
+        stats["forward_tokens"] += int(packed.lengths[batch].sum())
+        own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
+        _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own)
+        jj, tt, runs = _chunk_rows(packed, batch, start, end)
+        jj_d, tt_d = torch.from_numpy(jj).to(device), torch.from_numpy(tt).to(device)  # (N,), (N,)
+        ys = _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packed)
+        if top_k:
+            vals, idx = topk_logprobs(logits[jj_d, tt_d], top_k)  # (N, K), (N, K)
+            stats["topk_mass"] += float(vals.exp().sum(dim=-1).double().sum())
+            ys[("logits", "values")] = vals.clamp_min(LOGPROB_FLOOR).to(torch.float16)  # (N, K)
+            ys[("logits", "indices")] = idx.to(torch.int32)  # (N, K); stored as `index_dtype`
+        if sdt is None:  # int8: keep the chunk's states on the device until every batch is in
+            for key in [k for k in ys if k[0] != "logits"]:
+                y = ys.pop(key)
+                buf = dev.get(key)
+                if buf is None:
+                    buf = dev[key] = torch.empty((end - start, *y.shape[1:]), dtype=y.dtype, device=y.device)
+                for src, dst in runs:
+                    buf[dst] = y[src]
+        for key, yn in _to_host(ys, device).items():
+            if key == ("logits", "values"):
+                yn = yn.view(np.uint16)  # float16 words (pipeline/store/reader.py)
+            elif key == ("logits", "indices"):
+                yn = yn.astype(index_dtype)
+            buf = bufs.get(key)
+            if buf is None:
+                buf = bufs[key] = np.empty((end - start, *yn.shape[1:]), dtype=yn.dtype)
+            for src, dst in runs:  # one contiguous copy per sample
+                buf[dst] = yn[src]
+        if on_batch is not None:
+            on_batch(len(jj))
+    if dev:
+        bufs.update(_quantize_chunk(dev, INT8_SCHEMES, device))
+    return bufs, stats

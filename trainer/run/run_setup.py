@@ -1,0 +1,296 @@
+"""Everything a stage-2 run needs before its first step, as one `Run` (trainer/train.py owns the loop).
+
+Shapes: none (wiring). Order, so that every bad input stops the run before any step and before the run
+folder is touched: the accelerator, the run folder (writable? resumable? already finished?), the store,
+the student, tokenizer agreement, the aligner and KD term, the dataset; then the optimizer and schedule,
+the checkpoint to resume from, the run metadata and the resumable sample stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
+from pipeline.config.kvmap import KVMapConfig
+from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
+from trainer.objective.schedules import lr_multiplier
+from trainer.objective.step import DistillModel
+from trainer.run.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
+from trainer.run.loop_utils import flat_config, trackers
+from trainer.run.run_dir import check_run_dir_writable
+from trainer.run.setup import (
+    build_aligner,
+    build_kd,
+    check_resume_config,
+    needed_components,
+    param_groups,
+    segment_ids,
+    store_path_of,
+)
+from trainer.run.store_checks import check_layers, check_tokenizer, open_store
+
+
+@dataclass
+class Run:
+    """The live pieces of one training run (built by `setup_run`, advanced by trainer/train.py)."""
+
+    cfg: KVMapConfig
+    accelerator: Any
+    store: Any  # pipeline.store.reader.KVStore
+    tokenizer: Any
+    model: Any  # DistillModel wrapped by accelerate
+    base: DistillModel  # the unwrapped model (student + aligner)
+    optimizer: Any
+    scheduler: Any
+    batches: Any  # iterator over the resumable sample stream
+    log: MetricsLog
+    ce_ids: list[int]
+    struct_ids: list[int]
+    loss_fn: Any = None  # StructuralKVLoss, or None when lambda_kv == 0
+    kd: Any = None  # trainer.objective.step.KDTerm, or None without logit KD
+    eval_split: str | None = None
+    pad_id: int = 0
+    start_step: int = 0
+    recent: list[dict] = field(default_factory=list)  # the last `log_every` steps' logs (final train/*)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+
+def finished_metrics(cfg: KVMapConfig, resume: bool, overwrite: bool) -> dict | None:
+    """metrics.json of an already finished run of this config when `--resume` is asked (nothing to do).
+
+    A finished run keeps no checkpoint unless `train.save_final_state`; without `--resume` or `--overwrite`
+    its folder is refused like one holding checkpoints.
+    """
+    run_dir = Path(cfg.run_dir)
+    done = run_dir / "metrics.json"
+    if overwrite or not done.is_file() or latest_checkpoint(run_dir) is not None:
+        return None
+    if not resume:
+        raise ConfigError(
+            f"run_dir='{run_dir}' holds a finished run (metrics.json): pass --resume to read it, --overwrite to "
+            "retrain, or choose another run_dir"
+        )
+    saved = load_config(KVMapConfig, run_dir / "config.yaml")
+    check_resume_config(to_dict(saved), to_dict(cfg))
+    return json.loads(done.read_text())
+
+
+def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator) -> Path | None:
+    """The checkpoint to resume from (or None); refuses to silently restart over an existing run, or to
+    resume one with a different training config."""
+    run_dir = Path(cfg.run_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        saved = read_trainer_state(ckpt)
+        check_resume_config(saved.get("config", to_dict(cfg)), to_dict(cfg))
+        world = saved.get("num_processes", accelerator.num_processes)
+        if world != accelerator.num_processes:
+            raise ConfigError(
+                f"--resume: checkpoint {ckpt.name} was written by {world} processes, this launch has "
+                f"{accelerator.num_processes}: expected the same number (the sample stream is sharded by it)"
+            )
+    ckpt_root = run_dir / "checkpoints"
+    existing = (ckpt_root.is_dir() and any(ckpt_root.iterdir())) or (run_dir / "metrics.json").is_file()
+    if not resume and existing:
+        if not overwrite:
+            raise ConfigError(
+                f"run_dir='{run_dir}' already holds checkpoints: pass --resume to continue it or --overwrite to restart"
+            )
+        accelerator.wait_for_everyone()  # every rank has looked before the main one deletes
+        if accelerator.is_main_process:
+            shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        check_run_dir_writable(run_dir)
+    return ckpt
+
+
+def make_accelerator(cfg: KVMapConfig):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    run_dir = Path(cfg.run_dir)
+    return Accelerator(
+        # Without a GPU, cpu=True is what makes a multi-process launch use gloo (DistributedType.MULTI_CPU);
+        # otherwise accelerate sees LOCAL_RANK without CUDA and silently runs every rank as world size 1.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        step_scheduler_with_optimizer=False,  # the LR schedule counts optimizer steps, not per-rank batches
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=trackers() or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+    )
+
+
+def preflight(cfg: KVMapConfig, accelerator) -> dict:
+    """Store, student, tokenizer, aligner, KD term, loss, dataset: every check before any step."""
+    from accelerate.utils import set_seed
+
+    from pipeline.models.load import load_model
+
+    store = open_store(store_path_of(cfg))
+    set_seed(cfg.seed)  # the student's random init and the aligner's init come from this seed
+    student, tokenizer = load_model(cfg.student, for_training=True)
+    vocab = int(student.get_input_embeddings().weight.shape[0])
+    check_tokenizer(store, tokenizer, vocab)
+    aligner = build_aligner(cfg, store, student)
+    kd = build_kd(cfg, store, vocab)
+    if aligner is not None and aligner.head_selection is not None:
+        accelerator.print(aligner.head_selection.describe())
+    layers, comps, loss_fn = [], (), None
+    if aligner is not None:
+        from alignment import create_structural_loss
+
+        layers, comps = list(aligner.teacher_layers), needed_components(cfg)
+        check_layers(store, layers, comps)
+        loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
+    if kd is not None:
+        comps = (*comps, "logits")
+    t_load = time.perf_counter()
+    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload)
+    if train_ds.shard_cache:
+        accelerator.print(shard_order_line(cfg, store, layers, comps))
+    elif store.location.remote and not cfg.train.preload:
+        accelerator.print("note: train.store is a URL read in the global order (~2 requests per sample and array); "
+                          "train.shuffle=shards reads whole shards instead (README 'Stores at scale')")  # fmt: skip
+    if cfg.train.preload:
+        from trainer.data.preload import preload_bytes
+
+        gb = preload_bytes(store, "train", layers or store.layers, comps) / 2**30
+        accelerator.print(f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s")
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    return dict(store=store, student=student, tokenizer=tokenizer, aligner=aligner, kd=kd, loss_fn=loss_fn,
+                train_ds=train_ds, pad_id=pad_id)  # fmt: skip
+
+
+def train_dataset(cfg: KVMapConfig, store, layers: list[int], comps, preload: bool) -> StoreDataset:
+    """The train split as the trainer reads it; `train.shuffle: shards` reads whole shards through a cache of
+    shuffle_window + 1 shards per array (preload reads the split whole anyway)."""
+    shards = cfg.train.shuffle == "shards" and not preload
+    cache = cfg.train.shuffle_window + 1 if shards else 0
+    return StoreDataset(
+        store.path, "train", layers=layers, components=comps, preload=preload, shard_cache=cache
+    )
+
+
+def train_sampler(
+    cfg: KVMapConfig,
+    ds: StoreDataset,
+    total: int,
+    start: int = 0,
+    processes: int = 1,
+    batch: int | None = None,
+) -> ResumableSampler:
+    """The run's sample stream: global permutations, or shard windows dealt to the run's readers (`processes`
+    ranks x `train.num_workers` loader workers reading micro-batches of `batch`, default train.batch_size;
+    `train.shuffle: shards`, trainer/data/sample_order.py)."""
+    groups = ds.shards() if cfg.train.shuffle == "shards" else None
+    readers = processes * max(cfg.train.num_workers, 1)
+    return ResumableSampler(len(ds), cfg.seed, total, start, groups=groups, window=cfg.train.shuffle_window,
+                            readers=readers, batch=batch or cfg.train.batch_size)  # fmt: skip
+
+
+def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
+    """What `train.shuffle: shards` costs: shards per window and each loader process's cache in RAM."""
+    from trainer.data.preload import preload_bytes
+
+    n_shards = -(-store.num_tokens("train") // store.chunk_tokens)
+    per_shard = preload_bytes(store, "train", layers or store.layers, comps) / max(n_shards, 1)
+    gib = per_shard * (cfg.train.shuffle_window + 1) / 2**30
+    return (
+        f"train.shuffle=shards: {n_shards} shards of {store.chunk_tokens} tokens, {cfg.train.shuffle_window} "
+        f"per window; each loader process caches up to {gib:.2f} GiB of decompressed shards"
+    )
+
+
+def optimizer_and_schedule(cfg: KVMapConfig, student, aligner):
+    """AdamW (betas 0.9/0.95; decay on the student's matrices only) and warmup + cosine LR."""
+    optimizer = torch.optim.AdamW(param_groups(student, aligner, cfg), betas=(0.9, 0.95))
+    lr_fn = partial(
+        lr_multiplier,
+        warmup_steps=cfg.train.warmup_steps,
+        total_steps=cfg.train.steps,
+        min_ratio=cfg.train.min_lr_ratio,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
+
+
+def restore(run: Run, ckpt: Path | None, resume: bool) -> None:
+    """Load the checkpoint (model, optimizer, schedule, RNG) and the step counters; or start clean."""
+    acc = run.accelerator
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        saved = read_trainer_state(ckpt)
+        run.start_step = int(saved["step"])
+        run.recent = saved.get("recent", [])  # the final train/* window continues exactly
+        run.log.truncate_after(run.start_step)
+        acc.print(f"resuming from {ckpt} at step {run.start_step}")
+    elif resume:
+        acc.print(f"--resume: no checkpoint in {run.run_dir}/checkpoints; starting fresh")
+    if acc.is_main_process:
+        if ckpt is None:
+            run.log.path.unlink(missing_ok=True)
+        write_run_metadata(
+            run.run_dir,
+            run.cfg,
+            run.cfg.seed,
+            {"store": str(run.store.path), "store_fingerprint": run.store.fingerprint,
+             "resumed_from_step": run.start_step, "num_processes": acc.num_processes},
+        )  # fmt: skip
+
+
+def sample_stream(run: Run, train_ds: StoreDataset):
+    """The run's whole seeded sample stream, restarted at the first sample not yet consumed."""
+    cfg, acc = run.cfg, run.accelerator
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+    total, start = cfg.train.steps * global_batch, run.start_step * global_batch
+    sampler = train_sampler(cfg, train_ds, total, start, processes=acc.num_processes)
+    # Pinned host batches on CUDA: the teacher states are most of a batch's bytes, and a pageable copy of
+    # them cost 214-254 ms vs 38 ms pinned per 4 x 1024-token batch of 7B states on an H100
+    # (benchmarks/bench_gpu.py, section 2) -- more than the CE-only step itself.
+    loader = make_loader(
+        train_ds,
+        cfg.train.batch_size,
+        run.pad_id,
+        sampler,
+        cfg.train.num_workers,
+        cfg.train.prefetch_factor,
+        pin_memory=acc.device.type == "cuda",
+    )
+    return iter(acc.prepare_data_loader(loader, device_placement=True))
+
+
+def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
+    """Build the run of `cfg`: checks, model, optimizer, resume state, metadata and the sample stream."""
+    ce_ids, struct_ids = segment_ids(cfg)
+    accelerator = make_accelerator(cfg)
+    ckpt = prepare_run_dir(cfg, resume, overwrite, accelerator)
+    parts = preflight(cfg, accelerator)
+    model = DistillModel(parts["student"], parts["aligner"])
+    optimizer, scheduler = optimizer_and_schedule(cfg, parts["student"], parts["aligner"])
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    store = parts["store"]
+    run = Run(
+        cfg=cfg, accelerator=accelerator, store=store, tokenizer=parts["tokenizer"], model=model,
+        base=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler, batches=None,
+        log=MetricsLog(Path(cfg.run_dir) / "metrics.jsonl", enabled=accelerator.is_main_process),
+        ce_ids=ce_ids, struct_ids=struct_ids, loss_fn=parts["loss_fn"], kd=parts["kd"],
+        eval_split="eval" if "eval" in store.splits else None, pad_id=parts["pad_id"],
+    )  # fmt: skip
+    restore(run, ckpt, resume)
+    if accelerator.log_with:  # TensorBoard (when installed), through accelerate's trackers
+        accelerator.init_trackers("kvmap", config=flat_config(cfg))
+    run.batches = sample_stream(run, parts["train_ds"])
+    return run
