@@ -74,8 +74,11 @@ def test_answer_occurrences_are_whole_words(tok):
 
 
 def test_text_only_rows_and_p_plus_a(tok):
+    # a `text` row trains on every token by default (data.text_segment: A), or sits in the segment asked for
     s = tokenize_sample({"text": "Just some prose 12."}, tok, DataConfig())
-    assert (s["segment_ids"] == 0).all() and not s["answer_mask"].any() and s["answer"] == ""
+    assert (s["segment_ids"] == 2).all() and s["answer_mask"].all() and s["answer"] == ""
+    s = tokenize_sample({"text": "Just some prose 12."}, tok, DataConfig(text_segment="P"))
+    assert (s["segment_ids"] == 0).all() and not s["answer_mask"].any()
     cfg = DataConfig(reasoning_field=None)
     s = tokenize_sample({"prompt": "Q: 2+2?", "answer": "4"}, tok, cfg)
     assert not (s["segment_ids"] == 1).any()
@@ -193,9 +196,9 @@ def test_load_samples_errors(kw, split, err, match):
 
 
 def test_bad_suffix_and_config_values(tmp_path):
-    (tmp_path / "x.csv").write_text("a\n1\n")
-    with pytest.raises(ValueError, match="expected a .jsonl, .json or .parquet"):
-        load_samples(DataConfig(train_path=str(tmp_path / "x.csv")), "train")
+    (tmp_path / "x.txt").write_text("a\n1\n")
+    with pytest.raises(ValueError, match="expected a .jsonl, .json, .parquet or .csv file"):
+        load_samples(DataConfig(train_path=str(tmp_path / "x.txt")), "train")
     with pytest.raises(ValueError, match="data.max_length=1"):
         DataConfig(max_length=1)
     with pytest.raises(ValueError, match="data.max_eval_samples=0"):

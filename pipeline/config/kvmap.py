@@ -20,6 +20,11 @@ from pipeline.config.train import SEGMENTS, EvalConfig, TrainConfig
 __all__ = ["SEGMENTS", "KVMapConfig", "ModelConfig", "DataConfig", "ExtractConfig", "GenerationConfig"]
 
 
+# The embedded synthetic task (pipeline/data/default_data.py, `data.generate_default`).
+DEFAULT_TRAIN_PATH = "data/default/train.jsonl"
+DEFAULT_EVAL_PATH = "data/default/heldout.jsonl"
+
+
 @dataclass
 class ModelConfig:
     """Where a model comes from (teacher or student).
@@ -79,22 +84,42 @@ class GenerationConfig:
 
 @dataclass
 class DataConfig:
-    """Prompt / reasoning / answer samples read through `datasets` (see pipeline/data/samples.py).
+    """The rows stage 1 reads, through `datasets` (pipeline/data/samples.py), and how they become segments
+    (pipeline/data/formats.py).
 
-    Files: .jsonl / .json / .parquet, or a folder written by `Dataset.save_to_disk`. A row is rendered as
-    `prompt + reasoning_prefix + reasoning + answer_prefix + answer` (segments P, R, A; a prefix belongs to
-    the segment it introduces), or with `chat_template` as a user turn (prompt) and an assistant turn
-    (`reasoning + answer_prefix + answer`). A row with only `text_field` is one P segment.
+    Sources: a .jsonl / .json / .parquet / .csv file, a folder written by `save_to_disk`, or a Hub dataset
+    name (`data.subset`, `data.split`; from the Hub cache when offline). Formats (`format`, detected per
+    file by default): `prr` (prompt / reasoning / answer fields: `prompt + reasoning_prefix + reasoning +
+    answer_prefix + answer`, or with `chat_template` one user and one assistant turn), `messages` (chat
+    turns in the teacher's chat template), `prompt_completion` (TRL's prompt / completion, strings or
+    message lists) and `text` (one segment, `text_segment`).
     """
 
-    train_path: str = "data/default/train.jsonl"
-    eval_path: str | None = "data/default/heldout.jsonl"
+    train_path: str = DEFAULT_TRAIN_PATH
+    eval_path: str | None = DEFAULT_EVAL_PATH
     # If set and train_path does not exist, generate the embedded default dataset there first.
     generate_default: bool = False
     prompt_field: str = "prompt"
     reasoning_field: str | None = "reasoning"  # null: samples are P + A only
     answer_field: str = "answer"
-    text_field: str = "text"  # used when a row has only this field: one P segment
+    text_field: str = "text"  # the field of `text` rows
+    # How rows become P / R / A segments: auto = per file from its first row (messages, prompt + completion,
+    # prompt_field + answer_field, text_field).
+    format: Literal["auto", "prr", "messages", "prompt_completion", "text"] = "auto"
+    # messages / prompt_completion: which assistant turns are trained (R / A); the others are P.
+    train_turns: Literal["last", "all"] = "last"
+    # The reasoning span inside an assistant turn (R, tags included); a `reasoning_content` / `reasoning`
+    # field on the turn is written inside these tags. A turn without them is all A.
+    think_tags: list[str] = field(default_factory=lambda: ["<think>", "</think>"])
+    # chat formats: a system turn for rows that have none (null: none; a template's own default is removed)
+    system_prompt: str | None = None
+    text_segment: Literal["P", "R", "A"] = "A"  # the segment of `text` rows (A: trained by default)
+    # Column renames applied to every row before the format is read, e.g. {conversations: messages}.
+    columns: dict[str, str] = field(default_factory=dict)
+    subset: str | None = None  # Hub datasets: the configuration name (load_dataset's `name`)
+    split: str = "train"  # the split of train_path to read (Hub datasets and DatasetDict folders)
+    eval_split: str | None = None  # the split of eval_path (null: "validation", else "test", else "eval")
+    streaming: bool = False  # Hub datasets: stream rows instead of downloading the whole set first
     reasoning_prefix: str = "\n"
     answer_prefix: str = "\nSo the answer is "  # "\nAnswer: " made SmolLM2 guess "1" (52% first digit)
     max_length: int = 256
@@ -118,6 +143,11 @@ class DataConfig:
     answer_mask_field: str | None = None
 
     def __post_init__(self):
+        if self.eval_path == DEFAULT_EVAL_PATH and self.train_path != DEFAULT_TRAIN_PATH:
+            # the held-out file of the embedded synthetic task never evaluates someone else's data
+            self.eval_path = None
+        if len(self.think_tags) != 2 or not all(isinstance(x, str) and x for x in self.think_tags):
+            raise ValueError(f"data.think_tags={self.think_tags!r}: expected [open_tag, close_tag], non-empty strings")
         for key, allowed in (("completions", ("dataset", "teacher")), ("filter", ("none", "answer_match"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"data.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")

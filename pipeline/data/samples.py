@@ -1,13 +1,14 @@
-"""Prompt / reasoning / answer samples -> token ids, per-token segment ids and answer masks.
+"""Rows from anywhere `datasets` reads -> token ids, per-token segment ids and answer masks.
 
 Shape glossary: T tokens of one sample.
 
-Segments (pipeline.config.kvmap.SEGMENTS): P=0 prompt, R=1 reasoning, A=2 answer. A sample is rendered as one
-string and tokenised once with the teacher's fast tokenizer; each token gets the segment of the
-character it starts at (offset mapping), so BPE merges across a boundary never shift a segment.
+Segments (pipeline.config.kvmap.SEGMENTS): P=0 prompt, R=1 reasoning, A=2 answer. A row is rendered as one
+string by its format (pipeline/data/formats.py: prr, messages, prompt_completion, text) and tokenised once
+with the teacher's fast tokenizer; each token gets the segment of the character it starts at (offset
+mapping), so BPE merges across a boundary never shift a segment.
 
-Answer-bearing tokens (`answer_mask`): tokens overlapping an occurrence of the answer string inside R
-(whole-word occurrences: not preceded/followed by a letter or digit) and the answer string itself in A.
+Answer-bearing tokens (`answer_mask`): tokens overlapping an answer span of the rendered row (the answer
+string in A and its whole-word occurrences inside R; for chat formats the whole answer of a trained turn).
 
 Truncation policy (`DataConfig.truncation`, applied when a sample has more than `max_length` tokens):
 - "drop": the sample is skipped and counted in `dropped_too_long`;
@@ -22,7 +23,7 @@ one raises a one-line ValueError naming the row and field.
 
 from __future__ import annotations
 
-import re
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ import datasets
 import torch
 
 from pipeline.config.kvmap import SEGMENTS, DataConfig
+from pipeline.data.formats import BadRow, answer_occurrences, detect_format, field_text, render_row  # noqa: F401 (TEMP re-exports)
+
+_field = field_text  # TEMP
 
 P, R, A = SEGMENTS["P"], SEGMENTS["R"], SEGMENTS["A"]
 SPLITS = ("train", "eval")
@@ -46,6 +50,7 @@ def new_counts() -> dict[str, Any]:
         "bad_rows": Counter(),  # field name -> rows skipped for it
         "dropped_too_long": 0,
         "truncated": 0,
+        "segment_tokens": Counter(),  # segment name -> tokens of the kept samples
     }
 
 
@@ -59,18 +64,19 @@ def _is_blank(p: Path, block: int = 1 << 20) -> bool:
 
 
 def _expected_rows(data_cfg: DataConfig) -> str:
-    fields = [data_cfg.prompt_field, data_cfg.reasoning_field, data_cfg.answer_field]
     return (
-        f"expected at least one row with the fields {', '.join(f for f in fields if f)} "
-        f"(or {data_cfg.text_field}), one JSON object per line for .jsonl"
+        "expected rows of one format: messages, prompt + completion, "
+        f"{data_cfg.prompt_field} + {data_cfg.answer_field}, or {data_cfg.text_field} (one JSON object per line "
+        "for .jsonl)"
     )
 
 
-def load_samples(data_cfg: DataConfig, split: str = "train") -> datasets.Dataset:
-    """Rows of one split as a `datasets.Dataset` (JSONL / JSON / parquet file, or a saved dataset folder).
+def load_samples(data_cfg: DataConfig, split: str = "train") -> datasets.Dataset | datasets.IterableDataset:
+    """Rows of one split: a JSONL / JSON / parquet / CSV file, a saved dataset folder or a Hub dataset name,
+    with `data.columns` renames and the first `max_{train,eval}_samples` rows.
 
     Args:
-        data_cfg: `train_path` / `eval_path` and `max_train_samples` / `max_eval_samples` (first N rows).
+        data_cfg: `train_path` / `eval_path`, `split` / `eval_split`, `subset`, `streaming`, `columns`.
         split: "train" or "eval".
     Example:
         >>> rows = load_samples(DataConfig(train_path="data/default/train.jsonl"), "train")
@@ -83,125 +89,128 @@ def load_samples(data_cfg: DataConfig, split: str = "train") -> datasets.Dataset
     if path is None:
         raise ValueError(f"data.{key}=None: no {split} data configured")
     p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"data.{key}={path!r}: no such file or folder")
     if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            name = (
-                split if split in ds else ("validation" if split == "eval" and "validation" in ds else None)
-            )
-            if name is None:
-                raise ValueError(f"data.{key}={path!r}: a DatasetDict without a {split!r} split ({list(ds)})")
-            ds = ds[name]
+        ds = _load_folder(p, key, path, data_cfg, split)
+    elif p.is_file():
+        ds = _load_file(p, key, path, data_cfg)
+    elif p.suffix in FILE_BUILDERS or path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data.{key}={path!r}: no such file or folder")
     else:
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(p.suffix)
-        if builder is None:
-            raise ValueError(
-                f"data.{key}={path!r}: expected a .jsonl, .json or .parquet file or a dataset folder"
-            )
-        if _is_blank(p):  # datasets raises a bare StopIteration / "corresponds to no data" here
-            raise ValueError(f"data.{key}={path!r}: the file is empty: {_expected_rows(data_cfg)}")
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
+        ds = _load_hub(path, key, data_cfg, split)
+    if data_cfg.columns:
+        present = {k: v for k, v in data_cfg.columns.items() if k in (ds.column_names or [])}
+        ds = ds.rename_columns(present) if present else ds
+    limit = data_cfg.max_train_samples if split == "train" else data_cfg.max_eval_samples
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.take(limit) if limit is not None else ds
     if len(ds) == 0:
         raise ValueError(f"data.{key}={path!r}: holds no rows: {_expected_rows(data_cfg)}")
-    limit = data_cfg.max_train_samples if split == "train" else data_cfg.max_eval_samples
-    if limit is not None and limit < len(ds):
-        ds = ds.select(range(limit))
+    return ds.select(range(limit)) if limit is not None and limit < len(ds) else ds
+
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _split_name(data_cfg: DataConfig, split: str, available) -> str | None:
+    """The split to read from a DatasetDict / Hub dataset: `data.split` for train; `data.eval_split`, else
+    the first of validation / test / eval that exists, for eval."""
+    if split == "train":
+        return data_cfg.split if data_cfg.split in available else None
+    if data_cfg.eval_split is not None:
+        return data_cfg.eval_split if data_cfg.eval_split in available else None
+    return next((s for s in ("validation", "test", "eval") if s in available), None)
+
+
+def _load_folder(p: Path, key: str, path: str, data_cfg: DataConfig, split: str) -> datasets.Dataset:
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        name = _split_name(data_cfg, split, ds)
+        if name is None:
+            raise ValueError(f"data.{key}={path!r}: a DatasetDict without the {split} split ({list(ds)})")
+        ds = ds[name]
     return ds
 
 
-def _field(row: dict, name: str | None) -> str | None:
-    """A usable string value or None (missing, null, empty/whitespace, or an unsupported type)."""
-    if name is None:
-        return None
-    v = row.get(name)
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = str(v)  # `answer: 4821` read as an int column
-    return v if isinstance(v, str) and v.strip() else None
+def _load_file(p: Path, key: str, path: str, data_cfg: DataConfig) -> datasets.Dataset:
+    builder = FILE_BUILDERS.get(p.suffix)
+    if builder is None:
+        raise ValueError(
+            f"data.{key}={path!r}: expected a .jsonl, .json, .parquet or .csv file, a dataset folder or a "
+            "Hub dataset name"
+        )
+    if _is_blank(p):  # datasets raises a bare StopIteration / "corresponds to no data" here
+        raise ValueError(f"data.{key}={path!r}: the file is empty: {_expected_rows(data_cfg)}")
+    return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
 
 
-def _bad(counts, data_cfg, row_index, field, row) -> None:
+def _load_hub(name: str, key: str, data_cfg: DataConfig, split: str):
+    """A Hub dataset through `datasets` (its cache; offline with HF_HUB_OFFLINE=1)."""
+    try:
+        splits = datasets.get_dataset_split_names(name, data_cfg.subset)
+        chosen = _split_name(data_cfg, split, splits)
+        if chosen is None:
+            raise ValueError(
+                f"data.{key}={name!r}: no {split} split among {splits} (set data.split / data.eval_split)"
+            )
+        return datasets.load_dataset(name, data_cfg.subset, split=chosen, streaming=data_cfg.streaming)
+    except ValueError as e:
+        if str(e).startswith(f"data.{key}="):
+            raise
+        raise ValueError(_hub_error(name, key, e)) from e
+    except Exception as e:  # datasets raises many types (ConnectionError, DatasetNotFoundError, OSError...)
+        raise ValueError(_hub_error(name, key, e)) from e
+
+
+def _hub_error(name: str, key: str, e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    where = f"the Hub cache {datasets.config.HF_DATASETS_CACHE}"
+    hint = (
+        f"offline (HF_HUB_OFFLINE=1) it must already be in {where}"
+        if offline
+        else f"looked in {where} and the Hub"
+    )
+    return (
+        f"data.{key}={name!r}: not a local file or folder, and no Hub dataset of that name could be loaded "
+        f"({type(e).__name__}: {first}); {hint}"
+    )
+
+
+def _bad(counts, data_cfg, row_index, bad: BadRow, row, fmt: str) -> None:
     if data_cfg.on_bad_row == "error":
         where = f"row {row_index}" if row_index is not None else "row"
+        value = repr(row.get(bad.field))[:80]
         raise ValueError(
-            f"{where}: field {field!r}={row.get(field)!r}: expected a non-empty string (data.on_bad_row=error)"
+            f"{where}: field {bad.field!r}={value}: {bad.why} (data.format={fmt}, data.on_bad_row=error)"
         )
     if counts is not None:
-        counts["bad_rows"][field] += 1
+        counts["bad_rows"][bad.field] += 1
 
 
-def _render(row: dict, tokenizer, data_cfg: DataConfig, counts, row_index):
-    """(text, [(start, end, segment)], answer char spans, answer) or None for a bad row."""
-    fields = (data_cfg.prompt_field, data_cfg.reasoning_field, data_cfg.answer_field)
-    has_psa = any(row.get(f) is not None for f in fields if f is not None)
-    if not has_psa and data_cfg.text_field in row:  # a plain-text row: one P segment
-        text = _field(row, data_cfg.text_field)
-        if text is None:
-            return _bad(counts, data_cfg, row_index, data_cfg.text_field, row)
-        return text, [(0, len(text), P)], [], ""
-    values = {}
-    for f in fields:
-        if f is None:
-            continue
-        values[f] = _field(row, f)
-        if values[f] is None:
-            return _bad(counts, data_cfg, row_index, f, row)
-    prompt, answer = values[data_cfg.prompt_field], values[data_cfg.answer_field]
-    reasoning = values.get(data_cfg.reasoning_field) if data_cfg.reasoning_field else None
-    if data_cfg.chat_template:
-        assistant = (reasoning or "") + data_cfg.answer_prefix + answer
-        msgs = [{"role": "user", "content": prompt}]
-        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        text = tokenizer.apply_chat_template(
-            msgs + [{"role": "assistant", "content": assistant}], tokenize=False
-        )
-        if not text.startswith(head) or text.find(assistant, len(head)) != len(head):
-            raise ValueError(
-                "data.chat_template=True: the tokenizer's template does not render the assistant "
-                "turn right after the generation prompt; set chat_template=false"
-            )
-        r0 = len(head)
-        a0 = r0 + len(reasoning or "")
-    else:
-        r_text = data_cfg.reasoning_prefix + reasoning if reasoning is not None else ""
-        text = prompt + r_text + data_cfg.answer_prefix + answer
-        r0 = len(prompt)
-        a0 = r0 + len(r_text)
-    ans_start = a0 + len(data_cfg.answer_prefix)
-    spans = [(0, r0, P), (r0, a0, R), (a0, len(text), A)]
-    r_start = text.find(reasoning, r0) if reasoning is not None else None
-    if data_cfg.answer_mask_field is not None:  # e.g. the gold answer inside teacher-written R and A
-        needle = _field(row, data_cfg.answer_mask_field)
-        if needle is None:
-            return _bad(counts, data_cfg, row_index, data_cfg.answer_mask_field, row)
-        answer_spans = [(ans_start + a, ans_start + b) for a, b in answer_occurrences(answer, needle)]
-    else:
-        needle = answer
-        answer_spans = [(ans_start, ans_start + len(answer))]
-    if reasoning is not None:  # whole-word occurrences of the answer inside R
-        answer_spans += [(r_start + a, r_start + b) for a, b in answer_occurrences(reasoning, needle)]
-    return text, spans, answer_spans, needle
-
-
-def answer_occurrences(text: str, answer: str) -> list[tuple[int, int]]:
-    """Character spans of the whole-word occurrences of `answer` in `text` (not preceded or followed by a
-    letter or digit: "3907." holds 3907, "39071" does not). The rule for answer masks and `answer_match`."""
-    pattern = r"(?<![0-9A-Za-z])" + re.escape(answer) + r"(?![0-9A-Za-z])"
-    return [(m.start(), m.end()) for m in re.finditer(pattern, text)]
+def _renamed(row: dict, data_cfg: DataConfig) -> dict:
+    """A row with `data.columns` applied (streamed rows are renamed here, not by `datasets`)."""
+    if not data_cfg.columns:
+        return row
+    return {data_cfg.columns.get(k, k): v for k, v in row.items()}
 
 
 def tokenize_sample(
-    row: dict, tokenizer, data_cfg: DataConfig, counts: dict | None = None, row_index: int | None = None
+    row: dict,
+    tokenizer,
+    data_cfg: DataConfig,
+    counts: dict | None = None,
+    row_index: int | None = None,
+    fmt: str | None = None,
 ) -> dict | None:
     """Tokenise one row into input_ids, segment_ids and answer_mask (see module docstring for the policy).
 
     Args:
-        row: a dict with the configured prompt / reasoning / answer fields (or only `text_field`).
+        row: a row of one format (pipeline/data/formats.py).
         tokenizer: a fast HF tokenizer (offset mappings are required).
-        data_cfg: fields, prefixes, chat_template, max_length, truncation, on_bad_row.
+        data_cfg: format, fields, prefixes, chat_template, max_length, truncation, on_bad_row.
         counts: optional dict from `new_counts()`, updated in place.
         row_index: only used in error messages.
+        fmt: the row's format (default: `detect_format` of this row).
     Returns:
         None for a skipped row (bad, or too long under "drop"), else a dict with
         input_ids LongTensor (T,), segment_ids LongTensor (T,) in {0, 1, 2}, answer_mask BoolTensor (T,),
@@ -213,42 +222,51 @@ def tokenize_sample(
         raise ValueError(f"tokenizer={type(tokenizer).__name__}: expected a fast tokenizer (offset mappings)")
     if counts is not None:
         counts["rows"] += 1
-    rendered = _render(row, tokenizer, data_cfg, counts, row_index)
-    if rendered is None:
-        return None
-    text, spans, answer_spans, answer = rendered
-    enc = tokenizer(
-        text,
-        add_special_tokens=not data_cfg.chat_template,  # the chat template already holds its specials
-        return_offsets_mapping=True,
-    )
-    ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (T,)
-    offsets = enc["offset_mapping"]
-    seg = torch.empty_like(ids)  # (T,)
-    ans = torch.zeros(len(ids), dtype=torch.bool)  # (T,)
-    for t, (s, e) in enumerate(offsets):
-        if e == s:  # a special token added by the tokenizer (no characters): joins its left neighbour
-            seg[t] = seg[t - 1] if t else P
-            continue
-        seg[t] = next(sid for a, b, sid in spans if a <= s < b)
-        ans[t] = any(s < b and a < e for a, b in answer_spans)
+    fmt = fmt or detect_format(row, data_cfg)
+    try:
+        r = render_row(row, tokenizer, data_cfg, fmt)
+    except BadRow as bad:
+        return _bad(counts, data_cfg, row_index, bad, row, fmt)
+    ids, seg, ans = _token_segments(r, tokenizer)
     ids, seg, ans, truncated = _fit(ids, seg, ans, data_cfg)
     if ids is None:
         if counts is not None:
             counts["dropped_too_long"] += 1
         return None
     if counts is not None:
-        counts["samples"] += 1
-        counts["tokens"] += len(ids)
-        counts["answer_tokens"] += int(ans.sum())
-        counts["truncated"] += int(truncated)
+        _count(counts, seg, ans, truncated)
     return {
         "input_ids": ids,
         "segment_ids": seg,
         "answer_mask": ans,
-        "answer": answer,
+        "answer": r.answer,
         "truncated": truncated,
     }
+
+
+def _token_segments(r, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, segment_ids, answer_mask), each (T,): a token takes the segment of the character it
+    starts at; a special token the tokenizer added (no characters) joins its left neighbour."""
+    enc = tokenizer(r.text, add_special_tokens=r.add_special_tokens, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (T,)
+    seg = torch.empty_like(ids)  # (T,)
+    ans = torch.zeros(len(ids), dtype=torch.bool)  # (T,)
+    for t, (s, e) in enumerate(enc["offset_mapping"]):
+        if e == s:
+            seg[t] = seg[t - 1] if t else P
+            continue
+        seg[t] = next(sid for a, b, sid in r.spans if a <= s < b)
+        ans[t] = any(s < b and a < e for a, b in r.answer_spans)
+    return ids, seg, ans
+
+
+def _count(counts: dict, seg: torch.Tensor, ans: torch.Tensor, truncated: bool) -> None:
+    counts["samples"] += 1
+    counts["tokens"] += len(seg)
+    counts["answer_tokens"] += int(ans.sum())
+    counts["truncated"] += int(truncated)
+    for name, sid in SEGMENTS.items():
+        counts["segment_tokens"][name] += int((seg == sid).sum())
 
 
 def _fit(ids, seg, ans, data_cfg: DataConfig):
@@ -269,18 +287,22 @@ def _fit(ids, seg, ans, data_cfg: DataConfig):
 
 
 def tokenize_split(data_cfg: DataConfig, split: str, tokenizer) -> tuple[list[dict], list[int], dict]:
-    """Load and tokenise a whole split.
+    """Load and tokenise a whole split; the format is detected once, from its first row.
 
     Returns:
         (samples, rows, counts): the kept samples (dicts from `tokenize_sample`), their row indices in the
-        source, and the counts of `new_counts()`.
+        source, and the counts of `new_counts()` (with "format").
     """
     counts = new_counts()
-    samples, rows = [], []
+    samples, rows, fmt = [], [], None
     for i, row in enumerate(load_samples(data_cfg, split)):
-        s = tokenize_sample(row, tokenizer, data_cfg, counts, row_index=i)
+        row = _renamed(row, data_cfg) if data_cfg.streaming else row
+        fmt = fmt or detect_format(row, data_cfg)
+        s = tokenize_sample(row, tokenizer, data_cfg, counts, row_index=i, fmt=fmt)
         if s is not None:
             samples.append(s)
             rows.append(i)
     counts["bad_rows"] = dict(counts["bad_rows"])
+    counts["segment_tokens"] = dict(counts["segment_tokens"])
+    counts["format"] = fmt
     return samples, rows, counts
