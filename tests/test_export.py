@@ -59,8 +59,14 @@ def test_push_to_hub_calls_the_hub_client_with_the_folder(run_dir, tmp_path, mon
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     rc = main([str(run_dir), str(tmp_path / "pub"), "--push-to-hub", "me/student", "--private"])
     assert rc == 0
-    assert calls[0] == ("create_repo", "me/student", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert calls[1][0] == "upload_folder" and "README.md" in calls[1][2] and "model.safetensors" in calls[1][2]
+    assert calls[0] == (
+        "create_repo",
+        "me/student",
+        {"repo_type": "model", "private": True, "exist_ok": True},
+    )
+    assert (
+        calls[1][0] == "upload_folder" and "README.md" in calls[1][2] and "model.safetensors" in calls[1][2]
+    )
     assert "https://hub.example/me/student/commit/1" in capsys.readouterr().out
 
 

@@ -147,7 +147,9 @@ class DataConfig:
             # the held-out file of the embedded synthetic task never evaluates someone else's data
             self.eval_path = None
         if len(self.think_tags) != 2 or not all(isinstance(x, str) and x for x in self.think_tags):
-            raise ValueError(f"data.think_tags={self.think_tags!r}: expected [open_tag, close_tag], non-empty strings")
+            raise ValueError(
+                f"data.think_tags={self.think_tags!r}: expected [open_tag, close_tag], non-empty strings"
+            )
         for key, allowed in (("completions", ("dataset", "teacher")), ("filter", ("none", "answer_match"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"data.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
