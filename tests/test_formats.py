@@ -158,3 +158,13 @@ def test_hub_dataset_not_cached_fails_offline_in_one_line(monkeypatch, tmp_path)
     assert "\n" not in msg and msg.startswith("data.train_path='someone/not-a-cached-set'")
     assert "HF_HUB_OFFLINE=1" in msg and "cache" in msg
     assert not (tmp_path / "someone").exists()  # nothing written where the name points
+
+
+def test_generate_default_writes_only_the_default_train_file(tmp_path, monkeypatch):
+    from pipeline.config.kvmap import KVMapConfig
+    from pipeline.data.default_data import generate_default_data
+
+    monkeypatch.chdir(tmp_path)
+    cfg = KVMapConfig(data=DataConfig(train_path="openai/gsm8k", generate_default=True))
+    generate_default_data(cfg)  # a Hub name: nothing generated, nothing written
+    assert list(tmp_path.iterdir()) == []

@@ -98,6 +98,7 @@ TEMPLATES = {
     "question": "Question: What is {name}'s locker code?",
     "reasoning": "The text says {name}'s locker code is {value}.",
 }
+TRAIN_FILE = "train.jsonl"  # the file `data.generate_default` writes (and the only one it writes)
 DEFAULTS = dict(n_train=2000, n_eval=200, seed=0, n_facts=3, digits=4)
 
 
@@ -170,7 +171,7 @@ def generate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, held = make_rows(n_train, n_eval, seed, n_facts, digits, n_extra_train)
-    paths = {"train": out / "train.jsonl", "eval": out / "heldout.jsonl"}
+    paths = {"train": out / TRAIN_FILE, "eval": out / "heldout.jsonl"}
     _write_jsonl_atomic(paths["train"], train)
     _write_jsonl_atomic(paths["eval"], held)
     return paths
@@ -222,15 +223,16 @@ def check_teacher(model, tokenizer, rows: list[dict], data_cfg=None, batch_size:
 
 
 def generate_default_data(cfg: KVMapConfig) -> None:
-    """With `data.generate_default`, write the embedded default dataset where `data.train_path` expects it."""
-    if cfg.data.generate_default and not Path(cfg.data.train_path).exists():
-        out = Path(cfg.data.train_path).parent
-        print(f"generating the default dataset in {out}", flush=True)
-        paths = generate(out)
-        if Path(cfg.data.train_path) != paths["train"]:
-            raise ValueError(
-                f"data.generate_default=true writes {paths['train']}, but data.train_path={cfg.data.train_path!r}"
-            )
+    """With `data.generate_default`, write the embedded default dataset where `data.train_path` expects it.
+
+    Only a missing `.../train.jsonl` is generated: any other train_path (your own file, a Hub dataset name
+    such as `openai/gsm8k`) is read as it is, so the shipped config's `generate_default: true` never writes
+    synthetic rows into a folder named after someone else's data.
+    """
+    train = Path(cfg.data.train_path)
+    if cfg.data.generate_default and train.name == TRAIN_FILE and not train.exists():
+        print(f"generating the default dataset in {train.parent}", file=sys.stderr, flush=True)
+        generate(train.parent)
 
 
 def main(argv=None) -> int:
