@@ -34,6 +34,7 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.default_data import generate_default_data
 from pipeline.extraction.chunk import extract_chunk
 from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
+from pipeline.models.load import pad_token_id
 from pipeline.store.location import StoreLocation, remove_store
 from pipeline.store.packed_split import PackedSplit
 from pipeline.store.reader import KVStore
@@ -252,7 +253,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         )
     state.wait_for_everyone()
     writer = StoreWriter(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     computed, loop_s, loop_cpu_s = _extract_loop(
         cfg, state, model, writer, {"train": train, "eval": eval}, pad_id
     )

@@ -28,6 +28,7 @@ import torch
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError, git_sha, to_dict
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.models.load import pad_token_id
 from pipeline.pruning.meta import FORMAT, META_FILE
 from pipeline.pruning.select import check_counts, choose_layers, explicit_layers, make_plan
 
@@ -66,7 +67,7 @@ def calibration_batches(cfg: KVMapConfig, tokenizer, seed: int) -> tuple[list, d
             break
     if not ids:
         raise ValueError(f"data.train_path={cfg.data.train_path!r}: no usable calibration sample")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     batches = []
     for b in range(0, len(ids), cfg.prune.batch_size):
         chunk = ids[b : b + cfg.prune.batch_size]

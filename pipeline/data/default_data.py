@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pipeline.cli import command_parser
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.models.load import pad_token_id
 
 # Distinct, common first names (each one or two tokens for the SmolLM2 tokenizer).
 NAMES = [
@@ -191,7 +192,7 @@ def check_teacher(model, tokenizer, rows: list[dict], data_cfg=None, batch_size:
     data_cfg = data_cfg or DataConfig()
     samples = [s for s in (tokenize_sample(r, tokenizer, data_cfg) for r in rows) if s is not None]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     tot: dict[str, float] = {}
     exact = 0
     for b0 in range(0, len(samples), batch_size):
