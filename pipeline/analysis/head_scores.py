@@ -162,7 +162,7 @@ def sidecar_path(store_path) -> Path | str:
 
 def _sidecar_fs(store_path):
     """(fsspec filesystem, path inside it) of a URL store's sidecar."""
-    import fsspec
+    import fsspec  # lazy: URL stores only, and fsspec is no declared dependency (zarr imports it the same way)
 
     loc = StoreLocation(store_path)
     return fsspec.core.url_to_fs(sidecar_path(loc), **loc.storage_options)

@@ -23,6 +23,7 @@ from pipeline.cli import command_parser
 from pipeline.store.encoding import decode_logprobs
 from pipeline.store.reader import KVStore
 from pipeline.store.schema import SAMPLE_ARRAYS, TOKEN_ARRAYS
+from pipeline.store.verify import verify_store
 
 
 def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | None = None) -> dict:
@@ -235,8 +236,6 @@ def non_finite_message(r: dict, bad: dict[str, int]) -> str:
 
 def _check(store: KVStore) -> int:
     """`--check`: every chunk of every array; one line and exit 1 at the first bad one."""
-    from pipeline.store.verify import verify_store
-
     try:
         n = verify_store(store)
     except ValueError as e:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.config.configlib import ConfigError
+from pipeline.store.location import check_storage_options
 
 SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
 
@@ -122,8 +123,6 @@ class TrainConfig:
             )
         segment_ids_of(self.ce_segments, "train.ce_segments")
         segment_ids_of(self.struct_segments, "train.struct_segments")
-        from pipeline.store.location import check_storage_options
-
         check_storage_options(self.storage_options, "train.storage_options")
 
 

@@ -30,11 +30,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import DataConfig, KVMapConfig
+from pipeline.data.default_data import generate_default_data
 from pipeline.data.generate import REJECT_REASONS, complete_rows
 from pipeline.data.samples import _field, load_samples
+from pipeline.models.load import load_model
 from pipeline.store.location import is_url
 
 SPLIT_PATHS = {"train": "train_path", "eval": "eval_path"}
@@ -164,8 +169,6 @@ def _count(records: list[dict]) -> dict:
 
 
 def _generate_split(cfg, split, model, tokenizer, state, out: Path, settings: dict) -> dict:
-    from tqdm.auto import tqdm
-
     rows = load_samples(cfg.data, split)
     parts = out / f"{split}.parts"
     if state.is_main_process:
@@ -202,8 +205,6 @@ def write_completions(cfg: KVMapConfig, model, tokenizer, state=None, overwrite:
     Example:
         >>> data_cfg, counts = write_completions(cfg, model, tok)
     """
-    from accelerate import PartialState
-
     state = state or PartialState()
     out = completions_dir(cfg)
     settings = completion_settings(cfg)
@@ -237,13 +238,6 @@ def teacher_completions(cfg: KVMapConfig, model, tokenizer, state, overwrite: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Write (or resume) the completions only, without extracting."""
-    from accelerate import PartialState
-
-    from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-    from pipeline.config.configlib import ConfigError
-    from pipeline.data.default_data import generate_default_data
-    from pipeline.models.load import load_model
-
     p = command_parser(
         "python -m pipeline.data.completions",
         __doc__,

@@ -27,9 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from pipeline.cli import command_parser
-from pipeline.config.kvmap import KVMapConfig
-from pipeline.models.load import pad_token_id
+from pipeline.config.kvmap import DataConfig, KVMapConfig, ModelConfig
+from pipeline.data.metrics import answer_token_accuracy
+from pipeline.data.samples import tokenize_sample
+from pipeline.models.load import load_model, pad_token_id
 
 # Distinct, common first names (each one or two tokens for the SmolLM2 tokenizer).
 NAMES = [
@@ -183,12 +187,6 @@ def check_teacher(model, tokenizer, rows: list[dict], data_cfg=None, batch_size:
     Returns answer_token_accuracy's dict summed over all rows (acc, acc_R, acc_A, n, ...) plus
     `exact_A` (fraction of samples whose every answer token in A is predicted).
     """
-    import torch
-
-    from pipeline.config.kvmap import DataConfig
-    from pipeline.data.metrics import answer_token_accuracy
-    from pipeline.data.samples import tokenize_sample
-
     data_cfg = data_cfg or DataConfig()
     samples = [s for s in (tokenize_sample(r, tokenizer, data_cfg) for r in rows) if s is not None]
     device = next(model.parameters()).device
@@ -261,11 +259,6 @@ def main(argv=None) -> int:
         f"wrote {paths['train']} ({a.n_train + a.n_extra_train} rows) and {paths['eval']} ({a.n_eval} rows)"
     )
     if a.check_teacher:
-        import torch
-
-        from pipeline.config.kvmap import ModelConfig
-        from pipeline.models.load import load_model
-
         if a.threads:
             torch.set_num_threads(a.threads)
         model, tok = load_model(ModelConfig(path=a.teacher))

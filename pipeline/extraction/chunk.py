@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.data.metrics import answer_token_accuracy
 from pipeline.store.encoding import LOGPROB_FLOOR
 from pipeline.store.int8 import INT8_SCHEMES, quantize
 from pipeline.store.packed_split import PackedSplit
@@ -83,8 +84,6 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 def _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own) -> None:
     """Answer-token accuracy and per-segment teacher CE of the samples starting in this chunk (summable)."""
-    from pipeline.data.metrics import answer_token_accuracy
-
     if not own.any():
         return
     if not own.all():  # a sample crossing into this chunk was counted where it starts

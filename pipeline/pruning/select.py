@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignment.mapping.layer_map import build_layer_map
 from pipeline.config.configlib import ConfigError
 from pipeline.config.prune import PruneConfig
 
@@ -90,8 +91,6 @@ def choose_layers(p: PruneConfig, layer_map_spec, t: TeacherShape, depth: torch.
     n = _count("num_layers", p.num_layers, t.layers, "layers")
     if p.layers == "importance":
         return top_k(depth, n)
-    from alignment.mapping.layer_map import build_layer_map
-
     try:
         kept = build_layer_map(layer_map_spec, t.layers, n)
     except ValueError as e:
