@@ -170,7 +170,6 @@ def _extract_loop(
     todo = writer.todo_chunks()
     state.wait_for_everyone()  # every rank listed the same unfinished chunks before anyone writes
     mine = todo[state.process_index :: state.num_processes]
-    logits = writer.attrs.get("logits") or {}
     bar = tqdm(
         total=sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in mine),
         unit="tok",
@@ -188,17 +187,10 @@ def _extract_loop(
         )
         with torch.inference_mode(), capture as cap:
             for c in mine:
-                start, end = writer.chunk_range(c)
-                split = writer.chunk_split(c)
-                on_train = split == "train"  # held-out chunks store logits only
-                bufs, stats = extract_chunk(
-                    model, cap, splits[split], start, end, writer.layers if on_train else [],
-                    writer.components if on_train else [], cfg.extract.dtype, cfg.extract.batch_size, pad_id,
-                    top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
-                    index_dtype=logits.get("index_dtype", "uint16"), on_batch=bar.update,  # per batch
-                )  # fmt: skip
+                bufs, stats = _chunk(cfg, model, cap, writer, splits, c, pad_id, bar.update)
                 out.submit(c, bufs, stats)
-                computed += stats["tokens"] if on_train else 0  # train tokens (the summary's unit)
+                if writer.chunk_split(c) == "train":
+                    computed += stats["tokens"]  # train tokens (the summary's unit)
     except BaseException:
         out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
         raise
@@ -206,6 +198,30 @@ def _extract_loop(
         bar.close()
     out.close()
     return computed, time.perf_counter() - t_loop, time.process_time() - cpu_loop
+
+
+def _chunk(cfg, model, cap, writer: StoreWriter, splits: dict, c: int, pad_id: int, on_batch):
+    """`extract_chunk` of write chunk `c`: states on train chunks only (held-out chunks store logits only),
+    top-k log-probs where the store keeps logits for the chunk's split."""
+    start, end = writer.chunk_range(c)
+    split = writer.chunk_split(c)
+    on_train = split == "train"
+    logits = writer.attrs.get("logits") or {}
+    return extract_chunk(
+        model,
+        cap,
+        splits[split],
+        start,
+        end,
+        writer.layers if on_train else [],
+        writer.components if on_train else [],
+        cfg.extract.dtype,
+        cfg.extract.batch_size,
+        pad_id,
+        top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
+        index_dtype=logits.get("index_dtype", "uint16"),
+        on_batch=on_batch,  # called per batch
+    )
 
 
 def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
