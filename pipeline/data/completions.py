@@ -178,8 +178,11 @@ def _generate_split(cfg, split, model, tokenizer, state, out: Path, settings: di
     todo = [c for c in range(n_chunks) if not (parts / f"chunk_{c:05d}.jsonl").is_file()]
     state.wait_for_everyone()  # every rank listed the same missing chunks before anyone writes
     mine = todo[state.process_index :: state.num_processes]
-    bar = tqdm(mine, desc=f"teacher writes {split} rank {state.process_index}/{state.num_processes}",
-               disable=not state.is_main_process)  # fmt: skip
+    bar = tqdm(
+        mine,
+        desc=f"teacher writes {split} rank {state.process_index}/{state.num_processes}",
+        disable=not state.is_main_process,
+    )
     for c in bar:
         recs = _complete_chunk(model, tokenizer, cfg, rows, c, settings)
         _write_atomic(parts / f"chunk_{c:05d}.jsonl", recs)
