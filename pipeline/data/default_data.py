@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import command_parser
+from pipeline.cli import command_parser, run_command
 from pipeline.config.kvmap import DataConfig, KVMapConfig, ModelConfig
 from pipeline.data.metrics import answer_token_accuracy
 from pipeline.data.samples import tokenize_sample
@@ -224,7 +224,7 @@ def generate_default_data(cfg: KVMapConfig) -> None:
     """With `data.generate_default`, write the embedded default dataset where `data.train_path` expects it."""
     if cfg.data.generate_default and not Path(cfg.data.train_path).exists():
         out = Path(cfg.data.train_path).parent
-        print(f"generating the default dataset in {out}", flush=True)
+        print(f"generating the default dataset in {out}", file=sys.stderr, flush=True)  # a note, not a result
         paths = generate(out)
         if Path(cfg.data.train_path) != paths["train"]:
             raise ValueError(
@@ -232,7 +232,8 @@ def generate_default_data(cfg: KVMapConfig) -> None:
             )
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.data.default_data`: see the module docstring."""
     ap = command_parser(
         "python -m pipeline.data.default_data",
         __doc__,
@@ -254,6 +255,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n_check", type=int, default=200, help="held-out rows used by --check-teacher")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for --check-teacher")
     a = ap.parse_args(argv)
+    return run_command("default_data", lambda: _write_and_check(a))
+
+
+def _write_and_check(a) -> int:
+    """The command's body: write the dataset, then with --check-teacher measure the teacher on it."""
     paths = generate(a.out, a.n_train, a.n_eval, a.seed, a.n_facts, a.digits, a.n_extra_train)
     print(
         f"wrote {paths['train']} ({a.n_train + a.n_extra_train} rows) and {paths['eval']} ({a.n_eval} rows)"
