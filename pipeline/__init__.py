@@ -4,8 +4,8 @@ The teacher's per-layer Q/K/V (post-RoPE) and top-k log-probs go into a Zarr sto
 trains a student from that store through `alignment/`. Stage 2 also reads this package's shared pieces:
 the config schema, model loading and the store reader.
 
-Layers under the entry points (`extract.py`, `prune.py`), each above the ones after it and importing only
-those (the stage-1 `layers` contract in pyproject.toml):
+Layers under the entry points (`extract.py`, `prune.py`), each importing only the ones after it and
+`alignment` (the stage-1 `layers` contract in pyproject.toml):
     extraction | analysis | pruning   the work under the entry points: one chunk of teacher forward +
                                       capture + encode; looking at a store; pruning a teacher into a student
     data                              rows -> tokenised P/R/A samples, the default task, teacher completions

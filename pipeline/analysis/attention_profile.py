@@ -61,6 +61,7 @@ def attention_profile(path: str | Path, split: str = "train", num_samples: int =
 
 
 def format_profile(r: dict) -> str:
+    """Markdown table of an `attention_profile` result: per stored layer, first-token mass and entropy by segment."""
     segs = [s for s in SEGMENTS if r["rows"][s]]
     head = "| layer | " + " | ".join(f"first-token mass {s}" for s in segs)
     head += " | " + " | ".join(f"entropy {s} (nats)" for s in segs) + " |"

@@ -130,6 +130,7 @@ def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
 
 
 def format_report(r: dict) -> str:
+    """The human-readable `kvmap-inspect` report of an `inspect_store` result."""
     a = r["attrs"]
     t = a.get("teacher", {})
     lines = [
@@ -225,6 +226,7 @@ def non_finite_counts(r: dict) -> dict[str, int]:
 
 
 def non_finite_message(r: dict, bad: dict[str, int]) -> str:
+    """The one error line for NaN/inf counted by the statistics: how many, where first, what to run next."""
     first = next(iter(bad))
     return (
         f"store '{r['path']}': {sum(bad.values())} non-finite teacher-state values in {len(bad)} array(s), "

@@ -130,6 +130,7 @@ def _word_note(s: dict) -> str:
 
 
 def print_summary(path, s: dict) -> None:
+    """Print the extraction summary of the store at `path` (stdout: the command's result)."""
     c = s["samples"]
     acc = " ".join(f"{seg}={_fmt(s.get(f'teacher_acc_{seg}'))}" for seg in ("R", "A", "all"))
     ce = " ".join(f"{seg}={_fmt(s.get(f'teacher_ce_{seg}'))}" for seg in SEGS)

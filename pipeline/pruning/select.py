@@ -23,6 +23,8 @@ from pipeline.config.prune import PruneConfig
 
 @dataclass
 class TeacherShape:
+    """The teacher dimensions pruning chooses from (`slicing.teacher_shape` reads them off a model)."""
+
     layers: int
     heads: int
     kv_heads: int

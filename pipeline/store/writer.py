@@ -246,6 +246,7 @@ class StoreWriter:
         return done
 
     def todo_chunks(self) -> list[int]:
+        """Write chunks without a done-marker (to compute), in order."""
         done = self.done_chunks()
         return [c for c in range(self.num_chunks) if c not in done]
 
@@ -320,6 +321,7 @@ class AsyncChunkWriter:
             f.result()
 
     def submit(self, c: int, states: dict[tuple[int, str], np.ndarray], stats: dict) -> None:
+        """Queue chunk `c` for the writer threads; blocks while `max_pending` chunks are in flight."""
         self._raise_errors()
         self._slots.acquire()
         fut = self._pool.submit(self.writer.write_chunk, c, states, stats)
