@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ from tqdm.auto import tqdm
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import DataConfig, KVMapConfig
-from pipeline.data.default_data import generate_default_data
+from pipeline.data.default_data import generate_default_data, write_jsonl_atomic
 from pipeline.data.generate import REJECT_REASONS, complete_rows
 from pipeline.data.samples import _field, load_samples
 from pipeline.models.load import load_model
@@ -99,18 +97,6 @@ def completions_data_config(cfg: KVMapConfig, eval_kept: int | None = None) -> D
     )
 
 
-def _write_atomic(path: Path, lines: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in lines)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
@@ -127,7 +113,7 @@ def _prepare_dir(out: Path, settings: dict, overwrite: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not meta.is_file():
-        _write_atomic(meta, [settings])
+        write_jsonl_atomic(meta, [settings])
 
 
 def _complete_chunk(model, tokenizer, cfg: KVMapConfig, rows, chunk: int, settings: dict) -> list[dict]:
@@ -185,13 +171,13 @@ def _generate_split(cfg, split, model, tokenizer, state, out: Path, settings: di
     )
     for c in bar:
         recs = _complete_chunk(model, tokenizer, cfg, rows, c, settings)
-        _write_atomic(parts / f"chunk_{c:05d}.jsonl", recs)
+        write_jsonl_atomic(parts / f"chunk_{c:05d}.jsonl", recs)
     state.wait_for_everyone()
     records = [r for c in range(n_chunks) for r in _read_jsonl(parts / f"chunk_{c:05d}.jsonl")]
     records.sort(key=lambda r: r["source_row"])
     if state.is_main_process:
-        _write_atomic(out / f"{split}.jsonl", [r for r in records if r["kept"]])
-        _write_atomic(out / f"{split}.rejected.jsonl", [r for r in records if not r["kept"]])
+        write_jsonl_atomic(out / f"{split}.jsonl", [r for r in records if r["kept"]])
+        write_jsonl_atomic(out / f"{split}.rejected.jsonl", [r for r in records if not r["kept"]])
     return _count(records) | {"chunks_generated_last_run": len(todo)}
 
 

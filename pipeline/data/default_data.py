@@ -144,13 +144,13 @@ def make_rows(
     return train, held
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    # tmp file + rename: a concurrent or killed writer never leaves a truncated file behind.
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write `rows` as JSON lines to `path` through a temporary file and a rename: a concurrent or killed
+    writer never leaves a truncated file behind (the default dataset and the teacher's completions)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -176,8 +176,8 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     train, held = make_rows(n_train, n_eval, seed, n_facts, digits, n_extra_train)
     paths = {"train": out / "train.jsonl", "eval": out / "heldout.jsonl"}
-    _write_jsonl_atomic(paths["train"], train)
-    _write_jsonl_atomic(paths["eval"], held)
+    write_jsonl_atomic(paths["train"], train)
+    write_jsonl_atomic(paths["eval"], held)
     return paths
 
 
