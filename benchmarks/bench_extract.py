@@ -42,7 +42,7 @@ from pipeline.config.kvmap import KVMapConfig  # noqa: E402
 from pipeline.data.default_data import generate_default_data  # noqa: E402
 from pipeline.extract import load_split, resolve_layers, run_extraction  # noqa: E402
 from pipeline.extraction.chunk import chunk_batches, pad_batch  # noqa: E402
-from pipeline.models.load import load_model, model_geometry  # noqa: E402
+from pipeline.models.load import load_model, model_geometry, pad_token_id  # noqa: E402
 from pipeline.store.codecs import CODECS, make_compressors, quiet_codecs  # noqa: E402
 from pipeline.store.reader import KVStore  # noqa: E402
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(cfg.teacher)
     packed, _ = load_split(cfg, "train", tok)
     layers = resolve_layers(cfg, model_geometry(model.config)["layers"])
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = pad_token_id(tok)
     ex = cfg.extract
     print(
         f"teacher {cfg.teacher.path}, {packed.num_tokens} tokens in {len(packed.lengths)} samples, layers "

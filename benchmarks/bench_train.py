@@ -108,7 +108,7 @@ class Stepper:
 
         from alignment import create_structural_loss
         from pipeline.config.train import segment_ids_of
-        from pipeline.models.load import load_model
+        from pipeline.models.load import load_model, pad_token_id
         from trainer.data.loader import make_loader
         from trainer.objective.step import DistillModel
         from trainer.run.run_setup import train_dataset, train_sampler
@@ -131,7 +131,7 @@ class Stepper:
         # loader variant measures the store reads themselves
         pre = cfg.train.preload and variant != "loader"
         ds = train_dataset(cfg, store, self.layers, comps, pre)  # as the trainer: train.shuffle honoured
-        pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        pad_id = pad_token_id(tok)
         sampler = train_sampler(cfg, ds, total_batches * B, batch=B)
         self.loader = make_loader(ds, B, pad_id, sampler, cfg.train.num_workers, cfg.train.prefetch_factor)
         self.batches = iter(self.loader)

@@ -27,13 +27,22 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
 
+from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.data.completions import teacher_completions
 from pipeline.data.default_data import generate_default_data
+from pipeline.data.samples import tokenize_split
 from pipeline.extraction.chunk import extract_chunk
 from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
+from pipeline.extraction.summary import add_up_ranks, print_summary, summarise
+from pipeline.models.capture import capture_qkv
+from pipeline.models.load import load_hf_config, load_model, model_geometry, pad_token_id
+from pipeline.pruning.meta import read_prune_meta
 from pipeline.store.location import StoreLocation, remove_store
 from pipeline.store.packed_split import PackedSplit
 from pipeline.store.reader import KVStore
@@ -42,8 +51,6 @@ from pipeline.store.writer import AsyncChunkWriter, StoreWriter
 
 def student_num_layers(model_cfg) -> int:
     """Decoder layer count of the student named by a ModelConfig (config dict, HF folder, .gguf, builtin)."""
-    from pipeline.models.load import load_hf_config, model_geometry
-
     return model_geometry(load_hf_config(model_cfg))["layers"]
 
 
@@ -53,8 +60,6 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, di
     Returns (packed, counts) with counts {"rows", "kept", "skipped", "bad_rows", "dropped_too_long",
     "truncated"}, or None when the split has no data (eval_path null). Bad rows follow `data.on_bad_row`.
     """
-    from pipeline.data.samples import tokenize_split
-
     if split == "eval" and cfg.data.eval_path is None:
         return None
     samples, rows, c = tokenize_split(cfg.data, split, tokenizer)
@@ -82,11 +87,7 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
     if spec == "all":
         return list(range(num_teacher_layers))
     if spec == "map":
-        from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
-
         if cfg.align.init == "from_prune":  # a student pruned from the teacher: its kept layers
-            from pipeline.pruning.meta import read_prune_meta
-
             return teacher_layers_needed(read_prune_meta(cfg.student)["kept_layers"])
         layer_map = build_layer_map(cfg.align.layer_map, num_teacher_layers, student_num_layers(cfg.student))
         return teacher_layers_needed(layer_map)
@@ -128,8 +129,6 @@ def plan_store(path: str | Path | StoreLocation, fingerprint: str, overwrite: bo
 def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     """Load the teacher, have it write the completions (`data.completions: teacher`), tokenise both splits,
     resolve the layers and build the store attributes (every rank)."""
-    from pipeline.models.load import load_model, model_geometry
-
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.teacher)
     if cfg.teacher.device == "auto" and state.num_processes > 1:
@@ -137,8 +136,6 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     with state.main_process_first():  # rank 0 generates the default data if missing; others then read it
         if state.is_main_process:
             generate_default_data(cfg)
-    from pipeline.data.completions import teacher_completions
-
     cfg, completion_counts, completion_settings = teacher_completions(cfg, model, tokenizer, state, overwrite)
     with state.main_process_first():
         train, counts_train = load_split(cfg, "train", tokenizer)
@@ -170,14 +167,9 @@ def _extract_loop(
 
     Returns (train tokens computed, loop wall seconds, loop CPU seconds of all threads).
     """
-    from tqdm.auto import tqdm
-
-    from pipeline.models.capture import capture_qkv
-
     todo = writer.todo_chunks()
     state.wait_for_everyone()  # every rank listed the same unfinished chunks before anyone writes
     mine = todo[state.process_index :: state.num_processes]
-    logits = writer.attrs.get("logits") or {}
     bar = tqdm(
         total=sum(writer.chunk_range(c)[1] - writer.chunk_range(c)[0] for c in mine),
         unit="tok",
@@ -195,17 +187,10 @@ def _extract_loop(
         )
         with torch.inference_mode(), capture as cap:
             for c in mine:
-                start, end = writer.chunk_range(c)
-                split = writer.chunk_split(c)
-                on_train = split == "train"  # held-out chunks store logits only
-                bufs, stats = extract_chunk(
-                    model, cap, splits[split], start, end, writer.layers if on_train else [],
-                    writer.components if on_train else [], cfg.extract.dtype, cfg.extract.batch_size, pad_id,
-                    top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
-                    index_dtype=logits.get("index_dtype", "uint16"), on_batch=bar.update,  # per batch
-                )  # fmt: skip
+                bufs, stats = _chunk(cfg, model, cap, writer, splits, c, pad_id, bar.update)
                 out.submit(c, bufs, stats)
-                computed += stats["tokens"] if on_train else 0  # train tokens (the summary's unit)
+                if writer.chunk_split(c) == "train":
+                    computed += stats["tokens"]  # train tokens (the summary's unit)
     except BaseException:
         out.close(raise_errors=False)  # finish what is queued (its markers stay valid), keep the 1st error
         raise
@@ -215,13 +200,32 @@ def _extract_loop(
     return computed, time.perf_counter() - t_loop, time.process_time() - cpu_loop
 
 
+def _chunk(cfg, model, cap, writer: StoreWriter, splits: dict, c: int, pad_id: int, on_batch):
+    """`extract_chunk` of write chunk `c`: states on train chunks only (held-out chunks store logits only),
+    top-k log-probs where the store keeps logits for the chunk's split."""
+    start, end = writer.chunk_range(c)
+    split = writer.chunk_split(c)
+    on_train = split == "train"
+    logits = writer.attrs.get("logits") or {}
+    return extract_chunk(
+        model,
+        cap,
+        splits[split],
+        start,
+        end,
+        writer.layers if on_train else [],
+        writer.components if on_train else [],
+        cfg.extract.dtype,
+        cfg.extract.batch_size,
+        pad_id,
+        top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
+        index_dtype=logits.get("index_dtype", "uint16"),
+        on_batch=on_batch,  # called per batch
+    )
+
+
 def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
-    from accelerate import PartialState
-
-    from pipeline.extraction.summary import add_up_ranks, print_summary, summarise
-    from pipeline.models.load import model_geometry
-
     t0 = time.perf_counter()
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
@@ -252,7 +256,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
         )
     state.wait_for_everyone()
     writer = StoreWriter(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     computed, loop_s, loop_cpu_s = _extract_loop(
         cfg, state, model, writer, {"train": train, "eval": eval}, pad_id
     )

@@ -24,12 +24,19 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError, git_sha, to_dict
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.data.default_data import generate_default_data
+from pipeline.data.samples import load_samples, tokenize_sample
+from pipeline.models.load import load_model, pad_token_id
+from pipeline.pruning.importance import compute_importance
 from pipeline.pruning.meta import FORMAT, META_FILE
 from pipeline.pruning.select import check_counts, choose_layers, explicit_layers, make_plan
+from pipeline.pruning.slicing import build_pruned_model, teacher_shape
 
 
 def output_folder(cfg: KVMapConfig, overwrite: bool) -> Path:
@@ -52,8 +59,6 @@ def calibration_batches(cfg: KVMapConfig, tokenizer, seed: int) -> tuple[list, d
 
     Returns ([(input_ids (B, T), attention_mask (B, T)), ...], description for prune_meta.json).
     """
-    from pipeline.data.samples import load_samples, tokenize_sample
-
     rows = load_samples(cfg.data, "train")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     chosen, ids = [], []
@@ -66,7 +71,7 @@ def calibration_batches(cfg: KVMapConfig, tokenizer, seed: int) -> tuple[list, d
             break
     if not ids:
         raise ValueError(f"data.train_path={cfg.data.train_path!r}: no usable calibration sample")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     batches = []
     for b in range(0, len(ids), cfg.prune.batch_size):
         chunk = ids[b : b + cfg.prune.batch_size]
@@ -123,13 +128,6 @@ def _meta(cfg, teacher, shape, plan, scores, calib) -> dict:
 
 def run_prune(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     """Prune the teacher of `cfg` into `prune.out` (or `student.path`); returns the prune_meta dict."""
-    from tqdm.auto import tqdm
-
-    from pipeline.data.default_data import generate_default_data
-    from pipeline.models.load import load_model
-    from pipeline.pruning.importance import compute_importance
-    from pipeline.pruning.slicing import build_pruned_model, teacher_shape
-
     t0 = time.perf_counter()
     out = output_folder(cfg, overwrite)
     teacher, tokenizer = load_model(cfg.teacher)
@@ -174,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing prune.out folder")
     args = parse_args(p, argv)
-    from accelerate import PartialState
-
     state = PartialState(cpu=not torch.cuda.is_available())
     rc = 0
     if state.is_main_process:

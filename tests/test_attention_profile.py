@@ -54,7 +54,7 @@ def test_profile_equals_a_direct_per_row_loop(tmp_path, capsys):
 
 def test_missing_store_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "missing.zarr")]) == 2
-    assert capsys.readouterr().out.startswith("error: ")
+    assert capsys.readouterr().err.startswith("attention_profile: error: ")
 
 
 def test_head_scores_equal_a_direct_loop_and_the_sidecar_is_written(tmp_path, capsys):

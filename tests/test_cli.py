@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from pipeline.cli import command_parser, config_from_args, parse_args, run_command
+from pipeline.cli import CommandFailed, command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
 
@@ -88,6 +88,20 @@ def test_overrides_between_options_and_errors_are_one_line(tmp_path, capsys):
 
     assert run_command("x", boom) == 2
     assert capsys.readouterr().err == "x: error: line one\n"
+
+
+def test_a_failure_exits_1_and_a_key_error_prints_its_message(capsys):
+    def damaged():
+        raise CommandFailed("array train/layers/0/k chunk 3: damaged\nmore")
+
+    assert run_command("x", damaged) == 1
+    assert capsys.readouterr().err == "x: error: array train/layers/0/k chunk 3: damaged\n"
+
+    def missing():
+        raise KeyError("split='test': the store has splits ['train']")
+
+    assert run_command("x", missing, extra=(KeyError,)) == 2
+    assert capsys.readouterr().err == "x: error: split='test': the store has splits ['train']\n"
 
 
 def test_a_body_returning_its_result_exits_0():

@@ -235,6 +235,8 @@ def test_default_data_cli(tmp_path, capsys):
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 7
     assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 3
     assert "wrote" in capsys.readouterr().out
+    assert mdd.main(["--out", str(tmp_path / "bad"), "--n_facts", "0"]) == 2
+    assert capsys.readouterr().err == "default_data: error: n_facts=0: expected an int in [1, 60]\n"
 
 
 def test_answer_token_accuracy_against_hand_count():

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.config.kvmap import ModelConfig
 from pipeline.models import load as models
-from pipeline.models.load import load_model, model_geometry
+from pipeline.models.load import load_model, model_geometry, pad_token_id
 from tests.conftest import tiny_llama_config, tiny_qwen2_config
 
 TINY = dict(tiny_llama_config().to_dict(), model_type="llama")
@@ -63,6 +63,13 @@ def test_hf_folder_with_tokenizer_and_tokenizer_override(tmp_path):
     _word_tokenizer(150).save_pretrained(tmp_path / "big")
     with pytest.raises(ValueError, match=r"has 150 tokens: expected at most the model's vocab_size=101"):
         load_model(ModelConfig(config=TINY, tokenizer=str(tmp_path / "big")))
+
+
+def test_pad_token_id_is_the_pad_token_else_zero():
+    tok = _word_tokenizer(10)
+    assert tok.pad_token_id is None and pad_token_id(tok) == 0 and pad_token_id(None) == 0
+    tok.pad_token = "</s>"  # what load_tokenizer does for a tokenizer without a pad token
+    assert pad_token_id(tok) == 2
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.analysis.head_scores import attention_maps, format_head_scores, head_scores, write_sidecar
-from pipeline.cli import command_parser
+from pipeline.cli import command_parser, run_command
 from pipeline.config.kvmap import SEGMENTS
 from pipeline.models.geometry import store_logit_spec
 from pipeline.store.reader import KVStore
@@ -61,6 +61,7 @@ def attention_profile(path: str | Path, split: str = "train", num_samples: int =
 
 
 def format_profile(r: dict) -> str:
+    """Markdown table of an `attention_profile` result: per stored layer, first-token mass and entropy by segment."""
     segs = [s for s in SEGMENTS if r["rows"][s]]
     head = "| layer | " + " | ".join(f"first-token mass {s}" for s in segs)
     head += " | " + " | ".join(f"entropy {s} (nats)" for s in segs) + " |"
@@ -73,6 +74,7 @@ def format_profile(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.analysis.attention_profile`: see the module docstring."""
     p = command_parser(
         "python -m pipeline.analysis.attention_profile",
         __doc__,
@@ -94,18 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--top", type=int, default=10, help="--head-scores: heads in the printed table")
     a = p.parse_args(argv)
-    try:
-        if a.head_scores:
-            return _head_scores_main(a)
-        r = attention_profile(a.store, a.split, a.samples)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}".splitlines()[0])
-        return 2
+    # KeyError: a split the store does not hold
+    return run_command(
+        "attention_profile",
+        lambda: _head_scores_main(a) if a.head_scores else _profile_main(a),
+        extra=(KeyError,),
+    )
+
+
+def _profile_main(a) -> int:
+    """Print the attention profile of `a.store` (a table, or JSON with --json)."""
+    r = attention_profile(a.store, a.split, a.samples)
     print(json.dumps(r, indent=1) if a.json else format_profile(r))
     return 0
 
 
 def _head_scores_main(a) -> int:
+    """`--head-scores`: score every teacher head, print the top ones and write the sidecar beside the store."""
     s = head_scores(a.store, a.split, a.samples)
     out = write_sidecar(s, a.store)
     print(json.dumps(s, indent=1) if a.json else format_head_scores(s, a.top))

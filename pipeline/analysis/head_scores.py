@@ -4,7 +4,7 @@
 
 Shape glossary: L stored layers, H query heads, G KV heads, T tokens of one sample, D head dim, n answer rows.
 
-Why: issue 5 found that matching a uniform head-mix of the teacher's attention with every student head blocks
+Why: matching a uniform head-mix of the teacher's attention with every student head was found to block
 the copy circuit; retrieval heads are < 5% of heads (Wu et al., arXiv 2404.15574). These scores pick the few
 teacher heads worth distilling one-to-one (`align.head_select`, alignment/mapping/head_select.py).
 
@@ -162,7 +162,7 @@ def sidecar_path(store_path) -> Path | str:
 
 def _sidecar_fs(store_path):
     """(fsspec filesystem, path inside it) of a URL store's sidecar."""
-    import fsspec
+    import fsspec  # lazy: URL stores only, and fsspec is no declared dependency (zarr imports it the same way)
 
     loc = StoreLocation(store_path)
     return fsspec.core.url_to_fs(sidecar_path(loc), **loc.storage_options)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import command_parser
+from pipeline.cli import CommandFailed, command_parser, run_command
 from pipeline.store.encoding import decode_logprobs
 from pipeline.store.reader import KVStore
 from pipeline.store.schema import SAMPLE_ARRAYS, TOKEN_ARRAYS
+from pipeline.store.verify import verify_store
 
 
 def component_stats(store: KVStore, layer: int, comp: str, max_tokens: int | None = None) -> dict:
@@ -129,6 +130,7 @@ def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
 
 
 def format_report(r: dict) -> str:
+    """The human-readable `kvmap-inspect` report of an `inspect_store` result."""
     a = r["attrs"]
     t = a.get("teacher", {})
     lines = [
@@ -175,6 +177,7 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`kvmap-inspect`: see the module docstring (its exit statuses too)."""
     p = command_parser(
         "kvmap-inspect",
         __doc__,
@@ -193,16 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         help="also read every chunk of every array (files, checksums, finite values); exit 1 at the first bad one",
     )
     args = p.parse_args(argv)
-    try:
-        store = KVStore(args.store)
-    except (FileNotFoundError, ValueError) as e:
-        return _error(e, 2)
-    if args.check and _check(store):
-        return 1
+    return run_command("inspect", lambda: _inspect(args))
+
+
+def _inspect(args) -> int:
+    """The command's body: a missing or unreadable store is a usage error (exit 2, from KVStore), a bad
+    chunk or non-finite statistics a failure (CommandFailed, exit 1)."""
+    store = KVStore(args.store)
+    if args.check:
+        _check(store)
     try:
         r = inspect_store(args.store, args.max_tokens)
     except ValueError as e:  # a damaged chunk (pipeline/store/chunk_read.py names it)
-        return _error(e, 1)
+        raise CommandFailed(str(e)) from e
     print(
         json.dumps(r, indent=1, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
         if args.json
@@ -210,13 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     bad = non_finite_counts(r)
     if bad:
-        return _error(non_finite_message(r, bad), 1)
+        raise CommandFailed(non_finite_message(r, bad))
     return 0
-
-
-def _error(e: BaseException | str, rc: int) -> int:
-    print(f"inspect: error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
-    return rc
 
 
 def non_finite_counts(r: dict) -> dict[str, int]:
@@ -225,6 +226,7 @@ def non_finite_counts(r: dict) -> dict[str, int]:
 
 
 def non_finite_message(r: dict, bad: dict[str, int]) -> str:
+    """The one error line for NaN/inf counted by the statistics: how many, where first, what to run next."""
     first = next(iter(bad))
     return (
         f"store '{r['path']}': {sum(bad.values())} non-finite teacher-state values in {len(bad)} array(s), "
@@ -233,16 +235,13 @@ def non_finite_message(r: dict, bad: dict[str, int]) -> str:
     )
 
 
-def _check(store: KVStore) -> int:
-    """`--check`: every chunk of every array; one line and exit 1 at the first bad one."""
-    from pipeline.store.verify import verify_store
-
+def _check(store: KVStore) -> None:
+    """`--check`: every chunk of every array; CommandFailed (exit 1, one line) at the first bad one."""
     try:
         n = verify_store(store)
     except ValueError as e:
-        return _error(e, 1)
+        raise CommandFailed(str(e)) from e
     print(f"check: all {n} chunks of every array read back: files present, checksums and values finite")
-    return 0
 
 
 if __name__ == "__main__":

@@ -48,22 +48,36 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+        return _check_union(key, value, tp)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"config key '{key}': got {value!r}, expected one of {_type_name(tp)}")
         return value
+    if dataclasses.is_dataclass(tp) or origin in (list, tuple, dict):
+        return _check_nested(key, value, tp)
+    if tp in (float, int, bool, str):
+        return _check_scalar(key, value, tp)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    return value
+
+
+def _check_union(key: str, value: Any, tp: Any) -> Any:
+    """The first member of `tp` (Optional, `A | B`) that accepts `value`; None only where `tp` allows it."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        with contextlib.suppress(ConfigError):
+            return _check_value(key, value, arg)
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+
+
+def _check_nested(key: str, value: Any, tp: Any) -> Any:
+    """A nested dataclass (from a mapping), a list / tuple (as a list) or a dict, checked item by item."""
+    origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -75,11 +89,15 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a list")
         (item_tp, *_) = get_args(tp) or (Any,)
         return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': got {value!r}, expected a mapping")
-        _, val_tp = get_args(tp) or (Any, Any)
-        return {k: _check_value(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a mapping")
+    _, val_tp = get_args(tp) or (Any, Any)
+    return {k: _check_value(f"{key}.{k}", v, val_tp) for k, v in value.items()}
+
+
+def _check_scalar(key: str, value: Any, tp: type) -> Any:
+    """float, int, bool or str; a bool is never a number, and a float key also takes an int or a number
+    written as a string."""
     if tp is float:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads `3e-4` as a string; accept anything float() parses.
@@ -96,12 +114,8 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}': got {value!r}, expected true or false")
         return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': got {value!r}, expected a string")
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{key}': got {value!r}, expected {_type_name(tp)}")
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}': got {value!r}, expected a string")
     return value
 
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignment.config import AlignConfig, LossConfig
+from alignment.losses.structural import check_relation
 from pipeline.config.configlib import ConfigError
 from pipeline.config.prune import PruneConfig
 from pipeline.config.train import SEGMENTS, EvalConfig, TrainConfig
+from pipeline.store.location import check_storage_options
 
 __all__ = ["SEGMENTS", "KVMapConfig", "ModelConfig", "DataConfig", "ExtractConfig", "GenerationConfig"]
 
@@ -218,8 +220,6 @@ class ExtractConfig:
             raise ValueError(
                 f"extract.components={self.components!r}: expected a non-empty subset of q, k, v, logits"
             )
-        from pipeline.store.location import check_storage_options
-
         check_storage_options(self.storage_options, "extract.storage_options")
         if isinstance(self.layers, str) and self.layers not in ("map", "all"):
             raise ValueError(
@@ -268,8 +268,6 @@ def _check_lambda(cfg: KVMapConfig) -> None:
 
 def _check_structural(cfg: KVMapConfig) -> None:
     """head_select distils teacher heads one to one (attention term only); relation settings are sane."""
-    from alignment.losses.structural import check_relation
-
     lc, hs = cfg.loss_config, cfg.align.head_select
     if hs.method != "all" and (lc.attn_target != "teacher" or lc.alpha_attn <= 0 or lc.alpha_k or lc.alpha_v):
         raise ConfigError(

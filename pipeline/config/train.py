@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.config.configlib import ConfigError
+from pipeline.store.location import check_storage_options
 
 SEGMENTS = {"P": 0, "R": 1, "A": 2}  # segment ids; -1 is padding (never stored)
 
@@ -30,6 +31,23 @@ def segment_ids_of(names: list[str], key: str) -> list[int]:
             f"config key '{key}': got {names!r}, expected a non-empty list of segment names from {sorted(SEGMENTS)}"
         )
     return sorted({SEGMENTS[n] for n in names})
+
+
+# The smallest value of each integer key of `train` (the first key below its bound is the one reported).
+TRAIN_INT_MINIMUMS = dict(
+    steps=1,
+    batch_size=1,
+    grad_accum=1,
+    warmup_steps=0,
+    lambda_warmup_steps=0,
+    ckpt_every=0,
+    keep_checkpoints=1,
+    log_every=1,
+    num_workers=0,
+    prefetch_factor=1,
+    grad_probe_every=0,
+    shuffle_window=1,
+)
 
 
 @dataclass
@@ -91,13 +109,7 @@ class TrainConfig:
     grad_probe_every: int = 0
 
     def __post_init__(self):
-        _at_least(
-            "train",
-            self,
-            dict(steps=1, batch_size=1, grad_accum=1, warmup_steps=0, lambda_warmup_steps=0, ckpt_every=0,
-                 keep_checkpoints=1, log_every=1, num_workers=0, prefetch_factor=1, grad_probe_every=0,
-                 shuffle_window=1),
-        )  # fmt: skip
+        _at_least("train", self, TRAIN_INT_MINIMUMS)
         for key in ("lr", "aligner_lr"):
             v = getattr(self, key)
             if v is not None and not (math.isfinite(v) and v > 0):
@@ -122,8 +134,6 @@ class TrainConfig:
             )
         segment_ids_of(self.ce_segments, "train.ce_segments")
         segment_ids_of(self.struct_segments, "train.struct_segments")
-        from pipeline.store.location import check_storage_options
-
         check_storage_options(self.storage_options, "train.storage_options")
 
 

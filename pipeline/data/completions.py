@@ -24,17 +24,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
 
+from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import DataConfig, KVMapConfig
+from pipeline.data.default_data import generate_default_data, write_jsonl_atomic
 from pipeline.data.generate import REJECT_REASONS, complete_rows
 from pipeline.data.samples import _field, load_samples
+from pipeline.models.load import load_model
 from pipeline.store.location import is_url
 
 SPLIT_PATHS = {"train": "train_path", "eval": "eval_path"}
@@ -94,18 +97,6 @@ def completions_data_config(cfg: KVMapConfig, eval_kept: int | None = None) -> D
     )
 
 
-def _write_atomic(path: Path, lines: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in lines)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
@@ -122,7 +113,7 @@ def _prepare_dir(out: Path, settings: dict, overwrite: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not meta.is_file():
-        _write_atomic(meta, [settings])
+        write_jsonl_atomic(meta, [settings])
 
 
 def _complete_chunk(model, tokenizer, cfg: KVMapConfig, rows, chunk: int, settings: dict) -> list[dict]:
@@ -164,8 +155,6 @@ def _count(records: list[dict]) -> dict:
 
 
 def _generate_split(cfg, split, model, tokenizer, state, out: Path, settings: dict) -> dict:
-    from tqdm.auto import tqdm
-
     rows = load_samples(cfg.data, split)
     parts = out / f"{split}.parts"
     if state.is_main_process:
@@ -175,17 +164,20 @@ def _generate_split(cfg, split, model, tokenizer, state, out: Path, settings: di
     todo = [c for c in range(n_chunks) if not (parts / f"chunk_{c:05d}.jsonl").is_file()]
     state.wait_for_everyone()  # every rank listed the same missing chunks before anyone writes
     mine = todo[state.process_index :: state.num_processes]
-    bar = tqdm(mine, desc=f"teacher writes {split} rank {state.process_index}/{state.num_processes}",
-               disable=not state.is_main_process)  # fmt: skip
+    bar = tqdm(
+        mine,
+        desc=f"teacher writes {split} rank {state.process_index}/{state.num_processes}",
+        disable=not state.is_main_process,
+    )
     for c in bar:
         recs = _complete_chunk(model, tokenizer, cfg, rows, c, settings)
-        _write_atomic(parts / f"chunk_{c:05d}.jsonl", recs)
+        write_jsonl_atomic(parts / f"chunk_{c:05d}.jsonl", recs)
     state.wait_for_everyone()
     records = [r for c in range(n_chunks) for r in _read_jsonl(parts / f"chunk_{c:05d}.jsonl")]
     records.sort(key=lambda r: r["source_row"])
     if state.is_main_process:
-        _write_atomic(out / f"{split}.jsonl", [r for r in records if r["kept"]])
-        _write_atomic(out / f"{split}.rejected.jsonl", [r for r in records if not r["kept"]])
+        write_jsonl_atomic(out / f"{split}.jsonl", [r for r in records if r["kept"]])
+        write_jsonl_atomic(out / f"{split}.rejected.jsonl", [r for r in records if not r["kept"]])
     return _count(records) | {"chunks_generated_last_run": len(todo)}
 
 
@@ -202,8 +194,6 @@ def write_completions(cfg: KVMapConfig, model, tokenizer, state=None, overwrite:
     Example:
         >>> data_cfg, counts = write_completions(cfg, model, tok)
     """
-    from accelerate import PartialState
-
     state = state or PartialState()
     out = completions_dir(cfg)
     settings = completion_settings(cfg)
@@ -237,13 +227,6 @@ def teacher_completions(cfg: KVMapConfig, model, tokenizer, state, overwrite: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Write (or resume) the completions only, without extracting."""
-    from accelerate import PartialState
-
-    from pipeline.cli import command_parser, config_from_args, parse_args, run_command
-    from pipeline.config.configlib import ConfigError
-    from pipeline.data.default_data import generate_default_data
-    from pipeline.models.load import load_model
-
     p = command_parser(
         "python -m pipeline.data.completions",
         __doc__,

@@ -27,8 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.cli import command_parser
-from pipeline.config.kvmap import KVMapConfig
+import torch
+
+from pipeline.cli import command_parser, run_command
+from pipeline.config.kvmap import DataConfig, KVMapConfig, ModelConfig
+from pipeline.data.metrics import answer_token_accuracy
+from pipeline.data.samples import tokenize_sample
+from pipeline.models.load import load_model, pad_token_id
 
 # Distinct, common first names (each one or two tokens for the SmolLM2 tokenizer).
 NAMES = [
@@ -140,13 +145,13 @@ def make_rows(
     return train, held
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    # tmp file + rename: a concurrent or killed writer never leaves a truncated file behind.
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write `rows` as JSON lines to `path` through a temporary file and a rename: a concurrent or killed
+    writer never leaves a truncated file behind (the default dataset and the teacher's completions)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -172,8 +177,8 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     train, held = make_rows(n_train, n_eval, seed, n_facts, digits, n_extra_train)
     paths = {"train": out / TRAIN_FILE, "eval": out / "heldout.jsonl"}
-    _write_jsonl_atomic(paths["train"], train)
-    _write_jsonl_atomic(paths["eval"], held)
+    write_jsonl_atomic(paths["train"], train)
+    write_jsonl_atomic(paths["eval"], held)
     return paths
 
 
@@ -183,16 +188,10 @@ def check_teacher(model, tokenizer, rows: list[dict], data_cfg=None, batch_size:
     Returns answer_token_accuracy's dict summed over all rows (acc, acc_R, acc_A, n, ...) plus
     `exact_A` (fraction of samples whose every answer token in A is predicted).
     """
-    import torch
-
-    from pipeline.config.kvmap import DataConfig
-    from pipeline.data.metrics import answer_token_accuracy
-    from pipeline.data.samples import tokenize_sample
-
     data_cfg = data_cfg or DataConfig()
     samples = [s for s in (tokenize_sample(r, tokenizer, data_cfg) for r in rows) if s is not None]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     tot: dict[str, float] = {}
     exact = 0
     for b0 in range(0, len(samples), batch_size):
@@ -235,7 +234,8 @@ def generate_default_data(cfg: KVMapConfig) -> None:
         generate(train.parent)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.data.default_data`: see the module docstring."""
     ap = command_parser(
         "python -m pipeline.data.default_data",
         __doc__,
@@ -257,16 +257,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n_check", type=int, default=200, help="held-out rows used by --check-teacher")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for --check-teacher")
     a = ap.parse_args(argv)
+    return run_command("default_data", lambda: _write_and_check(a))
+
+
+def _write_and_check(a) -> int:
+    """The command's body: write the dataset, then with --check-teacher measure the teacher on it."""
     paths = generate(a.out, a.n_train, a.n_eval, a.seed, a.n_facts, a.digits, a.n_extra_train)
     print(
         f"wrote {paths['train']} ({a.n_train + a.n_extra_train} rows) and {paths['eval']} ({a.n_eval} rows)"
     )
     if a.check_teacher:
-        import torch
-
-        from pipeline.config.kvmap import ModelConfig
-        from pipeline.models.load import load_model
-
         if a.threads:
             torch.set_num_threads(a.threads)
         model, tok = load_model(ModelConfig(path=a.teacher))

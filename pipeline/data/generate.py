@@ -24,6 +24,7 @@ import torch
 
 from pipeline.config.kvmap import DataConfig, GenerationConfig
 from pipeline.data.samples import answer_occurrences
+from pipeline.models.load import pad_token_id
 
 REJECT_REASONS = ("empty", "no_answer_match")
 
@@ -73,7 +74,7 @@ def generate_continuations(
         >>> generate_continuations(model, tok, ["Q: 2+2?\\n"], 16, GenerationConfig(), True)[0]["text"]
     """
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     sampling = dict(temperature=gen.temperature, top_p=gen.top_p) if gen.do_sample else {}
     stop = dict(stop_strings=list(gen.stop_strings), tokenizer=tokenizer) if gen.stop_strings else {}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from pipeline.data.metrics import answer_token_accuracy
 from pipeline.store.encoding import LOGPROB_FLOOR
 from pipeline.store.int8 import INT8_SCHEMES, quantize
 from pipeline.store.packed_split import PackedSplit
@@ -83,8 +84,6 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 def _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own) -> None:
     """Answer-token accuracy and per-segment teacher CE of the samples starting in this chunk (summable)."""
-    from pipeline.data.metrics import answer_token_accuracy
-
     if not own.any():
         return
     if not own.all():  # a sample crossing into this chunk was counted where it starts
@@ -178,6 +177,57 @@ def _quantize_chunk(dev: dict, schemes: dict, device: torch.device) -> dict[tupl
     return {k: v.copy() for k, v in host.items()} if device.type == "cuda" else host
 
 
+def _forward(model, cap, packed: PackedSplit, batch: np.ndarray, pad_id: int, device: torch.device):
+    """One teacher forward of `batch` (right-padded), capturing into `cap` afresh.
+
+    Returns logits (B, T, V) on the device and the padded ids, segment_ids, answer_mask (B, T) on the CPU.
+    """
+    ids, seg, ans = pad_batch(packed, batch, pad_id)
+    if cap is not None:
+        cap.clear()
+    logits = model(
+        input_ids=ids.to(device), attention_mask=(seg >= 0).long().to(device), use_cache=False
+    ).logits  # (B, T, V)
+    return logits, ids, seg, ans
+
+
+def _topk_entries(stats: dict, logits: torch.Tensor, top_k: int) -> dict[tuple, torch.Tensor]:
+    """The stored top-k log-probs of the gathered tokens' logits (N, V); adds their probability mass to
+    `stats["topk_mass"]`."""
+    vals, idx = topk_logprobs(logits, top_k)  # (N, K), (N, K)
+    stats["topk_mass"] += float(vals.exp().sum(dim=-1).double().sum())
+    return {
+        ("logits", "values"): vals.clamp_min(LOGPROB_FLOOR).to(torch.float16),  # (N, K)
+        ("logits", "indices"): idx.to(torch.int32),  # (N, K); stored as `index_dtype`
+    }
+
+
+def _keep_on_device(dev: dict, ys: dict, runs: list, n: int) -> None:
+    """int8: move the batch's states out of `ys` into the chunk's device buffers (n rows each), to be
+    quantised once the whole chunk is in."""
+    for key in [k for k in ys if k[0] != "logits"]:
+        y = ys.pop(key)
+        buf = dev.get(key)
+        if buf is None:
+            buf = dev[key] = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device)
+        for src, dst in runs:
+            buf[dst] = y[src]
+
+
+def _place_on_host(bufs: dict, host: dict, runs: list, n: int, index_dtype: str) -> None:
+    """Copy a batch's host arrays into the chunk's buffers (n rows each) in their stored dtypes."""
+    for key, yn in host.items():
+        if key == ("logits", "values"):
+            yn = yn.view(np.uint16)  # float16 words (pipeline/store/reader.py)
+        elif key == ("logits", "indices"):
+            yn = yn.astype(index_dtype)
+        buf = bufs.get(key)
+        if buf is None:
+            buf = bufs[key] = np.empty((n, *yn.shape[1:]), dtype=yn.dtype)
+        for src, dst in runs:  # one contiguous copy per sample
+            buf[dst] = yn[src]
+
+
 def extract_chunk(
     model,
     cap,
@@ -199,8 +249,9 @@ def extract_chunk(
         model: the teacher (eval mode), running inside `cap = capture_qkv(model, layers, components)`
             (None for a logits-only store).
         layers / components: the states to store (empty for a held-out chunk: logits only).
-        dtype: storage dtype "bfloat16" | "float16" | "int8" (quantised per chunk, `INT8_SCHEMES`); non-finite or fp16-overflowing states at real tokens
-            raise a one-line ValueError naming the sample, its dataset row, the layer and the component.
+        dtype: storage dtype "bfloat16" | "float16" | "int8" (quantised per chunk, `INT8_SCHEMES`);
+            non-finite or fp16-overflowing states at real tokens raise a one-line ValueError naming the
+            sample, its dataset row, the layer and the component.
         top_k: > 0 also stores the teacher's top-k log-probs at every token (`topk_logprobs`).
         index_dtype: storage dtype of the top-k token ids.
         on_batch: called after every forward batch with the chunk tokens it produced (a progress bar's
@@ -217,42 +268,18 @@ def extract_chunk(
     stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
     device = next(model.parameters()).device
     for batch in chunk_batches(packed, start, end, batch_size):
-        ids, seg, ans = pad_batch(packed, batch, pad_id)
-        valid = seg >= 0  # (B, T)
-        if cap is not None:
-            cap.clear()
-        logits = model(
-            input_ids=ids.to(device), attention_mask=valid.long().to(device), use_cache=False
-        ).logits  # (B, T, V)
+        logits, ids, seg, ans = _forward(model, cap, packed, batch, pad_id, device)
         stats["forward_tokens"] += int(packed.lengths[batch].sum())
         own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
         _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own)
         jj, tt, runs = _chunk_rows(packed, batch, start, end)
         jj_d, tt_d = torch.from_numpy(jj).to(device), torch.from_numpy(tt).to(device)  # (N,), (N,)
-        ys = _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packed)
+        ys = _gather_states(cap, layers, components, sdt, jj_d, tt_d, seg >= 0, batch, packed)
         if top_k:
-            vals, idx = topk_logprobs(logits[jj_d, tt_d], top_k)  # (N, K), (N, K)
-            stats["topk_mass"] += float(vals.exp().sum(dim=-1).double().sum())
-            ys[("logits", "values")] = vals.clamp_min(LOGPROB_FLOOR).to(torch.float16)  # (N, K)
-            ys[("logits", "indices")] = idx.to(torch.int32)  # (N, K); stored as `index_dtype`
+            ys.update(_topk_entries(stats, logits[jj_d, tt_d], top_k))
         if sdt is None:  # int8: keep the chunk's states on the device until every batch is in
-            for key in [k for k in ys if k[0] != "logits"]:
-                y = ys.pop(key)
-                buf = dev.get(key)
-                if buf is None:
-                    buf = dev[key] = torch.empty((end - start, *y.shape[1:]), dtype=y.dtype, device=y.device)
-                for src, dst in runs:
-                    buf[dst] = y[src]
-        for key, yn in _to_host(ys, device).items():
-            if key == ("logits", "values"):
-                yn = yn.view(np.uint16)  # float16 words (pipeline/store/reader.py)
-            elif key == ("logits", "indices"):
-                yn = yn.astype(index_dtype)
-            buf = bufs.get(key)
-            if buf is None:
-                buf = bufs[key] = np.empty((end - start, *yn.shape[1:]), dtype=yn.dtype)
-            for src, dst in runs:  # one contiguous copy per sample
-                buf[dst] = yn[src]
+            _keep_on_device(dev, ys, runs, end - start)
+        _place_on_host(bufs, _to_host(ys, device), runs, end - start, index_dtype)
         if on_batch is not None:
             on_batch(len(jj))
     if dev:

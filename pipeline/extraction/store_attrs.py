@@ -12,6 +12,9 @@ import json
 
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.models.geometry import GEOMETRY_KEYS, model_geometry, teacher_geometry_attrs
+from pipeline.store.encoding import index_dtype
+from pipeline.store.int8 import INT8_SCHEMES
 from pipeline.store.packed_split import PackedSplit
 from pipeline.store.schema import SCHEMA_VERSION
 
@@ -30,8 +33,6 @@ def logits_attrs(cfg: KVMapConfig, vocab_size: int, has_eval: bool) -> dict | No
         raise ConfigError(
             f"extract.logits_top_k={k!r}: expected an int in [1, {vocab_size}] (the teacher's vocabulary)"
         )
-    from pipeline.store.encoding import index_dtype
-
     return {
         "top_k": k,
         "dtype": "float16",
@@ -50,9 +51,6 @@ def _sha(obj) -> str:
 
 def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict:
     """Store attributes describing the teacher, tokenizer and extraction settings."""
-    from pipeline.models.geometry import teacher_geometry_attrs
-    from pipeline.models.load import model_geometry
-
     geo = model_geometry(model.config)
     hf = model.config.to_dict()
     rope = {k: hf[k] for k in ("rope_parameters", "rope_theta", "rope_scaling") if hf.get(k) is not None}
@@ -95,8 +93,6 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
 
 def int8_schemes(cfg: KVMapConfig) -> dict[str, str]:
     """The int8 scale scheme of each stored state component (pipeline/store/int8.py)."""
-    from pipeline.store.int8 import INT8_SCHEMES
-
     return {c: INT8_SCHEMES[c] for c in state_components(cfg)}
 
 
@@ -106,10 +102,7 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
     for k in ("store", "storage_options", "writer_threads", "max_pending_chunks", "layers"):
         ex.pop(k)
     teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k != "device"}
-    from pipeline.models.geometry import (
-        GEOMETRY_KEYS,  # derived from the hashed teacher config: old stores resume
-    )
-
+    # the geometry keys derive from the hashed teacher config: left out, so stores made before them resume
     t_attrs = {k: v for k, v in attrs["teacher"].items() if k not in GEOMETRY_KEYS}
     return _sha(
         {

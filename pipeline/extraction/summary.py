@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from accelerate.utils import gather_object
+
 from pipeline.store.writer import StoreWriter
 
 SEGS = ("P", "R", "A")
@@ -99,8 +101,6 @@ def add_up_ranks(state, computed: int, loop_s: float, cpu_s: float) -> tuple[int
     """`combine_ranks` over every process of `state` (accelerate's PartialState; every rank must call it)."""
     if state.num_processes == 1:
         return computed, loop_s, cpu_s
-    from accelerate.utils import gather_object
-
     return combine_ranks(gather_object([(computed, loop_s, cpu_s)]))
 
 
@@ -130,6 +130,7 @@ def _word_note(s: dict) -> str:
 
 
 def print_summary(path, s: dict) -> None:
+    """Print the extraction summary of the store at `path` (stdout: the command's result)."""
     c = s["samples"]
     acc = " ".join(f"{seg}={_fmt(s.get(f'teacher_acc_{seg}'))}" for seg in ("R", "A", "all"))
     ce = " ".join(f"{seg}={_fmt(s.get(f'teacher_ce_{seg}'))}" for seg in SEGS)

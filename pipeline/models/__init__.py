@@ -1,4 +1,5 @@
-"""Models: loading a teacher or student (`load`), capturing Q/K/V (`capture`), attention geometry (`geometry`).
+"""Models: loading a teacher or student and the pad id its batches use (`load`), capturing Q/K/V
+(`capture`), attention geometry (`geometry`).
 
-May import `pipeline.config`, `pipeline.store` and `alignment`; never data, extraction, analysis or pruning.
+May import cli, config, store and alignment; never data, extraction, analysis or pruning.
 """

@@ -29,6 +29,7 @@ import torch
 
 from alignment.geometry.attention_probs import LogitSpec
 from alignment.geometry.model_dims import AttentionDims, attention_dims
+from pipeline.models.capture import capture_qkv, num_layers
 
 # Teacher attributes that only describe attention geometry: derived from the teacher's config (already in the
 # store's config hash), so they are left out of the extraction fingerprint and old stores stay resumable.
@@ -53,8 +54,6 @@ def _text_config(hf_config):
 def measure_attention(model) -> dict[str, list]:
     """Per-layer scaling / softcap / sliding window as the model's attention layers receive them (probe
     forward of two tokens through `capture_qkv`)."""
-    from pipeline.models.capture import capture_qkv, num_layers
-
     device = next(model.parameters()).device
     with torch.no_grad(), capture_qkv(model, components=("k",)) as cap:
         model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)

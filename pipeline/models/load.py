@@ -145,6 +145,18 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else 0 (also for no tokenizer at all).
+
+    `load_tokenizer` already sets pad = eos where a tokenizer has no pad token; 0 covers tokenizers
+    loaded otherwise and `config:` models without one. Padded positions are masked out everywhere, so
+    the id only has to be a valid row of the embedding.
+    """
+    if tokenizer is None or tokenizer.pad_token_id is None:
+        return 0
+    return int(tokenizer.pad_token_id)
+
+
 def _device(spec: str) -> torch.device | None:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

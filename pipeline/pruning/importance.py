@@ -53,6 +53,7 @@ class ImportanceAccumulator:
         self._handles: list = []
 
     def set_mask(self, attention_mask: torch.Tensor) -> None:
+        """The (B, T) attention mask of the next forward: only its real tokens count."""
         self._mask = attention_mask[..., None].to(torch.float64)
         self.tokens += int(attention_mask.sum())
 

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+from alignment.mapping.layer_map import build_layer_map
 from pipeline.config.configlib import ConfigError
 from pipeline.config.prune import PruneConfig
 
 
 @dataclass
 class TeacherShape:
+    """The teacher dimensions pruning chooses from (`slicing.teacher_shape` reads them off a model)."""
+
     layers: int
     heads: int
     kv_heads: int
@@ -90,8 +93,6 @@ def choose_layers(p: PruneConfig, layer_map_spec, t: TeacherShape, depth: torch.
     n = _count("num_layers", p.num_layers, t.layers, "layers")
     if p.layers == "importance":
         return top_k(depth, n)
-    from alignment.mapping.layer_map import build_layer_map
-
     try:
         kept = build_layer_map(layer_map_spec, t.layers, n)
     except ValueError as e:

@@ -19,6 +19,7 @@ import re
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.models.geometry import model_geometry
 from pipeline.pruning.select import PrunePlan, TeacherShape
 
 SUPPORTED = ("llama", "qwen2")
@@ -30,8 +31,6 @@ def teacher_shape(model) -> TeacherShape:
     c = model.config
     if c.model_type not in SUPPORTED:
         raise ValueError(f"teacher model_type={c.model_type!r}: pruning supports {list(SUPPORTED)}")
-    from pipeline.models.load import model_geometry
-
     g = model_geometry(c)
     return TeacherShape(
         g["layers"], g["heads"], g["kv_heads"], g["head_dim"], g["hidden"], c.intermediate_size

@@ -167,6 +167,7 @@ class StoreLocation:
         return None if buf is None else buf.to_bytes()
 
     def read_json(self, key: str) -> Any:
+        """The JSON object `key`, or None when it does not exist."""
         raw = self.read_bytes(key)
         return None if raw is None else json.loads(raw)
 
@@ -176,6 +177,7 @@ class StoreLocation:
         sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
     def write_json(self, key: str, obj: Any) -> None:
+        """Write `obj` as the JSON object `key` (atomic, like `write_bytes`)."""
         self.write_bytes(key, json.dumps(obj).encode())
 
     def list(self, prefix: str = "") -> list[str]:

@@ -48,9 +48,11 @@ class PackedSplit:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the packed split (all samples end to end)."""
         return int(self.input_ids.shape[0])
 
     def fingerprint(self) -> str:
+        """A hash of the tokens, segments, answer mask, lengths and source rows (part of the store fingerprint)."""
         h = hashlib.sha256()
         for a in (self.input_ids, self.segment_ids, self.answer_mask, self.lengths, self.rows):
             h.update(np.ascontiguousarray(a).tobytes())

@@ -98,18 +98,22 @@ class KVStore:
         return dict(rec) if rec else None
 
     def has_logits(self, split: str = "train") -> bool:
+        """Whether the store holds top-k log-probs for `split`."""
         return self.logits is not None and split in self.logits.get("splits", [])
 
     @property
     def complete(self) -> bool:
+        """Whether extraction finished (every chunk's marker written, the summary recorded)."""
         return bool(self.attrs.get("complete", False))
 
     @property
     def fingerprint(self) -> str:
+        """Short hash of the store's stable attributes (`schema.fingerprint_of`)."""
         return fingerprint_of(self.attrs)
 
     @property
     def splits(self) -> list[str]:
+        """The splits the store holds ("train", and "eval" when extracted)."""
         return [s for s in SPLITS if s in self.group]
 
     def _split(self, split: str):
@@ -144,9 +148,11 @@ class KVStore:
         return "layers" in self._split(split)
 
     def num_samples(self, split: str = "train") -> int:
+        """Samples of `split`."""
         return int(self._array(split, "lengths").shape[0])
 
     def num_tokens(self, split: str = "train") -> int:
+        """Packed tokens of `split`."""
         return int(self._array(split, "input_ids").shape[0])
 
     def lengths(self, split: str = "train") -> np.ndarray:

@@ -45,7 +45,7 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
     trainer/data/preload.py, `decode_states` with the scales).
     State arrays are sharded: one shard = `chunk_tokens` tokens (the unit of writing, resuming and rank
     ownership), holding inner chunks of `inner_chunk_tokens` tokens (the unit of random-access reads).
-    Codec "blosc-zstd" (default since issue 16; Zarr v3 spec BloscCodec: zstd + byte shuffle, 1 MiB blocks)
+    Codec "blosc-zstd" (the default; Zarr v3 spec BloscCodec: zstd + byte shuffle, 1 MiB blocks)
     and "zstd-shuffle" (the default before: numcodecs' Shuffle + Zstd, outside the v3 spec) both give 1.36x
     on the default teacher's bf16 states (8 of SmolLM2's 30 layers); a store's arrays carry their own codec
     metadata, so stores written with either read alike. Zarr pads the array's last inner chunk to

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import zarr
+from tqdm.auto import tqdm
 
 from pipeline.store.chunk_read import chunk_error, chunk_len
 from pipeline.store.encoding import decode_logprobs, decode_states
@@ -76,8 +77,6 @@ def verify_store(store: KVStore, progress: bool = True) -> int:
 
     Raises ValueError (one line) at the first bad chunk.
     """
-    from tqdm.auto import tqdm
-
     todo = [(arr, kind) for arr, kind in store_arrays(store) if arr.shape[0] > 0]
     counts = [-(-arr.shape[0] // chunk_len(arr)) for arr, _ in todo]
     with tqdm(total=sum(counts), unit="chunk", desc="check", disable=not progress) as bar:

@@ -140,44 +140,55 @@ class StoreWriter:
             "inner_chunk_tokens": inner_chunk_tokens,
             "storage_dtype": STORAGE_DTYPES[attrs["dtype"]],
         }
-        storage = STORAGE_DTYPES[attrs["dtype"]]
-        compressors = make_compressors(attrs["codec"], attrs["compression_level"], np.dtype(storage).itemsize)
+        logits = attrs.get("logits") or {}
         for split, packed in (("train", train), ("eval", eval)):
             if packed is None:
                 continue
             g = group.create_group(split)
-            for name, dt in {**TOKEN_ARRAYS, **SAMPLE_ARRAYS}.items():
-                data = getattr(packed, name)
-                n = max(len(data), 1)
-                a = g.create_array(name, shape=data.shape, dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
-                if len(data):
-                    a[:] = data.astype(dt)
-            logits = attrs.get("logits") or {}
+            cls._create_token_arrays(g, packed)
             if split in logits.get("splits", []):
                 cls._create_logit_arrays(
                     g, packed.num_tokens, logits, attrs, chunk_tokens, inner_chunk_tokens
                 )
-            if split != "train":
-                continue  # only the train split holds teacher states
-            for layer in attrs["layers"]:
-                for comp in attrs["components"]:
-                    heads, dim = state_shapes[comp]
-                    with quiet_codecs():
-                        g.create_array(
-                            f"layers/{layer}/{comp}",
-                            shape=(packed.num_tokens, heads, dim),
-                            dtype=full["storage_dtype"],
-                            chunks=(inner_chunk_tokens, heads, dim),
-                            shards=(chunk_tokens, heads, dim),
-                            compressors=compressors,
-                            fill_value=0,
-                        )
-                    scheme = (attrs.get("quantization") or {}).get(comp)
-                    if scheme is not None:
-                        cls._create_scale_array(g, f"layers/{layer}/{scale_key(comp)}", scheme, packed.num_tokens,
-                                                (heads, dim), attrs, chunk_tokens, inner_chunk_tokens)  # fmt: skip
+            if split == "train":  # only the train split holds teacher states
+                cls._create_state_arrays(g, packed.num_tokens, full, state_shapes)
         group.attrs.update(full)  # last: from here on the store can be resumed
         return cls(loc)
+
+    @staticmethod
+    def _create_token_arrays(g, packed: PackedSplit) -> None:
+        """The per-token (N,) and per-sample arrays of a split, filled from its packed layout."""
+        for name, dt in {**TOKEN_ARRAYS, **SAMPLE_ARRAYS}.items():
+            data = getattr(packed, name)
+            n = max(len(data), 1)
+            a = g.create_array(name, shape=data.shape, dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
+            if len(data):
+                a[:] = data.astype(dt)
+
+    @classmethod
+    def _create_state_arrays(cls, g, n: int, attrs: dict, state_shapes: dict[str, tuple[int, int]]) -> None:
+        """layers/{layer}/{comp} (N, X, D) in the storage dtype, one shard per write chunk, left empty; with
+        int8 each one's scales too. `attrs` are the store's full attributes (chunking, storage dtype)."""
+        chunk_tokens, inner = attrs["chunk_tokens"], attrs["inner_chunk_tokens"]
+        storage = attrs["storage_dtype"]
+        compressors = make_compressors(attrs["codec"], attrs["compression_level"], np.dtype(storage).itemsize)
+        for layer in attrs["layers"]:
+            for comp in attrs["components"]:
+                heads, dim = state_shapes[comp]
+                with quiet_codecs():
+                    g.create_array(
+                        f"layers/{layer}/{comp}",
+                        shape=(n, heads, dim),
+                        dtype=storage,
+                        chunks=(inner, heads, dim),
+                        shards=(chunk_tokens, heads, dim),
+                        compressors=compressors,
+                        fill_value=0,
+                    )
+                scheme = (attrs.get("quantization") or {}).get(comp)
+                if scheme is not None:
+                    name = f"layers/{layer}/{scale_key(comp)}"
+                    cls._create_scale_array(g, name, scheme, n, (heads, dim), attrs, chunk_tokens, inner)
 
     @staticmethod
     def _create_scale_array(g, name, scheme, n, shape, attrs, chunk_tokens: int, inner: int) -> None:
@@ -235,6 +246,7 @@ class StoreWriter:
         return done
 
     def todo_chunks(self) -> list[int]:
+        """Write chunks without a done-marker (to compute), in order."""
         done = self.done_chunks()
         return [c for c in range(self.num_chunks) if c not in done]
 
@@ -309,6 +321,7 @@ class AsyncChunkWriter:
             f.result()
 
     def submit(self, c: int, states: dict[tuple[int, str], np.ndarray], stats: dict) -> None:
+        """Queue chunk `c` for the writer threads; blocks while `max_pending` chunks are in flight."""
         self._raise_errors()
         self._slots.acquire()
         fut = self._pool.submit(self.writer.write_chunk, c, states, stats)

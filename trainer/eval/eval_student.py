@@ -14,6 +14,7 @@ import time
 
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.models.load import pad_token_id
 
 
 def evaluate_student(cfg: KVMapConfig) -> dict:
@@ -34,7 +35,7 @@ def evaluate_student(cfg: KVMapConfig) -> dict:
     accelerator = Accelerator(cpu=True)
     student, tokenizer = load_model(cfg.student)
     check_tokenizer(store, tokenizer, int(student.get_input_embeddings().weight.shape[0]))
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     t0 = time.perf_counter()
     out = evaluate(accelerator, student, tokenizer, store.path, "eval", cfg.eval, pad_id, ce_ids)
     return {**out, "eval_s": time.perf_counter() - t0}

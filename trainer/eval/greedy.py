@@ -21,6 +21,7 @@ import re
 import torch
 
 from pipeline.config.kvmap import SEGMENTS
+from pipeline.models.load import pad_token_id
 
 
 def reference_of(sample: dict, tokenizer) -> tuple[list[int], str, str] | None:
@@ -97,7 +98,7 @@ def greedy_exact_match(model, tokenizer, dataset, indices, max_new_tokens: int, 
         r = reference_of(dataset[i], tokenizer)
         if r is not None:
             refs.append(r)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     hits = 0
     for b0 in range(0, len(refs), batch_size):
         chunk = refs[b0 : b0 + batch_size]

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.models.load import pad_token_id
 from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
 from trainer.objective.schedules import lr_multiplier
 from trainer.objective.step import DistillModel
@@ -170,7 +171,7 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
 
         gb = preload_bytes(store, "train", layers or store.layers, comps) / 2**30
         accelerator.print(f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s")
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     return dict(store=store, student=student, tokenizer=tokenizer, aligner=aligner, kd=kd, loss_fn=loss_fn,
                 train_ds=train_ds, pad_id=pad_id)  # fmt: skip
 
