@@ -35,8 +35,9 @@ from pipeline.cli import command_parser, config_from_args, parse_args, run_comma
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import DataConfig, KVMapConfig
 from pipeline.data.default_data import generate_default_data, write_jsonl_atomic
+from pipeline.data.formats import field_text
 from pipeline.data.generate import REJECT_REASONS, complete_rows
-from pipeline.data.samples import _field, load_samples
+from pipeline.data.samples import load_samples
 from pipeline.models.load import load_model
 from pipeline.store.location import is_url
 
@@ -121,7 +122,7 @@ def _complete_chunk(model, tokenizer, cfg: KVMapConfig, rows, chunk: int, settin
     d = cfg.data
     start = chunk * d.generation.chunk_rows
     idx = range(start, min(start + d.generation.chunk_rows, len(rows)))
-    good = [i for i in idx if _field(rows[i], d.prompt_field) and _field(rows[i], d.answer_field)]
+    good = [i for i in idx if field_text(rows[i], d.prompt_field) and field_text(rows[i], d.answer_field)]
     if d.on_bad_row == "error" and len(good) < len(idx):
         bad = next(i for i in idx if i not in good)
         raise ValueError(f"row {bad}: needs non-empty {d.prompt_field!r} and {d.answer_field!r} fields")
@@ -130,8 +131,8 @@ def _complete_chunk(model, tokenizer, cfg: KVMapConfig, rows, chunk: int, settin
     recs = complete_rows(
         model,
         tokenizer,
-        [_field(rows[i], d.prompt_field) for i in good],
-        [_field(rows[i], d.answer_field) for i in good],
+        [field_text(rows[i], d.prompt_field) for i in good],
+        [field_text(rows[i], d.answer_field) for i in good],
         d,
     )
     out = [{**r, "source_row": i, "generation": settings} for i, r in zip(good, recs)]

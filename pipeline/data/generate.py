@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config.kvmap import DataConfig, GenerationConfig
-from pipeline.data.samples import answer_occurrences
+from pipeline.data.formats import answer_occurrences
 from pipeline.models.load import pad_token_id
 
 REJECT_REASONS = ("empty", "no_answer_match")

@@ -32,9 +32,7 @@ import datasets
 import torch
 
 from pipeline.config.kvmap import SEGMENTS, DataConfig
-from pipeline.data.formats import BadRow, answer_occurrences, detect_format, field_text, render_row  # noqa: F401 (TEMP re-exports)
-
-_field = field_text  # TEMP
+from pipeline.data.formats import BadRow, detect_format, render_row
 
 P, R, A = SEGMENTS["P"], SEGMENTS["R"], SEGMENTS["A"]
 SPLITS = ("train", "eval")
