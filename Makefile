@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmap-installed
 
-.PHONY: install test lint format demo demo-full clean
+.PHONY: install test lint docs format demo demo-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The docs site into site/: the Reference pages are generated from the code at build time
+# (docs/hooks/reference.py), so they follow it; --strict turns every broken link or anchor into an error.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+
+test: lint docs
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
 # The main job end to end on the embedded default: generate data, extract the teacher's Q/K/V once

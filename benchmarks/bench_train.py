@@ -20,7 +20,7 @@ How it is measured (one invocation, subprocesses):
 Bars (issue 4): cached <= 0.5x online step time; cached peak RSS <= 0.8x online; cached <= 1.3x CE-only;
 loader samples/s >= 3x what the cached step consumes.
 
-    python benchmarks/bench_train.py --config configs/default.yaml --arms configs/ablations/structural_v2.yaml
+    python benchmarks/bench_train.py --config configs/default.yaml --arms configs/ablations/structural_signals_next_to_kd.yaml
         [--only kd_heads_top,kd_relation] [--steps 8] [--warmup 2] [--threads 2] [key=value ...]
   arms    instead of the above: a CE-only step and one cached step per arm of an ablation YAML (its
           base_overrides + the arm's overrides on top of --config), interleaved in one process; prints each
