@@ -37,9 +37,10 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.completions import teacher_completions
 from pipeline.data.default_data import generate_default_data
 from pipeline.data.samples import tokenize_split
+from pipeline.data.trained_tokens import check_trained_tokens
 from pipeline.extraction.chunk import extract_chunk
 from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
-from pipeline.extraction.summary import add_up_ranks, print_summary, summarise
+from pipeline.extraction.summary import add_up_ranks, print_summary, skip_reasons, summarise
 from pipeline.models.capture import capture_qkv
 from pipeline.models.load import load_hf_config, load_model, model_geometry, pad_token_id
 from pipeline.pruning.meta import read_prune_meta
@@ -58,7 +59,8 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, di
     """Tokenise one split (pipeline.data.samples) into the packed layout.
 
     Returns (packed, counts) with counts {"rows", "kept", "skipped", "bad_rows", "dropped_too_long",
-    "truncated"}, or None when the split has no data (eval_path null). Bad rows follow `data.on_bad_row`.
+    "truncated", "format", "segment_tokens"}, or None when the split has no data (eval_path null). Bad rows
+    follow `data.on_bad_row`; a split that keeps no sample is an error.
     """
     if split == "eval" and cfg.data.eval_path is None:
         return None
@@ -70,10 +72,14 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, di
         "bad_rows": c["bad_rows"],
         "dropped_too_long": c["dropped_too_long"],
         "truncated": c["truncated"],
+        "format": c["format"],
+        "segment_tokens": c["segment_tokens"],
     }
-    if split == "train" and not samples:
+    if not samples:
+        key = "train_path" if split == "train" else "eval_path"
         raise ValueError(
-            f"data.train_path={cfg.data.train_path!r}: no usable sample ({counts['skipped']} rows skipped)"
+            f"data.{key}={getattr(cfg.data, key)!r}: no usable sample ({counts['skipped']} rows "
+            f"skipped{skip_reasons(counts)})"
         )
     return PackedSplit.from_samples(samples, rows), counts
 
@@ -140,6 +146,8 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     with state.main_process_first():
         train, counts_train = load_split(cfg, "train", tokenizer)
         ev = load_split(cfg, "eval", tokenizer)
+    where = f"data.train_path={cfg.data.train_path!r}"
+    check_trained_tokens(cfg, counts_train["segment_tokens"], counts_train["format"], where)
     counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})
     for split, c in completion_counts.items():
         counts[split]["completions"] = c

@@ -168,3 +168,19 @@ def test_generate_default_writes_only_the_default_train_file(tmp_path, monkeypat
     cfg = KVMapConfig(data=DataConfig(train_path="openai/gsm8k", generate_default=True))
     generate_default_data(cfg)  # a Hub name: nothing generated, nothing written
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_that_trains_on_no_token_fails_before_extraction(tmp_path, capsys):
+    from pipeline.extract import main
+    from tests.helpers_store import save_tiny_teacher, write_extract_config
+
+    cfg = write_extract_config(tmp_path, save_tiny_teacher(tmp_path / "teacher"))
+    rows = tmp_path / "corpus.jsonl"
+    rows.write_text("".join(f'{{"text": "w{5 + i} w{6 + i} w{7 + i}"}}\n' for i in range(8)))
+    argv = ["--config", str(cfg), f"data.train_path={rows}", "data.eval_path=null", "data.text_segment=P"]
+    assert main(argv + ["train.ce_segments=[R,A]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # above it: the teacher's loading progress
+    assert err.startswith(f"extract: error: data.train_path='{rows}' (text format)")
+    assert "train.ce_segments=['R', 'A'] selects no token (tokens per segment: P 24, R 0, A 0)" in err
+    assert not (tmp_path / "store.zarr").exists()
+    assert main(argv + ["train.ce_segments=[P]"]) == 0  # the same rows train once the key names their segment

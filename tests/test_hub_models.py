@@ -53,6 +53,8 @@ def test_a_hub_id_not_cached_fails_offline_in_one_line_before_loading(hub_cache,
     rc = main(["--config", str(cfg_path), "teacher.path=me/tiny-teacher"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
-    assert err.startswith("extract: error: teacher.path='me/tiny-teacher': a Hub id that is not in the Hub cache")
+    assert err.startswith(
+        "extract: error: teacher.path='me/tiny-teacher': a Hub id that is not in the Hub cache"
+    )
     assert str(hub_cache) in err and "HF_HUB_OFFLINE=1" in err
     assert not (tmp_path / "store.zarr").exists()  # nothing written

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli import CommandFailed, command_parser, run_command
+from pipeline.data.trained_tokens import segment_token_counts
 from pipeline.store.encoding import decode_logprobs
 from pipeline.store.reader import KVStore
 from pipeline.store.schema import SAMPLE_ARRAYS, TOKEN_ARRAYS
@@ -104,6 +105,7 @@ def inspect_store(path: str | Path, max_tokens: int | None = None) -> dict:
             "length_min_mean_max": [int(lengths.min()), float(lengths.mean()), int(lengths.max())]
             if len(lengths)
             else None,
+            "segment_tokens": segment_token_counts(store.token_array("segment_ids", split)[:]),
             "arrays": arrays,
             "stored_bytes": store.location.size(split),
         }
@@ -147,7 +149,8 @@ def format_report(r: dict) -> str:
     for split, s in r["splits"].items():
         lines.append(
             f"[{split}] {s['samples']} samples, {s['tokens']} tokens, lengths min/mean/max "
-            f"{s['length_min_mean_max']}, {s['stored_bytes'] / 1e6:.2f} MB on disk"
+            f"{s['length_min_mean_max']}, {s['stored_bytes'] / 1e6:.2f} MB on disk; tokens per segment "
+            + ", ".join(f"{k} {n}" for k, n in s["segment_tokens"].items())
         )
     z = r["sizes"]
     lines.append(

@@ -129,6 +129,13 @@ def _word_note(s: dict) -> str:
     return f"; raw int8 words {words / 1e6:.1f} MB, compressed {words / max(s['stored_state_bytes'], 1):.3f}x"
 
 
+def segment_line(split: str, counts: dict) -> str:
+    """'  tokens per segment, train (messages format): P 812, R 240, A 190' for a split's counts."""
+    seg = ", ".join(f"{k} {v}" for k, v in counts["segment_tokens"].items())
+    fmt = f" ({counts['format']} format)" if counts.get("format") else ""
+    return f"  tokens per segment, {split}{fmt}: {seg}"
+
+
 def print_summary(path, s: dict) -> None:
     """Print the extraction summary of the store at `path` (stdout: the command's result)."""
     c = s["samples"]
@@ -147,6 +154,7 @@ def print_summary(path, s: dict) -> None:
         f"the extraction loop, all {s.get('processes_last_run', 1)} process(es) together)",
         f"  teacher, teacher-forced on the train split: answer-token accuracy {acc}; CE per target segment {ce}",
     ]
+    lines += [segment_line(split, sc) for split, sc in c.items() if sc.get("segment_tokens")]
     if "logits_bytes_per_token" in s:
         lines.append(
             f"  top-k log-probs: {s['logits_stored_bytes'] / 1e6:.1f} MB ({s['logits_bytes_per_token']:.0f} "
