@@ -119,6 +119,17 @@ def _existing_attrs(path: StoreLocation) -> dict | None:
     return attrs
 
 
+def check_store_target(path: StoreLocation) -> None:
+    """Before the teacher loads: `extract.store` must be new, empty or a kvmap store. A plain file or a
+    foreign folder is refused here, in one line, not after minutes of loading a large teacher."""
+    if not path.remote and Path(path.url).exists() and not Path(path.url).is_dir():
+        raise ValueError(
+            f"extract.store='{path}' is a file: expected a folder (new, or a kvmap store to resume) such as "
+            "stores/name.zarr, or a URL"
+        )
+    _existing_attrs(path)
+
+
 def plan_store(path: str | Path | StoreLocation, fingerprint: str, overwrite: bool) -> str:
     """'create' | 'resume' | 'done' for the store at `path` (read-only; every rank computes the same)."""
     attrs = _existing_attrs(StoreLocation(path))
@@ -238,8 +249,9 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
     state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
-    model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state, overwrite)
     path = StoreLocation(cfg.extract.store, cfg.extract.storage_options)
+    check_store_target(path)
+    model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state, overwrite)
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
     state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it
     if action == "done":

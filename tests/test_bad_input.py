@@ -177,6 +177,17 @@ def _read_corrupt(ctx: Ctx, capsys) -> Outcome:
     return _raises(lambda: store.read_samples(range(store.num_samples())))
 
 
+def _extract_into_a_file(ctx: Ctx, capsys) -> Outcome:
+    """extract.store names a plain file; the teacher path is bogus, so a message about the store proves the
+    store was checked before any model loads."""
+    from pipeline.extract import main
+    from tests.helpers_store import write_extract_config
+
+    (ctx.tmp / "plain_file").write_text("not a store")
+    cfg = write_extract_config(ctx.tmp / "x", ctx.tmp / "no-teacher-here")
+    return _cli(main, ["--config", str(cfg), f"extract.store={ctx.tmp / 'plain_file'}"], capsys)
+
+
 # (what, provoke(ctx, capsys) -> Outcome, expected status, fragments(ctx) the one-line message must hold)
 CASES = [
     (
@@ -220,6 +231,12 @@ CASES = [
         lambda c, cap: _inspect()(c, cap, lambda c: c.tmp / "nowhere.zarr"),
         2,
         lambda c: [str(c.tmp / "nowhere.zarr"), "does not exist"],
+    ),
+    (
+        "extract.store is a plain file (checked before the teacher loads)",
+        _extract_into_a_file,
+        2,
+        lambda c: [f"extract.store='{c.tmp / 'plain_file'}' is a file", "stores/name.zarr"],
     ),
     (
         "empty JSONL dataset",
