@@ -34,6 +34,8 @@ def segment_ids_of(names: list[str], key: str) -> list[int]:
 
 
 # The smallest value of each integer key of `train` (the first key below its bound is the one reported).
+# The trackers accelerate integrates (accelerate.tracking.LOGGER_TYPE_TO_CLASS), by `log_with` name.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 TRAIN_INT_MINIMUMS = dict(
     steps=1,
     batch_size=1,
@@ -107,9 +109,20 @@ class TrainConfig:
     # Every N steps, log each weighted term's gradient norm on the student and the cosines between terms
     # (trainer/objective/grad_probe.py: is a structural term too weak, or pulling elsewhere?). 0 = off.
     grad_probe_every: int = 0
+    # Experiment trackers, through accelerate's `log_with` (tensorboard, wandb, mlflow, trackio, comet_ml,
+    # aim, clearml, dvclive, swanlab), given the resolved config; the console and metrics.jsonl always stay.
+    # "auto": tensorboard when it is installed; []: none. Trackers that write files write under run_dir.
+    report_to: list[str] | Literal["auto"] = "auto"
+    tracker_project: str | None = None  # the tracker's project / experiment name (null: the run folder's name)
 
     def __post_init__(self):
         _at_least("train", self, TRAIN_INT_MINIMUMS)
+        if self.report_to != "auto":
+            bad = [x for x in self.report_to if x not in TRACKERS]
+            if bad:
+                raise ConfigError(
+                    f"config key 'train.report_to': got {bad!r}, expected names from {list(TRACKERS)} or 'auto'"
+                )
         for key in ("lr", "aligner_lr"):
             v = getattr(self, key)
             if v is not None and not (math.isfinite(v) and v > 0):
