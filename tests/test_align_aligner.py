@@ -1,10 +1,14 @@
 """MapProjectionAligner and its factories on tiny HF configs (teacher 4L/6H/2G/16, student 3L/4H/2G/8)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from alignment import (
+    AlignerSpec,
     MapProjectionAligner,
+    attention_dims,
     create_aligner,
     create_flat_aligner,
     create_reasoning_focused_warper,
@@ -168,10 +172,10 @@ def test_bad_inputs_raise_one_line_errors(teacher_config, student_config):
 
 
 def test_constructor_rejects_non_gqa_head_counts():
+    teacher = attention_dims(tiny_llama_config())
+    student = replace(attention_dims(tiny_student_config()), num_heads=5)  # 5 query heads over 2 KV heads
     with pytest.raises(ValueError, match="student heads=5, kv_heads=2"):
-        MapProjectionAligner("structured", num_teacher_layers=4, num_student_layers=3, teacher_heads=6,
-                             teacher_kv_heads=2, teacher_head_dim=16, student_heads=5, student_kv_heads=2,
-                             student_head_dim=8)  # fmt: skip
+        MapProjectionAligner(AlignerSpec("structured", teacher, student))
 
 
 @pytest.mark.parametrize("attn_target", ["projected", "teacher"])
