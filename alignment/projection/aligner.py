@@ -224,8 +224,7 @@ class MapProjectionAligner(nn.Module):
 
 def _flat_projectors(spec: AlignerSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
     """K, V, Q `KVDimensionProjector`s: one free map of all heads' dims per side."""
-    t, s, o = spec.teacher, spec.student, spec.projection
-    kw = dict(per_layer=o.per_layer, num_layers=s.num_layers, constraint=o.constraint)
+    t, s, kw = spec.teacher, spec.student, _layer_options(spec)
     return (
         KVDimensionProjector(t.num_kv_heads, s.num_kv_heads, t.head_dim, s.head_dim, **kw),
         KVDimensionProjector(t.num_kv_heads, s.num_kv_heads, t.head_dim, s.head_dim, **kw),
@@ -237,28 +236,23 @@ def _structured_projectors(spec: AlignerSpec) -> tuple[nn.Module, nn.Module, nn.
     """K, V, Q `HeadwiseMapProjector`s. K and V share the head-mixer init; Q's starts GQA-consistent with
     it (uniform init) or random; with rope_consistent, Q/K dim maps are `RopePairDimMap`s."""
     t, s, o = spec.teacher, spec.student, spec.projection
-    H_t, G_t, D_t, H_s, G_s, D_s = (
-        t.num_heads,
-        t.num_kv_heads,
-        t.head_dim,
-        s.num_heads,
-        s.num_kv_heads,
-        s.head_dim,
-    )
+    H_t, G_t, D_t = t.num_heads, t.num_kv_heads, t.head_dim
+    H_s, G_s, D_s = s.num_heads, s.num_kv_heads, s.head_dim
     kv_init = uniform_mixer(G_t, G_s) if o.init_uniform else random_mixer(G_t, G_s)
     q_init = gqa_query_mixer(kv_init, H_t, G_t, H_s, G_s) if o.init_uniform else random_mixer(H_t, H_s)
     k_dim, q_dim = (_rope_dim_map(spec, G_s), _rope_dim_map(spec, H_s)) if o.rope_consistent else (None, None)
-    kw = dict(
-        share_dim_proj=o.share_dim_proj,
-        per_layer=o.per_layer,
-        num_layers=s.num_layers,
-        constraint=o.constraint,
-    )
+    kw = dict(share_dim_proj=o.share_dim_proj, **_layer_options(spec))
     return (
         HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, dim_map=k_dim, **kw),
         HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, **kw),
         HeadwiseMapProjector(H_t, H_s, D_t, D_s, mixer_init=q_init, dim_map=q_dim, **kw),
     )
+
+
+def _layer_options(spec: AlignerSpec) -> dict[str, Any]:
+    """Projector keywords both modes share: parameters per student layer or not, and the constraint."""
+    o = spec.projection
+    return dict(per_layer=o.per_layer, num_layers=spec.student.num_layers, constraint=o.constraint)
 
 
 def _rope_dim_map(spec: AlignerSpec, heads: int) -> RopePairDimMap:
