@@ -12,7 +12,8 @@ Public API:
 - layer map: `build_layer_map`, `teacher_layers_needed`
 - time warp: `SegmentTimeWarper`, `create_reasoning_focused_warper`, `WarpPlan`
 - projectors: `HeadwiseMapProjector` (structured), `KVDimensionProjector` (flat), `RopePairDimMap`
-- aligner: `MapProjectionAligner`, `AlignedKV`, `create_structured_aligner`, `create_flat_aligner`, `create_aligner`
+- aligner: `MapProjectionAligner`, `AlignedKV`, `create_structured_aligner`, `create_flat_aligner`, `create_aligner`;
+  what it is built from: `AlignerSpec` (+ `ProjectionOptions`), read by `aligner_spec` from HF configs
 - loss: `StructuralKVLoss`, `create_structural_loss`, `attention_kl`, `naive_attention_kl`
 - attention geometry: `attention_dims` / `AttentionDims` (the one reader of an HF config or a store's teacher
   attributes), `LogitSpec` + `attention_probs` (the one Q/K -> attention builder: scaling, softcap, window)
@@ -34,20 +35,24 @@ from alignment.projection.aligner import (
     create_flat_aligner,
     create_structured_aligner,
 )
+from alignment.projection.aligner_spec import AlignerSpec, ProjectionOptions, aligner_spec
 from alignment.projection.projectors import HeadwiseMapProjector, KVDimensionProjector
 from alignment.projection.rope import RopePairDimMap
 
 __all__ = [
     "AlignedKV",
+    "AlignerSpec",
     "AttentionDims",
     "HeadwiseMapProjector",
     "KVDimensionProjector",
     "LogitSpec",
     "MapProjectionAligner",
+    "ProjectionOptions",
     "RopePairDimMap",
     "SegmentTimeWarper",
     "StructuralKVLoss",
     "WarpPlan",
+    "aligner_spec",
     "attention_dims",
     "attention_kl",
     "attention_probs",

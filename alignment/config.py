@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,20 +78,17 @@ class LossConfig:
     # ce_weight * CE + alpha_logit * KD + lambda_kv * loss_struct; KD counts the rows CE counts.
     alpha_logit: float = 0.0  # 0 = off; > 0 needs a store extracted with `logits` in extract.components
     kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    kd_beta: float = (
-        0.5  # jsd only: m = beta p_teacher + (1 - beta) q_student (TRL); 0 = forward, 1 = reverse KL
-    )
+    # jsd only: m = beta p_teacher + (1 - beta) q_student (TRL); 0 = forward, 1 = reverse KL.
+    kd_beta: float = 0.5
     kd_temperature: float = 1.0  # both sides softened by tau; the term is scaled by tau^2
     # renormalize: softmax over the top-k only on both sides; bucket: exact divergence over {top-k tokens,
-    # the rest}. renormalize is the default because it measured better on the default task (README, issue
-    # 10: R answer accuracy 0.30 vs 0.13, every seed learnt the copy; bucket pulls 5% of the student's mass
-    # onto the teacher's 49k-token tail).
+    # the rest}. renormalize is the default because it measured better on the default task (README: R
+    # answer accuracy 0.30 vs 0.13, every seed learnt the copy; bucket pulls 5% of the student's mass onto
+    # the teacher's 49k-token tail).
     kd_tail: Literal["bucket", "renormalize"] = "renormalize"
     ce_weight: float = 1.0  # 0 = logit-only (Minitron's recipe)
 
     def __post_init__(self):
-        import math
-
         for key in ("alpha_logit", "ce_weight"):
             v = getattr(self, key)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):

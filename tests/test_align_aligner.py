@@ -1,10 +1,14 @@
 """MapProjectionAligner and its factories on tiny HF configs (teacher 4L/6H/2G/16, student 3L/4H/2G/8)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from alignment import (
+    AlignerSpec,
     MapProjectionAligner,
+    attention_dims,
     create_aligner,
     create_flat_aligner,
     create_reasoning_focused_warper,
@@ -108,6 +112,44 @@ def test_structured_has_far_fewer_parameters_than_flat():
     assert fl.num_parameters() == 2 * (2 * 16 * 2 * 8) + 6 * 16 * 4 * 8
 
 
+# What `aligner.safetensors` of a run holds (trainer/run/checkpoint.py saves the state_dict): a rebuilt
+# aligner must keep every name and shape, or checkpoints of existing runs stop loading.
+_MIX, _DIM = "mixer.parametrizations.weight.original", "dim_map.parametrizations.weight.original"
+_BASE = "dim_map.parametrizations.weight.0.base"  # the orthogonal parametrisation's buffer
+CHECKPOINT_SHAPES = {
+    "structured": [
+        (f"k_proj.{_MIX}", (2, 2)),
+        (f"k_proj.{_DIM}", (16, 8)),
+        (f"k_proj.{_BASE}", (16, 16)),
+        (f"v_proj.{_MIX}", (2, 2)),
+        (f"v_proj.{_DIM}", (16, 8)),
+        (f"v_proj.{_BASE}", (16, 16)),
+        (f"q_proj.{_MIX}", (4, 6)),
+        (f"q_proj.{_DIM}", (16, 8)),
+        (f"q_proj.{_BASE}", (16, 16)),
+    ],
+    "flat": [
+        (f"k_proj.{_DIM}", (32, 16)),
+        (f"k_proj.{_BASE}", (32, 32)),
+        (f"v_proj.{_DIM}", (32, 16)),
+        (f"v_proj.{_BASE}", (32, 32)),
+        (f"q_proj.{_DIM}", (96, 32)),
+        (f"q_proj.{_BASE}", (96, 96)),
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", ["structured", "flat"])
+def test_registered_names_and_shapes_match_saved_checkpoints(mode, teacher_config, student_config):
+    aligner = create_aligner(mode, teacher_config, student_config, AlignConfig())
+    expected = CHECKPOINT_SHAPES[mode]
+    assert [(n, tuple(t.shape)) for n, t in aligner.state_dict().items()] == expected
+    assert [n for n, _ in aligner.named_parameters()] == [n for n, _ in expected if _BASE not in n]
+    buffers = [n for n, _ in expected if _BASE in n]
+    non_persistent = ["_flat_q_mix"] if mode == "flat" else []  # rebuilt from the head counts, never saved
+    assert [n for n, _ in aligner.named_buffers()] == non_persistent + buffers
+
+
 def test_bad_inputs_raise_one_line_errors(teacher_config, student_config):
     with pytest.raises(ValueError, match="kv_projection_mode='deep'"):
         create_aligner("deep", teacher_config, student_config, AlignConfig())
@@ -130,10 +172,10 @@ def test_bad_inputs_raise_one_line_errors(teacher_config, student_config):
 
 
 def test_constructor_rejects_non_gqa_head_counts():
+    teacher = attention_dims(tiny_llama_config())
+    student = replace(attention_dims(tiny_student_config()), num_heads=5)  # 5 query heads over 2 KV heads
     with pytest.raises(ValueError, match="student heads=5, kv_heads=2"):
-        MapProjectionAligner("structured", num_teacher_layers=4, num_student_layers=3, teacher_heads=6,
-                             teacher_kv_heads=2, teacher_head_dim=16, student_heads=5, student_kv_heads=2,
-                             student_head_dim=8)  # fmt: skip
+        MapProjectionAligner(AlignerSpec("structured", teacher, student))
 
 
 @pytest.mark.parametrize("attn_target", ["projected", "teacher"])

@@ -166,6 +166,8 @@ def rope_inv_freq(cfg: Any, name: str = "config") -> torch.Tensor:
     if dims.rope_type in (None, "default"):
         r = dims.rotary_dim
         return 1.0 / (dims.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    # Lazy: only scaled rotary types need transformers' own init, and importing transformers (~0.6 s here)
+    # would otherwise load with `alignment`, which is torch-only tensor math.
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if dims.rope_type not in ROPE_INIT_FUNCTIONS:

@@ -192,10 +192,7 @@ def attention_kl(
     """
     L, H_s, mask = _check(q_s, k_s, q_t, k_t, mask, head_mix)
     _check_head_mask(head_mask, L, H_s)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r}: expected a value > 0")
+    _check_stream_options(chunk_size, temperature)
     specs = [
         _spec(q_s, scale_s, softcap_s, window_s, temperature, "student"),
         _spec(q_t, scale_t, softcap_t, window_t, temperature, "teacher"),
@@ -203,17 +200,31 @@ def attention_kl(
     wd = _work_dtype(q_s, q_t)
     keys, has_key = _key_mask(mask, drop_keys)
     row_w = (_rows(mask, query_mask) & has_key).to(wd)
+    xs, M, specs, head_w = _stream_inputs([q_s, k_s, q_t, k_t], head_mix, head_mask, specs, wd)
+    total = StreamingAttentionKL.apply(*xs, keys, row_w, M, chunk_size, *specs, head_w)
+    pairs = L * H_s if head_w is None else head_w.sum()
+    return total / (row_w.sum() * pairs).clamp_min(1)
+
+
+def _check_stream_options(chunk_size: int, temperature: float) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a value > 0")
+
+
+def _stream_inputs(xs, head_mix, head_mask, specs, wd: torch.dtype):
+    """What `StreamingAttentionKL` reads: q_s, k_s, q_t, k_t in the work dtype, the head mix M (L|1, H_s, H_t)
+    or None, the specs and head weights (L_sel, H_s) or None; with a head mask, layers without a selected
+    head are sliced away first."""
     M = None
     if head_mix is not None:
         M = (head_mix if head_mix.dim() == 3 else head_mix[None]).to(wd)  # (L|1, H_s, H_t)
-    head_w, xs = None, [q_s, k_s, q_t, k_t]
+    head_w = None
     if head_mask is not None:
         head_mask, xs, M, specs = _select_layers(head_mask, xs, M, specs)
         head_w = head_mask.to(wd)  # (L_sel, H_s)
-    q_s, k_s, q_t, k_t = (x.to(wd) for x in xs)
-    total = StreamingAttentionKL.apply(q_s, k_s, q_t, k_t, keys, row_w, M, chunk_size, *specs, head_w)
-    pairs = L * H_s if head_w is None else head_w.sum()
-    return total / (row_w.sum() * pairs).clamp_min(1)
+    return [x.to(wd) for x in xs], M, specs, head_w
 
 
 def naive_attention_kl(
@@ -248,17 +259,11 @@ def naive_attention_kl(
     spec_t = _spec(q_t, scale_t, softcap_t, window_t, temperature, "teacher")
     T = q_s.shape[3]
     wd = _work_dtype(q_s, q_t)
-    rep = lambda k, H: k.repeat_interleave(H // k.shape[2], dim=2)  # noqa: E731 - (B, L, H, T, D)
     causal = torch.ones(T, T, dtype=torch.bool, device=q_s.device).tril()
     # Padding query rows may have no allowed key; give them their diagonal so no row is empty (weight 0 anyway).
     base = (causal[None] & mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=q_s.device)[None]
-    logps, allowed = [], []
-    for q, k, spec in ((q_s, k_s, spec_s), (q_t, k_t, spec_t)):
-        key_mask = base[:, None, None] & visible_keys(torch.arange(T, device=q.device), T, spec.window, 5)
-        z, _ = attention_logits(q.to(wd), rep(k, q.shape[2]).to(wd), spec)  # (B, L, H, T, T)
-        logps.append(torch.log_softmax(z.masked_fill(~key_mask, float("-inf")), dim=-1))
-        allowed.append(key_mask)
-    (logp_s, logp_t), (allowed_s, allowed_t) = logps, allowed
+    logp_s, allowed_s = _naive_log_probs(q_s, k_s, spec_s, base, wd)
+    logp_t, allowed_t = _naive_log_probs(q_t, k_t, spec_t, base, wd)
     rows = _rows(mask, query_mask)
     if drop_keys:
         keep = torch.ones(T, dtype=torch.bool, device=q_s.device)
@@ -266,18 +271,27 @@ def naive_attention_kl(
         allowed_s, allowed_t = allowed_s & keep, allowed_t & keep
         logp_s, logp_t = _renormalise(logp_s, allowed_s), _renormalise(logp_t, allowed_t)
         rows = rows & (base & keep).any(-1)  # rows left with a key
-    if head_mix is not None:
-        p_t = _mix(head_mix, logp_t.exp())
-    sel = allowed_t.expand_as(logp_s)
+    sel = allowed_t.expand_as(logp_s)  # the target's support
+    if head_mix is None:
+        p_target, logp_target = logp_t.exp()[sel], logp_t[sel]
+    else:
+        p_target = _mix(head_mix, logp_t.exp())[sel]
+        logp_target = torch.log(p_target)
     rows = rows.to(wd)
     hw = torch.ones(L, H_s, dtype=wd) if head_mask is None else head_mask.to(wd)
     w = (rows[:, None, None, :, None] * hw[None, :, :, None, None]).expand_as(logp_s)[sel]
-    if head_mix is None:
-        total = (w * logp_t.exp()[sel] * (logp_t[sel] - logp_s[sel])).sum()
-    else:
-        pm = p_t[sel]
-        total = (w * pm * (torch.log(pm) - logp_s[sel])).sum()
+    total = (w * p_target * (logp_target - logp_s[sel])).sum()
     return total / (rows.sum() * hw.sum()).clamp_min(1)
+
+
+def _naive_log_probs(q, k, spec: LogitSpec, base: torch.Tensor, wd: torch.dtype):
+    """One side's full (B, L, H, T, T) log-softmax in dtype wd over its allowed keys (`base` (B, T, T) and
+    its own window), the GQA repeat of k done explicitly; and those allowed keys."""
+    T = q.shape[3]
+    allowed = base[:, None, None] & visible_keys(torch.arange(T, device=q.device), T, spec.window, 5)
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # (B, L, H, T, D)
+    z, _ = attention_logits(q.to(wd), k.to(wd), spec)  # (B, L, H, T, T)
+    return torch.log_softmax(z.masked_fill(~allowed, float("-inf")), dim=-1), allowed
 
 
 def _renormalise(logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -93,8 +93,8 @@ class StreamingAttentionKL(torch.autograd.Function):
         total = q_s.new_zeros(())
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            allowed, _, logp_s, _, m, logm, _, _ = _chunk(q_s[..., s:e, :], k_s[..., :e, :], q_t[..., s:e, :],
-                                                          k_t[..., :e, :], key_ok, M, s, spec_s, spec_t)  # fmt: skip
+            qs, ks, qt, kt = q_s[..., s:e, :], k_s[..., :e, :], q_t[..., s:e, :], k_t[..., :e, :]
+            allowed, _, logp_s, _, m, logm, _, _ = _chunk(qs, ks, qt, kt, key_ok, M, s, spec_s, spec_t)
             kl = torch.where(allowed, m * (logm - logp_s), 0.0).sum(-1)  # (B, L, H_s, c)
             if head_w is not None:
                 kl = kl * head_w[None, :, :, None]
@@ -140,9 +140,8 @@ class StreamingAttentionKL(torch.autograd.Function):
                 if dM is not None:
                     H_t = p_t.shape[2]
                     contrib = g.reshape(B, L, H_s, -1) @ p_t.reshape(B, L, H_t, -1).transpose(-1, -2)
-                    dM += (
-                        contrib.sum(0) if M.shape[0] == L else contrib.sum((0, 1))[None]
-                    )  # per-layer | shared
+                    per_layer = M.shape[0] == L
+                    dM += contrib.sum(0) if per_layer else contrib.sum((0, 1))[None]
             if not teacher_grads:
                 continue
             dq, dk = _raw_grads(dz_t, d_t, qt, kt, spec_t)

@@ -21,7 +21,7 @@ attn_target:
       `head_mix` (H_s, H_t) or (L, H_s, H_t) (the aligner's Q head mixer; detached here so the target is fixed:
       nothing learned can reshape it). The student side uses its own s_q/s_k and `student_scale`.
 
-Structural signals of issue 13 (all off by default; off = the plain loss above, bit for bit):
+Structural signals (all off by default; off = the plain loss above, bit for bit):
   sink="drop": key positions `sink_keys` (default [0], the first token) are removed from both attention
       distributions and both renormalised before the KL (`attention_kl(drop_keys=...)`).
   head_mask (L, H_s) bool (call argument, from the aligner's `align.head_select`): only these student heads
@@ -181,7 +181,39 @@ class StructuralKVLoss(nn.Module):
         student_softcap: float | None = None,
         student_window: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        # Tensors of a term whose alpha is 0 may be None (e.g. t_v / s_v for an attention-only loss).
+        """`loss, metrics = loss_fn(...)` (class docstring). The weighted terms add up in the order K, V,
+        attention, relation."""
+        ref = self._check_states(s_k, s_v, t_k, t_v)
+        attention_mask, positions = _loss_masks(ref, attention_mask, query_mask)
+        metrics: dict = {}
+        total = ref.new_zeros((), dtype=torch.float32 if ref.dtype != torch.float64 else torch.float64)
+        for name, alpha, s, t in (("k", self.alpha_k, s_k, t_k), ("v", self.alpha_v, s_v, t_v)):
+            if alpha != 0:
+                total = total + alpha * self._cosine_loss(name, s, t, positions, metrics)
+        if self.alpha_attn != 0:
+            if s_q is None:
+                raise ValueError(
+                    "s_q is None: expected student queries (B, L, H_s, T, D_s) when alpha_attn > 0"
+                )
+            kw = self._kl_options(query_mask, head_mask, student_softcap, student_window)
+            if self.attn_target == "projected":
+                kl = _projected_kl(s_q, s_k, t_q, t_k, attention_mask, student_scale, teacher_scale, kw)
+            else:  # the teacher's own attention: its softcap and sliding windows
+                kw.update(softcap_t=teacher_softcap, window_t=teacher_window)
+                kl = _teacher_kl(
+                    s_q, s_k, t_q_raw, t_k_raw, attention_mask, head_mix, student_scale, teacher_scale, kw
+                )
+            total = total + self.alpha_attn * kl
+            metrics["attn_kl"] = float(kl.detach())
+        if self.relation is not None:
+            students, teachers = {"q": s_q, "k": s_k, "v": s_v}, {"q": t_q_raw, "k": t_k_raw, "v": t_v_raw}
+            total = self._add_relation(total, students, teachers, attention_mask, query_mask, metrics)
+        metrics["loss_struct"] = float(total.detach())
+        return total, metrics
+
+    def _check_states(self, s_k, s_v, t_k, t_v) -> torch.Tensor:
+        """Check the K/V pairs the enabled terms read (a zero-alpha term's may be None, e.g. t_v / s_v for an
+        attention-only loss); returns the 5-D reference (s_k, else s_v) that gives B and T."""
         if self.alpha_k != 0 or (self.alpha_attn != 0 and self.attn_target == "projected"):
             _check_pair(s_k, t_k, "k")
         if self.alpha_v != 0:
@@ -191,84 +223,90 @@ class StructuralKVLoss(nn.Module):
             raise ValueError(
                 f"s_k: got {type(ref).__name__ if ref is None else tuple(ref.shape)}, expected a 5-D tensor"
             )
-        B, T = ref.shape[0], ref.shape[3]
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=s_k.device)
-        if attention_mask.shape != (B, T) or attention_mask.dtype != torch.bool:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} dtype {attention_mask.dtype}: "
-                f"expected a (B, T)={(B, T)} bool tensor"
-            )
-        if query_mask is not None and (query_mask.shape != (B, T) or query_mask.dtype != torch.bool):
-            raise ValueError(
-                f"query_mask shape {tuple(query_mask.shape)} dtype {query_mask.dtype}: expected a (B, T)={(B, T)} bool"
-            )
-        positions = (
-            attention_mask if query_mask is None else attention_mask & query_mask
-        )  # where losses count
-        metrics: dict = {}
-        total = ref.new_zeros((), dtype=torch.float32 if ref.dtype != torch.float64 else torch.float64)
-        for name, alpha, s, t in (("k", self.alpha_k, s_k, t_k), ("v", self.alpha_v, s_v, t_v)):
-            if alpha == 0:
-                continue
-            term, per_layer = self._cosine_term(s, t, positions)
-            total = total + alpha * term
-            metrics[f"loss_{name}"] = float(term.detach())
-            metrics[f"cos_{name}"] = float(per_layer.detach().mean())
-            if self.per_layer_metrics:
-                metrics[f"cos_{name}_layer"] = [float(c) for c in per_layer.detach()]
-        if self.alpha_attn != 0:
-            geo = dict(softcap_s=student_softcap, window_s=student_window)
-            if self.attn_target == "teacher":  # the teacher's own attention: its softcap and sliding windows
-                geo.update(softcap_t=teacher_softcap, window_t=teacher_window)
-            kl = self._attention_term(s_q, s_k, t_q, t_k, attention_mask, query_mask, t_q_raw, t_k_raw, head_mix,
-                                      student_scale, teacher_scale, head_mask, geo)  # fmt: skip
-            total = total + self.alpha_attn * kl
-            metrics["attn_kl"] = float(kl.detach())
-        if self.relation is not None:
-            students, teachers = {"q": s_q, "k": s_k, "v": s_v}, {"q": t_q_raw, "k": t_k_raw, "v": t_v_raw}
-            for c in self.relation["components"]:
-                if students[c] is None or teachers[c] is None:
-                    raise ValueError(f"relation component {c!r}: expected s_{c} and t_{c}_raw, got None")
-                rel = relation_kl(students[c], teachers[c], self.relation["heads"], attention_mask,
-                                  query_mask=query_mask, chunk_size=self.chunk_size, name=c)  # fmt: skip
-                total = total + self.relation["weight"] * rel
-                metrics[f"rel_{c}"] = float(rel.detach())
-        metrics["loss_struct"] = float(total.detach())
-        return total, metrics
+        return ref
 
-    def _attention_term(
-        self, s_q, s_k, t_q, t_k, mask, query_mask, t_q_raw, t_k_raw, head_mix, student_scale, teacher_scale,
-        head_mask=None, geo=None,
-    ):  # fmt: skip
-        if s_q is None:
-            raise ValueError("s_q is None: expected student queries (B, L, H_s, T, D_s) when alpha_attn > 0")
-        kw = dict(
-            temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask, **(geo or {})
-        )
+    def _cosine_loss(
+        self, name: str, s: torch.Tensor, t: torch.Tensor, positions, metrics: dict
+    ) -> torch.Tensor:
+        """The (1 - cos) term of K or V over `positions`; records its metrics."""
+        term, per_layer = self._cosine_term(s, t, positions)
+        metrics[f"loss_{name}"] = float(term.detach())
+        metrics[f"cos_{name}"] = float(per_layer.detach().mean())
+        if self.per_layer_metrics:
+            metrics[f"cos_{name}_layer"] = [float(c) for c in per_layer.detach()]
+        return term
+
+    def _kl_options(self, query_mask, head_mask, softcap_s, window_s) -> dict:
+        """Keyword arguments of `attention_kl` that do not depend on the target: options, student geometry."""
+        kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask)
+        kw.update(softcap_s=softcap_s, window_s=window_s)
         if self.sink == "drop":
             kw["drop_keys"] = self.sink_keys
         if head_mask is not None:
             kw["head_mask"] = head_mask
-        if self.attn_target == "projected":
-            if t_q is None:
-                raise ValueError("t_q is None: expected projected teacher queries when alpha_attn > 0")
-            _check_pair(s_q, t_q, "q")
-            scale_t = teacher_scale if teacher_scale is not None else student_scale
-            return attention_kl(s_q, s_k, t_q, t_k, mask, scale_s=student_scale, scale_t=scale_t, **kw)
-        if t_q_raw is None or t_k_raw is None:
-            raise ValueError(
-                "attn_target='teacher': expected t_q_raw and t_k_raw (the aligner's out.q_t_raw/k_t_raw)"
-            )
-        if head_mix is None and t_q_raw.shape[2] != s_q.shape[2]:
-            raise ValueError(
-                f"attn_target='teacher': teacher heads {t_q_raw.shape[2]} != student heads {s_q.shape[2]}: "
-                "expected head_mix (the aligner's out.head_mix)"
-            )
-        hm = head_mix.detach() if head_mix is not None else None
-        return attention_kl(
-            s_q, s_k, t_q_raw, t_k_raw, mask, scale_s=student_scale, scale_t=teacher_scale, head_mix=hm, **kw
+        return kw
+
+    def _add_relation(self, total, students: dict, teachers: dict, mask, query_mask, metrics: dict):
+        """total + weight * relation KL of each component (student's own states vs the teacher's raw ones)."""
+        heads, weight = self.relation["heads"], self.relation["weight"]
+        for c in self.relation["components"]:
+            s, t = students[c], teachers[c]
+            if s is None or t is None:
+                raise ValueError(f"relation component {c!r}: expected s_{c} and t_{c}_raw, got None")
+            rel = relation_kl(s, t, heads, mask, query_mask=query_mask, chunk_size=self.chunk_size, name=c)
+            total = total + weight * rel
+            metrics[f"rel_{c}"] = float(rel.detach())
+        return total
+
+
+def _loss_masks(ref: torch.Tensor, attention_mask, query_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask (B, T): the keys attention may use, default all; positions (B, T): where the losses
+    count, attention_mask narrowed by query_mask), checked against ref (B, L, H, T, D)."""
+    B, T = ref.shape[0], ref.shape[3]
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.bool, device=ref.device)
+    if attention_mask.shape != (B, T) or attention_mask.dtype != torch.bool:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} dtype {attention_mask.dtype}: "
+            f"expected a (B, T)={(B, T)} bool tensor"
         )
+    if query_mask is None:
+        return attention_mask, attention_mask
+    if query_mask.shape != (B, T) or query_mask.dtype != torch.bool:
+        raise ValueError(
+            f"query_mask shape {tuple(query_mask.shape)} dtype {query_mask.dtype}: expected a (B, T)={(B, T)} bool"
+        )
+    return attention_mask, attention_mask & query_mask
+
+
+def _projected_kl(s_q, s_k, t_q, t_k, mask, student_scale, teacher_scale, kw: dict) -> torch.Tensor:
+    """attn_target="projected": KL against the projected teacher's attention (student scaling unless
+    teacher_scale is given)."""
+    if t_q is None:
+        raise ValueError("t_q is None: expected projected teacher queries when alpha_attn > 0")
+    _check_pair(s_q, t_q, "q")
+    scale_t = teacher_scale if teacher_scale is not None else student_scale
+    return attention_kl(s_q, s_k, t_q, t_k, mask, scale_s=student_scale, scale_t=scale_t, **kw)
+
+
+def _teacher_kl(
+    s_q, s_k, t_q_raw, t_k_raw, mask, head_mix, student_scale, teacher_scale, kw: dict
+) -> torch.Tensor:
+    """attn_target="teacher": KL against the teacher's own attention, mixed over its heads by the detached
+    head_mix (nothing learned can reshape the target)."""
+    if t_q_raw is None or t_k_raw is None:
+        raise ValueError(
+            "attn_target='teacher': expected t_q_raw and t_k_raw (the aligner's out.q_t_raw/k_t_raw)"
+        )
+    if head_mix is None and t_q_raw.shape[2] != s_q.shape[2]:
+        raise ValueError(
+            f"attn_target='teacher': teacher heads {t_q_raw.shape[2]} != student heads {s_q.shape[2]}: "
+            "expected head_mix (the aligner's out.head_mix)"
+        )
+    hm = head_mix.detach() if head_mix is not None else None
+    return attention_kl(
+        s_q, s_k, t_q_raw, t_k_raw, mask, scale_s=student_scale, scale_t=teacher_scale, head_mix=hm, **kw
+    )
 
 
 def create_structural_loss(
@@ -287,6 +325,14 @@ def create_structural_loss(
     """`StructuralKVLoss` factory; `create_structural_loss(**dataclasses.asdict(cfg.loss_config))` works
     (`loss_config` keys of the other terms, logit KD's `alpha_logit`, `kd_*`, `ce_weight`, are ignored)."""
     return StructuralKVLoss(
-        alpha_k, alpha_v, alpha_attn, temperature, chunk_size, attn_target, per_layer_metrics, sink, sink_keys,
+        alpha_k,
+        alpha_v,
+        alpha_attn,
+        temperature,
+        chunk_size,
+        attn_target,
+        per_layer_metrics,
+        sink,
+        sink_keys,
         relation,
-    )  # fmt: skip
+    )

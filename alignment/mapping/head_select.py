@@ -3,8 +3,9 @@
 Shapes: L_s student layers, H_s / H_t student / teacher query heads.
 
 Why: a convex mix of all teacher heads into every student head averages the few sharp retrieval heads away
-and leaves no student head free to copy (README, issue 5). Here only chosen teacher heads are distilled, each
-into its own student head; every other student head (and every layer without a chosen head) gets no KL term.
+and leaves no student head free to copy (README: "Does the structural loss carry teacher knowledge?"). Here
+only chosen teacher heads are distilled, each into its own student head; every other student head (and every
+layer without a chosen head) gets no KL term.
 
 Assignment rule (deterministic, printed at the start of training by `describe`):
   1. candidates are the heads of the teacher layers the layer map uses (student layer l reads teacher

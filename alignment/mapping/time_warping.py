@@ -99,6 +99,30 @@ def _resample(n: int, m: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]
     return idx.clamp(max=n - 1), w.float()
 
 
+# One resampled run: (first output position, index (m, K) into the input axis, weight (m, K)).
+_Piece = tuple[int, torch.Tensor, torch.Tensor]
+
+
+def _identity_plan(segment_ids: torch.Tensor) -> WarpPlan:
+    """The plan that returns its input: every position kept, one tap of weight 1."""
+    B, T = segment_ids.shape
+    dev = segment_ids.device
+    idx = torch.arange(T, device=dev).expand(B, T)[..., None].contiguous()  # (B, T, 1)
+    return WarpPlan(idx, torch.ones(B, T, 1, device=dev), segment_ids >= 0, segment_ids.clone(), T, True)
+
+
+def _pack(rows: list[list[_Piece]], T_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """index (B, T_out, K) long and weight (B, T_out, K) from each sample's pieces; zero where none lands."""
+    K = max((i.shape[1] for row in rows for _, i, _ in row), default=1)
+    index = torch.zeros(len(rows), T_out, K, dtype=torch.long)
+    weight = torch.zeros(len(rows), T_out, K)
+    for b, row in enumerate(rows):
+        for start, i, w in row:
+            index[b, start : start + i.shape[0], : i.shape[1]] = i
+            weight[b, start : start + w.shape[0], : w.shape[1]] = w
+    return index, weight
+
+
 def _check_map(name: str, mp: Mapping[str, float], lo_open: bool) -> dict[int, float]:
     if not isinstance(mp, Mapping):
         raise ValueError(f"{name}={mp!r}: expected a mapping from 'P'/'R'/'A' to a float")
@@ -159,78 +183,79 @@ class SegmentTimeWarper:
             student_segment_ids: (B, T_s) student segment ids for use (b); None for use (a).
         """
         validate_segment_ids(segment_ids)
-        B, T = segment_ids.shape
         if T_s is not None and (isinstance(T_s, bool) or not isinstance(T_s, int) or T_s < 1):
             raise ValueError(f"T_s={T_s!r}: expected a positive int or None")
-        dev = segment_ids.device
-        if student_segment_ids is None and self.keeps_everything and T_s in (None, T):
-            idx = torch.arange(T, device=dev).expand(B, T)[..., None].contiguous()  # (B, T, 1)
-            return WarpPlan(
-                idx, torch.ones(B, T, 1, device=dev), segment_ids >= 0, segment_ids.clone(), T, True
-            )
-
-        rows_idx, rows_w, rows_seg = [], [], []
         if student_segment_ids is not None:
-            validate_segment_ids(student_segment_ids, "student_segment_ids")
-            if student_segment_ids.shape[0] != B:
-                raise ValueError(
-                    f"student_segment_ids batch {student_segment_ids.shape[0]} != segment_ids batch {B}"
-                )
-            T_out = student_segment_ids.shape[1]
-            if T_s is not None and T_s != T_out:
-                raise ValueError(f"T_s={T_s}: expected student_segment_ids.shape[1]={T_out} (or None)")
-            for b in range(B):
-                t_runs, s_runs = _runs(segment_ids[b].cpu()), _runs(student_segment_ids[b].cpu())
-                if [r[0] for r in t_runs] != [r[0] for r in s_runs]:
-                    raise ValueError(
-                        f"sample {b}: teacher segment runs {[_ID_TO_NAME[r[0]] for r in t_runs]} != student runs "
-                        f"{[_ID_TO_NAME[r[0]] for r in s_runs]}: expected the same segment order"
-                    )
-                pieces = []
-                for (seg, t0, t1), (_, s0, s1) in zip(t_runs, s_runs):
-                    i, w = _resample(t1 - t0, s1 - s0, self.alpha[seg])
-                    pieces.append((s0, i + t0, w))
-                rows_idx.append(pieces)
-            K = max((p[1].shape[1] for row in rows_idx for p in row), default=1)
-            index = torch.zeros(B, T_out, K, dtype=torch.long)
-            weight = torch.zeros(B, T_out, K)
-            for b, row in enumerate(rows_idx):
-                for s0, i, w in row:
-                    index[b, s0 : s0 + i.shape[0], : i.shape[1]] = i
-                    weight[b, s0 : s0 + w.shape[0], : w.shape[1]] = w
-            seg_out = student_segment_ids.clone()
-            return WarpPlan(index.to(dev), weight.to(dev), seg_out >= 0, seg_out, T)
+            return self._plan_onto_student(segment_ids, student_segment_ids, T_s)
+        if self.keeps_everything and T_s in (None, segment_ids.shape[1]):
+            return _identity_plan(segment_ids)
+        return self._plan_by_ratio(segment_ids, T_s)
 
-        for b in range(B):
-            pieces_i, pieces_w, pieces_s = [], [], []
-            for seg, t0, t1 in _runs(segment_ids[b].cpu()):
-                n = t1 - t0
-                m = max(1, math.ceil(self.ratio[seg] * n - 1e-9))  # 1e-9: 0.1*30 must give 3, not 4
-                i, w = _resample(n, m, self.alpha[seg])
-                pieces_i.append(i + t0)
-                pieces_w.append(w)
-                pieces_s.append(torch.full((m,), seg, dtype=torch.long))
-            rows_idx.append(pieces_i)
-            rows_w.append(pieces_w)
-            rows_seg.append(torch.cat(pieces_s) if pieces_s else torch.zeros(0, dtype=torch.long))
-        lengths = [int(s.shape[0]) for s in rows_seg]
-        T_out = max(lengths, default=0) if T_s is None else T_s
-        if T_s is not None and max(lengths, default=0) > T_s:
+    def _plan_onto_student(
+        self, segment_ids: torch.Tensor, student_segment_ids: torch.Tensor, T_s: int | None
+    ) -> WarpPlan:
+        """Use (b): the k-th teacher run resampled onto the k-th student run (output on the student's axis)."""
+        validate_segment_ids(student_segment_ids, "student_segment_ids")
+        B, T = segment_ids.shape
+        if student_segment_ids.shape[0] != B:
+            raise ValueError(
+                f"student_segment_ids batch {student_segment_ids.shape[0]} != segment_ids batch {B}"
+            )
+        T_out = student_segment_ids.shape[1]
+        if T_s is not None and T_s != T_out:
+            raise ValueError(f"T_s={T_s}: expected student_segment_ids.shape[1]={T_out} (or None)")
+        rows = [
+            self._onto_student_row(b, segment_ids[b].cpu(), student_segment_ids[b].cpu()) for b in range(B)
+        ]
+        index, weight = _pack(rows, T_out)
+        seg_out = student_segment_ids.clone()
+        dev = segment_ids.device
+        return WarpPlan(index.to(dev), weight.to(dev), seg_out >= 0, seg_out, T)
+
+    def _onto_student_row(self, b: int, t_row: torch.Tensor, s_row: torch.Tensor) -> list[_Piece]:
+        """Sample b's pieces for use (b); its teacher and student runs must have the same segment order."""
+        t_runs, s_runs = _runs(t_row), _runs(s_row)
+        if [r[0] for r in t_runs] != [r[0] for r in s_runs]:
+            raise ValueError(
+                f"sample {b}: teacher segment runs {[_ID_TO_NAME[r[0]] for r in t_runs]} != student runs "
+                f"{[_ID_TO_NAME[r[0]] for r in s_runs]}: expected the same segment order"
+            )
+        pieces = []
+        for (seg, t0, t1), (_, s0, s1) in zip(t_runs, s_runs):
+            i, w = _resample(t1 - t0, s1 - s0, self.alpha[seg])
+            pieces.append((s0, i + t0, w))
+        return pieces
+
+    def _plan_by_ratio(self, segment_ids: torch.Tensor, T_s: int | None) -> WarpPlan:
+        """Use (a): each run keeps ceil(ratio * n) positions, packed to the left and right-padded to T_s
+        (default: the longest warped sample)."""
+        B, T = segment_ids.shape
+        rows = [self._ratio_row(segment_ids[b].cpu()) for b in range(B)]
+        lengths = [int(seg.shape[0]) for _, seg in rows]
+        longest = max(lengths, default=0)
+        if T_s is not None and longest > T_s:
             b = max(range(B), key=lambda i: lengths[i])
             raise ValueError(f"T_s={T_s}: sample {b} warps to {lengths[b]} positions; expected T_s >= that")
-        K = max((i.shape[1] for row in rows_idx for i in row), default=1)
-        index = torch.zeros(B, T_out, K, dtype=torch.long)
-        weight = torch.zeros(B, T_out, K)
+        T_out = longest if T_s is None else T_s
+        index, weight = _pack([pieces for pieces, _ in rows], T_out)
         seg_out = torch.full((B, T_out), PAD_ID, dtype=torch.long)
-        for b in range(B):
-            pos = 0
-            for i, w in zip(rows_idx[b], rows_w[b]):
-                index[b, pos : pos + i.shape[0], : i.shape[1]] = i
-                weight[b, pos : pos + i.shape[0], : i.shape[1]] = w
-                pos += i.shape[0]
-            seg_out[b, :pos] = rows_seg[b]
+        for b, (_, seg) in enumerate(rows):
+            seg_out[b, : seg.shape[0]] = seg
+        dev = segment_ids.device
         seg_out = seg_out.to(dev)
         return WarpPlan(index.to(dev), weight.to(dev), seg_out >= 0, seg_out, T)
+
+    def _ratio_row(self, row: torch.Tensor) -> tuple[list[_Piece], torch.Tensor]:
+        """One sample's pieces for use (a), runs packed one after another, and its output segment ids."""
+        pieces, segs, pos = [], [], 0
+        for seg, t0, t1 in _runs(row):
+            n = t1 - t0
+            m = max(1, math.ceil(self.ratio[seg] * n - 1e-9))  # 1e-9: 0.1*30 must give 3, not 4
+            i, w = _resample(n, m, self.alpha[seg])
+            pieces.append((pos, i + t0, w))
+            segs.append(torch.full((m,), seg, dtype=torch.long))
+            pos += m
+        return pieces, torch.cat(segs) if segs else torch.zeros(0, dtype=torch.long)
 
     @staticmethod
     def apply(x: torch.Tensor, plan: WarpPlan) -> torch.Tensor:

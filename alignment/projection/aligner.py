@@ -10,33 +10,26 @@ layers, H query heads, G KV heads, T teacher tokens, T' warped tokens, D head di
       --projection--> k_s, v_s (B, L_s, G_s, T', D_s), q_s (B, L_s, H_s, T', D_s)
 
 Modes: "structured" (HeadwiseMapProjector per K/V/Q; Q's head mixer initialised GQA-consistently with K's;
-optionally RoPE-consistent Q/K dim maps) and "flat" (KVDimensionProjector per K/V/Q).
+optionally RoPE-consistent Q/K dim maps) and "flat" (KVDimensionProjector per K/V/Q). What an aligner is
+built from (geometry, layer map, warp, projection options) is one `AlignerSpec`
+(alignment/projection/aligner_spec.py); the factories read it from HF configs or an `AlignConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from alignment.geometry.attention_probs import LogitSpec
-from alignment.geometry.model_dims import AttentionDims, attention_dims, rope_inv_freq
+from alignment.config import AlignConfig
 from alignment.mapping.head_maps import gqa_query_mixer, random_mixer, uniform_mixer
 from alignment.mapping.layer_map import build_layer_map, layer_slots, teacher_layers_needed
 from alignment.mapping.time_warping import SegmentTimeWarper, WarpPlan, validate_segment_ids
-from alignment.projection.projectors import (
-    CONSTRAINTS,
-    Constraint,
-    HeadwiseMapProjector,
-    KVDimensionProjector,
-    check_5d,
-)
+from alignment.projection.aligner_spec import AlignerSpec, aligner_spec, spec_from_align_config
+from alignment.projection.projectors import HeadwiseMapProjector, KVDimensionProjector, check_5d
 from alignment.projection.rope import RopePairDimMap
-
-MODES = ("structured", "flat")
 
 
 @dataclass
@@ -93,122 +86,41 @@ class AlignedKV:
 
 
 class MapProjectionAligner(nn.Module):
-    """Layer map + time warp + K/V/Q projection (see module docstring).
+    """Layer map + time warp + K/V/Q projection (see module docstring), built from an `AlignerSpec`.
 
-    Args:
-        mode: "structured" | "flat".
-        num_teacher_layers, num_student_layers: L_t, L_s.
-        teacher_heads, teacher_kv_heads, teacher_head_dim: H_t, G_t, D_t.
-        student_heads, student_kv_heads, student_head_dim: H_s, G_s, D_s.
-        layer_map: "uniform" | "last" | list of L_s teacher layer indices (see `build_layer_map`).
-        share_dim_proj, init_uniform, per_layer, constraint: forwarded to the projectors (per_layer gives each
-            student layer its own parameters).
-        warper: a SegmentTimeWarper (default: identity).
-        rope_consistent: structured mode only: Q/K dim maps are `RopePairDimMap`s built from
-            teacher_inv_freq / student_inv_freq ((P_t,), (P_s,)); V keeps the orthogonal dim map.
-        teacher_scaling, student_scaling: attention scalings (default D**-0.5), kept for the loss.
-        teacher_geometry, student_geometry: the models' `AttentionDims` (per-layer scaling, softcap, sliding
-            window); when given they set the loss's attention geometry per student layer (`teacher_logits`:
-            the teacher layer each student layer maps to), else the plain scalings are used.
+    Attributes read by callers: H_t, G_t, D_t, H_s, G_s, D_s (heads, KV heads, head dims); layer_map (L_s
+    teacher layers); teacher_layers (the stored layers `align` expects, in order); teacher_scaling,
+    student_scaling (plain scalings); teacher_logits, student_logits (`LogitSpec`s the loss uses: per
+    student layer, from the geometry unless the spec gives a plain scaling); warper; spec.
     Example:
         >>> aligner = create_structured_aligner(teacher_cfg, student_cfg)
         >>> k_s, v_s, q_s = aligner(k_t, v_t, q_t, segment_ids)
         >>> out = aligner.align(k_t, v_t, q_t, segment_ids)   # + out.mask, out.plan, raw teacher Q/K
     """
 
-    def __init__(
-        self,
-        mode: str,
-        *,
-        num_teacher_layers: int,
-        num_student_layers: int,
-        teacher_heads: int,
-        teacher_kv_heads: int,
-        teacher_head_dim: int,
-        student_heads: int,
-        student_kv_heads: int,
-        student_head_dim: int,
-        layer_map: str | Sequence[int] = "uniform",
-        share_dim_proj: bool = True,
-        init_uniform: bool = True,
-        per_layer: bool = False,
-        constraint: Constraint = "constrained",
-        warper: SegmentTimeWarper | None = None,
-        rope_consistent: bool = False,
-        teacher_inv_freq: torch.Tensor | None = None,
-        student_inv_freq: torch.Tensor | None = None,
-        teacher_scaling: float | None = None,
-        student_scaling: float | None = None,
-        teacher_geometry: AttentionDims | None = None,
-        student_geometry: AttentionDims | None = None,
-    ):
+    def __init__(self, spec: AlignerSpec):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"kv_projection_mode={mode!r}: expected one of {MODES}")
-        if constraint not in CONSTRAINTS:
-            raise ValueError(f"constraint={constraint!r}: expected one of {CONSTRAINTS}")
-        H_t, G_t, D_t = teacher_heads, teacher_kv_heads, teacher_head_dim
-        H_s, G_s, D_s = student_heads, student_kv_heads, student_head_dim
-        for name, (h, g) in {"teacher": (H_t, G_t), "student": (H_s, G_s)}.items():
-            if g < 1 or h % g:
-                raise ValueError(
-                    f"{name} heads={h}, kv_heads={g}: expected query heads a multiple of KV heads"
-                )
-        self.mode, self.constraint, self.rope_consistent = mode, constraint, rope_consistent
-        self.H_t, self.G_t, self.D_t, self.H_s, self.G_s, self.D_s = H_t, G_t, D_t, H_s, G_s, D_s
-        self.layer_map = build_layer_map(layer_map, num_teacher_layers, num_student_layers)
+        t, s, options = spec.teacher, spec.student, spec.projection
+        self.spec, self.mode = spec, spec.mode
+        self.constraint, self.rope_consistent = options.constraint, options.rope_consistent
+        self.H_t, self.G_t, self.D_t = t.num_heads, t.num_kv_heads, t.head_dim
+        self.H_s, self.G_s, self.D_s = s.num_heads, s.num_kv_heads, s.head_dim
+        self.layer_map = build_layer_map(spec.layer_map, t.num_layers, s.num_layers)
         self.teacher_layers = teacher_layers_needed(self.layer_map)
         self._slots = layer_slots(self.layer_map, self.teacher_layers)
-        self.warper = warper if warper is not None else SegmentTimeWarper()
+        self.warper = spec.warper if spec.warper is not None else SegmentTimeWarper()
         self.head_selection = None  # alignment.mapping.head_select.HeadSelection (set_head_selection)
-        self.teacher_scaling = teacher_scaling if teacher_scaling is not None else D_t**-0.5
-        self.student_scaling = student_scaling if student_scaling is not None else D_s**-0.5
-        L = num_student_layers
-        self.teacher_logits = (  # (L_s,) student-layer order: the mapped teacher layers' attention
-            teacher_geometry.logit_spec(self.layer_map)
-            if teacher_geometry
-            else LogitSpec(self.teacher_scaling)
-        )
-        self.student_logits = (
-            student_geometry.logit_spec() if student_geometry else LogitSpec(self.student_scaling)
-        )
-        if mode == "flat":
-            if rope_consistent:
-                raise ValueError(
-                    "rope_consistent=True: expected kv_projection_mode='structured' (flat has no pairs)"
-                )
-            kw = dict(per_layer=per_layer, num_layers=L, constraint=constraint)
-            self.k_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
-            self.v_proj = KVDimensionProjector(G_t, G_s, D_t, D_s, **kw)
-            self.q_proj = KVDimensionProjector(H_t, H_s, D_t, D_s, **kw)
+        self.teacher_scaling = spec.teacher_scaling if spec.teacher_scaling is not None else t.scaling
+        self.student_scaling = spec.student_scaling if spec.student_scaling is not None else s.scaling
+        self.teacher_logits = spec.teacher_logits(self.layer_map)  # (L_s,) student-layer order
+        self.student_logits = spec.student_logits()
+        if spec.mode == "flat":
+            self.k_proj, self.v_proj, self.q_proj = _flat_projectors(spec)
             # Flat has no head mixer; attn_target="teacher" still needs one: the fixed GQA-consistent mix.
-            mix = gqa_query_mixer(uniform_mixer(G_t, G_s), H_t, G_t, H_s, G_s)
+            mix = gqa_query_mixer(uniform_mixer(self.G_t, self.G_s), self.H_t, self.G_t, self.H_s, self.G_s)
             self.register_buffer("_flat_q_mix", mix, persistent=False)
-            return
-        kv_init = uniform_mixer(G_t, G_s) if init_uniform else random_mixer(G_t, G_s)
-        q_init = gqa_query_mixer(kv_init, H_t, G_t, H_s, G_s) if init_uniform else random_mixer(H_t, H_s)
-        kw = dict(share_dim_proj=share_dim_proj, per_layer=per_layer, num_layers=L, constraint=constraint)
-        qk_dim = {"k": None, "q": None}
-        if rope_consistent:
-            if teacher_inv_freq is None or student_inv_freq is None:
-                raise ValueError("rope_consistent=True: expected teacher_inv_freq and student_inv_freq")
-            if 2 * len(teacher_inv_freq) != D_t or 2 * len(student_inv_freq) != D_s:
-                raise ValueError(
-                    f"rope_consistent=True: rotary pairs {len(teacher_inv_freq)}/{len(student_inv_freq)} do not "
-                    f"cover head dims {D_t}/{D_s}: expected full rotary (partial rotary is not supported)"
-                )
-            for key, heads in (("k", G_s), ("q", H_s)):
-                qk_dim[key] = RopePairDimMap(
-                    teacher_inv_freq,
-                    student_inv_freq,
-                    None if share_dim_proj else heads,
-                    per_layer,
-                    L,
-                    constraint,
-                )
-        self.k_proj = HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, dim_map=qk_dim["k"], **kw)
-        self.v_proj = HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, **kw)
-        self.q_proj = HeadwiseMapProjector(H_t, H_s, D_t, D_s, mixer_init=q_init, dim_map=qk_dim["q"], **kw)
+        else:
+            self.k_proj, self.v_proj, self.q_proj = _structured_projectors(spec)
 
     def extra_repr(self) -> str:
         return (
@@ -310,63 +222,65 @@ class MapProjectionAligner(nn.Module):
         return out.k, out.v, out.q
 
 
-def _aligner_from_configs(mode: str, teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapProjectionAligner:
-    t, s = attention_dims(teacher_cfg, "teacher_cfg"), attention_dims(student_cfg, "student_cfg")
-    ratio_map, alpha_map = kw.pop("ratio_map", None), kw.pop("alpha_map", None)
-    if "warper" not in kw and (ratio_map or alpha_map):
-        kw["warper"] = SegmentTimeWarper(ratio_map, alpha_map)
-    if kw.get("rope_consistent"):
-        kw.setdefault("teacher_inv_freq", rope_inv_freq(teacher_cfg, "teacher_cfg"))
-        kw.setdefault("student_inv_freq", rope_inv_freq(student_cfg, "student_cfg"))
-    return MapProjectionAligner(
-        mode,
-        num_teacher_layers=t.num_layers,
-        num_student_layers=s.num_layers,
-        teacher_heads=t.num_heads,
-        teacher_kv_heads=t.num_kv_heads,
-        teacher_head_dim=t.head_dim,
-        student_heads=s.num_heads,
-        student_kv_heads=s.num_kv_heads,
-        student_head_dim=s.head_dim,
-        teacher_geometry=None if "teacher_scaling" in kw else t,  # an explicit scaling overrides the geometry
-        student_geometry=None if "student_scaling" in kw else s,
-        teacher_scaling=kw.pop("teacher_scaling", t.scaling),
-        student_scaling=kw.pop("student_scaling", s.scaling),
-        **kw,
+def _flat_projectors(spec: AlignerSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """K, V, Q `KVDimensionProjector`s: one free map of all heads' dims per side."""
+    t, s, kw = spec.teacher, spec.student, _layer_options(spec)
+    return (
+        KVDimensionProjector(t.num_kv_heads, s.num_kv_heads, t.head_dim, s.head_dim, **kw),
+        KVDimensionProjector(t.num_kv_heads, s.num_kv_heads, t.head_dim, s.head_dim, **kw),
+        KVDimensionProjector(t.num_heads, s.num_heads, t.head_dim, s.head_dim, **kw),
+    )
+
+
+def _structured_projectors(spec: AlignerSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """K, V, Q `HeadwiseMapProjector`s. K and V share the head-mixer init; Q's starts GQA-consistent with
+    it (uniform init) or random; with rope_consistent, Q/K dim maps are `RopePairDimMap`s."""
+    t, s, o = spec.teacher, spec.student, spec.projection
+    H_t, G_t, D_t = t.num_heads, t.num_kv_heads, t.head_dim
+    H_s, G_s, D_s = s.num_heads, s.num_kv_heads, s.head_dim
+    kv_init = uniform_mixer(G_t, G_s) if o.init_uniform else random_mixer(G_t, G_s)
+    q_init = gqa_query_mixer(kv_init, H_t, G_t, H_s, G_s) if o.init_uniform else random_mixer(H_t, H_s)
+    k_dim, q_dim = (_rope_dim_map(spec, G_s), _rope_dim_map(spec, H_s)) if o.rope_consistent else (None, None)
+    kw = dict(share_dim_proj=o.share_dim_proj, **_layer_options(spec))
+    return (
+        HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, dim_map=k_dim, **kw),
+        HeadwiseMapProjector(G_t, G_s, D_t, D_s, mixer_init=kv_init, **kw),
+        HeadwiseMapProjector(H_t, H_s, D_t, D_s, mixer_init=q_init, dim_map=q_dim, **kw),
+    )
+
+
+def _layer_options(spec: AlignerSpec) -> dict[str, Any]:
+    """Projector keywords both modes share: parameters per student layer or not, and the constraint."""
+    o = spec.projection
+    return dict(per_layer=o.per_layer, num_layers=spec.student.num_layers, constraint=o.constraint)
+
+
+def _rope_dim_map(spec: AlignerSpec, heads: int) -> RopePairDimMap:
+    """A RoPE-consistent dim map for `heads` student heads (one gain set for all when share_dim_proj)."""
+    o = spec.projection
+    return RopePairDimMap(
+        spec.teacher_inv_freq,
+        spec.student_inv_freq,
+        None if o.share_dim_proj else heads,
+        o.per_layer,
+        spec.student.num_layers,
+        o.constraint,
     )
 
 
 def create_structured_aligner(teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapProjectionAligner:
     """Structured aligner from HF configs. kw: layer_map, share_dim_proj, init_uniform, per_layer, constraint,
     warper | ratio_map + alpha_map, rope_consistent (reads rope_theta / rope_parameters from the configs)."""
-    return _aligner_from_configs("structured", teacher_cfg, student_cfg, **kw)
+    return MapProjectionAligner(aligner_spec("structured", teacher_cfg, student_cfg, **kw))
 
 
 def create_flat_aligner(teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapProjectionAligner:
     """Flat-baseline aligner from HF configs. kw: layer_map, per_layer, constraint, warper | ratio_map + alpha_map."""
-    return _aligner_from_configs("flat", teacher_cfg, student_cfg, **kw)
+    return MapProjectionAligner(aligner_spec("flat", teacher_cfg, student_cfg, **kw))
 
 
 def create_aligner(
-    mode: str, teacher_cfg: Any, student_cfg: Any, align_cfg: Any = None
+    mode: str, teacher_cfg: Any, student_cfg: Any, align_cfg: AlignConfig | None = None
 ) -> MapProjectionAligner:
     """Aligner for `kv_projection_mode` = mode ("structured" | "flat") from an `AlignConfig` (None = defaults)."""
-    from alignment.config import AlignConfig
-
-    a = align_cfg if align_cfg is not None else AlignConfig()
-    if mode not in MODES:
-        raise ValueError(f"kv_projection_mode={mode!r}: expected one of {MODES}")
-    kw: dict[str, Any] = dict(
-        layer_map=a.layer_map,
-        per_layer=a.per_layer,
-        constraint=a.constraint,
-        ratio_map=dict(a.ratio_map) if isinstance(a.ratio_map, Mapping) else a.ratio_map,
-        alpha_map=dict(a.alpha_map) if isinstance(a.alpha_map, Mapping) else a.alpha_map,
-    )
-    if mode == "structured":
-        kw.update(
-            share_dim_proj=a.share_dim_proj, init_uniform=a.init_uniform, rope_consistent=a.rope_consistent
-        )
-    elif a.rope_consistent:
-        raise ValueError("align.rope_consistent=True: expected kv_projection_mode='structured'")
-    return _aligner_from_configs(mode, teacher_cfg, student_cfg, **kw)
+    return MapProjectionAligner(spec_from_align_config(mode, teacher_cfg, student_cfg, align_cfg))
