@@ -82,7 +82,7 @@ class LossConfig:
     kd_beta: float = 0.5
     kd_temperature: float = 1.0  # both sides softened by tau; the term is scaled by tau^2
     # renormalize: softmax over the top-k only on both sides; bucket: exact divergence over {top-k tokens,
-    # the rest}. renormalize is the default because it measured better on the default task (README: R
+    # the rest}. renormalize is the default because it measured better on the default task (docs/results, logit KD on the template data: R
     # answer accuracy 0.30 vs 0.13, every seed learnt the copy; bucket pulls 5% of the student's mass onto
     # the teacher's 49k-token tail).
     kd_tail: Literal["bucket", "renormalize"] = "renormalize"

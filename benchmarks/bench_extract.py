@@ -3,13 +3,13 @@
     python benchmarks/bench_extract.py --config configs/default.yaml [--samples 192] [--repeats 3] [key=value ...]
     python benchmarks/bench_extract.py --int8 [--samples 48] [--repeats 3] [--kl_samples 16] [--out DIR]
 
---int8 (issue 16): the same extraction as bf16 and as int8, interleaved `--repeats` times: int8 stored bytes /
+--int8: the same extraction as bf16 and as int8, interleaved `--repeats` times: int8 stored bytes /
 bf16 stored bytes (bar <= 0.55), cosine and mean attention KL of the dequantised int8 states vs the bf16
 states of the same tokens (bar: cos >= 0.9999, KL <= 1e-3; benchmarks/int8_fidelity.py), extraction
 throughput int8 / bf16 (medians; bar >= 0.95), and both int8 schemes on every component (how the stored
 schemes were chosen). `--out DIR` keeps the two stores (DIR/bf16.zarr, DIR/int8.zarr) for bench_train.py.
 
-Bars (issue 3): extraction >= 0.85x the forward-only throughput on the same batches (capture, encoding,
+Bars (extraction cost): extraction >= 0.85x the forward-only throughput on the same batches (capture, encoding,
 compression and writing overlapped with compute), and with the default lossless codec stored state bytes
 <= 0.75x the raw 16-bit bytes of the real tokens. Timings are medians over `--repeats` interleaved runs
 (the machine may be shared). Forward-only runs the very batches extraction runs (the same chunk-determined,

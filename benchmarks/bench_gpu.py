@@ -20,7 +20,7 @@ Sections:
              pinned CPU bf16 buffers (async: the best case), vs `pipeline.extraction.chunk.extract_chunk` (what
              stage 1 runs per chunk: capture, finiteness check, pageable `.cpu()`, numpy packing, answer
              accuracy; the zarr write itself is CPU work, not timed), in bf16 and in int8 (quantised on the
-             device before the copy; issue-16 bar: extract_chunk_int8 <= 1.3x plain, i.e. <= +30%). Also
+             device before the copy; the int8 bar: extract_chunk_int8 <= 1.3x plain, i.e. <= +30%). Also
              checks that capture leaves the logits unchanged.
   2 step     student at Qwen2.5-1.5B geometry, fp32 master weights, accelerate mixed_precision="bf16"
              (autocast around `DistillModel.forward`, prepared as `trainer/train.py` does), random teacher

@@ -4,7 +4,7 @@ a codec table for the two logits arrays, and the fidelity of the stored top-k to
     python benchmarks/bench_logits.py --config configs/default.yaml [--samples 96] [--repeats 3]
         [--fidelity_samples 64] [key=value ...]
 
-Bars (issue 10): logits at K = 128 <= 450 stored bytes per token on the default teacher (DistillKit's lossy
+Bars (stored logits): logits at K = 128 <= 450 stored bytes per token on the default teacher (DistillKit's lossy
 coding is ~300); extraction with logits >= 0.95x the throughput without them (medians of `--repeats`
 interleaved runs, the same samples and layers; the machine may be shared).
 

@@ -17,7 +17,7 @@ How it is measured (one invocation, subprocesses):
   rss_*   one process per variant (`--rss_steps` steps): peak RSS of that variant alone (ru_maxrss), plus
           its finished DataLoader workers' peak (forked: they share pages with the parent, so not additive).
   loader  the trainer's DataLoader alone (same workers/prefetch, teacher states included): samples/s.
-Bars (issue 4): cached <= 0.5x online step time; cached peak RSS <= 0.8x online; cached <= 1.3x CE-only;
+Bars (cached training cost): cached <= 0.5x online step time; cached peak RSS <= 0.8x online; cached <= 1.3x CE-only;
 loader samples/s >= 3x what the cached step consumes.
 
     python benchmarks/bench_train.py --config configs/default.yaml --arms configs/ablations/structural_signals_next_to_kd.yaml
@@ -28,7 +28,7 @@ loader samples/s >= 3x what the cached step consumes.
 
     python benchmarks/bench_train.py --config configs/default.yaml --stores BF16_STORE[,INT8_STORE]
         [--rounds 3] [--workers 2] [--steps 8] [--warmup 2] [--threads 1] [key=value ...]
-  stores  instead of the above (issue 16): the trainer's DataLoader on a bf16 store, on an int8 store of the
+  stores  instead of the above (stores at scale): the trainer's DataLoader on a bf16 store, on an int8 store of the
           same extraction (`bench_extract.py --int8 --out DIR`; optional) and on the bf16 store copied to a
           local S3 server (moto, own process) in the global and the shard-window order, rounds interleaved;
           and the cached step's consumption (benchmarks/loader_stores.py).

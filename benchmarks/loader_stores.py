@@ -5,7 +5,7 @@ on a local S3 server (moto, its own process) in the global sample order and in t
 Shape glossary: B batch. Loader samples/s exclude worker start-up (the first batch); every loader reads the
 mapped layers' teacher states (`train.preload` off: the reads themselves) with `--workers` workers. Rounds
 interleave the three loaders (medians over `--rounds`), so a load swing on a shared machine hits them alike.
-Bars (issue 16): int8 loader / bf16 loader >= 1.0; S3 loader >= 3x the cached step's consumption (reported:
+Bars (stores at scale): int8 loader / bf16 loader >= 1.0; S3 loader >= 3x the cached step's consumption (reported:
 S3 / local folder). Use `--steps` >= one epoch of batches so the shard-window loaders fetch every shard
 inside the timed part.
 """

@@ -65,7 +65,7 @@ def command_parser(
     """
     epilog = []
     if sections:
-        epilog.append("config sections read: " + ", ".join(sections) + " (README, 'Config reference')")
+        epilog.append("config sections read: " + ", ".join(sections) + " (docs: Reference > Configuration)")
     if examples:
         epilog.append("examples:\n" + "\n".join(f"  {e}" for e in examples))
     p = argparse.ArgumentParser(
@@ -81,7 +81,7 @@ def command_parser(
             "overrides",
             nargs="*",
             metavar="key=value",
-            help="dotted config overrides parsed as YAML values, e.g. train.lr=3e-4 align.layers=[0,2]",
+            help="dotted config overrides parsed as YAML values, e.g. train.lr=3e-4 align.layer_map=[7,14,22,29]",
         )
     return p
 

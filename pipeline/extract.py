@@ -1,4 +1,4 @@
-"""Stage 1: run the teacher over the dataset once and store its per-layer Q/K/V (schema: pipeline/store/reader.py).
+"""Stage 1: run the teacher over the dataset once and store its per-layer Q/K/V (schema: pipeline/store/schema.py).
 
     accelerate launch pipeline/extract.py --config configs/default.yaml [key=value ...] [--overwrite]
     python pipeline/extract.py --config configs/default.yaml          # one process

@@ -1,4 +1,4 @@
-"""Issue-13 loss paths vs naive references: sink-free attention KL, head-masked KL, MiniLMv2 relation KL."""
+"""Head-level loss paths vs naive references: sink-free attention KL, head-masked KL, MiniLMv2 relation KL."""
 
 import pytest
 import torch

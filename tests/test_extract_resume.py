@@ -144,7 +144,7 @@ def test_two_processes_equal_one(setup, tmp_path):
 
 
 def test_two_processes_equal_one_int8(setup, tmp_path):
-    """int8 states (per write-chunk scales, issue 16) from 2 ranks are the 1-rank store bit for bit, scales too."""
+    """int8 states (per write-chunk scales) from 2 ranks are the 1-rank store bit for bit, scales too."""
     cfg, _ = setup
     ref, store = tmp_path / "ref8.zarr", tmp_path / "two8.zarr"
     run_extraction(load_config(KVMapConfig, cfg, [f"extract.store={ref}", "extract.dtype=int8"]))

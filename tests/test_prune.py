@@ -1,4 +1,4 @@
-"""pipeline/prune.py: students cut from the teacher, and `align.init: from_prune` (issue 12).
+"""pipeline/prune.py: students cut from the teacher, and `align.init: from_prune`.
 
 Tiny random Llama (tied embeddings, head_dim 16 != hidden / heads) and Qwen2 (q/k/v biases, untied)
 teachers with GQA (6 query heads over 2 KV heads) and odd sizes (hidden 48, MLP 64).

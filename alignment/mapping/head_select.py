@@ -3,7 +3,7 @@
 Shapes: L_s student layers, H_s / H_t student / teacher query heads.
 
 Why: a convex mix of all teacher heads into every student head averages the few sharp retrieval heads away
-and leaves no student head free to copy (README: "Does the structural loss carry teacher knowledge?"). Here
+and leaves no student head free to copy (docs/results: structure vs CE on the default task). Here
 only chosen teacher heads are distilled, each into its own student head; every other student head (and every
 layer without a chosen head) gets no KL term.
 

@@ -6,7 +6,7 @@
 Shape glossary: L_sel stored layers, H query heads, G KV heads, T tokens, D head dim.
 
 Why: the attention-KL target is built from these maps. A map dominated by the first token (an "attention
-sink") or spread thinly teaches the student little about *where* to look; README "Results" traces the
+sink") or spread thinly teaches the student little about *where* to look; the result pages (docs/results/) trace the
 default task's negative result to exactly that (23-59% first-token mass at the mapped layers). Rebuilt
 from the stored post-RoPE Q/K with the teacher's own geometry as the store records it (per-layer scaling,
 softcap, sliding windows: pipeline/models/geometry.py, alignment/geometry/attention_probs.py).

@@ -190,10 +190,10 @@ class ExtractConfig:
     components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
     logits_top_k: int = 128  # K log-probs kept per token with `logits` (sorted; ~300 B/token at 128)
     # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error;
-    # int8: symmetric int8 + float32 scales per write chunk (pipeline/store/int8.py, README "int8 states").
+    # int8: symmetric int8 + float32 scales per write chunk (pipeline/store/int8.py, docs/guides/scale-out.md "int8 states").
     dtype: Literal["bfloat16", "float16", "int8"] = "bfloat16"
     # blosc-zstd = the Zarr v3 spec's Blosc codec, zstd + byte shuffle (lossless, 1.36x on bf16 states: the
-    # ratio of numcodecs' zstd-shuffle, the default before; faster to write and read; README "Store codecs");
+    # ratio of numcodecs' zstd-shuffle, the default before; faster to write and read; docs/benchmarks.md);
     # zstd-shuffle = numcodecs' Shuffle + zstd (outside the v3 spec); blosc-lz4 is faster, weaker.
     codec: Literal["blosc-zstd", "blosc-zstd-bit", "zstd-shuffle", "zstd", "blosc-lz4", "none"] = "blosc-zstd"
     compression_level: int = 1
@@ -234,7 +234,7 @@ class ExtractConfig:
 
 @dataclass
 class KVMapConfig:
-    """Top-level config. See README 'Config reference' for every key."""
+    """Top-level config. Every key with its default and doc: the docs site's Reference > Configuration."""
 
     seed: int = 0
     run_dir: str = "runs/default"

@@ -1,6 +1,6 @@
 """Config section `prune:` of `pipeline/prune.py` (a student cut from the teacher's own weights).
 
-Assembled into `pipeline.config.kvmap.KVMapConfig`; see README "Students pruned from the teacher".
+Assembled into `pipeline.config.kvmap.KVMapConfig`; see docs/guides/pruned-students.md.
 """
 
 from __future__ import annotations

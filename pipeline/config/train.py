@@ -95,8 +95,8 @@ class TrainConfig:
     # shards (write chunks of extract.chunk_tokens tokens), then the samples inside each window of
     # `shuffle_window` consecutive shards, each epoch's shards dealt to the readers (ranks x loader workers;
     # trainer/data/sample_order.py), and read whole shards through a small cache (pipeline/store/shard_cache.py): one
-    # request per shard and array instead of ~2 per sample, for stores on object storage (README "Stores at
-    # scale"). Each loader worker keeps shuffle_window + 1 shards of the read arrays in RAM.
+    # request per shard and array instead of ~2 per sample, for stores on object storage
+    # (docs/guides/scale-out.md). Each loader worker keeps shuffle_window + 1 shards of the read arrays in RAM.
     shuffle: Literal["global", "shards"] = "global"
     shuffle_window: int = 4
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
@@ -113,7 +113,9 @@ class TrainConfig:
     # aim, clearml, dvclive, swanlab), given the resolved config; the console and metrics.jsonl always stay.
     # "auto": tensorboard when it is installed; []: none. Trackers that write files write under run_dir.
     report_to: list[str] | Literal["auto"] = "auto"
-    tracker_project: str | None = None  # the tracker's project / experiment name (null: the run folder's name)
+    tracker_project: str | None = (
+        None  # the tracker's project / experiment name (null: the run folder's name)
+    )
 
     def __post_init__(self):
         _at_least("train", self, TRAIN_INT_MINIMUMS)

@@ -43,7 +43,7 @@ def _teacher_fit(s: dict, prefix: str) -> dict:
 
 
 def summarise(writer: StoreWriter, counts: dict, wall_s: float, computed_tokens: int) -> dict:
-    """The end summary written into the store's attributes (see README, store schema)."""
+    """The end summary written into the store's attributes (docs/concepts/store.md)."""
     done = writer.done_chunks()
     train = _sum_stats(done, writer, "train")
     tokens = train["tokens"]

@@ -3,7 +3,7 @@ stage-1 tools, so that the teacher's own attention can be rebuilt from the store
 
 Shapes: none (metadata); per-layer lists have L = num_layers entries (every teacher layer, stored or not).
 
-Store attributes (`teacher` group attribute, README "Store schema"), beside num_layers / num_heads / ...:
+Store attributes (`teacher` group attribute, docs/concepts/store.md "Teacher attention geometry"), beside num_layers / num_heads / ...:
   rope                    the HF config's own rotary keys (rope_parameters / rope_theta / rope_scaling)
   query_pre_attn_scalar   Gemma's scale base (scaling = its **-0.5), or null
   partial_rotary_factor   fraction of head dims that rotate, or null

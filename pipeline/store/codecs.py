@@ -1,6 +1,6 @@
 """Compressor choices for kvmap store arrays (names in `extract.codec`), and the numcodecs-warning guard.
 
-Measured on the default teacher's bf16 states (README "Store codecs", benchmarks/bench_extract.py): the Zarr v3
+Measured on the default teacher's bf16 states (docs/benchmarks.md, benchmarks/bench_extract.py): the Zarr v3
 spec's Blosc codec with zstd + byte shuffle and 1 MiB blocks ("blosc-zstd", the default) matches the ratio of
 numcodecs' Shuffle + Zstd ("zstd-shuffle", the default before) and writes / reads faster.
 """

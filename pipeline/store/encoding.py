@@ -9,7 +9,7 @@ States: numpy and zarr have no bfloat16, so bf16 states are stored as their raw 
 viewed back on read; int8 words are dequantised with their scales (pipeline/store/int8.py).
 Log-prob values are float16 (not bf16: 8x finer steps where it matters; log-probs are bounded) stored as uint16 words;
 token ids use the narrowest unsigned type that holds the vocabulary. See pipeline/store/schema.py for the layout and
-README "Benchmarks" for the measured codecs.
+docs/benchmarks.md for the measured codecs.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Why scales come from the write chunk only: a chunk is the unit of writing, resum
 its int8 words and scales are a function of its own tokens and the stored bits do not depend on the number
 of processes or on where a run was killed. q = round(x / scale) (half to even) clipped to [-127, 127];
 x' = q * scale; an all-zero (head, channel) or token gets scale 0 and decodes to 0.
-Measured on the default teacher (README "int8 states", benchmarks/bench_extract.py --int8): per (head,
+Measured on the default teacher (docs/guides/scale-out.md "int8 states", benchmarks/bench_extract.py --int8): per (head,
 channel) is clearly better for Q and K (half the error of per (token, head); attention KL 1.4e-4 vs 5.4e-4:
 RoPE and outlier channels make channel ranges differ by orders of magnitude). For V the two are close (relative
 RMS error 0.0079 vs 0.0077 on layers 6 and 18; 0.0088 vs 0.0066 on all 8 stored layers) while per channel
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 SCHEMES = ("channel", "token")
-# The scheme of each component in stores written by this version (README "int8 states" for the measurement).
+# The scheme of each component in stores written by this version (docs/guides/scale-out.md "int8 states" for the measurement).
 INT8_SCHEMES = {"q": "channel", "k": "channel", "v": "channel"}
 QMAX = 127.0
 

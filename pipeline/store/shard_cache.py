@@ -10,7 +10,7 @@ against object storage every request is a round trip, and a batch of 16 random s
 *whole* shard is one request (zarr's full-shard path), so with a sample order that visits a few shards at a
 time and deals them to the loader workers (`train.shuffle: shards`, trainer/data/sample_order.py) each shard of
 each array is fetched by one worker per epoch and every sample of its window is cut from memory: 5.9x the
-trainer's consumption from the same server (README "Stores at scale").
+trainer's consumption from the same server (docs/guides/scale-out.md).
 
 Example:
     store.shard_cache = ShardCache(max_shards=5)  # KVStore.read_samples now reads whole shards
