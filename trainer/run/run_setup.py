@@ -13,7 +13,6 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
 from pipeline.config.kvmap import KVMapConfig
 from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
-from trainer.objective.schedules import lr_multiplier
+from trainer.objective.schedules import lr_schedule
 from trainer.objective.step import DistillModel
 from trainer.run.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
 from trainer.run.loop_utils import flat_config, trackers
@@ -218,13 +217,8 @@ def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
 def optimizer_and_schedule(cfg: KVMapConfig, student, aligner):
     """AdamW (betas 0.9/0.95; decay on the student's matrices only) and warmup + cosine LR."""
     optimizer = torch.optim.AdamW(param_groups(student, aligner, cfg), betas=(0.9, 0.95))
-    lr_fn = partial(
-        lr_multiplier,
-        warmup_steps=cfg.train.warmup_steps,
-        total_steps=cfg.train.steps,
-        min_ratio=cfg.train.min_lr_ratio,
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
+    t = cfg.train
+    return optimizer, lr_schedule(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
 
 
 def restore(run: Run, ckpt: Path | None, resume: bool) -> None:
