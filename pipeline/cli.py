@@ -2,8 +2,13 @@
 
 Every command answers `--help` with its usage, what it does, the config sections it reads and two examples;
 config-driven commands take `--config PATH` and any number of dotted `key=value` overrides anywhere on the
-line (`kvmap-train --config configs/default.yaml train.lr=3e-4 --resume`). Errors in a config key or value
-exit 2 with one line naming the key, the value and what was expected.
+line (`kvmap-train --config configs/default.yaml train.lr=3e-4 --resume`).
+
+Every command fails the same way, through `run_command`: one line `NAME: error: ...` on stderr, no
+traceback. Exit 2 (USAGE_ERROR, argparse's status too) when the command cannot use what it was given: bad
+arguments, a config key or value (the line names the key, the value and what was expected), a missing or
+unusable file or store. Exit 1 (FAILURE) when it ran and found something wrong: the body raises
+`CommandFailed` (a damaged chunk, non-finite teacher states). Results go to stdout, errors to stderr.
 
     p = command_parser("kvmap-extract", __doc__, sections=["teacher", "data", "extract"], examples=[...])
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -21,6 +26,9 @@ from pipeline.config.configlib import ConfigError, load_config
 
 T = TypeVar("T")
 
+USAGE_ERROR = 2  # the command cannot use what it was given (argparse exits 2 for bad arguments too)
+FAILURE = 1  # the command ran and found something wrong
+
 # Errors a command reports as one line (exit 2) instead of a traceback: bad config keys/values, missing or
 # unwritable files, the ValueErrors our readers raise for bad stores or data, and the trainer's NaN/inf stop.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -30,6 +38,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     FloatingPointError,
 )
+
+
+class CommandFailed(Exception):
+    """Raised in a command's body for a failure found while running (exit 1, the message as one line)."""
 
 
 def command_parser(
@@ -87,12 +99,23 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 def run_command(
     name: str, body: Callable[[], int | None], extra: tuple[type[BaseException], ...] = ()
 ) -> int:
-    """Run `body` (its int return is the exit status, anything else means 0); a user error (USER_ERRORS +
-    `extra`) becomes one line `NAME: error: ...` on stderr, exit 2."""
+    """Run `body` (its int return is the exit status, anything else means 0). `CommandFailed` becomes exit
+    FAILURE, a user error (USER_ERRORS + `extra`) exit USAGE_ERROR, each as one line `NAME: error: ...` on
+    stderr."""
     try:
         rc = body()
         return rc if isinstance(rc, int) else 0  # a body may return its result (a dict): success
+    except CommandFailed as e:
+        _print_error(name, e)
+        return FAILURE
     except USER_ERRORS + extra as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{name}: error: {msg}", file=sys.stderr, flush=True)
-        return 2
+        _print_error(name, e)
+        return USAGE_ERROR
+
+
+def _print_error(name: str, e: BaseException) -> None:
+    """The one error line of command `name` on stderr: `NAME: error: ` + the first line of the message."""
+    # str(KeyError) is the repr of its message (quoted): print the message itself
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip()
+    msg = text.splitlines()[0] if text else type(e).__name__
+    print(f"{name}: error: {msg}", file=sys.stderr, flush=True)
