@@ -33,7 +33,7 @@ import time
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from pipeline.cli import command_parser, config_from_args, parse_args, run_command
+from pipeline.cli import CommandFailed, command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import to_dict
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.geometry import teacher_config_from_attrs
@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = config_from_args(KVMapConfig, args)
-        metrics.update(run_training(cfg, resume=args.resume, overwrite=args.overwrite))
+        try:
+            metrics.update(run_training(cfg, resume=args.resume, overwrite=args.overwrite))
+        except FloatingPointError as e:  # the NaN/inf stop: the run diverged, a failure rather than bad input
+            raise CommandFailed(str(e)) from e
 
     try:
         rc = run_command("train", body)
