@@ -84,6 +84,7 @@ def config_path(spec: RunSpec) -> Path:
 
 
 def log_path(spec: RunSpec) -> Path:
+    """The run's training log (beside its run folder, like its config)."""
     return spec.run_dir.parent / f"{spec.run_dir.name}.log"
 
 
@@ -151,10 +152,6 @@ def record_ablation(out: Path, abl: AblationConfig) -> None:
     tmp.replace(path)
 
 
-def store_path(cfg: KVMapConfig) -> str:
-    return cfg.train.store or cfg.extract.store
-
-
 def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> str:
     """Extract the shared store if it is missing or incomplete; return its fingerprint.
 
@@ -163,7 +160,7 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
     so the teacher's memory is returned to the OS before training starts. An incomplete store resumes.
     Raises ValueError when the store lacks teacher layers an arm's layer map needs (before any run).
     """
-    paths = sorted({store_path(s.cfg) for s in specs})
+    paths = sorted({s.cfg.train.store or s.cfg.extract.store for s in specs})  # what each arm trains from
     if len(paths) != 1:
         raise ConfigError(f"arms train from different stores {paths}: the matrix must share one store")
     path = Path(paths[0])
@@ -240,6 +237,7 @@ def run_state(spec: RunSpec) -> str:
 
 
 def make_row(spec: RunSpec, wall_s: float, resumed: bool, fingerprint: str | None) -> dict:
+    """The results row of a finished run (trainer/ablation/results.py lists its keys)."""
     metrics_file = spec.run_dir / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"arm '{spec.arm}' seed {spec.seed}: training ended without {metrics_file}")

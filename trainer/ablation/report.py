@@ -67,6 +67,7 @@ DELTA_KEYS = [
 
 
 def load_ablation_meta(run_dir: Path) -> dict:
+    """RUN_DIR/ablation.yaml (arms, control, planned seeds), or {} when absent."""
     p = run_dir / "ablation.yaml"
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 
@@ -87,6 +88,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def stats_table(groups: dict, stats: dict, columns: list) -> str:
+    """Markdown table: one row per arm, 'mean ± std' per column."""
     headers = ["arm", "n"] + [c[1] for c in columns]
     body = []
     for arm, rs in groups.items():
@@ -103,6 +105,7 @@ def stats_table(groups: dict, stats: dict, columns: list) -> str:
 
 
 def delta_table(groups: dict, stats: dict, control: str) -> str:
+    """Markdown table: each arm's delta vs the control ± its SE, marked better/worse beyond 2 SE."""
     cols = [c for c in QUALITY_COLUMNS if c[0] in DELTA_KEYS]
     headers = ["arm"] + [f"Δ {c[1]}" for c in cols]
     body = []

@@ -104,6 +104,7 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
+        """Drop the rows logged after `step` (and lines cut by a kill)."""
         if not self.enabled or not self.path.is_file():
             return
         keep = []
@@ -117,6 +118,7 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row, flushed (a reader or a resume sees it at once)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
