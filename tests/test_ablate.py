@@ -240,6 +240,26 @@ def test_cli_overrides_and_mapping_equals_dotted(tmp_path):
         load_ablation(path, ["seeds.0=1"])
 
 
+def test_cli_fails_one_way_a_failed_run_1_bad_input_2(tmp_path, monkeypatch, capsys):
+    """kvmap-ablate's errors are one line `ablate: error: ...` on stderr: exit 1 when a run fails, 2 for bad
+    input; the dry-run list is the result, on stdout, and progress messages go to stderr."""
+
+    def failing(spec, resume, abl):
+        raise RuntimeError(f"arm '{spec.arm}' seed {spec.seed}: training exited with code 1\nlog tail")
+
+    monkeypatch.setitem(ablate.RUNNERS, "failing", failing)
+    path = write_ablation(tmp_path, runner="failing", report=False)
+    assert ablate.main(["--config", str(path), "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "  ce_only seed 0: lambda_kv=0 [new]" in out and "[ablate] 2 arms x 2 seeds" in err
+    assert ablate.main(["--config", str(path)]) == 1
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert errors == ["ablate: error: arm 'ce_only' seed 0: training exited with code 1"]
+    assert ablate.main(["--config", str(path), "train.stepz=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: error: ") and "unknown config key 'train.stepz'" in err
+
+
 def test_default_matrix_resolves_every_arm():
     abl = load_ablation(ROOT / "configs" / "ablations" / "default.yaml")
     specs = plan_runs(abl)

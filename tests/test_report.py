@@ -156,9 +156,9 @@ def test_control_falls_back_to_lambda_zero_and_cli(ablation_dir, capsys):
     assert "## Delta vs the control `ce_only`" in md and "Incomplete" not in md
     assert main([str(ablation_dir), "--no-plots", "--control", "v40_2"]) == 0
     assert "## Delta vs the control `v40_2`" in capsys.readouterr().out
-    assert main([str(ablation_dir), "--control", "nope"]) == 1
+    assert main([str(ablation_dir), "--control", "nope"]) == 2
     assert "control='nope'" in capsys.readouterr().err
-    assert main([str(ablation_dir / "missing")]) == 1
+    assert main([str(ablation_dir / "missing")]) == 2
 
 
 def test_results_file_survives_a_killed_write(tmp_path):

@@ -176,7 +176,7 @@ def test_train_from_s3_equals_local_and_keeps_credentials_out(tmp_path, s3, capf
     (m_local, _), (m_s3, run_s3) = runs["local"], runs["s3"]
     assert m_s3["train/loss_ce"] == m_local["train/loss_ce"] and m_s3["eval/ce"] == m_local["eval/ce"]
     logs = capfd.readouterr()
-    assert logs.out.count("train.shuffle=shards reads whole shards instead") == 1  # the s3 run's hint only
+    assert logs.err.count("train.shuffle=shards reads whole shards instead") == 1  # the s3 run's hint only
     texts = [logs.out, logs.err]
     texts += [p.read_bytes().decode("latin-1") for p in run_s3.rglob("*") if p.is_file()]
     fs = s3.fs()

@@ -160,7 +160,7 @@ def test_shard_window_order_trains_with_cached_whole_shard_reads(tmp_path, store
     m = run_training(
         _cfg(tmp_path / "s", store, **kw, **{"train.shuffle": "shards", "train.shuffle_window": 2})
     )
-    assert "train.shuffle=shards:" in capsys.readouterr().out and math.isfinite(m["train/loss_ce"])
+    assert "train.shuffle=shards:" in capsys.readouterr().err and math.isfinite(m["train/loss_ce"])
     run_training(_cfg(tmp_path / "g", store, **kw))
     assert losses(tmp_path / "s" / "run") != losses(tmp_path / "g" / "run")  # another sample order
 

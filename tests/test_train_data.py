@@ -11,7 +11,7 @@ from tests.helpers_store import write_random_store
 from trainer.data.loader import ResumableSampler, StoreDataset, collate_right_pad, make_loader
 from trainer.eval.greedy import generated_matches
 from trainer.objective.losses import ce_sums_by_segment, masked_ce
-from trainer.objective.schedules import lambda_kv_at, lr_multiplier
+from trainer.objective.schedules import lambda_kv_at, lr_multiplier, lr_schedule
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,38 @@ def test_lr_schedule_warmup_then_cosine():
     assert vals[20] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="train.min_lr_ratio"):
         lr_multiplier(0, 0, 10, 1.5)
+
+
+@pytest.mark.parametrize(
+    "warmup, total, min_ratio",
+    [(0, 1, 0.0), (0, 10, 0.1), (4, 20, 0.1), (20, 300, 0.1), (3, 7, 1.0), (12, 10, 0.5), (10, 10, 0.0)],
+)
+def test_library_lr_schedule_equals_the_closed_form_at_every_step(warmup, total, min_ratio):
+    """transformers' warmup + cosine, as `lr_schedule` sets it up, gives exactly `lr_multiplier` at every
+    step, per param group; a scheduler restored from its state_dict mid-run continues identically."""
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 3e-4}, {"params": params[1:], "lr": 1e-3}])
+    sched = lr_schedule(opt, warmup, total, min_ratio)
+    seen, saved = [], None
+    for step in range(total):
+        seen.append(sched.get_last_lr())
+        opt.step()
+        sched.step()
+        if step == total // 2:
+            saved = (opt.state_dict(), sched.state_dict())
+    assert seen == [
+        [peak * lr_multiplier(s, warmup, total, min_ratio) for peak in (3e-4, 1e-3)] for s in range(total)
+    ]
+    opt2 = torch.optim.SGD([{"params": params[:1], "lr": 3e-4}, {"params": params[1:], "lr": 1e-3}])
+    sched2 = lr_schedule(opt2, warmup, total, min_ratio)
+    opt2.load_state_dict(saved[0])
+    sched2.load_state_dict(saved[1])
+    resumed = []
+    for _ in range(total // 2 + 1, total):
+        resumed.append(sched2.get_last_lr())
+        opt2.step()
+        sched2.step()
+    assert resumed == seen[total // 2 + 1 :]
 
 
 @pytest.mark.parametrize(

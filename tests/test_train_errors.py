@@ -164,6 +164,14 @@ def test_nan_loss_stops_naming_step_and_term(tmp_path):
     assert not list((Path(cfg.run_dir) / "checkpoints").glob("step_*"))  # nothing saved after a NaN
 
 
+def test_nan_stop_under_the_cli_is_a_failure_exit_1(tmp_path, capsys):
+    s = make_tiny_store(tmp_path / "nan.zarr", num_train=4, num_eval=0, poison=True)
+    path = write_config(tmp_path, tiny_train_config(tmp_path, s, **{"train.batch_size": 4}))
+    assert main(["--config", str(path)]) == 1
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and errors[0].startswith("train: error: step 1: loss_struct is not finite (nan)")
+
+
 def test_resume_with_another_world_size_is_refused(tmp_path, store):
     from trainer.run.checkpoint import STATE_FILE, latest_checkpoint
 

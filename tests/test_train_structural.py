@@ -192,7 +192,7 @@ def test_new_arms_train_end_to_end(tmp_path, store, capsys):
         if name == "auto":
             want = [min(100.0, max(0.01, r["loss_ce"] / r["loss_struct"])) for r in rows]  # default range
             assert [r["lambda_kv"] for r in rows] == pytest.approx(want, rel=1e-4)
-    assert "head_select: 2 heads one-to-one: student L0.h0 <- teacher" in capsys.readouterr().out
+    assert "head_select: 2 heads one-to-one: student L0.h0 <- teacher" in capsys.readouterr().err
 
 
 def test_a_pruned_students_chosen_heads_go_to_the_heads_cut_from_them():

@@ -1,14 +1,29 @@
-"""kvmap stage 2: train a student on a teacher-state store.
+"""kvmap stage 2: train a student on a teacher-state store that stage 1 (`pipeline/`) wrote.
 
-Entry points:
-- `accelerate launch trainer/train.py --config configs/default.yaml [key=value ...] [--resume] [--overwrite]`
-  (`trainer.train.run_training(cfg, resume=False, overwrite=False) -> dict`, `trainer.train.main(argv)`).
-- `python -m trainer.profile_alignment --config ... --mode structured|flat|both --batch_size N --seq_length T
-  [--live-teacher] [--num_batches 1|2]`.
-- `benchmarks/bench_train.py` (step cost: CE-only vs cached vs online, loader throughput).
+Stage 2 owns the student side: reading the store into batches, the objective (CE + logit KD + lambda_kv x
+the structural loss of `alignment/`), the training loop with exact resume, held-out evaluation, and A/B
+matrices of runs with their report. The teacher itself is never loaded (except `kvmap-profile
+--live-teacher`); its geometry comes from the store. The config sections it reads are defined in
+`pipeline.config` (`kvmap.KVMapConfig`, `train.TrainConfig` / `EvalConfig`).
 
-Pieces: `trainer.data.loader` (StoreDataset, collate_right_pad, ResumableSampler, make_loader), `trainer.objective.step`
-(DistillModel, forward_step), `trainer.objective.losses`, `trainer.objective.schedules` (lr_multiplier, lambda_kv_at),
-`trainer.eval.evaluate` (evaluate, alignment_diagnostics), `trainer.eval.greedy` (exact match), `trainer.run.checkpoint`,
-`trainer.run.store_checks`, `trainer.run.setup`, `trainer.run.loop_utils`; config sections in `trainer.config`.
+Entry points (console scripts in pyproject.toml):
+- `kvmap-train` = `accelerate launch trainer/train.py --config ... [key=value ...] [--resume] [--overwrite]`:
+  one run (`trainer.train.run_training(cfg, resume, overwrite) -> metrics`).
+- `kvmap-ablate` = `trainer/ablate.py --config configs/ablations/... [--dry-run]`: arms x seeds, resumable.
+- `kvmap-report RUN_DIR` (`trainer.ablation.report`): a matrix's tables and plots.
+- `kvmap-profile` (`trainer/profile_alignment.py`): one or two batches through the aligner vs the student.
+- `python -m trainer.eval.eval_student --config ...`: held-out metrics of a student before any step.
+- `benchmarks/bench_train.py`: step cost (CE-only vs cached vs online) and loader throughput.
+
+Sub-packages, top to bottom (import-linter's stage-2 contract: each imports only those below it):
+- `trainer.ablation`: the matrix config, child processes, the results file, report, plots, statistics.
+- `trainer.eval`: CE per segment, answer accuracy, teacher agreement, greedy exact match.
+- `trainer.run`: one run's setup (student, aligner, losses, optimizer and LR schedule, accelerator, sample
+  stream), checkpoints and the run folder, store checks, loop helpers.
+- `trainer.objective` | `trainer.data`: the forward + loss step, loss terms, schedules, gradient probe |
+  the store dataset, collate, resumable sampler, in-RAM preload, shard-window order.
+
+Every command fails one way (`pipeline.cli.run_command`): one line `NAME: error: ...` on stderr, exit 2 for
+bad input, 1 for a failure found while running (a NaN/inf stop, a failed run); results go to stdout,
+messages to stderr.
 """

@@ -35,13 +35,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from pipeline.cli import command_parser, parse_args, run_command
+from alignment.mapping.layer_map import build_layer_map
+from pipeline.cli import CommandFailed, command_parser, parse_args, run_command
 from pipeline.config.configlib import ConfigError, git_sha, load_config, to_dict
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.extract import run_extraction
+from pipeline.store.reader import KVStore
 from trainer.ablation.child_process import interrupt_on_signals, run_child
 from trainer.ablation.config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
+from trainer.ablation.report import build_report
 from trainer.ablation.results import RESULTS_NAME, append_result, done_keys, read_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +66,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def tell(text: str) -> None:
+    """A progress message on stderr (stdout carries the results: the dry-run list and the report)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def _tail(path: Path, n: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -74,6 +84,7 @@ def config_path(spec: RunSpec) -> Path:
 
 
 def log_path(spec: RunSpec) -> Path:
+    """The run's training log (beside its run folder, like its config)."""
     return spec.run_dir.parent / f"{spec.run_dir.name}.log"
 
 
@@ -90,13 +101,14 @@ def run_subprocess(spec: RunSpec, resume: bool, abl: AblationConfig) -> None:
     rc = run_child(cmd, log, _child_env(), progress=watch if _is_main() else None)
     if rc != 0:
         raise RuntimeError(
-            f"arm '{spec.arm}' seed {spec.seed}: training exited with code {rc}; log {log}, last lines:\n"
-            + _tail(log)
+            f"arm '{spec.arm}' seed {spec.seed}: training exited with code {rc} (log: {log})\n"
+            f"last lines of the log:\n{_tail(log)}"
         )
 
 
 def run_inprocess(spec: RunSpec, resume: bool, abl: AblationConfig) -> None:
     """Train in this process via trainer.train.run_training (every rank of a multi-process launch calls it)."""
+    # Lazy: only this runner trains here; the default subprocess sweep's process never loads transformers.
     from trainer.train import run_training
 
     run_training(spec.cfg, resume=resume)
@@ -140,10 +152,6 @@ def record_ablation(out: Path, abl: AblationConfig) -> None:
     tmp.replace(path)
 
 
-def store_path(cfg: KVMapConfig) -> str:
-    return cfg.train.store or cfg.extract.store
-
-
 def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> str:
     """Extract the shared store if it is missing or incomplete; return its fingerprint.
 
@@ -152,9 +160,7 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
     so the teacher's memory is returned to the OS before training starts. An incomplete store resumes.
     Raises ValueError when the store lacks teacher layers an arm's layer map needs (before any run).
     """
-    from pipeline.store.reader import KVStore
-
-    paths = sorted({store_path(s.cfg) for s in specs})
+    paths = sorted({s.cfg.train.store or s.cfg.extract.store for s in specs})  # what each arm trains from
     if len(paths) != 1:
         raise ConfigError(f"arms train from different stores {paths}: the matrix must share one store")
     path = Path(paths[0])
@@ -170,10 +176,8 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
             raise FileNotFoundError(f"store '{path}' is missing or incomplete and extract_if_missing=false")
         cfg = specs[0].cfg  # every arm has the same data/teacher/extract sections (plan_runs checked)
         if inprocess:
-            from pipeline.extract import run_extraction
-
             if _is_main():
-                print(f"[ablate] store '{path}' missing or incomplete: extracting in-process")
+                tell(f"[ablate] store '{path}' missing or incomplete: extracting in-process")
             run_extraction(cfg)
         else:
             cfg_file = Path(abl.out_dir) / "extract_config.yaml"
@@ -181,7 +185,7 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
             cfg_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             cmd = [*(abl.launcher or [sys.executable]), str(REPO_ROOT / "pipeline" / "extract.py")]
             cmd += ["--config", str(cfg_file)]
-            print(f"[ablate] store '{path}' missing or incomplete: {' '.join(cmd)}")
+            tell(f"[ablate] store '{path}' missing or incomplete: {' '.join(cmd)}")
             rc = run_child(cmd, None, _child_env())
             if rc != 0:
                 raise RuntimeError(
@@ -196,8 +200,6 @@ def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> 
 
 def check_layers(store, specs: list[RunSpec]) -> None:
     """Every arm's layer map must point at stored teacher layers (checked where the student's depth is known)."""
-    from alignment.mapping.layer_map import build_layer_map
-
     L_t = int(store.attrs.get("teacher", {}).get("num_layers", 0))
     if not L_t:
         return
@@ -235,6 +237,7 @@ def run_state(spec: RunSpec) -> str:
 
 
 def make_row(spec: RunSpec, wall_s: float, resumed: bool, fingerprint: str | None) -> dict:
+    """The results row of a finished run (trainer/ablation/results.py lists its keys)."""
     metrics_file = spec.run_dir / "metrics.json"
     if not metrics_file.is_file():
         raise RuntimeError(f"arm '{spec.arm}' seed {spec.seed}: training ended without {metrics_file}")
@@ -302,7 +305,7 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
     check_rows(rows, specs, None, results)
     todo = [s for s in specs if s.arm in todo_arms and s.key not in rows]
     if _is_main():
-        print(
+        tell(
             f"[ablate] {len(abl.arms)} arms x {len(abl.seeds)} seeds -> {out} ({runner_name}); "
             f"{len(specs) - len(todo)} done or skipped, {len(todo)} to run"
         )
@@ -316,39 +319,40 @@ def run_ablation(abl: AblationConfig, dry_run: bool = False) -> list[dict]:
     fingerprint = ensure_store(abl, specs, inprocess=runner_name != "subprocess") if todo else None
     if fingerprint:
         check_rows(rows, specs, fingerprint, results)
-    bar = tqdm(total=len(todo), desc="ablation runs", unit="run", disable=not _is_main())
-    for spec in todo:
-        bar.set_postfix_str(f"{spec.arm} seed {spec.seed}")
-        state = run_state(spec)
-        t0 = time.perf_counter()
-        if state != "finished":
-            _barrier()  # every rank has read the folder's state before the main one changes it
-            if _is_main():
-                if state == "stale":
-                    shutil.rmtree(spec.run_dir)  # half-written by a killed run with no usable checkpoint
-                spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                config_path(spec).write_text(yaml.safe_dump(to_dict(spec.cfg), sort_keys=False))
-            _barrier()
-            runner(spec, state == "resumable", abl)
-        if _is_main():
-            append_result(
-                results, make_row(spec, time.perf_counter() - t0, state == "resumable", fingerprint)
-            )
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(todo), desc="ablation runs", unit="run", disable=not _is_main()) as bar:
+        for spec in todo:
+            bar.set_postfix_str(f"{spec.arm} seed {spec.seed}")
+            train_and_record(spec, runner, abl, results, fingerprint)
+            bar.update(1)
     _barrier()  # the main rank has appended its last row
     all_rows = read_results(results) if results.exists() else []
     if abl.report and _is_main() and all_rows:
-        from trainer.ablation.report import build_report
-
         print(build_report(out, control=abl.control))
     return all_rows
 
 
+def train_and_record(
+    spec: RunSpec, runner: Callable, abl: AblationConfig, results: Path, fingerprint
+) -> None:
+    """Train one (arm, seed) unless its folder holds a finished run (resuming a stopped one), then append
+    its row to the results file."""
+    state = run_state(spec)
+    t0 = time.perf_counter()
+    if state != "finished":
+        _barrier()  # every rank has read the folder's state before the main one changes it
+        if _is_main():
+            if state == "stale":
+                shutil.rmtree(spec.run_dir)  # half-written by a killed run with no usable checkpoint
+            spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            config_path(spec).write_text(yaml.safe_dump(to_dict(spec.cfg), sort_keys=False))
+        _barrier()
+        runner(spec, state == "resumable", abl)
+    if _is_main():
+        append_result(results, make_row(spec, time.perf_counter() - t0, state == "resumable", fingerprint))
+
+
 def _barrier() -> None:
     if _world_size() > 1:
-        from accelerate import PartialState
-
         PartialState().wait_for_everyone()
 
 
@@ -369,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--config PATH is required (e.g. configs/ablations/default.yaml)")
 
     def body() -> None:
-        run_ablation(load_ablation(args.config, args.overrides), dry_run=args.dry_run)
+        abl = load_ablation(args.config, args.overrides)
+        try:
+            run_ablation(abl, dry_run=args.dry_run)
+        except (RuntimeError, FloatingPointError) as e:  # a run or the extraction failed: not bad input
+            raise CommandFailed(str(e)) from e
 
     interrupt_on_signals()
     try:
-        return run_command("ablate", body, extra=(RuntimeError,))
+        return run_command("ablate", body)
     except KeyboardInterrupt:
         print(
             "ablate: interrupted; finished runs are in results.jsonl and a stopped run resumes from its last "

@@ -30,45 +30,68 @@ import shutil
 import sys
 import time
 
-from pipeline.cli import command_parser, config_from_args, parse_args, run_command
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from pipeline.cli import CommandFailed, command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import to_dict
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.geometry import teacher_config_from_attrs
 from trainer.eval.evaluate import alignment_diagnostics, evaluate
 from trainer.objective.grad_probe import grad_probe, term_weights
 from trainer.objective.schedules import lambda_kv_at
-from trainer.objective.step import forward_step
-from trainer.run.checkpoint import _jsonable, save_checkpoint, save_student
+from trainer.objective.step import StepResult, forward_step
+from trainer.run.checkpoint import jsonable, save_checkpoint, save_student
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run.run_setup import Run, finished_metrics, setup_run
 
 
-def train_step(run: Run, step: int) -> dict:
-    """One optimizer step (gradient accumulation, clipping, AdamW, LR schedule); returns its logs."""
+def structural_weight(run: Run, step: int) -> float | str:
+    """lambda_kv at `step` (`train.lambda_schedule`); "auto" while the auto weight is on (set per batch)."""
+    cfg, t = run.cfg, run.cfg.train
+    peak = 1.0 if cfg.lambda_kv == "auto" else cfg.lambda_kv
+    lam = lambda_kv_at(step, peak, t.lambda_schedule, t.lambda_warmup_steps, t.steps, t.lambda_until)
+    return "auto" if cfg.lambda_kv == "auto" and lam > 0 else lam
+
+
+def micro_step(run: Run, batch: dict, lam: float | str) -> StepResult:
+    """The objective on one micro-batch with the run's segments, loss terms and weights."""
+    return forward_step(
+        run.model,
+        batch,
+        ce_ids=run.ce_ids,
+        struct_ids=run.struct_ids,
+        lambda_kv=lam,
+        loss_fn=run.loss_fn,
+        kd=run.kd,
+        ce_weight=run.cfg.loss_config.ce_weight,
+        lambda_auto_range=run.cfg.train.lambda_auto_range,
+    )
+
+
+def accumulate(run: Run, step: int, lam: float | str) -> tuple[list[dict], int]:
+    """Forward + backward of the step's `train.grad_accum` micro-batches; (their logs, tokens read)."""
     cfg, acc = run.cfg, run.accelerator
-    lam = lambda_kv_at(
-        step, 1.0 if cfg.lambda_kv == "auto" else cfg.lambda_kv, cfg.train.lambda_schedule,
-        cfg.train.lambda_warmup_steps, cfg.train.steps, cfg.train.lambda_until,
-    )  # fmt: skip
-    lam = "auto" if cfg.lambda_kv == "auto" and lam > 0 else lam  # auto: computed per batch in the step
-    micro_logs, tokens, t_step = [], 0, time.time()
     every = cfg.train.grad_probe_every
     probe = every > 0 and (step + 1) % every == 0  # 1-based like metrics.jsonl
+    micro_logs, tokens = [], 0
     for micro in range(cfg.train.grad_accum):
         batch = next(run.batches)
         tokens += int(batch["attention_mask"].sum())
         last = micro == cfg.train.grad_accum - 1
         with contextlib.nullcontext() if last else acc.no_sync(run.model):
-            res = forward_step(
-                run.model, batch, ce_ids=run.ce_ids, struct_ids=run.struct_ids, lambda_kv=lam,
-                loss_fn=run.loss_fn, kd=run.kd, ce_weight=cfg.loss_config.ce_weight,
-                lambda_auto_range=cfg.train.lambda_auto_range,
-            )  # fmt: skip
+            res = micro_step(run, batch, lam)
             check_finite(acc, res, step + 1)  # 1-based like metrics.jsonl
             if probe:  # before backward: the probe's extra gradients leave this step's update unchanged
                 res.logs.update(probe_step(run, res))
             acc.backward(res.loss / cfg.train.grad_accum)
         micro_logs.append(res.logs)
+    return micro_logs, tokens
+
+
+def update(run: Run) -> tuple[dict[str, float], float | None]:
+    """Clip, AdamW step, LR schedule step; (the LR each param group used, the pre-clip gradient norm)."""
+    cfg, acc = run.cfg, run.accelerator
     grad_norm = None
     if cfg.train.clip_grad > 0:
         grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.train.clip_grad)
@@ -76,13 +99,22 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return lrs, None if grad_norm is None else float(grad_norm)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step (gradient accumulation, clipping, AdamW, LR schedule); returns its logs."""
+    acc, t_step = run.accelerator, time.time()
+    lam = structural_weight(run, step)
+    micro_logs, tokens = accumulate(run, step, lam)
+    lrs, grad_norm = update(run)
     logs = reduce_logs(acc, micro_logs)
     logs.update(lr=lrs.get("student", next(iter(lrs.values()))), step_s=time.time() - t_step)
     logs.setdefault("lambda_kv", 0.0 if lam == "auto" else float(lam))  # the step logs auto's value
     if "aligner" in lrs:
         logs["lr_aligner"] = lrs["aligner"]
     if grad_norm is not None:
-        logs["grad_norm"] = float(grad_norm)
+        logs["grad_norm"] = grad_norm
     logs["tokens"] = tokens * acc.num_processes
     return logs
 
@@ -114,9 +146,9 @@ def record(run: Run, done: int, logs: dict) -> None:
 
 
 def evaluate_now(run: Run) -> dict:
-    acc = run.accelerator
+    """The held-out `eval/*` metrics of the student as it is now."""
     return evaluate(
-        acc,
+        run.accelerator,
         run.base.student,
         run.tokenizer,
         run.store.path,
@@ -144,8 +176,12 @@ def maybe_checkpoint(run: Run, done: int) -> None:
     t = run.cfg.train
     final = done == t.steps
     if (final and t.save_final_state) or (not final and t.ckpt_every and done % t.ckpt_every == 0):
-        state = {"seed": run.cfg.seed, "recent": run.recent, "config": to_dict(run.cfg),
-                 "num_processes": run.accelerator.num_processes}  # fmt: skip
+        state = {
+            "seed": run.cfg.seed,
+            "recent": run.recent,
+            "config": to_dict(run.cfg),
+            "num_processes": run.accelerator.num_processes,
+        }
         save_checkpoint(run.accelerator, run.run_dir, done, state, t.keep_checkpoints)
 
 
@@ -156,8 +192,8 @@ def finish(run: Run, t0: float) -> dict:
     if final_eval:
         emit(run, {"step": cfg.train.steps, **final_eval})
     diag = alignment_diagnostics(acc, base.aligner, run.store.path, cfg, run.pad_id) if base.aligner else {}
-    metrics = {**final_eval, **final_train_metrics(run.recent), **diag, "wall_s": time.time() - t0,
-               "steps": cfg.train.steps}  # fmt: skip
+    metrics = {**final_eval, **final_train_metrics(run.recent), **diag}
+    metrics.update(wall_s=time.time() - t0, steps=cfg.train.steps)
     metrics["align/params"] = base.aligner.num_parameters(trainable_only=True) if base.aligner else 0
     if acc.is_main_process:
         meta = {
@@ -168,7 +204,7 @@ def finish(run: Run, t0: float) -> dict:
             "layer_map": list(base.aligner.layer_map) if base.aligner else [],
         }
         save_student(base.student, run.tokenizer, base.aligner, meta, run.run_dir / "student")
-        (run.run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+        (run.run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
         if not cfg.train.save_final_state:  # the student is saved: the optimizer state is not needed
             shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
     acc.wait_for_everyone()
@@ -193,8 +229,6 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         >>> cfg = load_config(KVMapConfig, "configs/default.yaml", ["train.steps=20"])
         >>> run_training(cfg)["eval/ce"]
     """
-    from tqdm.auto import tqdm
-
     t0 = time.time()
     done_before = finished_metrics(cfg, resume, overwrite)
     if done_before is not None:
@@ -232,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg = config_from_args(KVMapConfig, args)
-        metrics.update(run_training(cfg, resume=args.resume, overwrite=args.overwrite))
+        try:
+            metrics.update(run_training(cfg, resume=args.resume, overwrite=args.overwrite))
+        except FloatingPointError as e:  # the NaN/inf stop: the run diverged, a failure rather than bad input
+            raise CommandFailed(str(e)) from e
 
     try:
         rc = run_command("train", body)
@@ -241,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if rc:
         return rc
-    from accelerate import PartialState
-
     if not PartialState().is_main_process:
         return 0
     keys = [k for k in metrics if not isinstance(metrics[k], list)]

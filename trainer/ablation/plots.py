@@ -47,6 +47,7 @@ def _band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[
 
 
 def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | None:
+    """loss_curves.png: train CE, held-out CE and R accuracy vs step per arm; None when no run logged any."""
     # The accuracy panel is the learning curve the budget is chosen from (distillation mostly shows as
     # faster learning, so where CE-only sits on it decides whether arms can differ at all).
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -106,6 +107,7 @@ def _layer_stats(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_cos_layers(out_dir: Path, groups: dict[str, list[dict]]) -> Path | None:
+    """cos_layers.png: final per-layer K and V cosine per arm; None when no arm has them (CE-only)."""
     data = {
         arm: {c: _layer_stats(rows, f"train/cos_{c}_layer") for c in ("k", "v")}
         for arm, rows in groups.items()
@@ -136,6 +138,7 @@ def plot_cos_layers(out_dir: Path, groups: dict[str, list[dict]]) -> Path | None
 
 
 def plot_deltas(out_dir: Path, stats: dict, control: str | None) -> Path | None:
+    """deltas.png: Δ held-out CE and Δ R accuracy of each arm vs the control; None without a control."""
     if control is None:
         return None
     arms = [a for a in stats if a != control]

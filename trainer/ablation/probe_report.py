@@ -11,12 +11,30 @@ from pathlib import Path
 
 from trainer.ablation.results import read_curve, resolve_run_dir
 
-PROBE_KEYS = ("gprobe/norm_ce", "gprobe/norm_kd", "gprobe/norm_struct", "gprobe/cos_ce_kd",
-              "gprobe/cos_ce_struct", "gprobe/cos_kd_struct")  # fmt: skip
+PROBE_KEYS = (
+    "gprobe/norm_ce",
+    "gprobe/norm_kd",
+    "gprobe/norm_struct",
+    "gprobe/cos_ce_kd",
+    "gprobe/cos_ce_struct",
+    "gprobe/cos_kd_struct",
+)
 
 
 def _ratio(a: dict, b: dict) -> dict[int, float]:
     return {s: a[s] / b[s] for s in a if s in b and b[s] > 0}
+
+
+def seed_quantities(c: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """{quantity: {probe step: value}} of one run from its `gprobe/*` curves: norm ratios and cosines."""
+    return {
+        "struct ÷ KD norm": _ratio(c["gprobe/norm_struct"], c["gprobe/norm_kd"]),
+        "struct ÷ CE norm": _ratio(c["gprobe/norm_struct"], c["gprobe/norm_ce"]),
+        "KD ÷ CE norm": _ratio(c["gprobe/norm_kd"], c["gprobe/norm_ce"]),
+        "cos(CE, KD)": c["gprobe/cos_ce_kd"],
+        "cos(CE, struct)": c["gprobe/cos_ce_struct"],
+        "cos(KD, struct)": c["gprobe/cos_kd_struct"],
+    }
 
 
 def arm_probe(out_dir: Path, rows: list[dict]) -> dict[str, tuple[float, float]] | None:
@@ -27,14 +45,7 @@ def arm_probe(out_dir: Path, rows: list[dict]) -> dict[str, tuple[float, float]]
         c = {k: read_curve(run, (k,)) for k in PROBE_KEYS}
         if not c["gprobe/norm_ce"]:
             continue
-        per_seed.append({
-            "struct ÷ KD norm": _ratio(c["gprobe/norm_struct"], c["gprobe/norm_kd"]),
-            "struct ÷ CE norm": _ratio(c["gprobe/norm_struct"], c["gprobe/norm_ce"]),
-            "KD ÷ CE norm": _ratio(c["gprobe/norm_kd"], c["gprobe/norm_ce"]),
-            "cos(CE, KD)": c["gprobe/cos_ce_kd"],
-            "cos(CE, struct)": c["gprobe/cos_ce_struct"],
-            "cos(KD, struct)": c["gprobe/cos_kd_struct"],
-        })  # fmt: skip
+        per_seed.append(seed_quantities(c))
     if not per_seed:
         return None
     out = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.cli import command_parser
+from pipeline.cli import command_parser, parse_args, run_command
 from trainer.ablation.plots import write_plots
 from trainer.ablation.probe_report import probe_table
 from trainer.ablation.results import RESULTS_NAME, read_results
@@ -67,6 +67,7 @@ DELTA_KEYS = [
 
 
 def load_ablation_meta(run_dir: Path) -> dict:
+    """RUN_DIR/ablation.yaml (arms, control, planned seeds), or {} when absent."""
     p = run_dir / "ablation.yaml"
     return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
 
@@ -87,6 +88,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def stats_table(groups: dict, stats: dict, columns: list) -> str:
+    """Markdown table: one row per arm, 'mean ± std' per column."""
     headers = ["arm", "n"] + [c[1] for c in columns]
     body = []
     for arm, rs in groups.items():
@@ -103,6 +105,7 @@ def stats_table(groups: dict, stats: dict, columns: list) -> str:
 
 
 def delta_table(groups: dict, stats: dict, control: str) -> str:
+    """Markdown table: each arm's delta vs the control ± its SE, marked better/worse beyond 2 SE."""
     cols = [c for c in QUALITY_COLUMNS if c[0] in DELTA_KEYS]
     headers = ["arm"] + [f"Δ {c[1]}" for c in cols]
     body = []
@@ -140,45 +143,37 @@ def cost_line(stats: dict, ref: str | None) -> str:
     )
 
 
-def build_report(run_dir: str | Path, control: str | None = None, plots: bool = True) -> str:
-    """Write RUN_DIR/report.md (+ PNG plots) from RUN_DIR/results.jsonl and return the markdown.
+def choose_control(
+    control: str | None, meta: dict, groups: dict, arms_meta: dict
+) -> tuple[str | None, str | None]:
+    """(the arm deltas are taken against or None, a planned control that has no finished runs yet or None).
 
-    Args:
-        run_dir: an ablation out_dir holding results.jsonl.
-        control: the arm deltas are taken against; None = ablation.yaml's `control`, else the first arm
-            whose rows have lambda_kv == 0, else no delta table.
-        plots: also write loss_curves.png, cos_layers.png, deltas.png (matplotlib, Agg backend).
+    `control` None = ablation.yaml's `control`, else the first arm whose rows all have lambda_kv == 0.
     """
-    run_dir = Path(run_dir)
-    results = run_dir / RESULTS_NAME
-    rows = read_results(results)
-    if not rows:
-        raise FileNotFoundError(f"{results}: no results rows (run trainer/ablate.py first)")
-    meta = load_ablation_meta(run_dir)
-    arms_meta = {a["name"]: a for a in meta.get("arms", []) if isinstance(a, dict) and "name" in a}
-    groups = group_rows(rows, list(arms_meta))
-    keys = [c[0] for c in QUALITY_COLUMNS + ALIGN_COLUMNS]
-    stats = arm_stats(groups, keys)
     if control is None:
         control = meta.get("control") or next(
             (a for a, rs in groups.items() if all(number_or_none(r.get("lambda_kv")) == 0.0 for r in rs)),
             None,
         )
-    no_control_rows = None
-    if control is not None and control not in groups:
-        if control not in arms_meta:
-            raise ValueError(
-                f"control={control!r}: not an arm of this ablation (arms with rows: {list(groups)})"
-            )
-        no_control_rows, control = control, None  # planned but not run yet (e.g. only_arms): no deltas
+    if control is None or control in groups:
+        return control, None
+    if control not in arms_meta:
+        raise ValueError(f"control={control!r}: not an arm of this ablation (arms with rows: {list(groups)})")
+    return None, control  # planned but not run yet (e.g. only_arms): no deltas
 
+
+def summary_lines(
+    run_dir: Path, rows: list[dict], groups: dict, stats: dict, control: str | None
+) -> list[str]:
+    """The title, provenance, the quality and the alignment/cost tables, the step-cost line."""
     fps = sorted({str(r.get("store_fingerprint")) for r in rows})
     shas = sorted({str(r.get("git_sha")) for r in rows})
+    built = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         f"# Ablation report: {run_dir}",
         "",
         f"{len(rows)} runs, {len(groups)} arms; store fingerprint {', '.join(fps)}; git {', '.join(shas)}; "
-        f"built {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"built {built}.",
         "Cells: mean ± sample std over seeds (n = seeds finished).",
         "",
         "## Held-out quality",
@@ -197,6 +192,12 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
             "",
             "† some runs of this arm were resumed after an interruption: their wall time is the last attempt's.",
         ]
+    return out
+
+
+def delta_lines(groups: dict, stats: dict, control: str | None, unrun_control: str | None) -> list[str]:
+    """The delta table vs the control, or why there is none."""
+    out = []
     if control is not None and len(groups) > 1:
         out += [
             "",
@@ -207,42 +208,82 @@ def build_report(run_dir: str | Path, control: str | None = None, plots: bool = 
             "",
             delta_table(groups, stats, control),
         ]
-    if no_control_rows:
-        out += ["", f"No deltas: the control `{no_control_rows}` has no finished runs yet."]
+    if unrun_control:
+        out += ["", f"No deltas: the control `{unrun_control}` has no finished runs yet."]
+    return out
+
+
+def incomplete_lines(meta: dict, arms_meta: dict, groups: dict) -> list[str]:
+    """Arms with fewer finished seeds than ablation.yaml plans."""
     planned = meta.get("seeds") or []
     missing = [
         f"`{a}` ({len(groups.get(a, []))}/{len(planned)} seeds)"
         for a in arms_meta
         if planned and len(groups.get(a, [])) < len(planned)
     ]
-    if missing:
-        out += ["", "Incomplete arms: " + ", ".join(missing) + "."]
+    return ["", "Incomplete arms: " + ", ".join(missing) + "."] if missing else []
+
+
+def probe_lines(run_dir: Path, groups: dict) -> list[str]:
+    """The gradient-probe section, when any run logged probes."""
     probes = probe_table(run_dir, groups)
-    if probes:
-        out += [
-            "",
-            "## Gradient probe (`train.grad_probe_every`; first / mean / last probe step, mean over seeds)",
-            "",
-            "Each weighted term's gradient on the student alone (trainer/objective/grad_probe.py): norm ratios and cosines.",
-            "",
-            probes,
-        ]
-    out += ["", "## Arms", ""]
+    if not probes:
+        return []
+    return [
+        "",
+        "## Gradient probe (`train.grad_probe_every`; first / mean / last probe step, mean over seeds)",
+        "",
+        "Each weighted term's gradient on the student alone (trainer/objective/grad_probe.py): norm ratios and cosines.",
+        "",
+        probes,
+    ]
+
+
+def arm_lines(groups: dict, arms_meta: dict) -> list[str]:
+    """One line per arm: its description, overrides and finished seeds."""
+    out = ["", "## Arms", ""]
     for arm, rs in groups.items():
         desc = arms_meta.get(arm, {}).get("description") or ""
         ovr = " ".join(rs[0].get("overrides") or []) or "(base config)"
         seeds = ", ".join(str(r["seed"]) for r in rs)
         out.append(f"- `{arm}`{': ' + desc if desc else ''} — `{ovr}` — seeds {seeds}")
-    if plots:
-        written = write_plots(run_dir, groups, stats, control)
-        if written:
-            out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written]
+    return out
+
+
+def build_report(run_dir: str | Path, control: str | None = None, plots: bool = True) -> str:
+    """Write RUN_DIR/report.md (+ PNG plots) from RUN_DIR/results.jsonl and return the markdown.
+
+    Args:
+        run_dir: an ablation out_dir holding results.jsonl.
+        control: the arm deltas are taken against; None = ablation.yaml's `control`, else the first arm
+            whose rows have lambda_kv == 0, else no delta table.
+        plots: also write loss_curves.png, cos_layers.png, deltas.png (matplotlib, Agg backend).
+    """
+    run_dir = Path(run_dir)
+    results = run_dir / RESULTS_NAME
+    rows = read_results(results)
+    if not rows:
+        raise FileNotFoundError(f"{results}: no results rows (run trainer/ablate.py first)")
+    meta = load_ablation_meta(run_dir)
+    arms_meta = {a["name"]: a for a in meta.get("arms", []) if isinstance(a, dict) and "name" in a}
+    groups = group_rows(rows, list(arms_meta))
+    stats = arm_stats(groups, [c[0] for c in QUALITY_COLUMNS + ALIGN_COLUMNS])
+    control, unrun_control = choose_control(control, meta, groups, arms_meta)
+    out = summary_lines(run_dir, rows, groups, stats, control)
+    out += delta_lines(groups, stats, control, unrun_control)
+    out += incomplete_lines(meta, arms_meta, groups)
+    out += probe_lines(run_dir, groups)
+    out += arm_lines(groups, arms_meta)
+    written = write_plots(run_dir, groups, stats, control) if plots else []
+    if written:
+        out += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in written]
     text = "\n".join(out) + "\n"
     (run_dir / "report.md").write_text(text)
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`kvmap-report RUN_DIR`: write the report and print its markdown; a bad RUN_DIR or control exits 2."""
     ap = command_parser(
         "kvmap-report",
         __doc__,
@@ -255,13 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", help="an ablation out_dir holding results.jsonl")
     ap.add_argument("--control", default=None, help="arm the deltas are taken against")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
-    args = ap.parse_args(argv)
-    try:
-        print(build_report(args.run_dir, control=args.control, plots=not args.no_plots))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    args = parse_args(ap, argv)
+    return run_command(
+        "report", lambda: print(build_report(args.run_dir, control=args.control, plots=not args.no_plots))
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline.store.location import StoreLocation
+from pipeline.store.reader import KVStore
+from pipeline.store.shard_cache import ShardCache
+from trainer.data.preload import PreloadedSplit
 from trainer.data.sample_order import reader_order
 
 PAD_SEGMENT = -1
@@ -65,8 +69,6 @@ class StoreDataset(Dataset):
         preload: bool = False,
         shard_cache: int = 0,
     ):
-        from pipeline.store.location import StoreLocation
-
         self.store_path = StoreLocation(store_path)
         self.split = split
         self.layers = [int(x) for x in layers]
@@ -76,19 +78,14 @@ class StoreDataset(Dataset):
         self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
         self._pre = None
         if preload:
-            from trainer.data.preload import PreloadedSplit
-
             self._pre = PreloadedSplit(self.store, split, self.layers or self.store.layers, self.components)
 
     @property
-    def store(self):
+    def store(self) -> KVStore:
+        """This process's store handle (reopened after a fork: see the module docstring)."""
         if self._store is None or self._pid != os.getpid():
-            from pipeline.store.reader import KVStore
-
             self._store, self._pid = KVStore(self.store_path), os.getpid()
             if self.shard_cache:
-                from pipeline.store.shard_cache import ShardCache
-
                 self._store.shard_cache = ShardCache(self.shard_cache)
         return self._store
 

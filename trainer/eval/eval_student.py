@@ -12,20 +12,18 @@ import json
 import sys
 import time
 
+from accelerate import Accelerator
+
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.kvmap import KVMapConfig
-from pipeline.models.load import pad_token_id
+from pipeline.models.load import load_model, pad_token_id
+from trainer.eval.evaluate import evaluate
+from trainer.run.setup import segment_ids, store_path_of
+from trainer.run.store_checks import check_tokenizer, open_store
 
 
 def evaluate_student(cfg: KVMapConfig) -> dict:
     """The `eval/*` metrics of `cfg.student` on the store's eval split (CE over `train.ce_segments` too)."""
-    from accelerate import Accelerator
-
-    from pipeline.models.load import load_model
-    from trainer.eval.evaluate import evaluate
-    from trainer.run.setup import segment_ids, store_path_of
-    from trainer.run.store_checks import check_tokenizer, open_store
-
     ce_ids, _ = segment_ids(cfg)
     store = open_store(store_path_of(cfg))
     if "eval" not in store.splits:

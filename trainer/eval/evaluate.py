@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from alignment.losses.diagnostics import effective_rank
 from alignment.losses.logit_kd import teacher_fidelity_sums
 from pipeline.config.kvmap import SEGMENTS
+from pipeline.data.metrics import answer_token_accuracy
+from pipeline.store.reader import KVStore
 from trainer.data.loader import StoreDataset, collate_right_pad
+from trainer.eval.greedy import greedy_exact_match
 from trainer.objective.losses import ce_sums_by_segment, ce_targets
 
 SEG_NAMES = {v: k for k, v in SEGMENTS.items()}
@@ -29,8 +33,6 @@ def answer_token_counts(
     Shapes: logits (B, T, V), input_ids / answer_mask / segment_ids (B, T) -> (2, 2) float64: row 0 hits,
     row 1 counts; column 0 R, column 1 A.
     """
-    from pipeline.data.metrics import answer_token_accuracy
-
     m = answer_token_accuracy(logits, input_ids, answer_mask, segment_ids)
     return torch.tensor(
         [[m["correct_R"], m["correct_A"]], [m["n_R"], m["n_A"]]], dtype=torch.float64, device=logits.device
@@ -39,6 +41,75 @@ def answer_token_counts(
 
 def _shard(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
+
+
+def _ratio(a, b) -> float:
+    return float(a / b) if b > 0 else float("nan")
+
+
+def teacher_forced_sums(
+    accelerator,
+    student,
+    ds: StoreDataset,
+    indices: list[int],
+    batch_size: int,
+    pad_id: int,
+    ce_ids,
+    fidelity: bool,
+) -> torch.Tensor:
+    """CE, answer-accuracy and teacher-fidelity sums and counts over `indices`, one flat float64 vector.
+
+    Layout: CE sums then counts per segment (2 * S), answer hits then counts for R, A (4), and with
+    `fidelity` the teacher's top-1 agreements, KL sum and rows (3; zeros without).
+    """
+    dev = accelerator.device
+    ce = torch.zeros(2, len(SEGMENTS), dtype=torch.float64, device=dev)
+    acc = torch.zeros(2, 2, dtype=torch.float64, device=dev)
+    fid = torch.zeros(3, dtype=torch.float64, device=dev)  # agreements, KL sum, rows
+    for b0 in range(0, len(indices), batch_size):
+        batch = collate_right_pad(ds.__getitems__(indices[b0 : b0 + batch_size]), pad_id)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        with accelerator.autocast():
+            logits = student(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits  # (B, T, V)
+        ce += ce_sums_by_segment(logits, batch["input_ids"], batch["segment_ids"])
+        acc += answer_token_counts(logits, batch["input_ids"], batch["answer_mask"], batch["segment_ids"])
+        if fidelity:
+            keep, _ = ce_targets(batch["input_ids"], batch["segment_ids"], ce_ids if ce_ids else [0, 1, 2])
+            z = logits[keep].float()  # (N, V)
+            fid += teacher_fidelity_sums(z, batch["topk_logprobs"][keep], batch["topk_indices"][keep])
+    return torch.cat([ce.flatten(), acc.flatten(), fid])
+
+
+def exact_match_sums(accelerator, student, tokenizer, ds: StoreDataset, n: int, eval_cfg) -> torch.Tensor:
+    """(hits, count) of greedy exact match on this rank's share of the first `eval.greedy_samples`."""
+    g = _shard(min(n, eval_cfg.greedy_samples), accelerator.process_index, accelerator.num_processes)
+    hits, count = greedy_exact_match(
+        student, tokenizer, ds, g, eval_cfg.max_new_tokens, eval_cfg.batch_size, accelerator.device
+    )
+    return torch.tensor([hits, count], dtype=torch.float64, device=accelerator.device)
+
+
+def eval_metrics(sums: torch.Tensor, em: torch.Tensor | None, n: int, ce_ids, fidelity: bool) -> dict:
+    """The `eval/*` dict from the all-reduced sums (`teacher_forced_sums` layout) and exact-match sums."""
+    S = len(SEGMENTS)
+    ce, acc, fid = sums[: 2 * S].view(2, S), sums[2 * S : 2 * S + 4].view(2, 2), sums[-3:]
+    out = {"eval/ce": _ratio(ce[0].sum(), ce[1].sum())}
+    cols = list(range(S)) if ce_ids is None else list(ce_ids)
+    out["eval/ce_trained"] = _ratio(ce[0, cols].sum(), ce[1, cols].sum())
+    for j, name in SEG_NAMES.items():
+        out[f"eval/ce_{name}"] = _ratio(ce[0, j], ce[1, j])
+    for j, name in enumerate(("R", "A")):
+        out[f"eval/acc_{name}"] = _ratio(acc[0, j], acc[1, j])
+    out["eval/acc"] = _ratio(acc[0].sum(), acc[1].sum())
+    if em is not None:  # a disabled evaluation reports no value
+        out["eval/exact_match"] = _ratio(em[0], em[1])
+    out["eval/samples"] = n
+    if fidelity:
+        out["eval/agree_top1"] = _ratio(fid[0], fid[2])
+        out["eval/kl_teacher"] = _ratio(fid[1], fid[2])
+    return out
 
 
 @torch.no_grad()
@@ -61,67 +132,20 @@ def evaluate(
         `eval/ce_trained` is CE over the segments training counts: with `ce_segments: [R, A]` the prompt is
         never a target, so `eval/ce` (all segments) is dominated by P and says little about the student.
     """
-    from trainer.eval.greedy import greedy_exact_match
-
     was_training = student.training
     student.eval()
-    from pipeline.store.reader import KVStore
-
     fidelity = KVStore(store_path).has_logits(split)  # the teacher's top-k log-probs of the held-out rows
     ds = StoreDataset(store_path, split, components=("logits",) if fidelity else ())
     n = len(ds) if eval_cfg.max_samples is None else min(len(ds), eval_cfg.max_samples)
     mine = _shard(n, accelerator.process_index, accelerator.num_processes)
-    ce = torch.zeros(2, len(SEGMENTS), dtype=torch.float64, device=accelerator.device)
-    acc = torch.zeros(2, 2, dtype=torch.float64, device=accelerator.device)
-    fid = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # agreements, KL sum, rows
-    for b0 in range(0, len(mine), eval_cfg.batch_size):
-        batch = collate_right_pad(ds.__getitems__(mine[b0 : b0 + eval_cfg.batch_size]), pad_id)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            logits = student(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits  # (B, T, V)
-        ce += ce_sums_by_segment(logits, batch["input_ids"], batch["segment_ids"])
-        acc += answer_token_counts(logits, batch["input_ids"], batch["answer_mask"], batch["segment_ids"])
-        if fidelity:
-            keep, _ = ce_targets(batch["input_ids"], batch["segment_ids"], ce_ids if ce_ids else [0, 1, 2])
-            z = logits[keep].float()  # (N, V)
-            fid += teacher_fidelity_sums(z, batch["topk_logprobs"][keep], batch["topk_indices"][keep])
-    em = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    if tokenizer is not None and eval_cfg.greedy_samples > 0:
-        g = _shard(min(n, eval_cfg.greedy_samples), accelerator.process_index, accelerator.num_processes)
-        hits, count = greedy_exact_match(
-            student, tokenizer, ds, g, eval_cfg.max_new_tokens, eval_cfg.batch_size, accelerator.device
-        )
-        em += torch.tensor([hits, count], dtype=torch.float64, device=accelerator.device)
-    stacked = torch.cat([ce.flatten(), acc.flatten(), em, fid])
+    sums = teacher_forced_sums(accelerator, student, ds, mine, eval_cfg.batch_size, pad_id, ce_ids, fidelity)
+    greedy = tokenizer is not None and eval_cfg.greedy_samples > 0
+    em = exact_match_sums(accelerator, student, tokenizer, ds, n, eval_cfg) if greedy else sums.new_zeros(2)
+    stacked = torch.cat([sums, em])
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, reduction="sum")
-    S = len(SEGMENTS)
-    ce, acc, em = (
-        stacked[: 2 * S].view(2, S).cpu(),
-        stacked[2 * S : 2 * S + 4].view(2, 2).cpu(),
-        stacked[2 * S + 4 : 2 * S + 6].cpu(),
-    )
-    fid = stacked[-3:].cpu()
-
-    def ratio(a, b):
-        return float(a / b) if b > 0 else float("nan")
-
-    out = {"eval/ce": ratio(ce[0].sum(), ce[1].sum())}
-    cols = list(range(S)) if ce_ids is None else list(ce_ids)
-    out["eval/ce_trained"] = ratio(ce[0, cols].sum(), ce[1, cols].sum())
-    for j, name in SEG_NAMES.items():
-        out[f"eval/ce_{name}"] = ratio(ce[0, j], ce[1, j])
-    for j, name in enumerate(("R", "A")):
-        out[f"eval/acc_{name}"] = ratio(acc[0, j], acc[1, j])
-    out["eval/acc"] = ratio(acc[0].sum(), acc[1].sum())
-    if tokenizer is not None and eval_cfg.greedy_samples > 0:  # a disabled evaluation reports no value
-        out["eval/exact_match"] = ratio(em[0], em[1])
-    out["eval/samples"] = n
-    if fidelity:
-        out["eval/agree_top1"] = ratio(fid[0], fid[2])
-        out["eval/kl_teacher"] = ratio(fid[1], fid[2])
+    stacked = stacked.cpu()
+    out = eval_metrics(stacked[:-2], stacked[-2:] if greedy else None, n, ce_ids, fidelity)
     if was_training:
         student.train()
     return out
@@ -134,8 +158,6 @@ def alignment_diagnostics(accelerator, aligner, store_path, cfg, pad_id: int, nu
     A projector collapsing the teacher toward rank 1 shows here even when the cosine terms look fine.
     Returns {"align/eff_rank_q", "align/eff_rank_k", "align/eff_rank_v"} (q only when Q is stored/used).
     """
-    from alignment.losses.diagnostics import effective_rank
-
     comps = ("q", "k", "v") if cfg.loss_config.alpha_attn > 0 else ("k", "v")
     ds = StoreDataset(store_path, "train", layers=aligner.teacher_layers, components=comps)
     idx = list(range(min(num_samples, len(ds))))

@@ -1,5 +1,6 @@
-"""The training objective: one forward + loss step (`step`), loss terms and their weights (`losses`),
-schedules (`schedules`), and the gradient probe that measures how the terms pull (`grad_probe`).
+"""The training objective: one forward + loss step (`step`), CE by segment and per-layer cosines
+(`losses`), the LR and lambda_kv schedules (`schedules`; the LR schedule is transformers'), and the
+gradient probe that measures how the terms pull (`grad_probe`).
 
 May import pipeline and alignment; no other trainer sub-package.
 """

@@ -1,18 +1,52 @@
-"""Step -> multiplier schedules: the learning rate (warmup + cosine) and lambda_kv (issue 5 weighting).
+"""Step -> multiplier schedules: the learning rate (warmup + cosine) and the structural-loss weight lambda_kv.
 
 Shapes: none (scalars). `step` counts optimizer steps from 0; the value at step s is the one used by the
 update that produces step s+1, so a run of `total` steps sees s = 0 .. total-1.
+
+The LR schedule the trainer steps is transformers' warmup + cosine (`lr_schedule`); `lr_multiplier` is its
+closed form, the definition tests check it against at every step.
 """
 
 from __future__ import annotations
 
 import math
 
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "step")
 
 
+def lr_schedule(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float) -> LambdaLR:
+    """The run's LR schedule: transformers' warmup + cosine to `min_ratio`, equal to `lr_multiplier` at every step.
+
+    transformers' warm-up gives its step 0 a zero LR; ours gives the first update 1/(warmup_steps+1) so no
+    update is wasted. The same curve shifted by one: a warm-up of warmup_steps+1 over total_steps+1 steps,
+    started at its step 1 (`last_epoch=0`: torch's start-mid-schedule contract, which reads each group's
+    `initial_lr`). The scheduler's state (accelerate.save_state) therefore counts optimizer steps + 1.
+
+    Args:
+        optimizer: the run's optimizer; each group's `lr` is its peak.
+        warmup_steps, total_steps, min_ratio: as in `lr_multiplier`.
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> lr_schedule(opt, 4, 20, 0.1).get_last_lr()
+        [0.2]
+    """
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=warmup_steps + 1,
+        num_training_steps=total_steps + 1,
+        min_lr_rate=min_ratio,
+        last_epoch=0,
+    )
+
+
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR factor for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up, then cosine to `min_ratio`.
+    """The closed form of `lr_schedule`: linear warm-up, then cosine to `min_ratio` (LR = peak x this).
 
     Args:
         step: optimizer step (0-based).

@@ -42,6 +42,7 @@ _LOGIT_POSTPROCESSING = (
 
 
 def student_layers(model) -> list[int]:
+    """Every decoder layer index of an HF causal LM (its text config's num_hidden_layers)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return list(range(int(cfg.num_hidden_layers)))
 
@@ -120,9 +121,8 @@ class DistillModel(nn.Module):
             return self._logits(input_ids, attention_mask, logit_mask), None, None
         with capture_qkv(self.student, layers=self.layers, detach=False) as cap:
             logits = self._logits(input_ids, attention_mask, logit_mask)
-        out = self.aligner.align(
-            k_t, v_t, q_t, segment_ids
-        )  # k/v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s)
+        # k/v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s)
+        out = self.aligner.align(k_t, v_t, q_t, segment_ids)
         q_s = cap.stack("q", self.layers)  # (B, L_s, H_s, T, D_s)
         k_s = cap.stack("k", self.layers)  # (B, L_s, G_s, T, D_s)
         v_s = cap.stack("v", self.layers)  # (B, L_s, G_s, T, D_s)
@@ -185,6 +185,28 @@ class KDTerm:
     alpha: float
 
 
+def token_terms(logits, targets, batch: dict, keep, kd: KDTerm | None) -> dict[str, torch.Tensor]:
+    """loss_ce, and loss_kd with a KD term, over the N rows CE counts.
+
+    Each is a sum / max(N, 1) rather than a mean, so a batch without counted targets gives 0, not NaN.
+    Shapes: logits (N, V), targets (N,), keep (B, T); batch topk_logprobs / topk_indices (B, T, K).
+    """
+    n = max(int(targets.numel()), 1)
+    if kd is None:
+        return {"loss_ce": F.cross_entropy(logits.float(), targets, reduction="sum") / n}
+    t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
+    lse = z_top = None
+    if kd.loss_fn.temperature == 1.0:
+        # CE and KD share one log-sum-exp over the vocabulary and one (N, V) gradient buffer (the LM head's
+        # rows dominate a small student's step; separate passes made KD steps ~1.7x CE-only): CE = lse - z_t.
+        lse, sel = lse_gather(logits.float(), torch.cat([targets[:, None], t_idx], dim=1))  # (N,1), (N,1+K)
+        z_top = sel[:, 1:]  # (N, K)
+        loss_ce = (lse.squeeze(-1) - sel[:, 0]).sum() / n
+    else:
+        loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+    return {"loss_ce": loss_ce, "loss_kd": kd.loss_fn(logits, t_logp, t_idx, lse=lse, z_top=z_top)}
+
+
 def forward_step(
     model,
     batch: dict,
@@ -219,33 +241,15 @@ def forward_step(
     ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
     keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
     structural = not (isinstance(lambda_kv, (int, float)) and lambda_kv == 0)
-    logits, student, out = model(
-        ids, attn, seg, batch.get("q_t"), batch.get("k_t"), batch.get("v_t"), logit_mask=keep,
-        structural=structural,
-    )  # fmt: skip
+    q_t, k_t, v_t = batch.get("q_t"), batch.get("k_t"), batch.get("v_t")
+    logits, student, out = model(ids, attn, seg, q_t, k_t, v_t, logit_mask=keep, structural=structural)
     if logits.dim() == 3:  # the student's own forward ran: every position
         logits = logits[keep]  # (N, V)
-    # sum / max(N, 1) rather than mean, so a batch without counted targets gives 0, not NaN.
-    n = max(int(targets.numel()), 1)
-    lse = z_top = None
+    terms = token_terms(logits, targets, batch, keep, kd)
+    loss = terms["loss_ce"] if ce_weight == 1.0 else ce_weight * terms["loss_ce"]
     if kd is not None:
-        t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
-    if kd is not None and kd.loss_fn.temperature == 1.0:
-        # CE and KD share one log-sum-exp over the vocabulary and one (N, V) gradient buffer (the LM head's
-        # rows dominate a small student's step; separate passes made KD steps ~1.7x CE-only): CE = lse - z_t.
-        lse, sel = lse_gather(logits.float(), torch.cat([targets[:, None], t_idx], dim=1))  # (N,1), (N,1+K)
-        z_top = sel[:, 1:]  # (N, K)
-        loss_ce = (lse.squeeze(-1) - sel[:, 0]).sum() / n
-    else:
-        loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
-    loss = loss_ce if ce_weight == 1.0 else ce_weight * loss_ce
-    terms = {"loss_ce": loss_ce}
-    logs = {"loss_ce": float(loss_ce.detach())}
-    if kd is not None:
-        loss_kd = kd.loss_fn(logits, t_logp, t_idx, lse=lse, z_top=z_top)  # scalar
-        loss = loss + kd.alpha * loss_kd
-        terms["loss_kd"] = loss_kd
-        logs["loss_kd"] = float(loss_kd.detach())
+        loss = loss + kd.alpha * terms["loss_kd"]
+    logs = {name: float(term.detach()) for name, term in terms.items()}
     if out is None:
         logs["loss"] = float(loss.detach())
         return StepResult(loss, terms, logs, logits)

@@ -1,6 +1,8 @@
-"""One training run: building the student, aligner and losses from a config and a store (`setup`),
-the run's loader / optimizer / accelerator (`run_setup`), checkpoints, the run folder, store checks and
-loop helpers. The loop itself is in `trainer/train.py`.
+"""One training run: the student, aligner, KD term and config checks from a config and a store (`setup`),
+the run's accelerator, optimizer + LR schedule, resume state and sample stream as one `Run` (`run_setup`),
+atomic checkpoints, metrics.jsonl and the saved student (`checkpoint`), the run-folder write check
+(`run_dir`), store checks (`store_checks`) and loop helpers (`loop_utils`). The loop itself is in
+`trainer/train.py`.
 
 May import trainer.objective, trainer.data, pipeline and alignment; never trainer.eval or trainer.ablation.
 """

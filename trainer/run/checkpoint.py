@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -32,26 +33,40 @@ ALIGNER_META = "aligner.json"
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """The folder of the checkpoint at `step` (whether or not it exists)."""
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step (a folder holding trainer_state.json), or None."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints (folders step_N holding trainer_state.json), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     found = []
     for p in root.iterdir():
         m = CKPT_RE.match(p.name)
         if m and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """`accelerator.save_state` into a temp folder, add trainer_state.json, rename; keep the newest `keep`.
 
     All ranks must call this (save_state synchronises); only the main process renames and prunes.
+
+    Why the rotation is not accelerate's `ProjectConfiguration(total_limit=...)`: accelerate applies
+    `total_limit` only with `automatic_checkpoint_naming`, which names folders `checkpoint_<save count>`
+    (not the step: the run-folder layout and resume read `step_NNNNNN`), deletes the oldest folders
+    *before* writing the new one, and writes it in place. A kill during that save would leave one complete
+    checkpoint fewer than `keep` plus a half-written folder that resume must not take; here the new
+    checkpoint is complete (renamed from `.tmp`) before any old one is deleted.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -65,18 +80,15 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        ckpts = sorted(
-            (int(CKPT_RE.match(p.name).group(1)), p)
-            for p in final.parent.iterdir()
-            if CKPT_RE.match(p.name) and (p / STATE_FILE).is_file()
-        )
-        for _, old in ckpts[: max(0, len(ckpts) - max(1, keep))]:
+        ckpts = complete_checkpoints(run_dir)
+        for old in ckpts[: max(0, len(ckpts) - max(1, keep))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint: the step, seed, config, final-metrics window, process count."""
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
@@ -92,6 +104,7 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
+        """Drop the rows logged after `step` (and lines cut by a kill)."""
         if not self.enabled or not self.path.is_file():
             return
         keep = []
@@ -105,20 +118,22 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row, flushed (a reader or a resume sees it at once)."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(_jsonable(row)) + "\n")
+            f.write(json.dumps(jsonable(row)) + "\n")
             f.flush()
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """`x` with tensors as lists and NaN/inf floats as None (strict JSON has no NaN)."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
@@ -135,8 +150,6 @@ def save_student(model, tokenizer, aligner, aligner_meta: dict[str, Any], out_di
     The aligner goes to `aligner.safetensors` (its state_dict) and `aligner.json` (mode, align config,
     teacher geometry, teacher layers): enough to rebuild it with `alignment.create_aligner` and load.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -145,5 +158,5 @@ def save_student(model, tokenizer, aligner, aligner_meta: dict[str, Any], out_di
     if aligner is not None:
         state = {k: v.detach().cpu().contiguous() for k, v in aligner.state_dict().items()}
         save_file(state, str(out / ALIGNER_WEIGHTS))
-        (out / ALIGNER_META).write_text(json.dumps(_jsonable(aligner_meta), indent=2, default=str))
+        (out / ALIGNER_META).write_text(json.dumps(jsonable(aligner_meta), indent=2, default=str))
     return out

@@ -1,11 +1,14 @@
-"""Loop helpers of trainer/train.py: cross-rank log reduction, the NaN/inf stop, final train metrics, trackers.
+"""Loop helpers of trainer/train.py: cross-rank log reduction, the NaN/inf stop, final train metrics, trackers,
+and the run's messages to the user (stderr: stdout carries a command's result).
 
 Shapes: logs are dicts of floats and per-layer lists (L_s,); reductions run on flat float64 vectors.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import torch
 
@@ -64,10 +67,14 @@ def check_finite(accelerator, res, step: int) -> None:
             )
 
 
+def notice(accelerator, text: str) -> None:
+    """A message to the user, once per run (main process), on stderr: stdout is for a command's result."""
+    if accelerator.is_main_process:
+        print(text, file=sys.stderr, flush=True)
+
+
 def trackers() -> list[str]:
     """["tensorboard"] when a TensorBoard writer is installed (accelerate logs to it), else no tracker."""
-    import importlib.util
-
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         return ["tensorboard"]
     return []

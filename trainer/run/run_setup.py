@@ -13,20 +13,23 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
 
+from alignment import create_structural_loss
 from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
 from pipeline.config.kvmap import KVMapConfig
-from pipeline.models.load import pad_token_id
+from pipeline.models.load import load_model, pad_token_id
 from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
-from trainer.objective.schedules import lr_multiplier
+from trainer.data.preload import preload_bytes
+from trainer.objective.schedules import lr_schedule
 from trainer.objective.step import DistillModel
 from trainer.run.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
-from trainer.run.loop_utils import flat_config, trackers
+from trainer.run.loop_utils import flat_config, notice, trackers
 from trainer.run.run_dir import check_run_dir_writable
 from trainer.run.setup import (
     build_aligner,
@@ -118,10 +121,8 @@ def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator
     return ckpt
 
 
-def make_accelerator(cfg: KVMapConfig):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration
-
+def make_accelerator(cfg: KVMapConfig) -> Accelerator:
+    """The run's Accelerator: device, mixed precision, DDP, trackers, the run folder as project folder."""
     run_dir = Path(cfg.run_dir)
     return Accelerator(
         # Without a GPU, cpu=True is what makes a multi-process launch use gloo (DistributedType.MULTI_CPU);
@@ -137,10 +138,6 @@ def make_accelerator(cfg: KVMapConfig):
 
 def preflight(cfg: KVMapConfig, accelerator) -> dict:
     """Store, student, tokenizer, aligner, KD term, loss, dataset: every check before any step."""
-    from accelerate.utils import set_seed
-
-    from pipeline.models.load import load_model
-
     store = open_store(store_path_of(cfg))
     set_seed(cfg.seed)  # the student's random init and the aligner's init come from this seed
     student, tokenizer = load_model(cfg.student, for_training=True)
@@ -149,31 +146,49 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     aligner = build_aligner(cfg, store, student)
     kd = build_kd(cfg, store, vocab)
     if aligner is not None and aligner.head_selection is not None:
-        accelerator.print(aligner.head_selection.describe())
+        notice(accelerator, aligner.head_selection.describe())
     layers, comps, loss_fn = [], (), None
     if aligner is not None:
-        from alignment import create_structural_loss
-
         layers, comps = list(aligner.teacher_layers), needed_components(cfg)
         check_layers(store, layers, comps)
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
     if kd is not None:
         comps = (*comps, "logits")
+    train_ds = open_train_split(cfg, store, layers, comps, accelerator)
+    pad_id = pad_token_id(tokenizer)
+    return dict(
+        store=store,
+        student=student,
+        tokenizer=tokenizer,
+        aligner=aligner,
+        kd=kd,
+        loss_fn=loss_fn,
+        train_ds=train_ds,
+        pad_id=pad_id,
+    )
+
+
+# Reading a URL store in the global order costs a request per sample and array; the shard order does not.
+URL_ORDER_NOTE = (
+    "note: train.store is a URL read in the global order (~2 requests per sample and array); "
+    "train.shuffle=shards reads whole shards instead (README 'Stores at scale')"
+)
+
+
+def open_train_split(cfg: KVMapConfig, store, layers: list[int], comps, accelerator) -> StoreDataset:
+    """`train_dataset`, telling the user what its read order or preload costs."""
     t_load = time.perf_counter()
     train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload)
     if train_ds.shard_cache:
-        accelerator.print(shard_order_line(cfg, store, layers, comps))
+        notice(accelerator, shard_order_line(cfg, store, layers, comps))
     elif store.location.remote and not cfg.train.preload:
-        accelerator.print("note: train.store is a URL read in the global order (~2 requests per sample and array); "
-                          "train.shuffle=shards reads whole shards instead (README 'Stores at scale')")  # fmt: skip
+        notice(accelerator, URL_ORDER_NOTE)
     if cfg.train.preload:
-        from trainer.data.preload import preload_bytes
-
         gb = preload_bytes(store, "train", layers or store.layers, comps) / 2**30
-        accelerator.print(f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s")
-    pad_id = pad_token_id(tokenizer)
-    return dict(store=store, student=student, tokenizer=tokenizer, aligner=aligner, kd=kd, loss_fn=loss_fn,
-                train_ds=train_ds, pad_id=pad_id)  # fmt: skip
+        notice(
+            accelerator, f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s"
+        )
+    return train_ds
 
 
 def train_dataset(cfg: KVMapConfig, store, layers: list[int], comps, preload: bool) -> StoreDataset:
@@ -199,14 +214,20 @@ def train_sampler(
     `train.shuffle: shards`, trainer/data/sample_order.py)."""
     groups = ds.shards() if cfg.train.shuffle == "shards" else None
     readers = processes * max(cfg.train.num_workers, 1)
-    return ResumableSampler(len(ds), cfg.seed, total, start, groups=groups, window=cfg.train.shuffle_window,
-                            readers=readers, batch=batch or cfg.train.batch_size)  # fmt: skip
+    return ResumableSampler(
+        len(ds),
+        cfg.seed,
+        total,
+        start,
+        groups=groups,
+        window=cfg.train.shuffle_window,
+        readers=readers,
+        batch=batch or cfg.train.batch_size,
+    )
 
 
 def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
     """What `train.shuffle: shards` costs: shards per window and each loader process's cache in RAM."""
-    from trainer.data.preload import preload_bytes
-
     n_shards = -(-store.num_tokens("train") // store.chunk_tokens)
     per_shard = preload_bytes(store, "train", layers or store.layers, comps) / max(n_shards, 1)
     gib = per_shard * (cfg.train.shuffle_window + 1) / 2**30
@@ -219,13 +240,8 @@ def shard_order_line(cfg: KVMapConfig, store, layers: list[int], comps) -> str:
 def optimizer_and_schedule(cfg: KVMapConfig, student, aligner):
     """AdamW (betas 0.9/0.95; decay on the student's matrices only) and warmup + cosine LR."""
     optimizer = torch.optim.AdamW(param_groups(student, aligner, cfg), betas=(0.9, 0.95))
-    lr_fn = partial(
-        lr_multiplier,
-        warmup_steps=cfg.train.warmup_steps,
-        total_steps=cfg.train.steps,
-        min_ratio=cfg.train.min_lr_ratio,
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
+    t = cfg.train
+    return optimizer, lr_schedule(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
 
 
 def restore(run: Run, ckpt: Path | None, resume: bool) -> None:
@@ -237,19 +253,19 @@ def restore(run: Run, ckpt: Path | None, resume: bool) -> None:
         run.start_step = int(saved["step"])
         run.recent = saved.get("recent", [])  # the final train/* window continues exactly
         run.log.truncate_after(run.start_step)
-        acc.print(f"resuming from {ckpt} at step {run.start_step}")
+        notice(acc, f"resuming from {ckpt} at step {run.start_step}")
     elif resume:
-        acc.print(f"--resume: no checkpoint in {run.run_dir}/checkpoints; starting fresh")
+        notice(acc, f"--resume: no checkpoint in {run.run_dir}/checkpoints; starting fresh")
     if acc.is_main_process:
         if ckpt is None:
             run.log.path.unlink(missing_ok=True)
-        write_run_metadata(
-            run.run_dir,
-            run.cfg,
-            run.cfg.seed,
-            {"store": str(run.store.path), "store_fingerprint": run.store.fingerprint,
-             "resumed_from_step": run.start_step, "num_processes": acc.num_processes},
-        )  # fmt: skip
+        extra = {
+            "store": str(run.store.path),
+            "store_fingerprint": run.store.fingerprint,
+            "resumed_from_step": run.start_step,
+            "num_processes": acc.num_processes,
+        }
+        write_run_metadata(run.run_dir, run.cfg, run.cfg.seed, extra)
 
 
 def sample_stream(run: Run, train_ds: StoreDataset):
@@ -284,12 +300,23 @@ def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     store = parts["store"]
     run = Run(
-        cfg=cfg, accelerator=accelerator, store=store, tokenizer=parts["tokenizer"], model=model,
-        base=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler, batches=None,
+        cfg=cfg,
+        accelerator=accelerator,
+        store=store,
+        tokenizer=parts["tokenizer"],
+        model=model,
+        base=accelerator.unwrap_model(model),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=None,
         log=MetricsLog(Path(cfg.run_dir) / "metrics.jsonl", enabled=accelerator.is_main_process),
-        ce_ids=ce_ids, struct_ids=struct_ids, loss_fn=parts["loss_fn"], kd=parts["kd"],
-        eval_split="eval" if "eval" in store.splits else None, pad_id=parts["pad_id"],
-    )  # fmt: skip
+        ce_ids=ce_ids,
+        struct_ids=struct_ids,
+        loss_fn=parts["loss_fn"],
+        kd=parts["kd"],
+        eval_split="eval" if "eval" in store.splits else None,
+        pad_id=parts["pad_id"],
+    )
     restore(run, ckpt, resume)
     if accelerator.log_with:  # TensorBoard (when installed), through accelerate's trackers
         accelerator.init_trackers("kvmap", config=flat_config(cfg))

@@ -11,10 +11,19 @@ import dataclasses
 
 import torch
 
+from alignment import create_aligner
+from alignment.losses.logit_kd import create_logit_kd_loss
+from alignment.losses.relation import check_relation_heads
+from alignment.mapping.head_select import select_heads
+from alignment.projection.prune_init import init_from_prune
+from pipeline.analysis.head_scores import load_or_compute
 from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.config.train import segment_ids_of
 from pipeline.models.geometry import teacher_config_from_attrs
+from pipeline.pruning.meta import read_prune_meta
+from pipeline.store.location import StoreLocation
+from trainer.objective.step import KDTerm
 
 
 def segment_ids(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
@@ -37,8 +46,6 @@ def _check_relation_widths(cfg: KVMapConfig, aligner) -> None:
     rel = cfg.loss_config.relation
     if rel.weight == 0:
         return
-    from alignment.losses.relation import check_relation_heads
-
     a = aligner
     widths = {"q": (a.H_s * a.D_s, a.H_t * a.D_t), "k": (a.G_s * a.D_s, a.G_t * a.D_t)}
     widths["v"] = widths["k"]
@@ -52,22 +59,24 @@ def _check_relation_widths(cfg: KVMapConfig, aligner) -> None:
 
 def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
     """align.head_select: scores from the train split (sidecar or computed), the one-to-one assignment."""
-    from alignment.mapping.head_select import select_heads
-
     hs = cfg.align.head_select
     scores = None
     if hs.method in ("top_retrieval", "top_answer_mass"):
-        from pipeline.analysis.head_scores import load_or_compute
-
         scores = load_or_compute(store.path, "train", hs.samples)
     cut_from = None
     if cfg.align.init == "from_prune":  # each chosen teacher head goes to the student head cut from it
-        from pipeline.pruning.meta import read_prune_meta
-
         cut_from = read_prune_meta(cfg.student)["kept_query_heads"]
     try:
-        sel = select_heads(hs.method, aligner.layer_map, aligner.H_t, aligner.H_s, top=hs.top, heads=hs.heads,
-                           scores=scores, cut_from=cut_from)  # fmt: skip
+        sel = select_heads(
+            hs.method,
+            aligner.layer_map,
+            aligner.H_t,
+            aligner.H_s,
+            top=hs.top,
+            heads=hs.heads,
+            scores=scores,
+            cut_from=cut_from,
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if sel is not None:
@@ -77,8 +86,6 @@ def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
 def store_path_of(cfg: KVMapConfig):
     """The store stage 2 reads: `train.store` (+ train.storage_options) or `extract.store` (+ its options),
     as a StoreLocation (str() = the folder or URL)."""
-    from pipeline.store.location import StoreLocation
-
     if cfg.train.store:
         return StoreLocation(cfg.train.store, cfg.train.storage_options)
     return StoreLocation(cfg.extract.store, cfg.train.storage_options or cfg.extract.storage_options)
@@ -88,20 +95,14 @@ def build_aligner(cfg: KVMapConfig, store, student):
     """The aligner from the store's teacher geometry and the student's config; None when lambda_kv == 0."""
     if cfg.lambda_kv == 0:
         return None
-    from alignment import create_aligner
-
     teacher_cfg = teacher_config_from_attrs(store.attrs, store.path)
     align_cfg, meta = cfg.align, None
     if cfg.align.init == "from_prune":  # the layer map is the kept teacher layers (prune_meta.json)
-        from pipeline.pruning.meta import read_prune_meta
-
         meta = read_prune_meta(cfg.student)
         align_cfg = dataclasses.replace(cfg.align, layer_map=meta["kept_layers"])
     try:
         aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, align_cfg)
         if meta is not None:
-            from alignment.projection.prune_init import init_from_prune
-
             init_from_prune(aligner, meta["kept_query_heads"], meta["kept_kv_heads"])
     except ValueError as e:
         raise ConfigError(f"aligner ({cfg.kv_projection_mode}): {e}".splitlines()[0]) from None
@@ -144,9 +145,6 @@ def build_kd(cfg: KVMapConfig, store, student_vocab: int):
                 f"store '{store.path}' has teacher top-k token id {top} >= the student's {student_vocab} head rows: "
                 "expected every stored id to be a student token (resize the student's embeddings)"
             )
-    from alignment.losses.logit_kd import create_logit_kd_loss
-    from trainer.objective.step import KDTerm
-
     try:
         loss_fn = create_logit_kd_loss(**dataclasses.asdict(lc))
     except ValueError as e:

@@ -11,12 +11,12 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.store.location import StoreLocation
+from pipeline.store.reader import KVStore
+
 
 def open_store(path: str | Path):
     """Open a store for training: it must exist, be complete and hold a train split."""
-    from pipeline.store.location import StoreLocation
-    from pipeline.store.reader import KVStore
-
     p = StoreLocation(path)  # a folder or a URL (+ storage_options when `path` is a StoreLocation)
     if p.is_empty():
         raise FileNotFoundError(f"train.store='{p}' does not exist: run stage 1 (pipeline/extract.py) first")
