@@ -43,6 +43,7 @@ from trainer.objective.schedules import lambda_kv_at
 from trainer.objective.step import StepResult, forward_step
 from trainer.run.checkpoint import jsonable, save_checkpoint, save_student
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
+from trainer.run.model_card import model_card
 from trainer.run.run_setup import Run, finished_metrics, setup_run
 
 
@@ -205,6 +206,7 @@ def finish(run: Run, t0: float) -> dict:
         }
         save_student(base.student, run.tokenizer, base.aligner, meta, run.run_dir / "student")
         (run.run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
+        (run.run_dir / "student" / "README.md").write_text(model_card(run.run_dir))  # how it was made
         if not cfg.train.save_final_state:  # the student is saved: the optimizer state is not needed
             shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
     acc.wait_for_everyone()

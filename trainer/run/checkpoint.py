@@ -152,9 +152,13 @@ def save_student(model, tokenizer, aligner, aligner_meta: dict[str, Any], out_di
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and getattr(model, "generation_config", None) is not None:
+        # generation stops at the tokenizer's end of turn and pads with its pad token
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(out)  # with its chat template
     if aligner is not None:
         state = {k: v.detach().cpu().contiguous() for k, v in aligner.state_dict().items()}
         save_file(state, str(out / ALIGNER_WEIGHTS))

@@ -11,6 +11,7 @@ import math
 import sys
 
 import torch
+from accelerate.tracking import get_available_trackers
 
 from pipeline.config.configlib import to_dict
 
@@ -73,11 +74,21 @@ def notice(accelerator, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def trackers() -> list[str]:
-    """["tensorboard"] when a TensorBoard writer is installed (accelerate logs to it), else no tracker."""
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        return ["tensorboard"]
-    return []
+def trackers(report_to: list[str] | str = "auto") -> list[str]:
+    """The accelerate trackers of `train.report_to`: "auto" = ["tensorboard"] when a TensorBoard writer is
+    installed, else none; a named tracker that is not installed is a one-line error (accelerate would drop it
+    silently)."""
+    if report_to == "auto":
+        has_tb = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+        return ["tensorboard"] if has_tb else []
+    available = {str(t) for t in get_available_trackers()}
+    missing = [name for name in report_to if name not in available]
+    if missing:
+        raise ValueError(
+            f"train.report_to={list(report_to)!r}: {missing} not installed (pip install {' '.join(missing)}); "
+            f"installed trackers: {sorted(available) or 'none'}"
+        )
+    return list(dict.fromkeys(report_to))
 
 
 def final_train_metrics(recent: list[dict]) -> dict:

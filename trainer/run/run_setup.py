@@ -121,6 +121,12 @@ def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator
     return ckpt
 
 
+def tracker_init_kwargs(cfg: KVMapConfig, names: list[str]) -> dict:
+    """Per-tracker init options: W&B writes its run files (offline runs too) under the run folder. MLflow
+    logs where MLFLOW_TRACKING_URI points (its own default otherwise); TensorBoard writes run_dir/tb."""
+    return {"wandb": {"dir": str(Path(cfg.run_dir).resolve())}} if "wandb" in names else {}
+
+
 def make_accelerator(cfg: KVMapConfig) -> Accelerator:
     """The run's Accelerator: device, mixed precision, DDP, trackers, the run folder as project folder."""
     run_dir = Path(cfg.run_dir)
@@ -131,7 +137,7 @@ def make_accelerator(cfg: KVMapConfig) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         step_scheduler_with_optimizer=False,  # the LR schedule counts optimizer steps, not per-rank batches
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        log_with=trackers() or None,
+        log_with=trackers(cfg.train.report_to) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
     )
 
@@ -318,7 +324,12 @@ def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
         pad_id=parts["pad_id"],
     )
     restore(run, ckpt, resume)
-    if accelerator.log_with:  # TensorBoard (when installed), through accelerate's trackers
-        accelerator.init_trackers("kvmap", config=flat_config(cfg))
+    if accelerator.log_with:  # train.report_to, through accelerate's trackers, with the resolved config
+        project = cfg.train.tracker_project or Path(cfg.run_dir).name
+        accelerator.init_trackers(
+            project,
+            config=flat_config(cfg),
+            init_kwargs=tracker_init_kwargs(cfg, trackers(cfg.train.report_to)),
+        )
     run.batches = sample_stream(run, parts["train_ds"])
     return run
