@@ -188,6 +188,25 @@ def _extract_into_a_file(ctx: Ctx, capsys) -> Outcome:
     return _cli(main, ["--config", str(cfg), f"extract.store={ctx.tmp / 'plain_file'}"], capsys)
 
 
+def _train_on_all_prompt_store(ctx: Ctx, capsys) -> Outcome:
+    """A store whose every token is P (plain text rows as P) under train.ce_segments [R, A]."""
+    import zarr
+
+    store = ctx.tmp / "all_p.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(ctx.train_store, store)
+    seg = zarr.open_array(store=str(store), path="train/segment_ids", mode="r+")
+    seg[:] = 0
+    return _train(
+        ctx, capsys, f"extract.store={store}", "train.ce_segments=[R,A]", run_dir=str(ctx.tmp / "run_p")
+    )
+
+
+def _train_store_is_a_file(ctx: Ctx, capsys) -> Outcome:
+    (ctx.tmp / "store_file").write_text("not a store")
+    return _train(ctx, capsys, f"extract.store={ctx.tmp / 'store_file'}", run_dir=str(ctx.tmp / "run_f"))
+
+
 # (what, provoke(ctx, capsys) -> Outcome, expected status, fragments(ctx) the one-line message must hold)
 CASES = [
     (
@@ -237,6 +256,18 @@ CASES = [
         _extract_into_a_file,
         2,
         lambda c: [f"extract.store='{c.tmp / 'plain_file'}' is a file", "stores/name.zarr"],
+    ),
+    (
+        "kvmap-train on a store whose trained segments hold no token (and no empty run_dir left)",
+        _train_on_all_prompt_store,
+        2,
+        lambda c: [f"train.store='{c.tmp / 'all_p.zarr'}'", "train.ce_segments=['R', 'A'] selects no token"],
+    ),
+    (
+        "train.store is a plain file (and no empty run_dir left)",
+        _train_store_is_a_file,
+        2,
+        lambda c: [f"train.store='{c.tmp / 'store_file'}' is a file", "extract.store"],
     ),
     (
         "empty JSONL dataset",
@@ -289,3 +320,9 @@ def test_bad_input_gives_one_line_naming_it(ctx, capsys, what, provoke, status, 
     assert len(lines) == 1, f"{what}: expected one line, got {lines}"
     for frag in fragments(ctx):
         assert frag in lines[0], f"{what}: {frag!r} not in {lines[0]!r}"
+
+
+def test_a_failed_start_leaves_no_empty_run_folder(ctx, capsys):
+    for provoke, run in ((_train_on_all_prompt_store, "run_p"), (_train_store_is_a_file, "run_f")):
+        assert provoke(ctx, capsys).status == 2
+        assert not (ctx.tmp / run).exists(), run

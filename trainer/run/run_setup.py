@@ -23,6 +23,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from alignment import create_structural_loss
 from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
 from pipeline.config.kvmap import KVMapConfig
+from pipeline.data.trained_tokens import check_trained_tokens, segment_token_counts
 from pipeline.models.load import load_model, pad_token_id
 from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
 from trainer.data.preload import preload_bytes
@@ -121,6 +122,12 @@ def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator
     return ckpt
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Delete `folder` when no file lives anywhere under it (only empty folders)."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def tracker_init_kwargs(cfg: KVMapConfig, names: list[str]) -> dict:
     """Per-tracker init options: W&B writes its run files (offline runs too) under the run folder. MLflow
     logs where MLFLOW_TRACKING_URI points (its own default otherwise); TensorBoard writes run_dir/tb."""
@@ -145,6 +152,9 @@ def make_accelerator(cfg: KVMapConfig) -> Accelerator:
 def preflight(cfg: KVMapConfig, accelerator) -> dict:
     """Store, student, tokenizer, aligner, KD term, loss, dataset: every check before any step."""
     store = open_store(store_path_of(cfg))
+    fmt = store.attrs.get("dataset", {}).get("train", {}).get("format")
+    segments = segment_token_counts(store.token_array("segment_ids")[:])  # (N,) int8: one small read
+    check_trained_tokens(cfg, segments, fmt, f"train.store='{store.path}'")
     set_seed(cfg.seed)  # the student's random init and the aligner's init come from this seed
     student, tokenizer = load_model(cfg.student, for_training=True)
     vocab = int(student.get_input_embeddings().weight.shape[0])
@@ -299,8 +309,14 @@ def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
     """Build the run of `cfg`: checks, model, optimizer, resume state, metadata and the sample stream."""
     ce_ids, struct_ids = segment_ids(cfg)
     accelerator = make_accelerator(cfg)
+    new_folder = not Path(cfg.run_dir).exists()
     ckpt = prepare_run_dir(cfg, resume, overwrite, accelerator)
-    parts = preflight(cfg, accelerator)
+    try:
+        parts = preflight(cfg, accelerator)
+    except BaseException:
+        if new_folder and accelerator.is_main_process:
+            remove_if_empty(Path(cfg.run_dir))  # a failed start leaves no empty run folder behind
+        raise
     model = DistillModel(parts["student"], parts["aligner"])
     optimizer, scheduler = optimizer_and_schedule(cfg, parts["student"], parts["aligner"])
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -18,6 +18,11 @@ from pipeline.store.reader import KVStore
 def open_store(path: str | Path):
     """Open a store for training: it must exist, be complete and hold a train split."""
     p = StoreLocation(path)  # a folder or a URL (+ storage_options when `path` is a StoreLocation)
+    if not p.remote and Path(p.url).is_file():
+        raise ValueError(
+            f"train.store='{p}' is a file: expected the store folder stage 1 wrote (extract.store, e.g. "
+            "stores/name.zarr) or a URL"
+        )
     if p.is_empty():
         raise FileNotFoundError(f"train.store='{p}' does not exist: run stage 1 (pipeline/extract.py) first")
     try:
