@@ -184,3 +184,14 @@ def test_a_config_that_trains_on_no_token_fails_before_extraction(tmp_path, caps
     assert "train.ce_segments=['R', 'A'] selects no token (tokens per segment: P 24, R 0, A 0)" in err
     assert not (tmp_path / "store.zarr").exists()
     assert main(argv + ["train.ce_segments=[P]"]) == 0  # the same rows train once the key names their segment
+
+
+def test_streaming_reads_the_same_samples(tok, files):
+    plain = DataConfig(train_path=str(files["messages"]), eval_path=None, max_train_samples=5)
+    streamed = DataConfig(
+        train_path=str(files["messages"]), eval_path=None, max_train_samples=5, streaming=True
+    )
+    a, rows_a, _ = tokenize_split(plain, "train", tok)
+    b, rows_b, _ = tokenize_split(streamed, "train", tok)
+    assert rows_a == rows_b == list(range(5))
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))

@@ -126,7 +126,9 @@ class DataConfig:
     subset: str | None = None  # Hub datasets: the configuration name (load_dataset's `name`)
     split: str = "train"  # the split of train_path to read (Hub datasets and DatasetDict folders)
     eval_split: str | None = None  # the split of eval_path (null: "validation", else "test", else "eval")
-    streaming: bool = False  # Hub datasets: stream rows instead of downloading the whole set first
+    streaming: bool = (
+        False  # stream rows as they are tokenised (Hub sets and files) instead of loading them whole
+    )
     reasoning_prefix: str = "\n"
     answer_prefix: str = "\nSo the answer is "  # "\nAnswer: " made SmolLM2 guess "1" (52% first digit)
     max_length: int = 256

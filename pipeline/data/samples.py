@@ -129,7 +129,7 @@ def _load_folder(p: Path, key: str, path: str, data_cfg: DataConfig, split: str)
     return ds
 
 
-def _load_file(p: Path, key: str, path: str, data_cfg: DataConfig) -> datasets.Dataset:
+def _load_file(p: Path, key: str, path: str, data_cfg: DataConfig):
     builder = FILE_BUILDERS.get(p.suffix)
     if builder is None:
         raise ValueError(
@@ -138,6 +138,8 @@ def _load_file(p: Path, key: str, path: str, data_cfg: DataConfig) -> datasets.D
         )
     if _is_blank(p):  # datasets raises a bare StopIteration / "corresponds to no data" here
         raise ValueError(f"data.{key}={path!r}: the file is empty: {_expected_rows(data_cfg)}")
+    if data_cfg.streaming:  # rows are read as they are tokenised: memory stays flat for a large file
+        return datasets.load_dataset(builder, data_files=str(p), split="train", streaming=True)
     return datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
 
 
