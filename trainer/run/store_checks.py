@@ -88,6 +88,7 @@ def check_tokenizer(store, tokenizer, student_vocab: int, hash_fn=None) -> None:
     ours = hash_fn(tokenizer) if hash_fn is not None else tokenizer_fingerprint(tokenizer)
     if ours != rec["hash"]:
         raise ValueError(
-            f"student tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} (hash {ours}) differs from the store's "
-            f"{rec.get('name')!r} (hash {rec['hash']}): expected the same tokenizer (no token map is configured)"
+            f"student tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} (vocabulary of {len(tokenizer.get_vocab())} tokens, "
+            f"hash {ours}) differs from the store's {rec.get('name')!r} ({rec.get('vocab_size')} tokens, hash "
+            f"{rec['hash']}): expected the same tokenizer (no token map is configured)"
         )
