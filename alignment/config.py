@@ -17,6 +17,7 @@ class HeadSelectConfig:
     layers the layer map uses; "list": `heads` = [[teacher layer, teacher head], ...].
     """
 
+    # how teacher heads are chosen (see the class doc)
     method: Literal["all", "top_retrieval", "top_answer_mass", "list"] = "all"
     top: int | None = None  # top_*: how many heads
     heads: list[list[int]] | None = None  # list: [[teacher layer, head], ...]
@@ -28,14 +29,16 @@ class AlignConfig:
     """Layer map + segment time warp + head-wise projection (the mode itself is top-level `kv_projection_mode`)."""
 
     layer_map: str | list[int] = "uniform"  # "uniform" | "last" | explicit teacher layer per student layer
-    share_dim_proj: bool = True
-    init_uniform: bool = True
-    per_layer: bool = False
+    share_dim_proj: bool = True  # one head-dim map shared by every head (else one per head)
+    init_uniform: bool = True  # head mixers start as uniform averages (else random)
+    per_layer: bool = False  # a projector per mapped layer (else one shared by all)
     # How the projector is kept from cheating (shrinking / collapsing the projected teacher):
     # "constrained" = simplex head mixers + (semi-)orthogonal dim maps; "unconstrained" = free linear maps;
     # "frozen" = the init, not trained.
     constraint: Literal["constrained", "unconstrained", "frozen"] = "constrained"
+    # time warp: fraction of each segment kept
     ratio_map: dict[str, float] = field(default_factory=lambda: {"P": 1.0, "R": 1.0, "A": 1.0})
+    # time warp: 0 = nearest position, 1 = window mean
     alpha_map: dict[str, float] = field(default_factory=lambda: {"P": 0.0, "R": 0.0, "A": 0.0})
     # Structured mode: Q/K dim maps select the teacher rotary pair of the nearest frequency for each student
     # pair with a unit-modulus per-pair gain, so projection commutes with RoPE (alignment/projection/rope.py).
@@ -51,6 +54,7 @@ class RelationConfig:
     """MiniLMv2 relation KL (alignment/losses/relation.py): + weight * sum over components of KL(teacher || student)
     of softmax(X X^T / sqrt(d_r)) over `heads` relation heads re-split from each side's concatenated heads."""
 
+    # the relation heads built from these
     components: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
     heads: int = 8  # R: must divide H*D of every chosen component on both sides
     weight: float = 0.0  # 0 = off
@@ -60,10 +64,10 @@ class RelationConfig:
 class LossConfig:
     """StructuralKVLoss weights: loss_struct = alpha_k*(1-cos K) + alpha_v*(1-cos V) + alpha_attn*KL(attn)."""
 
-    alpha_k: float = 1.0
-    alpha_v: float = 1.0
-    alpha_attn: float = 0.5
-    temperature: float = 1.0
+    alpha_k: float = 1.0  # weight of 1 - cos(K)
+    alpha_v: float = 1.0  # weight of 1 - cos(V)
+    alpha_attn: float = 0.5  # weight of KL(teacher attention || student attention)
+    temperature: float = 1.0  # softens both attention distributions in the KL
     chunk_size: int = 128  # query rows per chunk of the streaming attention KL
     # "projected": KL(attention of the projected teacher Q/K || student attention) (the design's loss);
     # "teacher": KL(convex Q-head-mix of the teacher's own attention (stored Q/K, teacher scaling) || student
@@ -72,12 +76,12 @@ class LossConfig:
     # "drop": remove key positions `sink_keys` (the first token: an attention sink) from both attention
     # distributions and renormalise before the KL; "keep": the plain KL.
     sink: Literal["keep", "drop"] = "keep"
-    sink_keys: list[int] = field(default_factory=lambda: [0])
+    sink_keys: list[int] = field(default_factory=lambda: [0])  # with sink: drop, the key positions removed
     relation: RelationConfig = field(default_factory=RelationConfig)
     # Logit distillation from the store's top-k log-probs (alignment/losses/logit_kd.py). The total objective is
     # ce_weight * CE + alpha_logit * KD + lambda_kv * loss_struct; KD counts the rows CE counts.
     alpha_logit: float = 0.0  # 0 = off; > 0 needs a store extracted with `logits` in extract.components
-    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # the logit divergence
     # jsd only: m = beta p_teacher + (1 - beta) q_student (TRL); 0 = forward, 1 = reverse KL.
     kd_beta: float = 0.5
     kd_temperature: float = 1.0  # both sides softened by tau; the term is scaled by tau^2

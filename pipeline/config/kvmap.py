@@ -39,13 +39,13 @@ class ModelConfig:
       then names where the tokenizer comes from (a path or a builtin, like `path`).
     """
 
-    path: str | None = None
-    config: dict[str, Any] | None = None
-    tokenizer: str | None = None
+    path: str | None = None  # a folder, a .gguf file, builtin:<name> or a Hub id owner/name
+    config: dict[str, Any] | None = None  # an HF config dict (with model_type) for a random-init model
+    tokenizer: str | None = None  # where the tokenizer comes from (null: `path`'s)
     revision: str | None = None  # a Hub id's branch, tag or commit (null: main); the store records the commit
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights dtype
     device: str = "auto"  # "auto" = cuda when available, else cpu (stage 2 lets accelerate place it)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repo's own Python code (off unless you trust it)
     # Capture (pipeline/models/capture.py) wraps "sdpa" or the model's own "eager" attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
@@ -64,14 +64,14 @@ class GenerationConfig:
     """How the teacher writes completions (`data.completions: teacher`, pipeline/data/generate.py)."""
 
     do_sample: bool = False  # greedy by default
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # with do_sample: the sampling temperature
+    top_p: float = 1.0  # with do_sample: nucleus sampling mass
     seed: int = 0  # with do_sample: torch is seeded with seed + chunk index before each chunk
     batch_size: int = 16  # prompts per `generate` call (left-padded, KV cache)
     # R ends at the first of these (or EOS / data.max_new_tokens); A likewise (or answer_max_new_tokens).
     # "\n": the default answer_prefix starts a new line, so one line of reasoning is what it follows.
     stop_strings: list[str] = field(default_factory=lambda: ["\n"])
-    answer_max_new_tokens: int = 16
+    answer_max_new_tokens: int = 16  # A's generation budget (R's is data.max_new_tokens)
     chunk_rows: int = 256  # rows per resumable unit (one part file; ranks take every world-th chunk)
     out_dir: str | None = None  # null: beside the store, `<extract.store without .zarr>.completions/`
 
@@ -102,13 +102,13 @@ class DataConfig:
     message lists) and `text` (one segment, `text_segment`).
     """
 
-    train_path: str = DEFAULT_TRAIN_PATH
-    eval_path: str | None = DEFAULT_EVAL_PATH
+    train_path: str = DEFAULT_TRAIN_PATH  # a file, a save_to_disk folder or a Hub dataset name
+    eval_path: str | None = DEFAULT_EVAL_PATH  # the held-out split (null: none)
     # If set and train_path does not exist, generate the embedded default dataset there first.
     generate_default: bool = False
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # prr rows: the P field
     reasoning_field: str | None = "reasoning"  # null: samples are P + A only
-    answer_field: str = "answer"
+    answer_field: str = "answer"  # prr rows: the A field (also the gold answer marked inside R)
     text_field: str = "text"  # the field of `text` rows
     # How rows become P / R / A segments: auto = per file from its first row (messages, prompt + completion,
     # prompt_field + answer_field, text_field).
@@ -129,16 +129,17 @@ class DataConfig:
     streaming: bool = (
         False  # stream rows as they are tokenised (Hub sets and files) instead of loading them whole
     )
-    reasoning_prefix: str = "\n"
+    reasoning_prefix: str = "\n"  # prr rows: text before the reasoning (part of R)
     answer_prefix: str = "\nSo the answer is "  # "\nAnswer: " made SmolLM2 guess "1" (52% first digit)
-    max_length: int = 256
+    max_length: int = 256  # tokens per sample (longer ones follow `truncation`)
     # drop: skip samples longer than max_length; truncate_reasoning: cut the end of R so P + R + A fits
     # (dropped if P + A alone do not fit); truncate_end: keep the first max_length tokens.
     truncation: Literal["drop", "truncate_reasoning", "truncate_end"] = "drop"
+    # prr rows: render as a user turn + an assistant turn in the teacher's template
     chat_template: bool = False
     on_bad_row: Literal["skip", "error"] = "skip"  # a missing / empty required field
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_train_samples: int | None = None  # the first N rows of the train split (null: all)
+    max_eval_samples: int | None = None  # the first N rows of the held-out split (null: all)
     # Where R and A come from: the dataset's fields, or the teacher writes them from the prompt
     # (pipeline/data/generate.py: sequence-level distillation data, written as JSONL beside the store).
     completions: Literal["dataset", "teacher"] = "dataset"
@@ -198,13 +199,13 @@ class ExtractConfig:
     # ratio of numcodecs' zstd-shuffle, the default before; faster to write and read; docs/benchmarks.md);
     # zstd-shuffle = numcodecs' Shuffle + zstd (outside the v3 spec); blosc-lz4 is faster, weaker.
     codec: Literal["blosc-zstd", "blosc-zstd-bit", "zstd-shuffle", "zstd", "blosc-lz4", "none"] = "blosc-zstd"
-    compression_level: int = 1
+    compression_level: int = 1  # the codec's level (zstd 1 = 3 measured the same)
     batch_size: int = 8  # samples per teacher forward (sorted by length within a chunk to limit padding)
     # Write chunk (= zarr shard) on the packed token axis: the unit of writing, resuming and rank
     # ownership. Inner chunk: the unit of random-access reads (a sample read decodes only these).
     chunk_tokens: int = 4096
-    inner_chunk_tokens: int = 256
-    writer_threads: int = 2
+    inner_chunk_tokens: int = 256  # tokens per inner chunk: the unit of random-access reads
+    writer_threads: int = 2  # threads compressing and writing chunks while the teacher computes the next
     max_pending_chunks: int = 2  # chunks buffered for the writer threads (bounds memory)
 
     def __post_init__(self):
@@ -238,12 +239,13 @@ class ExtractConfig:
 class KVMapConfig:
     """Top-level config. Every key with its default and doc: the docs site's Reference > Configuration."""
 
-    seed: int = 0
-    run_dir: str = "runs/default"
+    seed: int = 0  # the run's seed: student init, aligner init, sample order
+    run_dir: str = "runs/default"  # stage 2's output folder (config, metrics, checkpoints, student/)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=lambda: ModelConfig(path="builtin:smollm2-135m-instruct"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(path="builtin:smollm2-135m-instruct"))
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    # head-wise projection (structured) or one flat map per layer
     kv_projection_mode: Literal["structured", "flat"] = "structured"
     align: AlignConfig = field(default_factory=AlignConfig)
     loss_config: LossConfig = field(default_factory=LossConfig)

@@ -63,11 +63,11 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 8  # samples per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3
+    lr: float = 1e-3  # the student's peak learning rate (AdamW)
     aligner_lr: float | None = None  # None = same as lr
     weight_decay: float = 0.01  # on the student's matrices only (not norms/biases, not the aligner)
     warmup_steps: int = 20  # linear LR warm-up from 0, then cosine down to lr * min_lr_ratio at `steps`
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     clip_grad: float = 1.0  # max global grad norm over student + aligner (0 = no clipping)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # passed to accelerate (fp16 needs a GPU)
     # How lambda_kv (the top-level weight of loss_struct) changes over the run:
@@ -75,7 +75,7 @@ class TrainConfig:
     # `lambda_warmup_steps` > 0 first ramps lambda linearly from 0 up to lambda_kv (decay starts after it).
     # "step" = lambda_kv for the first `lambda_until` steps, then exactly 0 (the structural forward is skipped).
     lambda_schedule: Literal["constant", "linear", "cosine", "step"] = "constant"
-    lambda_warmup_steps: int = 0
+    lambda_warmup_steps: int = 0  # steps of the linear ramp of lambda_kv from 0
     lambda_until: int | None = None  # lambda_schedule "step": first step without the structural term
     # lambda_kv "auto": lambda = L_ref / L_struct each step (detached; L_ref = KD loss if on, else CE), clipped.
     lambda_auto_range: list[float] = field(default_factory=lambda: [0.01, 100.0])
@@ -98,7 +98,7 @@ class TrainConfig:
     # request per shard and array instead of ~2 per sample, for stores on object storage
     # (docs/guides/scale-out.md). Each loader worker keeps shuffle_window + 1 shards of the read arrays in RAM.
     shuffle: Literal["global", "shards"] = "global"
-    shuffle_window: int = 4
+    shuffle_window: int = 4  # shuffle: shards, the shards whose samples are mixed together
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
     progress: bool = True  # tqdm progress bar on the main process
@@ -157,10 +157,10 @@ class EvalConfig:
     """Held-out evaluation on the store's eval split (CE per segment, answer-token accuracy, greedy EM)."""
 
     every: int = 100  # steps between evaluations (0 = only at the end); the end always evaluates
-    batch_size: int = 16
+    batch_size: int = 16  # held-out samples per forward
     max_samples: int | None = None  # cap on eval samples for CE / accuracy (None = the whole split)
     greedy_samples: int = 64  # held-out samples decoded greedily for answer exact-match (0 = skip)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # greedy decoding budget for exact match
 
     def __post_init__(self):
         _at_least("eval", self, dict(every=0, batch_size=1, greedy_samples=0, max_new_tokens=1))
