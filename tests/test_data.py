@@ -21,6 +21,13 @@ ROW = {
     "answer": "3907",
 }
 
+# The default task's prefixes (configs/default.yaml): DataConfig itself inserts no text a row does not hold.
+TASK = {"reasoning_prefix": "\n", "answer_prefix": "\nSo the answer is "}
+
+
+def task(**kw) -> DataConfig:
+    return DataConfig(**{**TASK, **kw})
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -47,7 +54,7 @@ def _decode(tok, s, mask):
 
 
 def test_segments_and_answer_mask(tok):
-    cfg = DataConfig()
+    cfg = task()
     s = tokenize_sample(ROW, tok, cfg)
     ids, seg, ans = s["input_ids"], s["segment_ids"], s["answer_mask"]
     assert (
@@ -68,18 +75,18 @@ def test_segments_and_answer_mask(tok):
 
 def test_answer_occurrences_are_whole_words(tok):
     row = {"prompt": "Pick one.", "reasoning": "Not 142 and not 425, it is 42 (42).", "answer": "42"}
-    s = tokenize_sample(row, tok, DataConfig())
+    s = tokenize_sample(row, tok, task())
     r = s["answer_mask"] & (s["segment_ids"] == 1)
     assert tok.decode(s["input_ids"][r]) == "4242" and int(r.sum()) == 4
 
 
 def test_text_only_rows_and_p_plus_a(tok):
     # a `text` row trains on every token by default (data.text_segment: A), or sits in the segment asked for
-    s = tokenize_sample({"text": "Just some prose 12."}, tok, DataConfig())
+    s = tokenize_sample({"text": "Just some prose 12."}, tok, task())
     assert (s["segment_ids"] == 2).all() and s["answer_mask"].all() and s["answer"] == ""
-    s = tokenize_sample({"text": "Just some prose 12."}, tok, DataConfig(text_segment="P"))
+    s = tokenize_sample({"text": "Just some prose 12."}, tok, task(text_segment="P"))
     assert (s["segment_ids"] == 0).all() and not s["answer_mask"].any()
-    cfg = DataConfig(reasoning_field=None)
+    cfg = task(reasoning_field=None)
     s = tokenize_sample({"prompt": "Q: 2+2?", "answer": "4"}, tok, cfg)
     assert not (s["segment_ids"] == 1).any()
     assert tok.decode(s["input_ids"][s["segment_ids"] == 2]) == cfg.answer_prefix + "4"
@@ -87,7 +94,7 @@ def test_text_only_rows_and_p_plus_a(tok):
 
 
 def test_custom_fields_and_int_answers(tok):
-    cfg = DataConfig(prompt_field="q", reasoning_field="why", answer_field="a", answer_prefix=" => ")
+    cfg = task(prompt_field="q", reasoning_field="why", answer_field="a", answer_prefix=" => ")
     s = tokenize_sample({"q": "Sum?", "why": "It is 17.", "a": 17}, tok, cfg)
     assert tok.decode(s["input_ids"]) == "Sum?\nIt is 17. => 17"
     assert int(s["answer_mask"].sum()) == 4
@@ -106,28 +113,28 @@ def test_custom_fields_and_int_answers(tok):
 )
 def test_bad_rows_skip_and_count_or_error(tok, row, field):
     counts = new_counts()
-    assert tokenize_sample(row, tok, DataConfig(), counts) is None
+    assert tokenize_sample(row, tok, task(), counts) is None
     assert counts["bad_rows"] == {field: 1} and counts["rows"] == 1 and counts["samples"] == 0
     with pytest.raises(ValueError, match=f"row 7: field {field!r}=.*data.on_bad_row=error") as e:
-        tokenize_sample(row, tok, DataConfig(on_bad_row="error"), row_index=7)
+        tokenize_sample(row, tok, task(on_bad_row="error"), row_index=7)
     assert "\n" not in str(e.value)
 
 
 def test_truncation_policies(tok):
-    full = tokenize_sample(ROW, tok, DataConfig())
+    full = tokenize_sample(ROW, tok, task())
     T = len(full["input_ids"])
     n_p, n_a = int((full["segment_ids"] == 0).sum()), int((full["segment_ids"] == 2).sum())
     counts = new_counts()
-    assert tokenize_sample(ROW, tok, DataConfig(max_length=T - 3), counts) is None
+    assert tokenize_sample(ROW, tok, task(max_length=T - 3), counts) is None
     assert counts["dropped_too_long"] == 1
-    assert tokenize_sample(ROW, tok, DataConfig(max_length=T))["truncated"] is False
+    assert tokenize_sample(ROW, tok, task(max_length=T))["truncated"] is False
 
-    end = tokenize_sample(ROW, tok, DataConfig(max_length=T - 3, truncation="truncate_end"))
+    end = tokenize_sample(ROW, tok, task(max_length=T - 3, truncation="truncate_end"))
     assert end["truncated"] and torch.equal(end["input_ids"], full["input_ids"][: T - 3])
     assert torch.equal(end["answer_mask"], full["answer_mask"][: T - 3])
 
     counts = new_counts()
-    mid = tokenize_sample(ROW, tok, DataConfig(max_length=T - 3, truncation="truncate_reasoning"), counts)
+    mid = tokenize_sample(ROW, tok, task(max_length=T - 3, truncation="truncate_reasoning"), counts)
     assert len(mid["input_ids"]) == T - 3 and counts["truncated"] == 1
     seg = mid["segment_ids"]
     assert int((seg == 0).sum()) == n_p and int((seg == 2).sum()) == n_a  # P and A intact
@@ -135,7 +142,7 @@ def test_truncation_policies(tok):
     keep[(full["segment_ids"] == 1).nonzero().flatten()[-3:]] = False  # the last 3 R tokens went
     assert torch.equal(mid["input_ids"], full["input_ids"][keep])
     assert torch.equal(mid["answer_mask"], full["answer_mask"][keep])
-    too_small = DataConfig(max_length=n_p + n_a - 1, truncation="truncate_reasoning")
+    too_small = task(max_length=n_p + n_a - 1, truncation="truncate_reasoning")
     assert tokenize_sample(ROW, tok, too_small) is None  # P + A alone do not fit
 
 
@@ -145,7 +152,7 @@ def test_chat_template_segments(tok):
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     try:
-        cfg = DataConfig(chat_template=True)
+        cfg = task(chat_template=True)
         s = tokenize_sample(ROW, tok, cfg)
     finally:
         tok.chat_template = None

@@ -103,6 +103,8 @@ TEMPLATES = {
     "question": "Question: What is {name}'s locker code?",
     "reasoning": "The text says {name}'s locker code is {value}.",
 }
+# How the default task's rows are rendered (configs/default.yaml sets the same data.* prefixes).
+REASONING_PREFIX, ANSWER_PREFIX = "\n", "\nSo the answer is "
 TRAIN_FILE = "train.jsonl"  # the file `data.generate_default` writes (and the only one it writes)
 DEFAULTS = dict(n_train=2000, n_eval=200, seed=0, n_facts=3, digits=4)
 
@@ -188,7 +190,7 @@ def check_teacher(model, tokenizer, rows: list[dict], data_cfg=None, batch_size:
     Returns answer_token_accuracy's dict summed over all rows (acc, acc_R, acc_A, n, ...) plus
     `exact_A` (fraction of samples whose every answer token in A is predicted).
     """
-    data_cfg = data_cfg or DataConfig()
+    data_cfg = data_cfg or DataConfig(reasoning_prefix=REASONING_PREFIX, answer_prefix=ANSWER_PREFIX)
     samples = [s for s in (tokenize_sample(r, tokenizer, data_cfg) for r in rows) if s is not None]
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
