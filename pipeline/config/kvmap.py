@@ -69,7 +69,7 @@ class GenerationConfig:
     seed: int = 0  # with do_sample: torch is seeded with seed + chunk index before each chunk
     batch_size: int = 16  # prompts per `generate` call (left-padded, KV cache)
     # R ends at the first of these (or EOS / data.max_new_tokens); A likewise (or answer_max_new_tokens).
-    # "\n": the default answer_prefix starts a new line, so one line of reasoning is what it follows.
+    # "\n": the default task's answer_prefix starts a new line, so one line of reasoning is what it follows.
     stop_strings: list[str] = field(default_factory=lambda: ["\n"])
     answer_max_new_tokens: int = 16  # A's generation budget (R's is data.max_new_tokens)
     chunk_rows: int = 256  # rows per resumable unit (one part file; ranks take every world-th chunk)
