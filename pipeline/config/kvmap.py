@@ -129,11 +129,10 @@ class DataConfig:
     streaming: bool = (
         False  # stream rows as they are tokenised (Hub sets and files) instead of loading them whole
     )
-    # prr rows: text put before the reasoning (part of R) and before the answer (part of A). Empty by default:
-    # no text is inserted that a row does not hold. The default task's configs set "\n" and
+    # Empty by default: no text is inserted that a row does not hold. The default task's configs set "\n" and
     # "\nSo the answer is " ("\nAnswer: " made SmolLM2 guess "1": 52% first digit).
-    reasoning_prefix: str = ""
-    answer_prefix: str = ""
+    reasoning_prefix: str = ""  # prr rows: text put before the reasoning (part of R)
+    answer_prefix: str = ""  # prr rows: text put before the answer (part of A)
     max_length: int = 256  # tokens per sample (longer ones follow `truncation`)
     # drop: skip samples longer than max_length; truncate_reasoning: cut the end of R so P + R + A fits
     # (dropped if P + A alone do not fit); truncate_end: keep the first max_length tokens.
