@@ -21,6 +21,7 @@ How the work is split (why it is resumable and rank-count independent):
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import nullcontext
@@ -38,7 +39,8 @@ from pipeline.data.completions import teacher_completions
 from pipeline.data.default_data import generate_default_data
 from pipeline.data.samples import tokenize_split
 from pipeline.data.trained_tokens import check_trained_tokens
-from pipeline.extraction.chunk import extract_chunk
+from pipeline.extraction.chunk import extract_writer_chunk
+from pipeline.extraction.plan import check_free_space, format_plan, make_plan, state_shapes
 from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
 from pipeline.extraction.summary import add_up_ranks, print_summary, skip_reasons, summarise
 from pipeline.models.capture import capture_qkv
@@ -180,9 +182,10 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
 
 
 def _extract_loop(
-    cfg, state, model, writer: StoreWriter, splits: dict, pad_id: int
+    cfg, state, model, writer: StoreWriter, splits: dict, pad_id: int, first=None
 ) -> tuple[int, float, float]:
-    """This rank's share of the unfinished chunks (every world-th), written by the async writer.
+    """This rank's share of the unfinished chunks (every world-th), written by the async writer; `first`
+    is chunk 0's (bufs, stats) as the plan's probe computed them (the same bits: not computed twice).
 
     Returns (train tokens computed, loop wall seconds, loop CPU seconds of all threads).
     """
@@ -206,7 +209,11 @@ def _extract_loop(
         )
         with torch.inference_mode(), capture as cap:
             for c in mine:
-                bufs, stats = _chunk(cfg, model, cap, writer, splits, c, pad_id, bar.update)
+                if c == 0 and first is not None:
+                    bufs, stats = first
+                    bar.update(stats["tokens"])
+                else:
+                    bufs, stats = extract_writer_chunk(cfg, model, cap, writer, splits, c, pad_id, bar.update)
                 out.submit(c, bufs, stats)
                 if writer.chunk_split(c) == "train":
                     computed += stats["tokens"]  # train tokens (the summary's unit)
@@ -219,36 +226,34 @@ def _extract_loop(
     return computed, time.perf_counter() - t_loop, time.process_time() - cpu_loop
 
 
-def _chunk(cfg, model, cap, writer: StoreWriter, splits: dict, c: int, pad_id: int, on_batch):
-    """`extract_chunk` of write chunk `c`: states on train chunks only (held-out chunks store logits only),
-    top-k log-probs where the store keeps logits for the chunk's split."""
-    start, end = writer.chunk_range(c)
-    split = writer.chunk_split(c)
-    on_train = split == "train"
-    logits = writer.attrs.get("logits") or {}
-    return extract_chunk(
-        model,
-        cap,
-        splits[split],
-        start,
-        end,
-        writer.layers if on_train else [],
-        writer.components if on_train else [],
-        cfg.extract.dtype,
-        cfg.extract.batch_size,
-        pad_id,
-        top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
-        index_dtype=logits.get("index_dtype", "uint16"),
-        on_batch=on_batch,  # called per batch
-    )
-
-
-def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
-    """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring)."""
-    t0 = time.perf_counter()
+def _state(cfg: KVMapConfig) -> PartialState:
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
-    state = PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
+    return PartialState(cpu=cfg.teacher.device == "cpu" or not torch.cuda.is_available())
+
+
+def _plan(cfg, state, model, tokenizer, train, eval, attrs) -> dict:
+    """`make_plan` (pipeline/extraction/plan.py): every rank probes chunk 0, so every rank can refuse."""
+    geo = model_geometry(model.config)
+    return make_plan(cfg, model, train, eval, attrs, geo, pad_token_id(tokenizer), state.num_processes)
+
+
+def plan_extraction(cfg: KVMapConfig) -> dict:
+    """`--plan`: the plan of `cfg.extract.store` (bytes and time, measured on chunk 0); writes no store."""
+    state = _state(cfg)
+    check_store_target(StoreLocation(cfg.extract.store, cfg.extract.storage_options))
+    model, tokenizer, train, eval, _, attrs = _prepare(cfg, state, overwrite=False)
+    plan = _plan(cfg, state, model, tokenizer, train, eval, attrs)
+    plan.pop("chunk")
+    return plan
+
+
+def run_extraction(cfg: KVMapConfig, overwrite: bool = False, force: bool = False) -> dict:
+    """Extract (or resume) the store `cfg.extract.store`; returns the summary dict (see module docstring).
+    Prints the plan's estimate first and refuses to start when the store's filesystem lacks the space
+    (unless `force`)."""
+    t0 = time.perf_counter()
+    state = _state(cfg)
     path = StoreLocation(cfg.extract.store, cfg.extract.storage_options)
     check_store_target(path)
     model, tokenizer, train, eval, counts, attrs = _prepare(cfg, state, overwrite)
@@ -260,17 +265,18 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
                 f"store {path} is complete (config fingerprint {attrs['config_fingerprint']}): nothing to do"
             )
         return KVStore(path).attrs["summary"]
+    plan = _plan(cfg, state, model, tokenizer, train, eval, attrs)
+    if state.is_main_process:  # a message, not the result: stderr
+        print("\n".join(format_plan(plan, str(path))[:3]), file=sys.stderr, flush=True)
+    check_free_space(str(path), plan["bytes_needed"], plan["free_space"], force)
     if action == "create" and state.is_main_process:
         remove_store(path)
-        geo = model_geometry(model.config)
-        shapes = {"q": (geo["heads"], geo["head_dim"]), "k": (geo["kv_heads"], geo["head_dim"])}
-        shapes["v"] = shapes["k"]
         StoreWriter.create(
             path,
             attrs=attrs,
             train=train,
             eval=eval,
-            state_shapes=shapes,
+            state_shapes=state_shapes(model_geometry(model.config)),
             chunk_tokens=cfg.extract.chunk_tokens,
             inner_chunk_tokens=cfg.extract.inner_chunk_tokens,
         )
@@ -278,7 +284,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     writer = StoreWriter(path)
     pad_id = pad_token_id(tokenizer)
     computed, loop_s, loop_cpu_s = _extract_loop(
-        cfg, state, model, writer, {"train": train, "eval": eval}, pad_id
+        cfg, state, model, writer, {"train": train, "eval": eval}, pad_id, plan.pop("chunk")
     )
     computed, loop_s, loop_cpu_s = add_up_ranks(state, computed, loop_s, loop_cpu_s)  # synchronises
     summary = None
@@ -307,11 +313,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--overwrite", action="store_true", help="delete an existing store first (else: resume it)"
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the bytes and time the store will take (measured on the first chunk), write nothing",
+    )
+    p.add_argument("--json", action="store_true", help="with --plan: the plan as one JSON object")
+    p.add_argument("--force", action="store_true", help="start even when the estimate exceeds the free space")
     args = parse_args(p, argv)
+    if args.json and not args.plan:
+        p.error("--json: expected together with --plan")
+    if args.plan:
+        return run_command("extract", lambda: _print_plan(config_from_args(KVMapConfig, args), args.json))
     # run_extraction returns the summary; the command's exit status is 0
     return run_command(
-        "extract", lambda: run_extraction(config_from_args(KVMapConfig, args), args.overwrite) and 0
+        "extract",
+        lambda: run_extraction(config_from_args(KVMapConfig, args), args.overwrite, args.force) and 0,
     )
+
+
+def _print_plan(cfg: KVMapConfig, as_json: bool) -> int:
+    """`--plan [--json]`: the plan on stdout (the command's result)."""
+    plan = plan_extraction(cfg)
+    print(json.dumps(plan) if as_json else "\n".join(format_plan(plan, cfg.extract.store)), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -285,3 +285,28 @@ def extract_chunk(
     if dev:
         bufs.update(_quantize_chunk(dev, INT8_SCHEMES, device))
     return bufs, stats
+
+
+def extract_writer_chunk(cfg, model, cap, writer, splits: dict, c: int, pad_id: int, on_batch=None):
+    """`extract_chunk` of write chunk `c` of a `StoreWriter`: states on train chunks only (held-out chunks
+    store logits only), top-k log-probs where the store keeps logits for the chunk's split. The one place
+    that turns a chunk number into extract_chunk's arguments (the extraction loop and the plan's probe)."""
+    start, end = writer.chunk_range(c)
+    split = writer.chunk_split(c)
+    on_train = split == "train"
+    logits = writer.attrs.get("logits") or {}
+    return extract_chunk(
+        model,
+        cap,
+        splits[split],
+        start,
+        end,
+        writer.layers if on_train else [],
+        writer.components if on_train else [],
+        cfg.extract.dtype,
+        cfg.extract.batch_size,
+        pad_id,
+        top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
+        index_dtype=logits.get("index_dtype", "uint16"),
+        on_batch=on_batch,  # called per batch
+    )
