@@ -2,7 +2,8 @@
 
     kvmap-export runs/default OUT [--push-to-hub USER/NAME] [--private] [--with-aligner] [--overwrite]
 
-The folder holds what `AutoModelForCausalLM.from_pretrained` / `pipeline("text-generation")` need: the
+For a LoRA run (`student.lora`) the exported model is `student/merged/` (the adapters merged into the base
+weights), so the folder needs no peft. The folder holds what `AutoModelForCausalLM.from_pretrained` / `pipeline("text-generation")` need: the
 weights (safetensors), the config, the tokenizer with its chat template, a generation config (eos / pad from
 the tokenizer) and a model card (`README.md`: teacher id and revision, store fingerprint, the arm's losses,
 steps and tokens, held-out metrics; trainer/run/model_card.py). kvmap's own `aligner.*` files stay out
@@ -20,10 +21,11 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from pipeline.cli import command_parser, parse_args, run_command
-from trainer.run.checkpoint import ALIGNER_META, ALIGNER_WEIGHTS
+from trainer.run.checkpoint import ALIGNER_META, ALIGNER_WEIGHTS, MERGED
 from trainer.run.model_card import model_card
 
 STUDENT = "student"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file: student/ of a LoRA run
 
 
 def _write_generation_config(folder: Path) -> None:
@@ -45,7 +47,10 @@ def export_student(
 ) -> Path:
     """Write the publishable folder of `run_dir/student` to `out` (see the module docstring)."""
     run_dir, out = Path(run_dir), Path(out)
-    src = run_dir / STUDENT
+    student = run_dir / STUDENT
+    # A LoRA run's student/ holds the adapter; the model to publish is its merged folder.
+    lora = (student / ADAPTER_CONFIG).is_file()
+    src = student / MERGED if lora else student
     if not (src / "config.json").is_file():
         raise FileNotFoundError(
             f"RUN_DIR={str(run_dir)!r}: no finished student ({src}/config.json missing): train it first "
@@ -58,6 +63,10 @@ def export_student(
     try:
         skip = () if with_aligner else (ALIGNER_WEIGHTS, ALIGNER_META)
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip, "README.md"))
+        if lora and with_aligner:  # the aligner lives beside the adapter, not in merged/
+            for name in (ALIGNER_WEIGHTS, ALIGNER_META):
+                if (student / name).is_file():
+                    shutil.copy2(student / name, tmp / name)
         _write_generation_config(tmp)
         (tmp / "README.md").write_text(model_card(run_dir))
         if out.exists():

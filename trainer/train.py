@@ -18,7 +18,8 @@ What happens, in order (every check runs before the first step):
 3. the loop: AdamW (student matrices decayed; aligner at `train.aligner_lr`), warmup + cosine LR, gradient
    accumulation, clipping, NaN/inf stop naming the step and the term, metrics.jsonl rows, evaluation every
    `eval.every` steps, checkpoints every `train.ckpt_every` steps and at the end.
-4. the end: student/ (HF folder + aligner.safetensors), metrics.json.
+4. the end: student/ (HF folder + aligner.safetensors; with student.lora the adapter, and the merged HF
+   folder in student/merged/), metrics.json.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ from trainer.eval.evaluate import alignment_diagnostics, evaluate
 from trainer.objective.grad_probe import grad_probe, term_weights
 from trainer.objective.schedules import lambda_kv_at
 from trainer.objective.step import StepResult, forward_step
-from trainer.run.checkpoint import jsonable, save_checkpoint, save_student
+from trainer.run.checkpoint import MERGED, jsonable, save_checkpoint, save_student
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run.model_card import model_card
 from trainer.run.run_setup import Run, finished_metrics, setup_run
+from trainer.run.student_wrap import is_lora, save_merged
 
 
 def structural_weight(run: Run, step: int) -> float | str:
@@ -205,6 +207,8 @@ def finish(run: Run, t0: float) -> dict:
             "layer_map": list(base.aligner.layer_map) if base.aligner else [],
         }
         save_student(base.student, run.tokenizer, base.aligner, meta, run.run_dir / "student")
+        if is_lora(base.student):  # the adapter is in student/; the merged model next to it, last
+            save_merged(base.student, run.tokenizer, run.run_dir / "student" / MERGED)
         (run.run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
         (run.run_dir / "student" / "README.md").write_text(model_card(run.run_dir))  # how it was made
         if not cfg.train.save_final_state:  # the student is saved: the optimizer state is not needed

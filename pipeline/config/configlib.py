@@ -67,6 +67,10 @@ def _check_union(key: str, value: Any, tp: Any) -> Any:
     args = get_args(tp)
     if value is None and type(None) in args:
         return None
+    sections = [a for a in args if dataclasses.is_dataclass(a)]
+    if isinstance(value, dict) and len(sections) == 1:
+        # An optional section (e.g. student.lora) given as a mapping: its own error names the inner key.
+        return _check_value(key, value, sections[0])
     for arg in args:
         if arg is type(None):
             continue

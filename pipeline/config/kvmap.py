@@ -19,12 +19,48 @@ from pipeline.config.prune import PruneConfig
 from pipeline.config.train import SEGMENTS, EvalConfig, TrainConfig
 from pipeline.store.location import check_storage_options
 
-__all__ = ["SEGMENTS", "KVMapConfig", "ModelConfig", "DataConfig", "ExtractConfig", "GenerationConfig"]
+__all__ = [
+    "SEGMENTS",
+    "KVMapConfig",
+    "ModelConfig",
+    "LoRAConfig",
+    "DataConfig",
+    "ExtractConfig",
+    "GenerationConfig",
+]
 
 
 # The embedded synthetic task (pipeline/data/default_data.py, `data.generate_default`).
 DEFAULT_TRAIN_PATH = "data/default/train.jsonl"
 DEFAULT_EVAL_PATH = "data/default/heldout.jsonl"
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the student (`student.lora`, through peft; trainer/run/student_wrap.py): only the
+    adapters (and the aligner) train, the base weights stay frozen; the run saves the adapter and the merged
+    model (docs/guides/scale-out.md)."""
+
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling: the adapter's update is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    # Which linear layers get adapters: module-name suffixes (e.g. [q_proj, k_proj, v_proj, o_proj]) or
+    # "all-linear" (every linear layer but the output head, peft's own rule).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"config key 'student.lora.r': got {self.r!r}, expected an int >= 1")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"config key 'student.lora.alpha': got {self.alpha!r}, expected a value > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(
+                f"config key 'student.lora.dropout': got {self.dropout!r}, expected a value in [0, 1)"
+            )
+        if not self.target_modules:
+            raise ConfigError(
+                "config key 'student.lora.target_modules': got [], expected module names or 'all-linear'"
+            )
 
 
 @dataclass
@@ -48,6 +84,12 @@ class ModelConfig:
     trust_remote_code: bool = False  # run the model repo's own Python code (off unless you trust it)
     # Capture (pipeline/models/capture.py) wraps "sdpa" or the model's own "eager" attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Student only: train LoRA adapters instead of every weight (null = full fine-tuning), a mapping of
+    # r (rank, default 8), alpha (16; the update is scaled by alpha / r), dropout (0.0) and target_modules
+    # (module-name suffixes, or "all-linear": every linear layer but the output head). The run saves the
+    # adapter and the merged model (docs/guides/scale-out.md). The teacher is never trained: teacher.lora
+    # stays null.
+    lora: LoRAConfig | None = None
 
     # The config key in errors ("teacher" / "student"); set by KVMapConfig, not a config field.
     key = "model"
@@ -259,6 +301,11 @@ class KVMapConfig:
     def __post_init__(self):
         """Checks that span sections (each section checks its own keys in its own __post_init__)."""
         self.teacher.key, self.student.key = "teacher", "student"  # the config keys errors name
+        if self.teacher.lora is not None:
+            raise ConfigError(
+                f"config key 'teacher.lora': got {dataclasses.asdict(self.teacher.lora)!r}, expected null "
+                "(the teacher is never trained; LoRA is student.lora)"
+            )
         _check_lambda(self)
         _check_structural(self)
 

@@ -70,6 +70,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     clip_grad: float = 1.0  # max global grad norm over student + aligner (0 = no clipping)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # passed to accelerate (fp16 needs a GPU)
+    # Recompute each student decoder layer's activations in backward instead of keeping them (HF gradient
+    # checkpointing, non-reentrant): less activation memory for a slower step; same losses and gradients.
+    gradient_checkpointing: bool = False
     # How lambda_kv (the top-level weight of loss_struct) changes over the run:
     # "constant"; "linear" = linear decay to 0 at `steps`; "cosine" = cosine decay to 0 at `steps`.
     # `lambda_warmup_steps` > 0 first ramps lambda linearly from 0 up to lambda_kv (decay starts after it).

@@ -7,7 +7,8 @@ Layout of `cfg.run_dir`:
     metrics.jsonl                  one JSON object per logged train step / evaluation
     metrics.json                   final metrics
     checkpoints/step_000100/       accelerate.save_state + trainer_state.json (written last)
-    student/                       HF model folder + aligner.safetensors + aligner.json
+    student/                       HF model folder + aligner.safetensors + aligner.json (student.lora:
+                                   the peft adapter, and merged/ the merged HF model folder)
 
 Why atomic: a checkpoint is written into `step_N.tmp` and renamed only after `trainer_state.json` is in
 it, so a run killed while saving never leaves a checkpoint that resume would take for complete.
@@ -30,6 +31,7 @@ CKPT_RE = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 ALIGNER_WEIGHTS = "aligner.safetensors"
 ALIGNER_META = "aligner.json"
+MERGED = "merged"  # student/merged/: a LoRA run's merged model, a plain HF folder
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:

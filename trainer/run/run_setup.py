@@ -42,6 +42,7 @@ from trainer.run.setup import (
     store_path_of,
 )
 from trainer.run.store_checks import check_layers, check_tokenizer, open_store
+from trainer.run.student_wrap import is_lora, trainable_parameters, wrap_student
 
 
 @dataclass
@@ -159,6 +160,11 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     student, tokenizer = load_model(cfg.student, for_training=True)
     vocab = int(student.get_input_embeddings().weight.shape[0])
     check_tokenizer(store, tokenizer, vocab)
+    student = wrap_student(student, cfg)  # checkpointing / LoRA before the aligner, optimizer and prepare
+    if is_lora(student):
+        notice(
+            accelerator, "student.lora: {:,} of {:,} parameters train".format(*trainable_parameters(student))
+        )
     aligner = build_aligner(cfg, store, student)
     kd = build_kd(cfg, store, vocab)
     if aligner is not None and aligner.head_selection is not None:
