@@ -28,7 +28,9 @@ class HeadSelectConfig:
 class AlignConfig:
     """Layer map + segment time warp + head-wise projection (the mode itself is top-level `kv_projection_mode`)."""
 
-    layer_map: str | list[int] = "uniform"  # "uniform" | "last" | explicit teacher layer per student layer
+    # "uniform" | "last" | "heads" (the layers of the store's best heads by head_select.method, one per student
+    # layer, for any student depth) | an explicit teacher layer per student layer
+    layer_map: str | list[int] = "uniform"
     share_dim_proj: bool = True  # one head-dim map shared by every head (else one per head)
     init_uniform: bool = True  # head mixers start as uniform averages (else random)
     per_layer: bool = False  # a projector per mapped layer (else one shared by all)

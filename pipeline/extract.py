@@ -97,6 +97,11 @@ def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
     if spec == "map":
         if cfg.align.init == "from_prune":  # a student pruned from the teacher: its kept layers
             return teacher_layers_needed(read_prune_meta(cfg.student)["kept_layers"])
+        if cfg.align.layer_map == "heads":  # chosen in stage 2 from the store's own head scores
+            raise ConfigError(
+                "extract.layers='map' with align.layer_map='heads': the layers come from head scores of the "
+                "stored states; expected extract.layers: all (or a list of the layers to score)"
+            )
         layer_map = build_layer_map(cfg.align.layer_map, num_teacher_layers, student_num_layers(cfg.student))
         return teacher_layers_needed(layer_map)
     if isinstance(spec, list) and spec:

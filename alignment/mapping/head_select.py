@@ -145,3 +145,27 @@ def select_heads(
         mask[ls, hs] = True
         pairs.append((ls, hs, t, h, v))
     return HeadSelection(pairs, mix, mask)
+
+
+def layers_of_ranked_heads(ranked: list[tuple[int, int, float]], num_student_layers: int) -> list[int]:
+    """A layer map for selected-head arms at any student depth (`align.layer_map: heads`): the distinct
+    teacher layers of the best-ranked heads, in ranking order, until every student layer has one, then
+    sorted so student depth follows teacher depth.
+
+    Args:
+        ranked: [(teacher layer, head, score)] best first, over the stored layers (`ranked_heads`).
+        num_student_layers: L_s.
+    Returns:
+        L_s teacher layers, ascending. With fewer distinct stored layers than L_s, the best layers repeat
+        (in rank order) so that every student layer still reads a layer with a strong head.
+    Example:
+        >>> layers_of_ranked_heads([(17, 2, 0.9), (6, 0, 0.8), (17, 5, 0.7), (23, 1, 0.6)], 2)
+        [6, 17]
+    """
+    if num_student_layers < 1:
+        raise ValueError(f"num_student_layers={num_student_layers!r}: expected an int >= 1")
+    distinct = list(dict.fromkeys(layer for layer, _, _ in ranked))
+    if not distinct:
+        raise ValueError("layer_map 'heads': no ranked teacher head (no head scores)")
+    chosen = [distinct[i % len(distinct)] for i in range(num_student_layers)]
+    return sorted(chosen)

@@ -14,9 +14,9 @@ import torch
 from alignment import create_aligner
 from alignment.losses.logit_kd import create_logit_kd_loss
 from alignment.losses.relation import check_relation_heads
-from alignment.mapping.head_select import select_heads
+from alignment.mapping.head_select import layers_of_ranked_heads, select_heads
 from alignment.projection.prune_init import init_from_prune
-from pipeline.analysis.head_scores import load_or_compute
+from pipeline.analysis.head_scores import load_or_compute, ranked_heads
 from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.config.train import segment_ids_of
@@ -91,6 +91,20 @@ def store_path_of(cfg: KVMapConfig):
     return StoreLocation(cfg.extract.store, cfg.train.storage_options or cfg.extract.storage_options)
 
 
+def layer_map_from_head_scores(cfg: KVMapConfig, store, student) -> list[int]:
+    """`align.layer_map: heads`: the teacher layers of the store's best heads by `align.head_select.method`
+    (scores of the train split, as head selection reads them), one per student layer."""
+    method = cfg.align.head_select.method
+    if method not in ("top_retrieval", "top_answer_mass"):
+        raise ConfigError(
+            f"config key 'align.layer_map': 'heads' with align.head_select.method={method!r}: expected "
+            "top_retrieval or top_answer_mass (the layers come from the ranked heads)"
+        )
+    scores = load_or_compute(store.path, "train", cfg.align.head_select.samples)
+    ranked = ranked_heads(scores, by=method.removeprefix("top_"))
+    return layers_of_ranked_heads(ranked, int(student.config.num_hidden_layers))
+
+
 def build_aligner(cfg: KVMapConfig, store, student):
     """The aligner from the store's teacher geometry and the student's config; None when lambda_kv == 0."""
     if cfg.lambda_kv == 0:
@@ -100,6 +114,8 @@ def build_aligner(cfg: KVMapConfig, store, student):
     if cfg.align.init == "from_prune":  # the layer map is the kept teacher layers (prune_meta.json)
         meta = read_prune_meta(cfg.student)
         align_cfg = dataclasses.replace(cfg.align, layer_map=meta["kept_layers"])
+    elif cfg.align.layer_map == "heads":  # the layers of the best heads, for this student's depth
+        align_cfg = dataclasses.replace(cfg.align, layer_map=layer_map_from_head_scores(cfg, store, student))
     try:
         aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, align_cfg)
         if meta is not None:
