@@ -93,6 +93,26 @@ def finished_metrics(cfg: KVMapConfig, resume: bool, overwrite: bool) -> dict | 
     return json.loads(done.read_text())
 
 
+def check_resume_batch(cfg: KVMapConfig, saved_cfg: dict, world: int, now_world: int, ckpt_name: str) -> None:
+    """Elastic resume: another process count is fine when every step still consumes the same number of
+    samples (batch_size x grad_accum x processes), because the global sample stream is a function of the
+    stream position alone; the resumed run then reads exactly the samples the first one had not."""
+    saved_train = saved_cfg.get("train", {})
+    before = saved_train.get("batch_size", 0) * saved_train.get("grad_accum", 0) * world
+    now = cfg.train.batch_size * cfg.train.grad_accum * now_world
+    if before != now:
+        raise ConfigError(
+            f"--resume: checkpoint {ckpt_name} consumed {before} samples per step (train.batch_size x "
+            f"train.grad_accum x {world} processes), this launch {now} ({now_world} processes): keep the product "
+            "equal so the sample stream continues where it stopped"
+        )
+    if world != now_world and cfg.train.shuffle == "shards":
+        raise ConfigError(
+            f"--resume: checkpoint {ckpt_name} was written by {world} processes, this launch has {now_world}: "
+            "train.shuffle=shards deals shards to the run's readers, so resume it with the same process count"
+        )
+
+
 def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator) -> Path | None:
     """The checkpoint to resume from (or None); refuses to silently restart over an existing run, or to
     resume one with a different training config."""
@@ -100,13 +120,10 @@ def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         saved = read_trainer_state(ckpt)
-        check_resume_config(saved.get("config", to_dict(cfg)), to_dict(cfg))
+        saved_cfg = saved.get("config", to_dict(cfg))
+        check_resume_config(saved_cfg, to_dict(cfg))
         world = saved.get("num_processes", accelerator.num_processes)
-        if world != accelerator.num_processes:
-            raise ConfigError(
-                f"--resume: checkpoint {ckpt.name} was written by {world} processes, this launch has "
-                f"{accelerator.num_processes}: expected the same number (the sample stream is sharded by it)"
-            )
+        check_resume_batch(cfg, saved_cfg, world, accelerator.num_processes, ckpt.name)
     ckpt_root = run_dir / "checkpoints"
     existing = (ckpt_root.is_dir() and any(ckpt_root.iterdir())) or (run_dir / "metrics.json").is_file()
     if not resume and existing:

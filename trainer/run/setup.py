@@ -209,6 +209,9 @@ RESUME_FREE_KEYS = (
     "train.save_final_state",
     "train.num_workers",
     "train.prefetch_factor",
+    # per-process batch shape: free as long as the samples per step stay equal (run_setup.check_resume_batch)
+    "train.batch_size",
+    "train.grad_accum",
     "eval.",
     "prune.",  # pipeline/prune.py only
 )
