@@ -172,7 +172,8 @@ def test_nan_stop_under_the_cli_is_a_failure_exit_1(tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("train: error: step 1: loss_struct is not finite (nan)")
 
 
-def test_resume_with_another_world_size_is_refused(tmp_path, store):
+def test_resume_with_another_samples_per_step_is_refused(tmp_path, store):
+    """Another process count resumes only with equal samples per step (tests/test_train_multiprocess.py)."""
     from trainer.run.checkpoint import STATE_FILE, latest_checkpoint
 
     cfg = from_dict(
@@ -186,5 +187,5 @@ def test_resume_with_another_world_size_is_refused(tmp_path, store):
     state = json.loads(state_file.read_text())
     assert state["num_processes"] == 1
     state_file.write_text(json.dumps({**state, "num_processes": 2}))
-    with pytest.raises(ConfigError, match="written by 2 processes, this launch has 1"):
+    with pytest.raises(ConfigError, match=r"consumed 8 samples per step .* this launch 4 \(1 process"):
         run_training(cfg, resume=True)

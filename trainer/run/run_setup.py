@@ -103,7 +103,7 @@ def check_resume_batch(cfg: KVMapConfig, saved_cfg: dict, world: int, now_world:
     if before != now:
         raise ConfigError(
             f"--resume: checkpoint {ckpt_name} consumed {before} samples per step (train.batch_size x "
-            f"train.grad_accum x {world} processes), this launch {now} ({now_world} processes): keep the product "
+            f"train.grad_accum x {world} process(es)), this launch {now} ({now_world} process(es)): keep the product "
             "equal so the sample stream continues where it stopped"
         )
     if world != now_world and cfg.train.shuffle == "shards":
