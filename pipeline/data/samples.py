@@ -33,6 +33,7 @@ import torch
 
 from pipeline.config.kvmap import SEGMENTS, DataConfig
 from pipeline.data.formats import BadRow, detect_format, render_row
+from pipeline.data.trained_tokens import segment_token_counts
 
 P, R, A = SEGMENTS["P"], SEGMENTS["R"], SEGMENTS["A"]
 SPLITS = ("train", "eval")
@@ -265,8 +266,7 @@ def _count(counts: dict, seg: torch.Tensor, ans: torch.Tensor, truncated: bool) 
     counts["tokens"] += len(seg)
     counts["answer_tokens"] += int(ans.sum())
     counts["truncated"] += int(truncated)
-    for name, sid in SEGMENTS.items():
-        counts["segment_tokens"][name] += int((seg == sid).sum())
+    counts["segment_tokens"].update(segment_token_counts(seg))
 
 
 def _fit(ids, seg, ans, data_cfg: DataConfig):
