@@ -93,6 +93,9 @@ class LossConfig:
     # the teacher's 49k-token tail).
     kd_tail: Literal["bucket", "renormalize"] = "renormalize"
     ce_weight: float = 1.0  # 0 = logit-only (Minitron's recipe)
+    # how the attention KL runs: "auto" = the fused Triton kernels on CUDA where they apply (one-to-one heads,
+    # no softcap / sliding window), else the PyTorch stream; "torch" = always the stream; "triton" = insist.
+    attn_kl_impl: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self):
         for key in ("alpha_logit", "ce_weight"):

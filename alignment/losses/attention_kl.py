@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from alignment.geometry.attention_probs import LogitSpec, attention_logits, visible_keys
+from alignment.losses import attention_kl_fused as fused
 from alignment.losses.attention_kl_fn import StreamingAttentionKL
 
 
@@ -167,6 +168,7 @@ def attention_kl(
     softcap_t: float | None = None,
     window_s: torch.Tensor | None = None,
     window_t: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Mean row KL(teacher || student) of causal attention, streamed by query-row chunks (see module doc).
 
@@ -185,6 +187,9 @@ def attention_kl(
         softcap_s, softcap_t: None or the tanh attention-logit cap of that side (Gemma 2).
         window_s, window_t: None or (L,) long sliding windows per layer (row r sees keys r - window < j <= r;
             `alignment.geometry.attention_probs.NO_WINDOW` on full layers).
+        impl: "auto" runs the fused Triton kernels (alignment/losses/attention_kl_fused.py) on CUDA tensors
+            they support and the PyTorch streaming path otherwise; "torch" always streams in PyTorch;
+            "triton" insists on the kernels (one-line error where they cannot run).
     Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
     Example:
         >>> kl = attention_kl(q_s, k_s, q_t, k_t, mask, chunk_size=128)
@@ -200,6 +205,9 @@ def attention_kl(
     wd = _work_dtype(q_s, q_t)
     keys, has_key = _key_mask(mask, drop_keys)
     row_w = (_rows(mask, query_mask) & has_key).to(wd)
+    fp = fused.plan(impl, q_s, k_s, q_t, k_t, head_mix, head_mask, *specs)
+    if fp is not None:
+        return fused.fused_attention_kl(q_s, k_s, q_t, k_t, keys, row_w, fp)
     xs, M, specs, head_w = _stream_inputs([q_s, k_s, q_t, k_t], head_mix, head_mask, specs, wd)
     total = StreamingAttentionKL.apply(*xs, keys, row_w, M, chunk_size, *specs, head_w)
     pairs = L * H_s if head_w is None else head_w.sum()
@@ -298,5 +306,5 @@ def _renormalise(logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """log of p zeroed outside `keep` (broadcast to logp) and divided by its row sum; 0 (log 1) outside `keep`
     so that no -inf or 0/0 reaches autograd (callers only read the kept entries)."""
     p = logp.exp() * keep  # (..., T)
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # 1e-300 is 0 in float32
     return torch.log(torch.where(keep, p, 1.0))

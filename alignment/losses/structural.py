@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignment.losses.attention_kl import attention_kl
+from alignment.losses.attention_kl_fused import IMPLS as KL_IMPLS
 from alignment.losses.relation import COMPONENTS as RELATION_COMPONENTS
 from alignment.losses.relation import relation_kl
 
@@ -114,6 +115,7 @@ class StructuralKVLoss(nn.Module):
         sink: str = "keep",
         sink_keys: list[int] | tuple[int, ...] = (0,),
         relation: dict | None = None,
+        attn_kl_impl: str = "auto",
     ):
         super().__init__()
         for name, v in (("alpha_k", alpha_k), ("alpha_v", alpha_v), ("alpha_attn", alpha_attn)):
@@ -138,6 +140,9 @@ class StructuralKVLoss(nn.Module):
             )
         self.sink, self.sink_keys = sink, list(sink_keys)
         self.relation = check_relation(relation)
+        if attn_kl_impl not in KL_IMPLS:
+            raise ValueError(f"loss_config.attn_kl_impl={attn_kl_impl!r}: expected one of {list(KL_IMPLS)}")
+        self.attn_kl_impl = attn_kl_impl
 
     def extra_repr(self) -> str:
         return (
@@ -239,6 +244,7 @@ class StructuralKVLoss(nn.Module):
     def _kl_options(self, query_mask, head_mask, softcap_s, window_s) -> dict:
         """Keyword arguments of `attention_kl` that do not depend on the target: options, student geometry."""
         kw = dict(temperature=self.temperature, chunk_size=self.chunk_size, query_mask=query_mask)
+        kw["impl"] = self.attn_kl_impl
         kw.update(softcap_s=softcap_s, window_s=window_s)
         if self.sink == "drop":
             kw["drop_keys"] = self.sink_keys
@@ -320,6 +326,7 @@ def create_structural_loss(
     sink: str = "keep",
     sink_keys: list[int] | tuple[int, ...] = (0,),
     relation: dict | None = None,
+    attn_kl_impl: str = "auto",
     **_other_terms,
 ) -> StructuralKVLoss:
     """`StructuralKVLoss` factory; `create_structural_loss(**dataclasses.asdict(cfg.loss_config))` works
@@ -335,4 +342,5 @@ def create_structural_loss(
         sink,
         sink_keys,
         relation,
+        attn_kl_impl,
     )

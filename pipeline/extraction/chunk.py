@@ -16,7 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.data.metrics import answer_token_accuracy
+from pipeline.config.kvmap import SEGMENTS
+from pipeline.extraction.host_copy import HostCopier
 from pipeline.store.encoding import LOGPROB_FLOOR
 from pipeline.store.int8 import INT8_SCHEMES, quantize
 from pipeline.store.packed_split import PackedSplit
@@ -82,26 +83,47 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1, sorted=True)
 
 
-def _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own) -> None:
-    """Answer-token accuracy and per-segment teacher CE of the samples starting in this chunk (summable)."""
+def _accumulate_teacher_metrics(sums: dict, logits, ids, ans, seg, own) -> None:
+    """Answer-token accuracy counts and per-segment teacher CE sums of the samples starting in this chunk,
+    added to `sums` as device tensors: no host sync per batch (`_metrics_into` reads them once per chunk)."""
     if not own.any():
         return
     if not own.all():  # a sample crossing into this chunk was counted where it starts
         o = torch.from_numpy(own)
         logits, ids, ans, seg = logits[o.to(logits.device)], ids[o], ans[o], seg[o]
-    acc = answer_token_accuracy(logits, ids, ans, seg)
-    for k in ("n_R", "correct_R", "n_A", "correct_A", "n_all", "correct_all"):  # counts sum over chunks
-        stats["acc"][k] = stats["acc"].get(k, 0) + int(acc[k])
+    dev = logits.device
+    hit = logits[:, :-1].argmax(-1) == ids[:, 1:].to(dev)  # (B, T-1): position t-1 predicts token t
+    tgt_seg = seg[:, 1:].to(dev)  # (B, T-1)
+    scored = ans[:, 1:].to(dev)
     # Teacher-forced CE per target segment: how well the teacher's own distribution fits the data (a
     # teacher that does not write like the data is a poor logit-KD target).
-    tgt_seg = seg[:, 1:].to(logits.device)  # (B, T-1)
     ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none"
+        logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(dev), reduction="none"
     )  # (B, T-1)
-    for name, j in (("P", 0), ("R", 1), ("A", 2)):
-        m = tgt_seg == j
-        stats["ce"][f"sum_{name}"] = stats["ce"].get(f"sum_{name}", 0.0) + float(ce[m].double().sum())
-        stats["ce"][f"n_{name}"] = stats["ce"].get(f"n_{name}", 0) + int(m.sum())
+    add = {}
+    for name in ("R", "A"):
+        m = scored & (tgt_seg == SEGMENTS[name])
+        add[("acc", f"n_{name}")], add[("acc", f"correct_{name}")] = m.sum(), (hit & m).sum()
+    for name in ("P", "R", "A"):
+        m = tgt_seg == SEGMENTS[name]
+        add[("ce", f"sum_{name}")], add[("ce", f"n_{name}")] = ce[m].double().sum(), m.sum()
+    for key, v in add.items():
+        sums[key] = sums[key] + v if key in sums else v
+
+
+def _metrics_into(stats: dict, sums: dict) -> None:
+    """Device sums {(group, key): 0-dim tensor} -> the chunk's stats (one host read for all of them)."""
+    if not sums:
+        return
+    values = torch.stack([v.double() for v in sums.values()]).tolist()
+    for (group, key), v in zip(sums, values):
+        if group == "topk_mass":
+            stats["topk_mass"] = v
+        else:
+            stats[group][key] = v if key.startswith("sum_") else int(v)
+    acc = stats["acc"]
+    if acc:  # the summed R + A counts, for code keyed by segment name
+        acc["n_all"], acc["correct_all"] = acc["n_R"] + acc["n_A"], acc["correct_R"] + acc["correct_A"]
 
 
 def _chunk_rows(packed: PackedSplit, batch: np.ndarray, start: int, end: int):
@@ -121,30 +143,38 @@ def _chunk_rows(packed: PackedSplit, batch: np.ndarray, start: int, end: int):
     return np.concatenate(jj), np.concatenate(tt), runs
 
 
-def _gather_states(cap, layers, components, sdt, jj_d, tt_d, valid, batch, packed) -> dict:
-    """Real tokens of every (layer, component), gathered on the device (token-major, as the store),
-    converted to the storage dtype and checked with ONE reduction and one sync per batch (the per-layer
-    syncs and padded pageable copies this replaces cost 8.6x the forward on an H100).
+def _gather_states(cap, layers, components, sdt, jj_d, tt_d) -> tuple[dict, torch.Tensor | None, dict]:
+    """Real tokens of every (layer, component), gathered on the device (token-major, as the store) and
+    converted to the storage dtype, with their finiteness as ONE device flag vector read later with the copy
+    (a read here would stall the GPU until the batch is done; per-layer syncs and padded pageable copies
+    cost 8.6x the forward on an H100).
 
-    Returns {(layer, comp): (N, X, D)}; raises a one-line ValueError naming the first bad sample.
-    """
-    ys = {}
+    Returns ys {(layer, comp): (N, X, D)}, finite (L_sel * C,) bool on the device (None without states) and
+    raw {(layer, comp): (B, X, T, D)} the captured tensors (kept to name a bad sample)."""
+    ys, raw = {}, {}
     for layer in layers:
         for comp in components:
-            x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+            x = raw[(layer, comp)] = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
             y = x[jj_d, :, tt_d]  # (N, X, D)
             ys[(layer, comp)] = y if sdt is None else y.to(sdt)  # fp16: inf where |x| overflows
     if not ys:
-        return ys
+        return ys, None, raw
     finite = torch.stack([torch.isfinite(y).all() for y in ys.values()])  # (L_sel * C,)
-    if not bool(finite.all()):
-        for (layer, comp), ok in zip(ys, finite.tolist()):
-            if not ok:
-                x = getattr(cap, comp)[layer]  # (B, X, T, D)
-                y = x if sdt is None else x.to(sdt)
-                bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
-                raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
-    return ys
+    return ys, finite, raw
+
+
+def _check_finite(finite: np.ndarray, meta: dict, sdt) -> None:
+    """Raise the one-line error naming the first bad sample when a state of the batch is not storable."""
+    if finite is None or bool(finite.all()):
+        return
+    for (layer, comp), ok in zip(meta["raw"], finite.tolist()):
+        if not ok:
+            x = meta["raw"][(layer, comp)]  # (B, X, T, D)
+            y = x if sdt is None else x.to(sdt)
+            valid = meta["valid"]
+            bad = (~torch.isfinite(y).all(dim=3).all(dim=1) & valid.to(y.device)).any(dim=1)  # (B,)
+            batch, packed = meta["batch"], meta["packed"]
+            raise _bad_sample_error(bad.cpu(), x.float().cpu(), y, valid, batch, packed, layer, comp)
 
 
 def _to_host(ys: dict, device: torch.device) -> dict[tuple, np.ndarray]:
@@ -191,11 +221,13 @@ def _forward(model, cap, packed: PackedSplit, batch: np.ndarray, pad_id: int, de
     return logits, ids, seg, ans
 
 
-def _topk_entries(stats: dict, logits: torch.Tensor, top_k: int) -> dict[tuple, torch.Tensor]:
+def _topk_entries(sums: dict, logits: torch.Tensor, top_k: int) -> dict[tuple, torch.Tensor]:
     """The stored top-k log-probs of the gathered tokens' logits (N, V); adds their probability mass to
-    `stats["topk_mass"]`."""
+    `sums[("topk_mass", "")]` (a device tensor)."""
     vals, idx = topk_logprobs(logits, top_k)  # (N, K), (N, K)
-    stats["topk_mass"] += float(vals.exp().sum(dim=-1).double().sum())
+    mass = vals.exp().sum(dim=-1).double().sum()
+    key = ("topk_mass", "")
+    sums[key] = sums[key] + mass if key in sums else mass
     return {
         ("logits", "values"): vals.clamp_min(LOGPROB_FLOOR).to(torch.float16),  # (N, K)
         ("logits", "indices"): idx.to(torch.int32),  # (N, K); stored as `index_dtype`
@@ -266,25 +298,47 @@ def extract_chunk(
     bufs: dict[tuple, np.ndarray] = {}
     dev: dict[tuple, torch.Tensor] = {}  # int8: the chunk's states on the device, quantised at the end
     stats = {"tokens": end - start, "forward_tokens": 0, "acc": {}, "ce": {}, "topk_mass": 0.0}
+    sums: dict = {}  # metric sums on the device, read once at the end of the chunk
     device = next(model.parameters()).device
-    for batch in chunk_batches(packed, start, end, batch_size):
+    copier = HostCopier(device)
+    pending = None  # the previous batch, its host copy in flight while this batch's forward runs
+    for i, batch in enumerate(chunk_batches(packed, start, end, batch_size)):
         logits, ids, seg, ans = _forward(model, cap, packed, batch, pad_id, device)
         stats["forward_tokens"] += int(packed.lengths[batch].sum())
         own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
-        _accumulate_teacher_metrics(stats, logits, ids, ans, seg, own)
+        _accumulate_teacher_metrics(sums, logits, ids, ans, seg, own)
         jj, tt, runs = _chunk_rows(packed, batch, start, end)
         jj_d, tt_d = torch.from_numpy(jj).to(device), torch.from_numpy(tt).to(device)  # (N,), (N,)
-        ys = _gather_states(cap, layers, components, sdt, jj_d, tt_d, seg >= 0, batch, packed)
+        ys, finite, raw = _gather_states(cap, layers, components, sdt, jj_d, tt_d)
         if top_k:
-            ys.update(_topk_entries(stats, logits[jj_d, tt_d], top_k))
+            ys.update(_topk_entries(sums, logits[jj_d, tt_d], top_k))
+        logits = None
         if sdt is None:  # int8: keep the chunk's states on the device until every batch is in
             _keep_on_device(dev, ys, runs, end - start)
-        _place_on_host(bufs, _to_host(ys, device), runs, end - start, index_dtype)
-        if on_batch is not None:
-            on_batch(len(jj))
+        meta = dict(runs=runs, raw=raw, valid=seg >= 0, batch=batch, packed=packed, tokens=len(jj))
+        job = copier.start(ys, finite, i % 2, meta)
+        if pending is not None:
+            _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
+        pending = job
+        if not copier.cuda:  # nothing to overlap on the CPU: place now and keep one batch alive, not two
+            _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
+            pending = None
+    if pending is not None:
+        _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
+    _metrics_into(stats, sums)
     if dev:
         bufs.update(_quantize_chunk(dev, INT8_SCHEMES, device))
     return bufs, stats
+
+
+def _finish(copier: HostCopier, job, bufs: dict, n: int, index_dtype: str, sdt, on_batch) -> None:
+    """Wait for a batch's host copy, check its states are storable, place its rows in the chunk's buffers."""
+    host = copier.wait(job)
+    _check_finite(None if job.finite is None else job.finite.numpy(), job.meta, sdt)
+    job.meta["raw"] = None  # release the batch's captured tensors
+    _place_on_host(bufs, host, job.meta["runs"], n, index_dtype)
+    if on_batch is not None:
+        on_batch(job.meta["tokens"])
 
 
 def extract_writer_chunk(cfg, model, cap, writer, splits: dict, c: int, pad_id: int, on_batch=None):
