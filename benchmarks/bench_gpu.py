@@ -94,20 +94,36 @@ def _kl_kind(f, xs: list, dev: torch.device, repeats: int) -> tuple[dict, list]:
     return r, grads
 
 
-def _kl_row(T: int, geo: dict, dev: torch.device, repeats: int) -> dict:
-    """One T: naive first (the reference for values and gradients), then each streamed chunk size."""
+def _kl_kinds(geo: dict, dev: torch.device) -> dict:
+    """name -> (function, input dtype, the naive kind its time and memory are compared with)."""
     from alignment.losses.attention_kl import attention_kl
 
+    kinds = {"naive": (dense_kl, torch.float32, None)}
+    for c in geo["kl_chunks"]:
+        kinds[f"stream_c{c}"] = (
+            lambda *a, c=c: attention_kl(*a, chunk_size=c, impl="torch"),
+            torch.float32,
+            "naive",
+        )
+    if dev.type == "cuda":
+        fused = lambda *a: attention_kl(*a, impl="triton")  # noqa: E731
+        kinds["fused"] = (fused, torch.float32, "naive")
+        kinds["naive_bf16"] = (dense_kl, torch.bfloat16, None)
+        kinds["fused_bf16"] = (fused, torch.bfloat16, "naive_bf16")
+    return kinds
+
+
+def _kl_row(T: int, geo: dict, dev: torch.device, repeats: int) -> dict:
+    """One T: naive fp32 first (the reference for values and gradients), then the other kinds."""
     B, L, H, G, D = (KL_SHAPE[k] for k in "BLHGD")
     g = torch.Generator(device=dev).manual_seed(T)
     # q_s (B, L, H, T, D), k_s (B, L, G, T, D), q_t, k_t likewise: both sides trainable (projected target)
-    xs = [torch.randn(B, L, X, T, D, generator=g, device=dev).requires_grad_() for X in (H, G, H, G)]
-    kinds = {"naive": dense_kl}
-    for c in geo["kl_chunks"]:
-        kinds[f"stream_c{c}"] = lambda *a, c=c: attention_kl(*a, chunk_size=c)
+    base = [torch.randn(B, L, X, T, D, generator=g, device=dev) for X in (H, G, H, G)]
+    kinds = _kl_kinds(geo, dev)
     row: dict = {"T": T}
     ref = None
-    for kind, f in kinds.items():
+    for kind, (f, dtype, _) in kinds.items():
+        xs = [x.to(dtype).requires_grad_() for x in base]
         try:
             r, grads = _kl_kind(f, xs, dev, repeats)
             if ref is None:
@@ -115,7 +131,8 @@ def _kl_row(T: int, geo: dict, dev: torch.device, repeats: int) -> dict:
             else:
                 r["value_rel_diff"] = abs(r["value"] - ref[0]) / max(abs(ref[0]), 1e-30)
                 r["grad_max_rel_diff"] = max(
-                    float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(grads, ref[1])
+                    float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                    for a, b in zip(grads, ref[1])
                 )
             grads = None
         except torch.OutOfMemoryError as e:  # naive at large T: record it, go on with the others
@@ -123,14 +140,14 @@ def _kl_row(T: int, geo: dict, dev: torch.device, repeats: int) -> dict:
         except Exception as e:
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        xs = None
         gs.free(dev)
         row[kind] = r
         msg = r.get("error") or f"{r['median_s'] * 1e3:.1f} ms, +{gs.fmt(r['peak_above_inputs_gib'], 3)} GiB"
         gs.log(f"attn_kl T={T} {kind}: {msg}")
-    naive = row["naive"]
-    for kind in kinds:
-        r = row[kind]
-        if kind != "naive" and "median_s" in r and "median_s" in naive:
+    for kind, (_, _, vs) in kinds.items():
+        r, naive = row[kind], row.get(vs, {})
+        if vs and "median_s" in r and "median_s" in naive:
             r["time_ratio_vs_naive"] = r["median_s"] / naive["median_s"]
             if naive["peak_above_inputs_gib"]:
                 r["mem_ratio_vs_naive"] = r["peak_above_inputs_gib"] / naive["peak_above_inputs_gib"]
@@ -159,8 +176,9 @@ def table_kl(res: dict) -> str:
             rows.append([row["T"], kind, r["median_s"] * 1e3, r.get("time_ratio_vs_naive"), mib,
                          r.get("mem_ratio_vs_naive"), *diffs])  # fmt: skip
     s = res["shape"]
-    head = (f"Attention KL value + backward, B={s['B']} L={s['L']} H={s['H']} G={s['G']} D={s['D']} float32; "
-            "peak = CUDA peak allocated above the inputs; rel diffs vs naive")  # fmt: skip
+    head = (f"Attention KL value + backward, B={s['B']} L={s['L']} H={s['H']} G={s['G']} D={s['D']} (float32 "
+            "unless _bf16); peak = CUDA peak allocated above the inputs; x naive = vs the naive row of the same "
+            "dtype; rel diffs vs fp32 naive")  # fmt: skip
     cols = ["T", "kind", "ms", "time x naive", "peak MiB", "mem x naive", "value rel diff", "grad rel diff"]
     return head + "\n\n" + gs.md_table(cols, rows)
 

@@ -40,6 +40,8 @@ GEOMETRY = {
     },
 }  # fmt: skip
 GIB = 2**30
+CHUNK_BATCHES = 4  # teacher batches per stage-1 write chunk in section 1
+CAPTURE_LAYERS = 8  # teacher layers stage 1 stores in the stage-1 rows (the speed bar: 8 layers + logits)
 
 
 def log(msg: str) -> None:
@@ -143,7 +145,9 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
 
     tg = geo["teacher"]
     B, T = geo["capture_bt"]
-    layers = mapped_teacher_layers(geo)
+    L_t = tg["num_hidden_layers"]
+    n_cap = min(CAPTURE_LAYERS, L_t)
+    layers = sorted({round(i * (L_t - 1) / max(n_cap - 1, 1)) for i in range(n_cap)})  # evenly spaced
     H, G = tg["num_attention_heads"], tg["num_key_value_heads"]
     D = tg["hidden_size"] // H
     model = build_lm(tg, torch.bfloat16, dev).eval()
@@ -167,10 +171,12 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
     }
     rows = {}
 
-    def measure(name: str, fn) -> None:
+    def measure(name: str, fn, forwards: int = 1) -> None:
+        """Time fn; per-forward time = its median / forwards (a chunk of several batches)."""
         base = reset_peak(dev)
         try:
             med, times = timed(fn, dev, repeats)
+            med, times = med / forwards, [t / forwards for t in times]
         except Exception as e:  # one variant failing (e.g. zarr missing for extract_chunk) keeps the others
             traceback.print_exc()
             rows[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
@@ -214,12 +220,21 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
                 ans = torch.zeros(T, dtype=torch.bool)
                 ans[(3 * T) // 4 : (3 * T) // 4 + max(T // 32, 1)] = True
                 seg = segments(1, T)[0]
-                samples = [dict(input_ids=ids_cpu[b], segment_ids=seg, answer_mask=ans) for b in range(B)]
-                packed = PackedSplit.from_samples(samples, list(range(B)))
+                # a write chunk of CHUNK_BATCHES teacher batches, as stage 1 runs it (copies of one batch overlap
+                # the next batch's forward)
+                n = CHUNK_BATCHES * B
+                ids_all = torch.randint(0, tg["vocab_size"], (n, T), generator=g)  # (n, T)
+                samples = [dict(input_ids=ids_all[i], segment_ids=seg, answer_mask=ans) for i in range(n)]
+                packed = PackedSplit.from_samples(samples, list(range(n)))
                 comps = ["q", "k", "v"]
-                for dtype, name in (("bfloat16", "extract_chunk"), ("int8", "extract_chunk_int8")):
-                    measure(name, lambda dt=dtype: extract_chunk(model, cap, packed, 0, B * T, layers, comps,
-                                                                 dt, B, 0))  # fmt: skip
+
+                def chunk(dt: str, k: int):
+                    return extract_chunk(model, cap, packed, 0, n * T, layers, comps, dt, B, 0, top_k=k)
+
+                for dtype, name, k in (("bfloat16", "extract_chunk", 0), ("bfloat16", "extract_chunk+logits", KD_TOP_K),
+                                       ("int8", "extract_chunk_int8", 0)):  # fmt: skip
+                    measure(name, lambda dt=dtype, k=k: chunk(dt, k), forwards=CHUNK_BATCHES)
+                res["profile_extract_chunk+logits"] = _profile(dev, lambda: chunk("bfloat16", KD_TOP_K))
             except Exception as e:
                 traceback.print_exc()
                 rows["extract_chunk"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
@@ -232,6 +247,23 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
     model = None
     free(dev)
     return res
+
+
+def _profile(dev: torch.device, fn, rows: int = 18) -> str:
+    """torch.profiler table of one call of `fn` (after the timed runs): where a stage-1 chunk spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(dev)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    text = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
+    text += "\n" + prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=48
+    )
+    log("profile of extract_chunk+logits:\n" + text)
+    return text
 
 
 def table_capture(res: dict) -> str:
@@ -250,15 +282,55 @@ def table_capture(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- section 2
-STEP_VARIANTS = {  # name -> (kv_projection_mode or None for CE-only, LossConfig overrides)
-    "ce_only": (None, {}),
-    "structured": ("structured", {}),
-    "flat": ("flat", {}),
-    "attn_only_teacher": ("structured", dict(alpha_k=0.0, alpha_v=0.0, attn_target="teacher")),
+# Selected-head arm (`kd_heads_top` in configs/ablations): KD + attention KL on 4 teacher heads one-to-one
+# (teacher layer, head), in 4 different mapped layers; the rest of the student gets no structural term.
+HEADS_TOP = dict(
+    align=dict(head_select=dict(method="list", heads=[[0, 3], [9, 7], [18, 20], [27, 12]])),
+    loss=dict(alpha_k=0.0, alpha_v=0.0, alpha_attn=1.0, attn_target="teacher", sink="drop", alpha_logit=1.0),
+)
+STEP_VARIANTS = {  # name -> (kv_projection_mode or None for no aligner, LossConfig overrides, AlignConfig overrides)
+    "ce_only": (None, {}, {}),
+    "kd_only": (None, dict(alpha_logit=1.0), {}),
+    "structured": ("structured", {}, {}),
+    "flat": ("flat", {}, {}),
+    "attn_only_teacher": ("structured", dict(alpha_k=0.0, alpha_v=0.0, attn_target="teacher"), {}),
+    "kd_heads_top": ("structured", HEADS_TOP["loss"], HEADS_TOP["align"]),
+    "kd_heads_top_torch_kl": (
+        "structured",
+        {**HEADS_TOP["loss"], "attn_kl_impl": "torch"},
+        HEADS_TOP["align"],
+    ),
 }
+KD_TOP_K = 128  # stored teacher log-probs per token (extract.logits_top_k default)
 
 
-def _step_variant(ctx: SimpleNamespace, mode: str | None, loss_kw: dict, B: int, repeats: int) -> dict:
+def _kd_term(ctx: SimpleNamespace, b: dict, B: int, loss_kw: dict):
+    """The logit-KD term and its batch entries (random sorted top-k log-probs) when the variant has KD."""
+    from alignment.losses.logit_kd import LogitKDLoss
+    from trainer.objective.step import KDTerm
+
+    if not loss_kw.get("alpha_logit"):
+        return None
+    g = torch.Generator(device=ctx.dev).manual_seed(2)
+    z = torch.randn(B, ctx.T, KD_TOP_K + 1, generator=g, device=ctx.dev)
+    b["topk_logprobs"] = torch.log_softmax(z, -1)[..., :KD_TOP_K].sort(-1, descending=True).values
+    b["topk_indices"] = torch.randint(0, ctx.vocab, (B, ctx.T, KD_TOP_K), generator=g, device=ctx.dev)
+    return KDTerm(LogitKDLoss("forward_kl", "bucket"), float(loss_kw["alpha_logit"]))
+
+
+def _heads(aligner, ctx: SimpleNamespace, align_kw: dict) -> None:
+    from alignment.mapping.head_select import select_heads
+
+    hs = align_kw.get("head_select")
+    if hs:
+        mapped = sorted(set(aligner.layer_map))
+        heads = [[mapped[min(t, len(mapped) - 1)], h % ctx.H_t] for t, h in hs["heads"]]  # smoke geometry too
+        aligner.set_head_selection(select_heads("list", aligner.layer_map, ctx.H_t, aligner.H_s, heads=heads))
+
+
+def _step_variant(
+    ctx: SimpleNamespace, mode: str | None, loss_kw: dict, align_kw: dict, B: int, repeats: int
+) -> dict:
     """One variant at batch B: build aligner + loss + optimizer, time `repeats` optimizer steps."""
     from alignment import create_aligner, create_structural_loss
     from alignment.config import AlignConfig, LossConfig
@@ -276,6 +348,7 @@ def _step_variant(ctx: SimpleNamespace, mode: str | None, loss_kw: dict, B: int,
     aligner = loss_fn = None
     if mode is not None:
         aligner = create_aligner(mode, ctx.teacher_cfg, student.config, AlignConfig())
+        _heads(aligner, ctx, align_kw)
         loss_fn = create_structural_loss(**dataclasses.asdict(LossConfig(**loss_kw)))
         row["L_sel"] = L_sel = len(aligner.teacher_layers)
         gd = torch.Generator(device=dev).manual_seed(1)
@@ -290,6 +363,7 @@ def _step_variant(ctx: SimpleNamespace, mode: str | None, loss_kw: dict, B: int,
             host = {k: v.pin_memory() for k, v in host.items()}
             row["h2d_pinned_ms"] = 1e3 * timed(lambda: to_dev(host, dev, True), dev, repeats)[0]
             host = None
+    kd = _kd_term(ctx, b, B, loss_kw)
     model = DistillModel(student, aligner)
     opt = torch.optim.AdamW(param_groups(student, aligner, ctx.train_cfg), betas=(0.9, 0.95))
     model, opt = acc.prepare(model, opt)
@@ -297,7 +371,9 @@ def _step_variant(ctx: SimpleNamespace, mode: str | None, loss_kw: dict, B: int,
     losses = []
 
     def step():
-        r = forward_step(model, b, ce_ids=[0, 1, 2], struct_ids=[0, 1, 2], lambda_kv=1.0, loss_fn=loss_fn)
+        r = forward_step(
+            model, b, ce_ids=[0, 1, 2], struct_ids=[0, 1, 2], lambda_kv=1.0, loss_fn=loss_fn, kd=kd
+        )
         acc.backward(r.loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -332,11 +408,11 @@ def section_step(geo: dict, dev: torch.device, repeats: int) -> dict:
     res: dict = {"B": B, "T": T, "student_params": sum(p.numel() for p in student.parameters()),
                  "mixed_precision": "bf16", "variants": {}}  # fmt: skip
     log(f"step: student {res['student_params'] / 1e9:.2f}B params fp32 on {dev}, B={B} T={T}")
-    for name, (mode, loss_kw) in STEP_VARIANTS.items():
+    for name, (mode, loss_kw, align_kw) in STEP_VARIANTS.items():
         row: dict = {}
         for bs in (B, B // 2):  # one retry at half the batch if B runs out of memory
             try:
-                row.update(_step_variant(ctx, mode, loss_kw, bs, repeats))
+                row.update(_step_variant(ctx, mode, loss_kw, align_kw, bs, repeats))
                 log(f"step/{name} B={bs}: {row['median_s'] * 1e3:.1f} ms, peak {fmt(row['peak_gib'])} GiB, "
                     f"loss {row['losses'][-1]:.3f}")  # fmt: skip
                 row.pop("error", None)
@@ -355,9 +431,12 @@ def section_step(geo: dict, dev: torch.device, repeats: int) -> dict:
                 break
         res["variants"][name] = row
     ce = res["variants"]["ce_only"].get("tokens_per_s")
+    kd = res["variants"]["kd_only"].get("tokens_per_s")
     for r in res["variants"].values():
         if ce and "median_s" in r:  # time per token relative to CE-only (= the ms ratio at equal B)
             r["ratio_vs_ce_only"] = ce / r["tokens_per_s"]
+        if kd and "median_s" in r:
+            r["ratio_vs_kd_only"] = kd / r["tokens_per_s"]
     student = None
     free(dev)
     return res
@@ -367,9 +446,10 @@ def table_step(res: dict) -> str:
     rows = []
     for name, r in res["variants"].items():
         if "median_s" not in r:
-            rows.append([name, r.get("B", "-"), "error: " + r.get("error", "?")[:80]] + ["-"] * 5)
+            rows.append([name, r.get("B", "-"), "error: " + r.get("error", "?")[:80]] + ["-"] * 6)
             continue
-        rows.append([name, r["B"], r["median_s"] * 1e3, r.get("ratio_vs_ce_only"), r["peak_gib"],
+        rows.append([name, r["B"], r["median_s"] * 1e3, r.get("ratio_vs_ce_only"), r.get("ratio_vs_kd_only"),
+                     r["peak_gib"],
                      r.get("teacher_states_gib"), r.get("h2d_ms"), r.get("h2d_pinned_ms")])  # fmt: skip
     head = (f"Stage-2 step (forward_step + backward + clip + AdamW), B={res['B']} T={res['T']}, student "
             f"{res['student_params'] / 1e9:.2f}B params fp32 + bf16 autocast (accelerate); x CE-only is time "
@@ -379,6 +459,7 @@ def table_step(res: dict) -> str:
         "B",
         "ms/step",
         "x CE-only",
+        "x KD-only",
         "peak GiB",
         "teacher states GiB",
         "H2D ms",
