@@ -123,7 +123,7 @@ def _kl_row(T: int, geo: dict, dev: torch.device, repeats: int) -> dict:
     row: dict = {"T": T}
     ref = None
     for kind, (f, dtype, _) in kinds.items():
-        xs = [x.to(dtype).requires_grad_() for x in base]
+        xs = [x.detach().to(dtype).requires_grad_() for x in base]  # fresh leaves per kind
         try:
             r, grads = _kl_kind(f, xs, dev, repeats)
             if ref is None:

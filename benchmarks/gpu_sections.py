@@ -235,6 +235,7 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
                                        ("int8", "extract_chunk_int8", 0)):  # fmt: skip
                     measure(name, lambda dt=dtype, k=k: chunk(dt, k), forwards=CHUNK_BATCHES)
                 res["profile_extract_chunk+logits"] = _profile(dev, lambda: chunk("bfloat16", KD_TOP_K))
+                res["topk"] = _topk_rows(dev, B * T, tg["vocab_size"], repeats)
             except Exception as e:
                 traceback.print_exc()
                 rows["extract_chunk"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
@@ -247,6 +248,25 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
     model = None
     free(dev)
     return res
+
+
+def _topk_rows(dev: torch.device, N: int, V: int, repeats: int) -> dict:
+    """ms of the stored top-k log-probs of N rows of bf16 logits (N, V): the fp32 log-softmax then top-k
+    (before) vs `pipeline.extraction.chunk.topk_logprobs` (top-k of the raw logits minus the log-sum-exp)."""
+    from pipeline.extraction.chunk import topk_logprobs
+
+    z = torch.randn(N, V, device=dev, dtype=torch.bfloat16) * 3  # (N, V)
+    old = lambda: torch.log_softmax(z.float(), -1).topk(KD_TOP_K, -1)  # noqa: E731
+    new = lambda: topk_logprobs(z, KD_TOP_K)  # noqa: E731
+    out = {
+        name: 1e3 * timed(f, dev, repeats)[0]
+        for name, f in (("log_softmax_topk", old), ("raw_topk_lse", new))
+    }
+    (v0, i0), (v1, i1) = old(), new()
+    out["same_ids"] = float((i0 == i1).float().mean())
+    out["values_max_abs_diff"] = float((v0 - v1).abs().max())
+    log(f"topk over ({N}, {V}): {out}")
+    return out
 
 
 def _profile(dev: torch.device, fn, rows: int = 18) -> str:

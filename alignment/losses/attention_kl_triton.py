@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG = -1.0e30  # finite running-max start: exp(m_old - m_new) stays finite while a row has no key yet
+_NEG = tl.constexpr(
+    -1.0e30
+)  # finite running-max start: exp(m_old - m_new) stays finite while a row has no key yet
 
 
 def _configs():

@@ -80,33 +80,45 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     Shapes: logits (..., V) -> values (..., k) float32, indices (..., k) int64.
     """
-    return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1, sorted=True)
+    # top-k of the raw logits in their own dtype (bf16 -> fp32 is exact and log-softmax is monotone: the same
+    # ids), then minus the fp32 log-sum-exp: no (N, V) fp32 log-softmax written, a 16-bit radix select on GPU
+    vals, idx = logits.topk(k, dim=-1, sorted=True)
+    return vals.float() - _row_lse(logits)[..., None], idx
 
 
-def _accumulate_teacher_metrics(sums: dict, logits, ids, ans, seg, own) -> None:
+def _row_lse(z: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+    """log-sum-exp over the vocabulary in fp32, (..., V) -> (...), a block of rows at a time (the fp32 copy
+    of a 150k-vocabulary batch would be GBs)."""
+    flat = z.reshape(-1, z.shape[-1])
+    out = torch.cat(
+        [torch.logsumexp(flat[i : i + rows].float(), dim=-1) for i in range(0, flat.shape[0], rows)]
+    )
+    return out.view(z.shape[:-1])
+
+
+def _accumulate_teacher_metrics(sums: dict, logits, ids, ans, seg, own_idx) -> None:
     """Answer-token accuracy counts and per-segment teacher CE sums of the samples starting in this chunk,
-    added to `sums` as device tensors: no host sync per batch (`_metrics_into` reads them once per chunk)."""
-    if not own.any():
-        return
-    if not own.all():  # a sample crossing into this chunk was counted where it starts
-        o = torch.from_numpy(own)
-        logits, ids, ans, seg = logits[o.to(logits.device)], ids[o], ans[o], seg[o]
-    dev = logits.device
-    hit = logits[:, :-1].argmax(-1) == ids[:, 1:].to(dev)  # (B, T-1): position t-1 predicts token t
-    tgt_seg = seg[:, 1:].to(dev)  # (B, T-1)
-    scored = ans[:, 1:].to(dev)
+    added to `sums` as device tensors: no host sync per batch (`_metrics_into` reads them once per chunk).
+    Shapes: logits (B, T, V), ids / ans / seg (B, T) on the device; own_idx (B',) device rows to count or None
+    (all)."""
+    if own_idx is not None:  # a sample crossing into this chunk was counted where it starts
+        if own_idx.numel() == 0:
+            return
+        logits, ids, ans, seg = (x.index_select(0, own_idx) for x in (logits, ids, ans, seg))
+    z, target = logits[:, :-1], ids[:, 1:]  # (B, T-1, V), (B, T-1): position t-1 predicts token t
+    hit = z.argmax(-1) == target
+    tgt_seg, scored = seg[:, 1:], ans[:, 1:]
     # Teacher-forced CE per target segment: how well the teacher's own distribution fits the data (a
-    # teacher that does not write like the data is a poor logit-KD target).
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(dev), reduction="none"
-    )  # (B, T-1)
+    # teacher that does not write like the data is a poor logit-KD target). CE = lse - z[target].
+    ce = _row_lse(z).double() - z.gather(-1, target[..., None]).squeeze(-1).double()  # (B, T-1)
     add = {}
     for name in ("R", "A"):
         m = scored & (tgt_seg == SEGMENTS[name])
         add[("acc", f"n_{name}")], add[("acc", f"correct_{name}")] = m.sum(), (hit & m).sum()
     for name in ("P", "R", "A"):
         m = tgt_seg == SEGMENTS[name]
-        add[("ce", f"sum_{name}")], add[("ce", f"n_{name}")] = ce[m].double().sum(), m.sum()
+        add[("ce", f"sum_{name}")] = torch.where(m, ce, 0.0).sum()
+        add[("ce", f"n_{name}")] = m.sum()
     for key, v in add.items():
         sums[key] = sums[key] + v if key in sums else v
 
@@ -207,18 +219,19 @@ def _quantize_chunk(dev: dict, schemes: dict, device: torch.device) -> dict[tupl
     return {k: v.copy() for k, v in host.items()} if device.type == "cuda" else host
 
 
-def _forward(model, cap, packed: PackedSplit, batch: np.ndarray, pad_id: int, device: torch.device):
-    """One teacher forward of `batch` (right-padded), capturing into `cap` afresh.
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without stalling the CPU: a pageable copy waits for every queued kernel (the previous
+    forward), a pinned non-blocking one does not."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
 
-    Returns logits (B, T, V) on the device and the padded ids, segment_ids, answer_mask (B, T) on the CPU.
-    """
-    ids, seg, ans = pad_batch(packed, batch, pad_id)
+
+def _forward(model, cap, ids: torch.Tensor, attention_mask: torch.Tensor):
+    """One teacher forward (B, T) -> logits (B, T, V) on the device, capturing into `cap` afresh."""
     if cap is not None:
         cap.clear()
-    logits = model(
-        input_ids=ids.to(device), attention_mask=(seg >= 0).long().to(device), use_cache=False
-    ).logits  # (B, T, V)
-    return logits, ids, seg, ans
+    return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
 
 
 def _topk_entries(sums: dict, logits: torch.Tensor, top_k: int) -> dict[tuple, torch.Tensor]:
@@ -303,12 +316,18 @@ def extract_chunk(
     copier = HostCopier(device)
     pending = None  # the previous batch, its host copy in flight while this batch's forward runs
     for i, batch in enumerate(chunk_batches(packed, start, end, batch_size)):
-        logits, ids, seg, ans = _forward(model, cap, packed, batch, pad_id, device)
-        stats["forward_tokens"] += int(packed.lengths[batch].sum())
-        own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)
-        _accumulate_teacher_metrics(sums, logits, ids, ans, seg, own)
+        ids, seg, ans = pad_batch(packed, batch, pad_id)  # (B, T) on the CPU
         jj, tt, runs = _chunk_rows(packed, batch, start, end)
-        jj_d, tt_d = torch.from_numpy(jj).to(device), torch.from_numpy(tt).to(device)  # (N,), (N,)
+        own = (packed.offsets[batch] >= start) & (packed.offsets[batch] < end)  # (B,)
+        on_dev = [_to_device(x, device) for x in (ids, seg, ans, torch.from_numpy(jj), torch.from_numpy(tt))]
+        ids_d, seg_d, ans_d, jj_d, tt_d = on_dev
+        own_idx = None if own.all() else _to_device(torch.from_numpy(np.flatnonzero(own)), device)
+        logits = _forward(model, cap, ids_d, (seg_d >= 0).long())
+        if pending is not None:  # the previous batch's copy ran beside this forward: place it while it runs
+            _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
+            pending = None
+        stats["forward_tokens"] += int(packed.lengths[batch].sum())
+        _accumulate_teacher_metrics(sums, logits, ids_d, ans_d, seg_d, own_idx)
         ys, finite, raw = _gather_states(cap, layers, components, sdt, jj_d, tt_d)
         if top_k:
             ys.update(_topk_entries(sums, logits[jj_d, tt_d], top_k))
@@ -316,10 +335,7 @@ def extract_chunk(
         if sdt is None:  # int8: keep the chunk's states on the device until every batch is in
             _keep_on_device(dev, ys, runs, end - start)
         meta = dict(runs=runs, raw=raw, valid=seg >= 0, batch=batch, packed=packed, tokens=len(jj))
-        job = copier.start(ys, finite, i % 2, meta)
-        if pending is not None:
-            _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
-        pending = job
+        pending = copier.start(ys, finite, i % 2, meta)
         if not copier.cuda:  # nothing to overlap on the CPU: place now and keep one batch alive, not two
             _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
             pending = None
