@@ -286,7 +286,7 @@ def naive_attention_kl(
         p_target = _mix(head_mix, logp_t.exp())[sel]
         logp_target = torch.log(p_target)
     rows = rows.to(wd)
-    hw = torch.ones(L, H_s, dtype=wd) if head_mask is None else head_mask.to(wd)
+    hw = torch.ones(L, H_s, dtype=wd, device=q_s.device) if head_mask is None else head_mask.to(wd)
     w = (rows[:, None, None, :, None] * hw[None, :, :, None, None]).expand_as(logp_s)[sel]
     total = (w * p_target * (logp_target - logp_s[sel])).sum()
     return total / (rows.sum() * hw.sum()).clamp_min(1)
