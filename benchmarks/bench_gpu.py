@@ -78,7 +78,7 @@ def dense_kl(q_s, k_s, q_t, k_t):
 
 
 def _kl_kind(f, xs: list, dev: torch.device, repeats: int) -> tuple[dict, list]:
-    """Memory pass (doubling as warm-up), then timed value + backward passes of `f(*xs)` -> (row, grads)."""
+    """Warm-up, memory pass, then timed value + backward passes of `f(*xs)` -> (row, grads)."""
 
     def run():
         for x in xs:
@@ -87,6 +87,9 @@ def _kl_kind(f, xs: list, dev: torch.device, repeats: int) -> tuple[dict, list]:
         kl.backward()
         return kl
 
+    run()  # warm-up: compilation and Triton's autotuning (its benchmark allocates a 256 MB cache-flush buffer)
+    for x in xs:
+        x.grad = None
     base = gs.reset_peak(dev)
     r = {"value": float(run().detach()), "peak_above_inputs_gib": gs.peak_gib(dev, base)}
     grads = [x.grad.detach().clone() for x in xs]

@@ -75,7 +75,9 @@ def pad_batch(packed: PackedSplit, batch: np.ndarray, pad_id: int):
     return ids, seg, ans
 
 
-def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(
+    logits: torch.Tensor, k: int, lse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's log-softmax (fp32, temperature 1) reduced to its top k, sorted descending.
 
     Shapes: logits (..., V) -> values (..., k) float32, indices (..., k) int64.
@@ -83,7 +85,8 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     # top-k of the raw logits in their own dtype (bf16 -> fp32 is exact and log-softmax is monotone: the same
     # ids), then minus the fp32 log-sum-exp: no (N, V) fp32 log-softmax written, a 16-bit radix select on GPU
     vals, idx = logits.topk(k, dim=-1, sorted=True)
-    return vals.float() - _row_lse(logits)[..., None], idx
+    lse = _row_lse(logits) if lse is None else lse  # (...) fp32, when the caller already has it
+    return vals.float() - lse[..., None], idx
 
 
 def _row_lse(z: torch.Tensor, rows: int = 2048) -> torch.Tensor:
@@ -96,21 +99,21 @@ def _row_lse(z: torch.Tensor, rows: int = 2048) -> torch.Tensor:
     return out.view(z.shape[:-1])
 
 
-def _accumulate_teacher_metrics(sums: dict, logits, ids, ans, seg, own_idx) -> None:
+def _accumulate_teacher_metrics(sums: dict, logits, lse, ids, ans, seg, own_idx) -> None:
     """Answer-token accuracy counts and per-segment teacher CE sums of the samples starting in this chunk,
     added to `sums` as device tensors: no host sync per batch (`_metrics_into` reads them once per chunk).
-    Shapes: logits (B, T, V), ids / ans / seg (B, T) on the device; own_idx (B',) device rows to count or None
+    Shapes: logits (B, T, V), lse (B, T) its fp32 log-sum-exp, ids / ans / seg (B, T) on the device; own_idx (B',) device rows to count or None
     (all)."""
     if own_idx is not None:  # a sample crossing into this chunk was counted where it starts
         if own_idx.numel() == 0:
             return
-        logits, ids, ans, seg = (x.index_select(0, own_idx) for x in (logits, ids, ans, seg))
+        logits, lse, ids, ans, seg = (x.index_select(0, own_idx) for x in (logits, lse, ids, ans, seg))
     z, target = logits[:, :-1], ids[:, 1:]  # (B, T-1, V), (B, T-1): position t-1 predicts token t
     hit = z.argmax(-1) == target
     tgt_seg, scored = seg[:, 1:], ans[:, 1:]
     # Teacher-forced CE per target segment: how well the teacher's own distribution fits the data (a
     # teacher that does not write like the data is a poor logit-KD target). CE = lse - z[target].
-    ce = _row_lse(z).double() - z.gather(-1, target[..., None]).squeeze(-1).double()  # (B, T-1)
+    ce = lse[:, :-1].double() - z.gather(-1, target[..., None]).squeeze(-1).double()  # (B, T-1)
     add = {}
     for name in ("R", "A"):
         m = scored & (tgt_seg == SEGMENTS[name])
@@ -227,17 +230,19 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
-def _forward(model, cap, ids: torch.Tensor, attention_mask: torch.Tensor):
+def _forward(model, cap, ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """One teacher forward (B, T) -> logits (B, T, V) on the device, capturing into `cap` afresh."""
     if cap is not None:
         cap.clear()
     return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
 
 
-def _topk_entries(sums: dict, logits: torch.Tensor, top_k: int) -> dict[tuple, torch.Tensor]:
+def _topk_entries(
+    sums: dict, logits: torch.Tensor, lse: torch.Tensor, top_k: int
+) -> dict[tuple, torch.Tensor]:
     """The stored top-k log-probs of the gathered tokens' logits (N, V); adds their probability mass to
     `sums[("topk_mass", "")]` (a device tensor)."""
-    vals, idx = topk_logprobs(logits, top_k)  # (N, K), (N, K)
+    vals, idx = topk_logprobs(logits, top_k, lse)  # (N, K), (N, K)
     mass = vals.exp().sum(dim=-1).double().sum()
     key = ("topk_mass", "")
     sums[key] = sums[key] + mass if key in sums else mass
@@ -322,16 +327,19 @@ def extract_chunk(
         on_dev = [_to_device(x, device) for x in (ids, seg, ans, torch.from_numpy(jj), torch.from_numpy(tt))]
         ids_d, seg_d, ans_d, jj_d, tt_d = on_dev
         own_idx = None if own.all() else _to_device(torch.from_numpy(np.flatnonzero(own)), device)
-        logits = _forward(model, cap, ids_d, (seg_d >= 0).long())
+        # no mask when nothing is padded: transformers then skips reading the mask on the host (a sync)
+        padded = bool((packed.lengths[batch] < ids.shape[1]).any())
+        logits = _forward(model, cap, ids_d, (seg_d >= 0).long() if padded else None)
         if pending is not None:  # the previous batch's copy ran beside this forward: place it while it runs
             _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
             pending = None
         stats["forward_tokens"] += int(packed.lengths[batch].sum())
-        _accumulate_teacher_metrics(sums, logits, ids_d, ans_d, seg_d, own_idx)
+        lse = _row_lse(logits)  # (B, T) fp32: one pass over the vocabulary for CE and the top-k
+        _accumulate_teacher_metrics(sums, logits, lse, ids_d, ans_d, seg_d, own_idx)
         ys, finite, raw = _gather_states(cap, layers, components, sdt, jj_d, tt_d)
         if top_k:
-            ys.update(_topk_entries(sums, logits[jj_d, tt_d], top_k))
-        logits = None
+            ys.update(_topk_entries(sums, logits[jj_d, tt_d], lse[jj_d, tt_d], top_k))
+        logits = lse = None
         if sdt is None:  # int8: keep the chunk's states on the device until every batch is in
             _keep_on_device(dev, ys, runs, end - start)
         meta = dict(runs=runs, raw=raw, valid=seg >= 0, batch=batch, packed=packed, tokens=len(jj))
