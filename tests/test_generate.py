@@ -270,3 +270,45 @@ def test_extra_default_prompts_keep_the_held_out_prompts():
     more, held2 = make_rows(50, 20, n_extra_train=30)
     assert held2 == held and more[:50] == train and len(more) == 80
     assert not {r["prompt"] for r in more} & {r["prompt"] for r in held}
+
+
+def test_answer_exact_cuts_tails_and_drop_cut_rejects_budget_hits(model_tok, monkeypatch):
+    import pipeline.data.generate as g
+
+    _, tok = model_tok
+    r_texts = [" w10", " w11", " w12", " w13"]
+    a_texts = ["w7. w8 w9", "w8 w7", "w7", "w70"]  # a tail / gold not first / exact / not a whole word
+    stops = ["stop_string", "stop_string", "max_new_tokens", "stop_string"]  # row 2's A hit its budget
+
+    def fake(model, tokenizer, texts, max_new_tokens, gen, special):
+        src = r_texts if not texts[0].endswith(" w99 ") else a_texts
+        st = ["stop_string"] * 4 if src is r_texts else stops
+        return [{"text": t, "ids": [5] * len(t.split()), "stop": s} for t, s in zip(src, st)]
+
+    monkeypatch.setattr(g, "generate_continuations", fake)
+    exact = DataConfig(reasoning_prefix=" w5", answer_prefix=" w99 ", filter="answer_exact")
+    recs = g.complete_rows(None, tok, ["w3"] * 4, ["w7"] * 4, exact)
+    assert [r["answer"] for r in recs] == ["w7", "w8 w7", "w7", "w70"]  # the tail after the gold is cut
+    assert [r["reject_reason"] for r in recs] == [None, "no_answer_match", None, "no_answer_match"]
+    dropping = DataConfig(
+        reasoning_prefix=" w5", answer_prefix=" w99 ", generation=GenerationConfig(drop_cut=True)
+    )
+    recs = g.complete_rows(None, tok, ["w3"] * 4, ["w7"] * 4, dropping)
+    assert [r["reject_reason"] for r in recs] == [None, None, "cut", "no_answer_match"]
+
+
+def test_end_of_turn_stops_generation_and_old_settings_stay_valid(tmp_path, teacher):
+    from transformers import AutoTokenizer
+
+    from pipeline.data.completions import completion_settings
+    from pipeline.data.generate import end_of_turn_ids
+    from pipeline.models.load import resolve_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_path("builtin:smollm2-135m-instruct"))
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert end_of_turn_ids(char_tokenizer()) == []  # no chat template: nothing to add
+    # drop_cut at its default leaves the settings of completions written before it existed unchanged
+    cfg = _cfg(tmp_path, teacher)
+    assert "drop_cut" not in completion_settings(cfg)["generation"]
+    cfg = _cfg(tmp_path, teacher, "data.generation.drop_cut=true")
+    assert completion_settings(cfg)["generation"]["drop_cut"] is True

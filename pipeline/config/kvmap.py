@@ -116,6 +116,9 @@ class GenerationConfig:
     answer_max_new_tokens: int = 16  # A's generation budget (R's is data.max_new_tokens)
     chunk_rows: int = 256  # rows per resumable unit (one part file; ranks take every world-th chunk)
     out_dir: str | None = None  # null: beside the store, `<extract.store without .zarr>.completions/`
+    # reject completions whose R or A hit its token budget (no stop string, EOS or end of turn came: the text
+    # was cut mid-way) as reject_reason "cut" instead of keeping them
+    drop_cut: bool = False
 
     def __post_init__(self):
         for key in ("batch_size", "answer_max_new_tokens", "chunk_rows"):
@@ -187,9 +190,10 @@ class DataConfig:
     # Where R and A come from: the dataset's fields, or the teacher writes them from the prompt
     # (pipeline/data/generate.py: sequence-level distillation data, written as JSONL beside the store).
     completions: Literal["dataset", "teacher"] = "dataset"
-    # teacher completions only: keep samples whose generated A contains the gold `answer_field` value
-    # (as a whole word), or keep every non-empty one.
-    filter: Literal["none", "answer_match"] = "answer_match"
+    # teacher completions only: "answer_match" keeps samples whose generated A contains the gold
+    # `answer_field` value (as a whole word), "none" every non-empty one; "answer_exact": A must start
+    # with the gold value and is cut right after it (a tail such as "8253. Laura's locker" is not kept).
+    filter: Literal["none", "answer_match", "answer_exact"] = "answer_match"
     max_new_tokens: int = 64  # teacher completions: R's generation budget
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # The field whose value answer_mask marks (whole-word occurrences inside R and A); null: today's rule
@@ -204,7 +208,10 @@ class DataConfig:
             raise ValueError(
                 f"data.think_tags={self.think_tags!r}: expected [open_tag, close_tag], non-empty strings"
             )
-        for key, allowed in (("completions", ("dataset", "teacher")), ("filter", ("none", "answer_match"))):
+        for key, allowed in (
+            ("completions", ("dataset", "teacher")),
+            ("filter", ("none", "answer_match", "answer_exact")),
+        ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"data.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
         if self.max_new_tokens < 1:

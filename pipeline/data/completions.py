@@ -35,7 +35,7 @@ from pipeline.cli import command_parser, config_from_args, parse_args, run_comma
 from pipeline.config.configlib import ConfigError, to_dict
 from pipeline.config.kvmap import DataConfig, KVMapConfig
 from pipeline.data.default_data import generate_default_data, write_jsonl_atomic
-from pipeline.data.formats import field_text
+from pipeline.data.formats import answer_occurrences, field_text
 from pipeline.data.generate import REJECT_REASONS, complete_rows
 from pipeline.data.samples import load_samples
 from pipeline.models.load import load_model
@@ -67,6 +67,8 @@ def completion_settings(cfg: KVMapConfig) -> dict:
     """Everything the written completions depend on (part of the store fingerprint)."""
     d = cfg.data
     gen = {k: v for k, v in to_dict(d.generation).items() if k != "out_dir"}
+    if not gen["drop_cut"]:  # completions written before the key existed keep their settings (and resume)
+        del gen["drop_cut"]
     keys = ("prompt_field", "answer_field", "reasoning_prefix", "answer_prefix", "chat_template")
     keys += ("max_new_tokens", "filter", "max_train_samples", "max_eval_samples")
     return {
@@ -152,6 +154,11 @@ def _count(records: list[dict]) -> dict:
             "answer": sum(r["stop_answer"] == "max_new_tokens" for r in gen),
         },
         "new_tokens": sum(r["new_tokens"] for r in gen),
+        # the teacher's own accuracy (its A holds the gold answer) and how often it ran out of budget
+        "teacher_answer_rate": sum(bool(answer_occurrences(r["answer"], r["gold"])) for r in gen)
+        / max(len(gen), 1),
+        "budget_hit_rate": sum("max_new_tokens" in (r["stop_reasoning"], r["stop_answer"]) for r in gen)
+        / max(len(gen), 1),
     }
 
 
@@ -190,7 +197,8 @@ def write_completions(cfg: KVMapConfig, model, tokenizer, state=None, overwrite:
         state: an accelerate PartialState (None: a single process).
     Returns:
         (DataConfig pointing at the written JSONL, {split: counts}); counts hold source_rows, generated,
-        kept, rejected {empty, no_answer_match, bad_row}, cut_at_max_new_tokens {reasoning, answer},
+        kept, rejected {empty, no_answer_match, cut, bad_row}, cut_at_max_new_tokens {reasoning, answer},
+        teacher_answer_rate, budget_hit_rate,
         new_tokens, chunks_generated_last_run.
     Example:
         >>> data_cfg, counts = write_completions(cfg, model, tok)

@@ -26,7 +26,7 @@ from pipeline.config.kvmap import DataConfig, GenerationConfig
 from pipeline.data.formats import answer_occurrences
 from pipeline.models.load import pad_token_id
 
-REJECT_REASONS = ("empty", "no_answer_match")
+REJECT_REASONS = ("empty", "no_answer_match", "cut")
 
 
 def generation_context(prompt: str, tokenizer, data_cfg: DataConfig) -> tuple[str, bool]:
@@ -41,9 +41,30 @@ def generation_context(prompt: str, tokenizer, data_cfg: DataConfig) -> tuple[st
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    for extra in [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]:
+        if extra is not None and extra not in ids:
+            ids.append(extra)
     return ids
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template closes an assistant turn with (e.g. ChatML's <|im_end|>), or [].
+
+    Why: a chat model ends its answer with the end of its turn, which need not be its configured EOS; a
+    completion that runs past it writes the next turn's template into R or A."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    mark = "\u2063kvmap\u2063"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "u"}, {"role": "assistant", "content": mark}], tokenize=False
+        )
+    except Exception:  # a template that refuses this conversation has no usable end-of-turn mark
+        return []
+    tail = text.split(mark, 1)[-1] if mark in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids and ids[0] in special else []
 
 
 def _finish(new_ids: list[int], tokenizer, eos: list[int], stop_strings: list[str]) -> dict:
@@ -105,17 +126,32 @@ def generate_continuations(
     return out
 
 
-def judge(reasoning: str, answer: str, gold: str, filter_: str) -> str | None:
+def judge(reasoning: str, answer: str, gold: str, filter_: str, cut: bool = False) -> str | None:
     """None to keep a completion, else the rejection reason (one of REJECT_REASONS).
 
-    "empty": R or A is blank (nothing to learn, and data.py would skip it); "no_answer_match"
-    (`filter: answer_match`): the gold answer does not occur in A as a whole word (the answer-mask rule).
+    "empty": R or A is blank (nothing to learn, and data.py would skip it); "cut" (`generation.drop_cut`
+    passes cut=True when R or A hit its token budget); "no_answer_match": the gold answer does not occur in
+    A as a whole word (`filter: answer_match`, the answer-mask rule) or A does not start with it
+    (`answer_exact`, applied to A as `exact_answer` cut it).
     """
     if not reasoning.strip() or not answer.strip():
         return "empty"
+    if cut:
+        return "cut"
     if filter_ == "answer_match" and not answer_occurrences(answer, gold):
         return "no_answer_match"
+    if filter_ == "answer_exact" and answer.strip() != gold.strip():
+        return "no_answer_match"
     return None
+
+
+def exact_answer(answer: str, gold: str) -> str:
+    """A cut right after the gold value when A starts with it (leading spaces kept); else A unchanged (the
+    filter then rejects it): "8253. Laura's locker" -> "8253"."""
+    spans = answer_occurrences(answer, gold.strip())
+    if spans and not answer[: spans[0][0]].strip():
+        return answer[: spans[0][1]]
+    return answer
 
 
 def complete_rows(model, tokenizer, prompts: list[str], golds: list[str], data_cfg: DataConfig) -> list[dict]:
@@ -133,7 +169,10 @@ def complete_rows(model, tokenizer, prompts: list[str], golds: list[str], data_c
     gen_a = generate_continuations(model, tokenizer, a_contexts, gen.answer_max_new_tokens, gen, special)
     records = []
     for prompt, gold, r, a in zip(prompts, golds, rs, gen_a):
-        reason = judge(r["text"], a["text"], gold, data_cfg.filter)
+        if data_cfg.filter == "answer_exact":
+            a["text"] = exact_answer(a["text"], gold)
+        cut = gen.drop_cut and "max_new_tokens" in (r["stop"], a["stop"])
+        reason = judge(r["text"], a["text"], gold, data_cfg.filter, cut)
         records.append(
             {
                 "prompt": prompt,
