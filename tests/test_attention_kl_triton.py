@@ -97,5 +97,8 @@ def test_fused_refuses_soft_mix_and_auto_falls_back():
     a = attention_kl(*xs, mask, head_mix=mix, impl="auto")
     b = attention_kl(*xs, mask, head_mix=mix, impl="torch")
     assert torch.equal(a, b)
+    none = torch.zeros(2, 4, dtype=torch.bool, device=DEV)  # no head counted: nothing for the kernels
+    with pytest.raises(ValueError, match="batch x counted heads = 0"):
+        attention_kl(*xs, mask, head_mix=mix, head_mask=none, impl="triton")
     with pytest.raises(ValueError, match="impl='cuda'"):
         attention_kl(*xs, mask, head_mix=mix, impl="cuda")

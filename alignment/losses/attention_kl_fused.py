@@ -21,6 +21,7 @@ import torch
 from alignment.geometry.attention_probs import LogitSpec
 
 IMPLS = ("auto", "torch", "triton")
+_MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (one program per batch row x counted head)
 
 
 def triton_available() -> bool:
@@ -101,6 +102,8 @@ def plan(impl: str, q_s, k_s, q_t, k_t, head_mix, head_mask, spec_s, spec_t) -> 
         ht = ht[layer, hs]
         if len(set(zip(layer.tolist(), ht.tolist()))) != len(ht):
             why = "two student heads of one layer distil the same teacher head"
+        elif not 0 < q_s.shape[0] * len(ht) <= _MAX_GRID_Y:
+            why = f"batch x counted heads = {q_s.shape[0] * len(ht)} (the kernels' grid takes 1 to {_MAX_GRID_Y})"
     if why is not None:
         if impl == "triton":
             raise ValueError(f"attention KL impl='triton': {why}; expected impl='auto' or 'torch'")
