@@ -93,6 +93,10 @@ class LossConfig:
     # the teacher's 49k-token tail).
     kd_tail: Literal["bucket", "renormalize"] = "renormalize"
     ce_weight: float = 1.0  # 0 = logit-only (Minitron's recipe)
+    # Logit KD of a student whose tokenizer differs from the store's (alignment/losses/cross_vocab.py):
+    # "exact_uld" = tokens with identical decoded strings share the teacher's mass, ULD on the rest; "uld" =
+    # ULD on everything. null on same-tokenizer arms (docs/guides/cross-tokenizer.md).
+    kd_cross: Literal["exact_uld", "uld"] | None = None
 
     def __post_init__(self):
         for key in ("alpha_logit", "ce_weight"):

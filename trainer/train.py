@@ -38,6 +38,7 @@ from pipeline.cli import CommandFailed, command_parser, config_from_args, parse_
 from pipeline.config.configlib import to_dict
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.geometry import teacher_config_from_attrs
+from trainer.data.cross_tokens import CrossTokenDataset
 from trainer.eval.evaluate import alignment_diagnostics, evaluate
 from trainer.objective.grad_probe import grad_probe, term_weights
 from trainer.objective.schedules import lambda_kv_at
@@ -159,6 +160,9 @@ def evaluate_now(run: Run) -> dict:
         run.cfg.eval,
         run.pad_id,
         run.ce_ids,
+        CrossTokenDataset(run.store.path, run.eval_split, tokenizer=run.tokenizer)
+        if run.cross_tokenizer
+        else None,
     )
 
 

@@ -91,6 +91,7 @@ def warped_attention_kl(
     softcap_t=None,
     window_s=None,
     window_t=None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """KL(W A_t W^T || student attention) on the student's tokens (module docstring).
 
@@ -101,6 +102,7 @@ def warped_attention_kl(
         s_mask: (B, T_s) bool real student tokens (the keys the student may use); t_mask (B, T_t) real teacher tokens.
         head_mix: None (H_t = H_s) or (H_s, H_t) / (L, H_s, H_t) convex teacher-head weights (used as given).
         query_mask, head_mask, drop_keys, temperature, scales, softcaps, windows: as `attention_kl`.
+        chunk_size: accepted so callers pass `attention_kl`'s options as they are; this KL is not streamed.
     Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
     """
     B, L, H_s, T_s, _ = q_s.shape
