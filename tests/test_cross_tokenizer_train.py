@@ -3,6 +3,7 @@ student trains on a word-level teacher's store end to end, and the refusals befo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -113,3 +114,52 @@ def test_refusals_before_any_step(store, tmp_path):
         cfg = tiny_train_config(tmp_path / match[:8].replace(" ", "_"), path, **overrides)
         with pytest.raises(ConfigError, match=match):
             run_training(from_dict(KVMapConfig, cfg))
+
+
+GEMMA_LIKE = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_each_side_renders_the_content_with_its_own_chat_template(tmp_path):
+    """Teacher: SmolLM2's ChatML; student: the same BPE under a Gemma-like template. W must pair every content
+    token with the teacher token of the same id, one to one, and give neither side's template tokens a row."""
+    import copy
+
+    from pipeline.config.kvmap import DataConfig
+    from pipeline.data.formats import render_row
+    from pipeline.data.samples import token_segments, tokenize_sample
+    from pipeline.models.load import load_tokenizer
+    from trainer.data.cross_tokens import StudentTokens, student_item
+
+    t_tok = load_tokenizer("builtin:smollm2-135m-instruct")
+    s_tok = copy.deepcopy(t_tok)
+    s_tok.chat_template = GEMMA_LIKE
+    # atomic turn markers, as Gemma's are: otherwise BPE merges "?" + "<" across the content's edge (a
+    # boundary-straddling token: it keeps a row, onto "?", but its id differs)
+    s_tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    cfg = DataConfig(chat_template=True, answer_prefix="\nSo the answer is ")
+    row = {"prompt": "Which code opens box 7?", "reasoning": "Box 7 opens with 4821.", "answer": "4821"}
+    t = tokenize_sample(row, t_tok, cfg)
+    r = render_row(row, s_tok, cfg, "prr")
+    ids, seg, ans, spans = token_segments(r, s_tok)
+    assert "<start_of_turn>model\n" in r.text and "<|im_start|>" in t["text"]
+    s = StudentTokens(ids, spans.numpy().astype("int64"), r.text, r.content, seg, ans)
+    sample = {k: t[k] for k in ("input_ids", "segment_ids", "answer_mask")} | {"index": torch.tensor(0)}
+    item = student_item(sample, t["text"], t["char_spans"].numpy(), s)
+    rows = item["map_rows"]
+    content = (spans != -1).all(1)
+    assert rows.equal(content) and 0 < int(rows.sum()) < len(ids)
+    for i in torch.nonzero(rows).flatten().tolist():
+        j = item["map_index"][i][item["map_weight"][i] > 0]
+        assert len(j) == 1 and int(t["input_ids"][j]) == int(ids[i])  # one to one, same token
+        assert int(t["segment_ids"][j]) == int(seg[i])
+    assert item["kd_rows"].equal(rows)  # identical content tokens end together
+    # stage 2 renders the student's side from the source rows the store records (store sample 0 = row 1)
+    from trainer.data.cross_tokens import RowRenderer
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({**row, "answer": "1"}) + "\n" + json.dumps(row) + "\n")
+    got = RowRenderer(dataclasses.replace(cfg, train_path=str(path)), "train", [1, 0], s_tok)(0)
+    assert got.input_ids.equal(ids) and got.content == r.content and got.segment_ids.equal(seg)

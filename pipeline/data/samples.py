@@ -271,6 +271,12 @@ def _token_segments(r, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return ids, seg, ans, spans
 
 
+def token_segments(r, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rendered row (`formats.render_row`) tokenised as stage 1 does: input_ids, segment_ids, answer_mask (T,)
+    and char_spans (T, 2) ((-1, -1) = template token). Stage 2 renders a cross-tokenizer student's rows with it."""
+    return _token_segments(r, tokenizer)
+
+
 def _count(counts: dict, seg: torch.Tensor, ans: torch.Tensor, truncated: bool) -> None:
     counts["samples"] += 1
     counts["tokens"] += len(seg)

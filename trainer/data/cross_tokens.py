@@ -5,32 +5,109 @@ W per student token, K_top stored top-k entries, L_sel teacher layers, X heads, 
 
 Each item reads a store sample (teacher tokens, states, top-k log-probs), its rendered text and the teacher's
 char spans (stage 1 keeps them: `KVStore.read_texts`), tokenises the text with the student's tokenizer
-(offsets) and builds W (alignment/mapping/char_alignment.py). The student reads the teacher's rendered text:
-with a chat template that is the teacher's markup (its tokens have no row in W: see docs/guides/cross-tokenizer.md).
+(offsets) and builds W (alignment/mapping/char_alignment.py). Two ways to the student's tokens:
+- the stored text itself (a store rendered without a chat template: the text is the row's content, and only
+  special tokens differ); segment = that of the teacher token it shares most characters with (a student token
+  without a row takes its left neighbour's, P at the start); answer_mask = it overlaps a teacher answer token;
+- with `data_cfg` (stores rendered with the teacher's chat template): the source row (`KVStore.rows`, the
+  config's `data`) rendered with the student's own template by stage 1's renderer, which gives its segments
+  and answer mask; W then works on the content (the teacher's content ranges are the student's pieces found
+  in order in the stored text), so neither side's template tokens get a counterpart.
 
-Per student token: segment = the segment of the teacher token it shares most characters with (a student token
-without a row takes its left neighbour's, P at the start); answer_mask = it overlaps a teacher answer token;
 kd row = the teacher position whose token ends at the same content character (that teacher position predicts
 the token starting where the student's next token starts), whose top-k is copied to the student position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from alignment.mapping.char_alignment import content_coordinates, token_alignment
 from alignment.mapping.time_warping import PAD_ID
+from pipeline.config.kvmap import DataConfig
+from pipeline.data.formats import detect_format, render_row
+from pipeline.data.samples import load_samples, token_segments
 from trainer.data.loader import StoreDataset, collate_right_pad
 
 STUDENT_KEYS = ("map_index", "map_weight", "map_rows", "kd_rows")
 
 
-def end_aligned_positions(s_spans: np.ndarray, t_spans: np.ndarray, index, weight) -> torch.Tensor:
-    """(T_s,) long: per student token, the overlapping teacher token ending at the same character, else -1."""
-    s_iv, t_iv = content_coordinates(s_spans, None), content_coordinates(t_spans, None)
+@dataclass
+class StudentTokens:
+    """One sample on the student's tokenizer: ids (T_s,), spans (T_s, 2) in `text` ((-1, -1) = template),
+    content ranges of `text` (None: all of it); segment_ids / answer_mask (T_s,) when its own rendering gave
+    them (else they come through W)."""
+
+    input_ids: torch.Tensor
+    spans: np.ndarray
+    text: str
+    content: list[tuple[int, int]] | None = None
+    segment_ids: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
+
+
+def stored_text_tokens(text: str, tokenizer) -> StudentTokens:
+    """The student's tokens of the teacher's rendered text as stored (a store rendered without a template)."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    return StudentTokens(torch.tensor(enc["input_ids"], dtype=torch.long), spans, text)
+
+
+class RowRenderer:
+    """The source rows of a split rendered with the student's own chat template (stage 1's renderer and
+    tokenisation, `pipeline.data.samples.token_segments`), for stores whose text holds the teacher's template.
+
+    Args: data_cfg (the config's `data`, as stage 1 read it), split, the store's row index of each sample
+    (`KVStore.rows`), the student's tokenizer. The student keeps its first `data.max_length` tokens.
+    """
+
+    def __init__(self, data_cfg: DataConfig, split: str, rows: np.ndarray, tokenizer):
+        self.data_cfg = dataclasses.replace(data_cfg, streaming=False)  # random access to rows
+        self.split, self.rows, self.tokenizer = split, np.asarray(rows), tokenizer
+        self._ds, self._fmt = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}  # reloaded in a loader worker
+
+    def __call__(self, store_index: int) -> StudentTokens:
+        if self._ds is None:
+            self._ds = load_samples(self.data_cfg, self.split)
+        row = dict(self._ds[int(self.rows[store_index])])
+        self._fmt = self._fmt or detect_format(row, self.data_cfg)
+        r = render_row(row, self.tokenizer, self.data_cfg, self._fmt)
+        ids, seg, ans, spans = token_segments(r, self.tokenizer)
+        n = self.data_cfg.max_length
+        content = r.content if r.content is not None else [(0, len(r.text))]
+        return StudentTokens(ids[:n], spans[:n].numpy().astype(np.int64), r.text, content, seg[:n], ans[:n])
+
+
+def locate_content(t_text: str, s: StudentTokens) -> list[tuple[int, int]] | None:
+    """The teacher text's ranges holding the student's content pieces, found in order (None: both read the
+    whole text). A piece not found in order is a template that reorders or rewrites content: one-line error."""
+    if s.content is None:
+        return None
+    out, cursor = [], 0
+    for k, (a, b) in enumerate(s.content):
+        at = t_text.find(s.text[a:b], cursor)
+        if at < 0:
+            raise ValueError(
+                f"the teacher's stored text does not hold the student's content piece {k} ({s.text[a:b][:40]!r}) "
+                "after the previous one: expected both chat templates to render the same content in the same order"
+            )
+        out.append((at, at + b - a))
+        cursor = at + b - a
+    return out
+
+
+def end_aligned_positions(s: StudentTokens, t_spans, t_content, index, weight) -> torch.Tensor:
+    """(T_s,) long: per student token, the overlapping teacher token ending at the same content character,
+    else -1."""
+    s_iv, t_iv = content_coordinates(s.spans, s.content), content_coordinates(t_spans, t_content)
     t_end = [ivs[-1][1] if ivs else -1 for ivs in t_iv]
     out = torch.full((len(s_iv),), -1, dtype=torch.long)
     for i, ivs in enumerate(s_iv):
@@ -40,21 +117,28 @@ def end_aligned_positions(s_spans: np.ndarray, t_spans: np.ndarray, index, weigh
     return out
 
 
-def student_item(sample: dict, text: str, t_spans: np.ndarray, tokenizer) -> dict:
-    """One store sample on the student's tokens (module docstring); teacher states and ids kept as read."""
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    s_spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    index, weight, has_row = token_alignment(s_spans, t_spans)
-    t_seg, t_ans = sample["segment_ids"], sample["answer_mask"]
-    best = index.gather(1, weight.argmax(1, keepdim=True))[:, 0]  # (T_s,) teacher token of the largest share
+def _segments_through_w(t_seg, t_ans, index, weight, has_row) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student segments (the teacher token of the largest share; a row without a counterpart takes its left
+    neighbour's, P at the start) and answer mask (overlaps a teacher answer token), each (T_s,)."""
+    best = index.gather(1, weight.argmax(1, keepdim=True))[:, 0]  # (T_s,)
     seg = torch.where(has_row, t_seg[best], PAD_ID)
-    for i in range(len(seg)):  # rows without a counterpart join their left neighbour (P at the start)
+    for i in range(len(seg)):
         if seg[i] == PAD_ID:
             seg[i] = seg[i - 1] if i else 0
-    ans = ((t_ans[index] & (weight > 0)).any(1)) & has_row
-    kd_pos = end_aligned_positions(s_spans, t_spans, index, weight)
+    return seg, (t_ans[index] & (weight > 0)).any(1) & has_row
+
+
+def student_item(sample: dict, t_text: str, t_spans: np.ndarray, s: StudentTokens) -> dict:
+    """One store sample on the student's tokens (module docstring); teacher states and ids kept as read."""
+    t_content = locate_content(t_text, s)
+    index, weight, has_row = token_alignment(s.spans, t_spans, s.content, t_content, s.text, t_text)
+    t_seg, t_ans = sample["segment_ids"], sample["answer_mask"]
+    seg, ans = _segments_through_w(t_seg, t_ans, index, weight, has_row)
+    if s.segment_ids is not None:  # the student's own rendering knows its segments
+        seg, ans = s.segment_ids, s.answer_mask
+    kd_pos = end_aligned_positions(s, t_spans, t_content, index, weight)
     item = {
-        "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+        "input_ids": s.input_ids,
         "segment_ids": seg,
         "answer_mask": ans,
         "t_segment_ids": t_seg,
@@ -77,12 +161,15 @@ def student_item(sample: dict, text: str, t_spans: np.ndarray, tokenizer) -> dic
 class CrossTokenDataset(StoreDataset):
     """`StoreDataset` whose items are on the student's tokens (module docstring).
 
-    Args: as `StoreDataset`, plus `tokenizer` (the student's fast tokenizer). The store must hold texts
+    Args: as `StoreDataset`, plus `tokenizer` (the student's fast tokenizer) and `data_cfg` (set: render the
+    source rows with the student's own template, `RowRenderer`; None: read the stored text). The store must hold texts
     (`KVStore.has_text`); items: input_ids / segment_ids / answer_mask (T_s,), t_segment_ids (T_t,), map_index /
     map_weight (T_s, K), map_rows / kd_rows (T_s,) bool, q / k / v (L_sel, X, T_t, D_t), topk_* (T_s, K_top).
     """
 
-    def __init__(self, store_path, split: str = "train", *, tokenizer, **kw):
+    def __init__(
+        self, store_path, split: str = "train", *, tokenizer, data_cfg: DataConfig | None = None, **kw
+    ):
         super().__init__(store_path, split, **kw)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -90,11 +177,21 @@ class CrossTokenDataset(StoreDataset):
             )
         self.tokenizer = tokenizer
         self.store.read_texts([], split)  # a store without texts is refused here, in one line
+        self.renderer = RowRenderer(data_cfg, split, self.store.rows(split), tokenizer) if data_cfg else None
+
+    def student_tokens(self, store_index: int, text: str) -> StudentTokens:
+        """The student's tokens of one sample: its own rendering of the source row, or the stored text."""
+        if self.renderer is not None:
+            return self.renderer(store_index)
+        return stored_text_tokens(text, self.tokenizer)
 
     def __getitems__(self, idx: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         samples = super().__getitems__(idx)
         texts = self.store.read_texts([int(s["index"]) for s in samples], self.split)
-        return [student_item(s, text, spans, self.tokenizer) for s, (text, spans) in zip(samples, texts)]
+        return [
+            student_item(s, text, spans, self.student_tokens(int(s["index"]), text))
+            for s, (text, spans) in zip(samples, texts)
+        ]
 
 
 def _pad(xs: list[torch.Tensor], fill, dims: int = 1) -> torch.Tensor:

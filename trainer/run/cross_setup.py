@@ -12,6 +12,7 @@ from __future__ import annotations
 from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.load import load_tokenizer
+from trainer.data.cross_tokens import CrossTokenDataset
 from trainer.objective.step import KDTerm
 from trainer.run.store_checks import tokenizer_fingerprint
 
@@ -49,6 +50,20 @@ def check_cross(cfg: KVMapConfig, store, tokenizer, cross: bool) -> None:
             f"loss_config.kd_cross=None with alpha_logit={lc.alpha_logit} and student tokenizer {name!r} differing "
             "from the store's: expected exact_uld or uld (the vocabularies differ)"
         )
+
+
+TEMPLATED_FORMATS = ("messages", "prompt_completion")
+
+
+def cross_dataset(cfg: KVMapConfig, store, split: str, tokenizer, **kw) -> CrossTokenDataset:
+    """A split on the student's tokens: a store rendered with a chat template (messages / prompt_completion
+    rows, or `data.chat_template`) is re-rendered from its source rows with the student's own template (the
+    config's `data`, as stage 1 read it); a plain-text store is read as stored."""
+    fmt = (store.attrs.get("dataset") or {}).get(split, {}).get("format")
+    templated = fmt in TEMPLATED_FORMATS or cfg.data.chat_template
+    return CrossTokenDataset(
+        store.path, split, tokenizer=tokenizer, data_cfg=cfg.data if templated else None, **kw
+    )
 
 
 def token_strings(tokenizer) -> list[str | None]:

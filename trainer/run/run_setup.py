@@ -25,13 +25,13 @@ from pipeline.config.configlib import ConfigError, load_config, to_dict, write_r
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.trained_tokens import check_trained_tokens, segment_token_counts
 from pipeline.models.load import load_model, pad_token_id
-from trainer.data.cross_tokens import CrossTokenDataset, collate_cross
+from trainer.data.cross_tokens import collate_cross
 from trainer.data.loader import ResumableSampler, StoreDataset, collate_right_pad, make_loader
 from trainer.data.preload import preload_bytes
 from trainer.objective.schedules import lr_schedule
 from trainer.objective.step import DistillModel
 from trainer.run.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
-from trainer.run.cross_setup import build_cross_kd, check_cross, is_cross_tokenizer
+from trainer.run.cross_setup import build_cross_kd, check_cross, cross_dataset, is_cross_tokenizer
 from trainer.run.loop_utils import flat_config, notice, trackers
 from trainer.run.run_dir import check_run_dir_writable
 from trainer.run.setup import (
@@ -252,7 +252,7 @@ def train_dataset(
     cache = cfg.train.shuffle_window + 1 if shards else 0
     kw = dict(layers=layers, components=comps, preload=preload, shard_cache=cache)
     if cross_tokenizer is not None:
-        return CrossTokenDataset(store.path, "train", tokenizer=cross_tokenizer, **kw)
+        return cross_dataset(cfg, store, "train", cross_tokenizer, **kw)
     return StoreDataset(store.path, "train", **kw)
 
 
