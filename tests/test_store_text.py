@@ -55,3 +55,32 @@ def test_store_round_trip_and_old_stores(tmp_path):
     assert not old_store.has_text() and old_store.read_sample(0)["input_ids"].numel() > 0
     with pytest.raises(KeyError, match="holds no texts / char_spans"):
         old_store.read_texts([0])
+
+
+def test_an_assembled_builtin_is_joined_by_its_package_into_the_cache(tmp_path, monkeypatch):
+    """`builtin:gemma3-270m`'s package holds chunks and an `assemble(path)`; kvmap calls it with a path in its
+    cache (here a stand-in package: the real one is installed by `make teacher-gemma`)."""
+    import sys
+
+    from pipeline.models import load as models
+
+    pkg = tmp_path / "site" / "fake_chunks"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "def assemble(path):\n"
+        "    Path(path).parent.mkdir(parents=True, exist_ok=True)\n"
+        "    Path(path).write_bytes(b'GGUF')\n"
+        "    return Path(path)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("KVMAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.BUILTINS, "fake", ("fake_chunks", "fake.gguf"))
+    monkeypatch.setattr(models, "ASSEMBLED", {"fake"})
+    path = models.builtin_gguf("fake")
+    assert path == tmp_path / "cache" / "gguf" / "fake.gguf" and path.read_bytes() == b"GGUF"
+    sys.modules.pop("fake_chunks", None)
+    monkeypatch.setitem(models.BUILTIN_INSTALL, "absent", "make teacher-x")
+    monkeypatch.setitem(models.BUILTINS, "absent", ("no_such_pkg_xyz", "x.gguf"))
+    with pytest.raises(FileNotFoundError, match="not installed \\(make teacher-x\\)"):
+        models.builtin_gguf("absent")
