@@ -90,7 +90,9 @@ def test_a_character_level_student_trains_on_a_word_level_store(store, tmp_path)
     metrics = run_training(from_dict(KVMapConfig, cfg))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss_kd" in r]
-    assert len(logged) == 3 and all(r["loss_kd"] > 0 and r["loss_struct"] > 0 for r in logged)
+    assert len(logged) == 3 and all(
+        r["loss_kd"] > 0 and r["loss_struct"] > 0 and r["kd_rows"] > 0 for r in logged
+    )
     assert metrics["eval/samples"] == 4 and metrics["eval/ce"] == metrics["eval/ce"]  # not NaN
     # the student's items: characters; every row of W sums to 1, spaces (between teacher words) have none
     item = CrossTokenDataset(store, tokenizer=char_tokenizer(), components=("logits",))[1]

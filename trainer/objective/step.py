@@ -278,6 +278,8 @@ def forward_step(
     if kd is not None:
         loss = loss + kd.alpha * terms["loss_kd"]
     logs = {name: float(term.detach()) for name, term in terms.items()}
+    if kd is not None and "kd_rows" in batch:  # cross-tokenizer: the rows KD could compare (end-aligned)
+        logs["kd_rows"] = float(batch["kd_rows"][keep].sum())
     if out is None:
         logs["loss"] = float(loss.detach())
         return StepResult(loss, terms, logs, logits)
