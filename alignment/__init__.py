@@ -11,6 +11,8 @@ Typical stage-2 use (see each module's docstring for shapes):
 Public API:
 - layer map: `build_layer_map`, `teacher_layers_needed`
 - time warp: `SegmentTimeWarper`, `create_reasoning_focused_warper`, `WarpPlan`
+- across tokenizers: `token_alignment` / `alignment_plan` (W from character overlap, as a WarpPlan),
+  `warped_attention_kl` (W A_t W^T), `CrossVocabKD` / `cross_vocab_kd` (exact-match + ULD on the top-k)
 - projectors: `HeadwiseMapProjector` (structured), `KVDimensionProjector` (flat), `RopePairDimMap`
 - aligner: `MapProjectionAligner`, `AlignedKV`, `create_structured_aligner`, `create_flat_aligner`, `create_aligner`;
   what it is built from: `AlignerSpec` (+ `ProjectionOptions`), read by `aligner_spec` from HF configs
@@ -23,8 +25,11 @@ Public API:
 from alignment.geometry.attention_probs import LogitSpec, attention_probs
 from alignment.geometry.model_dims import AttentionDims, attention_dims, rope_inv_freq
 from alignment.losses.attention_kl import attention_kl, naive_attention_kl
+from alignment.losses.cross_attention import warped_attention_kl
+from alignment.losses.cross_vocab import CrossVocabKD, cross_vocab_kd
 from alignment.losses.diagnostics import effective_rank, rms
 from alignment.losses.structural import StructuralKVLoss, create_structural_loss
+from alignment.mapping.char_alignment import alignment_plan, token_alignment
 from alignment.mapping.head_maps import gqa_query_mixer, pair_selection, uniform_mixer
 from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
 from alignment.mapping.time_warping import SegmentTimeWarper, WarpPlan, create_reasoning_focused_warper
@@ -41,6 +46,11 @@ from alignment.projection.rope import RopePairDimMap
 
 __all__ = [
     "AlignedKV",
+    "CrossVocabKD",
+    "alignment_plan",
+    "cross_vocab_kd",
+    "token_alignment",
+    "warped_attention_kl",
     "AlignerSpec",
     "AttentionDims",
     "HeadwiseMapProjector",

@@ -96,6 +96,10 @@ class LossConfig:
     # how the attention KL runs: "auto" = the fused Triton kernels on CUDA where they apply (one-to-one heads,
     # no softcap / sliding window), else the PyTorch stream; "torch" = always the stream; "triton" = insist.
     attn_kl_impl: Literal["auto", "torch", "triton"] = "auto"
+    # Logit KD of a student whose tokenizer differs from the store's (alignment/losses/cross_vocab.py):
+    # "exact_uld" = tokens with identical decoded strings share the teacher's mass, ULD on the rest; "uld" =
+    # ULD on everything. null on same-tokenizer arms (docs/guides/cross-tokenizer.md).
+    kd_cross: Literal["exact_uld", "uld"] | None = None
 
     def __post_init__(self):
         for key in ("alpha_logit", "ce_weight"):

@@ -18,8 +18,23 @@ H, G, D = 6, 2, 16
 LLAMA_ATTENTION = {"scaling": [D**-0.5] * 4, "softcap": [None] * 4, "sliding_window": [None] * 4}
 
 
-def random_split(num_samples: int, seed: int = 0, vocab: int = 101, min_len: int = 5, max_len: int = 40):
-    """A PackedSplit of random samples with P/R/A segments (each segment at least one token)."""
+def word_text(ids) -> tuple[str, np.ndarray]:
+    """The text of word-tokenizer ids ("w5 w17 ...", see `word_tokenizer`) and each word's (T, 2) char span."""
+    words = [f"w{int(i)}" for i in ids]
+    starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
+    return " ".join(words), np.stack([starts, starts + [len(w) for w in words]], 1).astype(np.int32)
+
+
+def random_split(
+    num_samples: int,
+    seed: int = 0,
+    vocab: int = 101,
+    min_len: int = 5,
+    max_len: int = 40,
+    with_text: bool = False,
+):
+    """A PackedSplit of random samples with P/R/A segments (each segment at least one token); with_text: each
+    sample also carries its word text and char spans (`word_text`), as stage 1 records them."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(num_samples):
@@ -34,6 +49,8 @@ def random_split(num_samples: int, seed: int = 0, vocab: int = 101, min_len: int
                 "answer_mask": torch.from_numpy((rng.random(t) < 0.2) & (seg > 0)),
             }
         )
+        if with_text:
+            samples[-1]["text"], samples[-1]["char_spans"] = word_text(samples[-1]["input_ids"])
     return PackedSplit.from_samples(samples, rows=np.arange(num_samples) * 2)
 
 
@@ -47,6 +64,7 @@ def write_random_store(
     inner_chunk_tokens: int = 16,
     with_eval: bool = True,
     seed: int = 0,
+    with_text: bool = False,
 ):
     """Write a complete store of random states; returns (path, packed train split, {(layer, comp): (N, X, D)}).
 
@@ -55,8 +73,8 @@ def write_random_store(
     """
     from pipeline.store.writer import StoreWriter
 
-    train = random_split(num_samples, seed)
-    ev = random_split(3, seed + 1) if with_eval else None
+    train = random_split(num_samples, seed, with_text=with_text)
+    ev = random_split(3, seed + 1, with_text=with_text) if with_eval else None
     gen = torch.Generator().manual_seed(seed)
     shapes = {"q": (H, D), "k": (G, D), "v": (G, D)}
     truth = {}

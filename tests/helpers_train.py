@@ -73,6 +73,30 @@ def retrieval_samples(n: int, seed: int, facts: int = 3) -> list[dict]:
     return out
 
 
+def with_texts(samples: list[dict], tok) -> list[dict]:
+    """Samples with the text of their words and the tokenizer's own char spans (what stage 1 records)."""
+    out = []
+    for s in samples:
+        text = " ".join(tok.convert_ids_to_tokens(s["input_ids"].tolist()))
+        enc = tok(text, return_offsets_mapping=True)
+        assert enc["input_ids"] == s["input_ids"].tolist()
+        out.append({**s, "text": text, "char_spans": torch.tensor(enc["offset_mapping"], dtype=torch.int32)})
+    return out
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (ids < TINY_VOCAB): a student tokenizer unlike `tiny_tokenizer`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("SEPANSw0123456789 "))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(chars)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def make_tiny_store(
     path: str | Path,
     num_train: int = 32,
@@ -85,6 +109,7 @@ def make_tiny_store(
     tokenizer_record: dict | None = None,
     poison: bool = False,
     top_k: int = 0,
+    with_text: bool = False,
 ) -> Path:
     """Write a tiny store of the tiny teacher's real Q/K/V on the retrieval task; returns its path.
 
@@ -92,6 +117,7 @@ def make_tiny_store(
     `poison=True` writes a NaN into the teacher keys of the first sample (for NaN-detection tests).
     `top_k > 0` also stores the teacher's top-k log-probs of both splits (as stage 1 computes them:
     `pipeline.extraction.chunk.topk_logprobs` on an unpadded forward).
+    `with_text`: also the rendered texts and char spans stage 1 keeps (`with_texts`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -107,6 +133,8 @@ def make_tiny_store(
     teacher.save_pretrained(teacher_dir(path))
     tok.save_pretrained(teacher_dir(path))
     train_s, eval_s = retrieval_samples(num_train, seed), retrieval_samples(num_eval, seed + 1)
+    if with_text:
+        train_s, eval_s = with_texts(train_s, tok), with_texts(eval_s, tok)
     train = PackedSplit.from_samples(train_s, rows=range(num_train))
     ev = PackedSplit.from_samples(eval_s, rows=range(num_eval)) if num_eval else None
     H, G, D = tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.head_dim

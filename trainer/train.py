@@ -43,6 +43,7 @@ from trainer.objective.grad_probe import grad_probe, term_weights
 from trainer.objective.schedules import lambda_kv_at
 from trainer.objective.step import StepResult, forward_step
 from trainer.run.checkpoint import MERGED, jsonable, save_checkpoint, save_student
+from trainer.run.cross_setup import cross_dataset
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run.model_card import model_card
 from trainer.run.run_setup import Run, finished_metrics, setup_run
@@ -159,6 +160,7 @@ def evaluate_now(run: Run) -> dict:
         run.cfg.eval,
         run.pad_id,
         run.ce_ids,
+        cross_dataset(run.cfg, run.store, run.eval_split, run.tokenizer) if run.cross_tokenizer else None,
     )
 
 

@@ -29,6 +29,11 @@ Structural signals (all off by default; off = the plain loss above, bit for bit)
   relation={"components": [q, k, v], "heads": R, "weight": w}: + w * sum over components of the MiniLMv2
       relation KL (alignment/losses/relation.py) between the student's own states and the teacher's layer-mapped raw
       states (`t_q_raw`, `t_k_raw`, `t_v_raw`); metrics "rel_q" / "rel_k" / "rel_v".
+
+Cross-tokenizer batches (`token_map` = W, from `aligner.align(token_map=W)`): the cosines compare the student
+with the W-warped teacher K/V on the student's tokens (masks on that axis: rows W has); the attention KL's
+target is W A_t W^T built from the teacher's Q/K on its own axis (`t_q_axis` / `t_k_axis`, `t_mask`;
+alignment/losses/cross_attention.py). With identical tokenisations W = I and every term equals the plain one.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import nn
 
 from alignment.losses.attention_kl import attention_kl
 from alignment.losses.attention_kl_fused import IMPLS as KL_IMPLS
+from alignment.losses.cross_attention import warped_attention_kl
 from alignment.losses.relation import COMPONENTS as RELATION_COMPONENTS
 from alignment.losses.relation import relation_kl
 
@@ -185,6 +191,10 @@ class StructuralKVLoss(nn.Module):
         teacher_window: torch.Tensor | None = None,
         student_softcap: float | None = None,
         student_window: torch.Tensor | None = None,
+        token_map=None,
+        t_q_axis=None,
+        t_k_axis=None,
+        t_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """`loss, metrics = loss_fn(...)` (class docstring). The weighted terms add up in the order K, V,
         attention, relation."""
@@ -201,7 +211,13 @@ class StructuralKVLoss(nn.Module):
                     "s_q is None: expected student queries (B, L, H_s, T, D_s) when alpha_attn > 0"
                 )
             kw = self._kl_options(query_mask, head_mask, student_softcap, student_window)
-            if self.attn_target == "projected":
+            if token_map is not None:  # cross-tokenizer: W A_t W^T from the teacher's own axis
+                kw.update(softcap_t=teacher_softcap, window_t=teacher_window)
+                scales = (student_scale, teacher_scale)
+                kl = _warped_kl(
+                    self.attn_target, s_q, s_k, t_q_axis, t_k_axis, token_map, t_mask, head_mix, scales, kw
+                )
+            elif self.attn_target == "projected":
                 kl = _projected_kl(s_q, s_k, t_q, t_k, attention_mask, student_scale, teacher_scale, kw)
             else:  # the teacher's own attention: its softcap and sliding windows
                 kw.update(softcap_t=teacher_softcap, window_t=teacher_window)
@@ -312,6 +328,44 @@ def _teacher_kl(
     hm = head_mix.detach() if head_mix is not None else None
     return attention_kl(
         s_q, s_k, t_q_raw, t_k_raw, mask, scale_s=student_scale, scale_t=teacher_scale, head_mix=hm, **kw
+    )
+
+
+def _warped_kl(attn_target, s_q, s_k, t_q_axis, t_k_axis, plan, t_mask, head_mix, scales, kw: dict):
+    """Cross-tokenizer attention KL (alignment/losses/cross_attention.py): the target from the projected teacher
+    Q/K (attn_target "projected", scaled like `_projected_kl`) or its raw Q/K mixed by the detached head_mix
+    ("teacher"), both on the teacher's axis, warped onto the student's tokens by W."""
+    student_scale, teacher_scale = scales
+    s_mask = plan.segment_ids >= 0  # every real student token is a key
+    kw = {k: v for k, v in kw.items() if k != "impl"}  # the warped target has no fused kernel
+    if attn_target == "projected":
+        scale_t = teacher_scale if teacher_scale is not None else student_scale
+        kw = {k: v for k, v in kw.items() if k not in ("softcap_t", "window_t")}
+        return warped_attention_kl(
+            s_q,
+            s_k,
+            t_q_axis[0],
+            t_k_axis[0],
+            plan,
+            s_mask,
+            t_mask,
+            scale_s=student_scale,
+            scale_t=scale_t,
+            **kw,
+        )
+    hm = head_mix.detach() if head_mix is not None else None
+    return warped_attention_kl(
+        s_q,
+        s_k,
+        t_q_axis[1],
+        t_k_axis[1],
+        plan,
+        s_mask,
+        t_mask,
+        scale_s=student_scale,
+        scale_t=teacher_scale,
+        head_mix=hm,
+        **kw,
     )
 
 

@@ -46,6 +46,9 @@ class AlignedKV:
     student_window: (L_s,) per-layer sliding windows or None (`alignment.geometry.attention_probs`); v_t_raw (B, L_s, G_t, T', D_t) the teacher's
     raw values (relation distillation); head_mask (L_s, H_s) bool or None: the student heads `align.head_select`
     distils (head_mix is then the one-hot selection). `loss_kwargs()` bundles what the loss needs.
+    Cross-tokenizer batches only (`align(token_map=W)`): token_map (the W plan; T' = T_s), q_t_axis /
+    k_t_axis ((projected (B, L_s, H_s|G_s, T_t, D_s), raw (B, L_s, H_t|G_t, T_t, D_t)) on the teacher's
+    axis), t_mask (B, T_t) real teacher tokens.
     """
 
     k: torch.Tensor
@@ -65,6 +68,10 @@ class AlignedKV:
     student_softcap: float | None = None
     teacher_window: torch.Tensor | None = None
     student_window: torch.Tensor | None = None
+    token_map: WarpPlan | None = None
+    q_t_axis: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+    k_t_axis: tuple[torch.Tensor, torch.Tensor] | None = None
+    t_mask: torch.Tensor | None = None
 
     def loss_kwargs(self) -> dict:
         """Keyword arguments for `StructuralKVLoss` that come from the aligner, for either attn_target:
@@ -82,6 +89,15 @@ class AlignedKV:
             student_softcap=self.student_softcap,
             teacher_window=self.teacher_window,
             student_window=self.student_window,
+            **self._cross_kwargs(),
+        )
+
+    def _cross_kwargs(self) -> dict:
+        """Only on a cross-tokenizer batch: W and the teacher's Q/K on its own axis for the warped attention KL."""
+        if self.token_map is None:
+            return {}
+        return dict(
+            token_map=self.token_map, t_q_axis=self.q_t_axis, t_k_axis=self.k_t_axis, t_mask=self.t_mask
         )
 
 
@@ -175,8 +191,14 @@ class MapProjectionAligner(nn.Module):
         segment_ids: torch.Tensor,
         T_s: int | None = None,
         student_segment_ids: torch.Tensor | None = None,
+        token_map: WarpPlan | None = None,
     ) -> AlignedKV:
-        """Layer-map, warp and project the teacher states; returns an `AlignedKV` (see its docstring)."""
+        """Layer-map, warp and project the teacher states; returns an `AlignedKV` (see its docstring).
+
+        token_map: a cross-tokenizer W (alignment/mapping/char_alignment.py, (B, T_s, K) -> T_t) used instead of
+        the warper's plan: every output is on the student's tokens, and the teacher's Q/K stay on its own axis
+        too (`q_t_axis` / `k_t_axis`: projected for attn_target "projected", raw for "teacher") for the
+        warped attention KL W A_t W^T."""
         k = self._select(k_t, "k_t", self.G_t)
         v = self._select(v_t, "v_t", self.G_t)
         q = self._select(q_t, "q_t", self.H_t) if q_t is not None else None
@@ -185,6 +207,8 @@ class MapProjectionAligner(nn.Module):
             raise ValueError(
                 f"segment_ids shape {tuple(segment_ids.shape)}: expected (B, T)={(k.shape[0], k.shape[3])}"
             )
+        if token_map is not None:
+            return self._align_across(k, v, q, segment_ids, token_map)
         plan = self.warper.plan(segment_ids, T_s, student_segment_ids)
         k, v = self.warper.apply(k, plan), self.warper.apply(v, plan)  # (B, L_s, G_t, T', D_t)
         q = self.warper.apply(q, plan) if q is not None else None  # (B, L_s, H_t, T', D_t)
@@ -206,6 +230,35 @@ class MapProjectionAligner(nn.Module):
             student_softcap=self.student_logits.softcap,
             teacher_window=self.teacher_logits.window,
             student_window=self.student_logits.window,
+        )
+
+    def _align_across(self, k, v, q, segment_ids, plan: WarpPlan) -> AlignedKV:
+        """`align` with a cross-tokenizer W: K/V targets warped by W (projection is per position, so projecting
+        first is the same), Q/K kept on the teacher's axis for the attention target."""
+        warp = self.warper.apply
+        k_p, q_p = self.k_proj(k), self.q_proj(q) if q is not None else None  # teacher axis
+        return AlignedKV(
+            k=warp(k_p, plan),  # (B, L_s, G_s, T_s, D_s)
+            v=warp(self.v_proj(v), plan),
+            q=warp(q_p, plan) if q_p is not None else None,  # (B, L_s, H_s, T_s, D_s)
+            mask=plan.mask,
+            segment_ids=plan.segment_ids,
+            plan=plan,
+            q_t_raw=warp(q, plan) if q is not None else None,
+            k_t_raw=warp(k, plan),
+            head_mix=self.q_head_mix() if self.head_selection is None else self._sel_mix,
+            teacher_scale=self.teacher_logits.scale,
+            student_scale=self.student_logits.scale,
+            v_t_raw=warp(v, plan),
+            head_mask=None if self.head_selection is None else self._sel_mask,
+            teacher_softcap=self.teacher_logits.softcap,
+            student_softcap=self.student_logits.softcap,
+            teacher_window=self.teacher_logits.window,
+            student_window=self.student_logits.window,
+            token_map=plan,
+            q_t_axis=(q_p, q),  # (projected, raw) on the teacher axis; the loss picks by attn_target
+            k_t_axis=(k_p, k),
+            t_mask=segment_ids >= 0,
         )
 
     def forward(

@@ -49,13 +49,16 @@ class BadRow(ValueError):
 @dataclass
 class Rendered:
     """One row as text: `spans` (start, end, segment) cover the text in order; `answer_spans` are the
-    answer-bearing character ranges; `add_special_tokens` is False when a chat template wrote them."""
+    answer-bearing character ranges; `add_special_tokens` is False when a chat template wrote them;
+    `content` the character ranges that hold the row's own text, in order (None: the whole text), so a
+    token outside them is template markup (cross-tokenizer alignment works on the content only)."""
 
     text: str
     spans: list[tuple[int, int, int]]
     answer_spans: list[tuple[int, int]] = field(default_factory=list)
     answer: str = ""
     add_special_tokens: bool = True
+    content: list[tuple[int, int]] | None = None
 
 
 def answer_occurrences(text: str, answer: str) -> list[tuple[int, int]]:
@@ -133,8 +136,12 @@ def render_prr(row: dict, tokenizer, data_cfg: DataConfig) -> Rendered:
             raise BadRow(f)
     prompt, answer = values[data_cfg.prompt_field], values[data_cfg.answer_field]
     reasoning = values.get(data_cfg.reasoning_field) if data_cfg.reasoning_field else None
+    content = None
     if data_cfg.chat_template:
         text, r0, a0 = _prr_chat(prompt, reasoning, answer, tokenizer, data_cfg)
+        p0 = text.rfind(prompt, 0, r0)
+        a_len = len(reasoning or "") + len(data_cfg.answer_prefix) + len(answer)
+        content = [(p0, p0 + len(prompt)), (r0, r0 + a_len)]
     else:
         r_text = data_cfg.reasoning_prefix + reasoning if reasoning is not None else ""
         text = prompt + r_text + data_cfg.answer_prefix + answer
@@ -152,7 +159,7 @@ def render_prr(row: dict, tokenizer, data_cfg: DataConfig) -> Rendered:
     if reasoning is not None:  # whole-word occurrences of the answer inside R
         r_start = text.find(reasoning, r0)
         answer_spans += [(r_start + a, r_start + b) for a, b in answer_occurrences(reasoning, needle)]
-    return Rendered(text, spans, answer_spans, needle, add_special_tokens=not data_cfg.chat_template)
+    return Rendered(text, spans, answer_spans, needle, not data_cfg.chat_template, content)
 
 
 def _prr_chat(prompt: str, reasoning: str | None, answer: str, tokenizer, data_cfg: DataConfig):
@@ -259,15 +266,16 @@ def render_messages(
     text = tokenizer.apply_chat_template(msgs, tokenize=False)
     if turns[0]["role"] != "system":
         text = strip_default_system(text, tokenizer)
-    spans, answer_spans = _locate_turns(text, msgs, trained, tokenizer, data_cfg, gold)
+    spans, answer_spans, content = _locate_turns(text, msgs, trained, tokenizer, data_cfg, gold)
     answer = gold or "".join(text[a:b] for a, b in answer_spans)
-    return Rendered(text, spans, answer_spans, answer, add_special_tokens=False)
+    return Rendered(text, spans, answer_spans, answer, add_special_tokens=False, content=content)
 
 
 def _locate_turns(text, msgs, trained, tokenizer, data_cfg, gold):
     """Segment spans of the rendered conversation: each message's content is found in order; a trained
-    assistant turn gives R (its think span) and A (the rest, through its end-of-turn token)."""
-    spans, answer_spans, cursor, p_start = [], [], 0, 0
+    assistant turn gives R (its think span) and A (the rest, through its end-of-turn token). Also returns
+    each message's content range (the text the row holds; the rest is template)."""
+    spans, answer_spans, content, cursor, p_start = [], [], [], 0, 0
     for i, m in enumerate(msgs):
         at = text.find(m["content"], cursor)
         if at < 0:
@@ -276,6 +284,7 @@ def _locate_turns(text, msgs, trained, tokenizer, data_cfg, gold):
                 f"({m['role']}) verbatim; set data.format=prr with data.chat_template=false to render text as is"
             )
         cursor = at + len(m["content"])
+        content.append((at, cursor))
         if i not in trained:
             continue
         reasoning, answer_at = split_reasoning(m["content"], data_cfg.think_tags)
@@ -287,7 +296,7 @@ def _locate_turns(text, msgs, trained, tokenizer, data_cfg, gold):
             answer_spans += [(r0 + a, r0 + b) for a, b in answer_occurrences(text[r0:a0], gold)]
         cursor = p_start = a1
     spans.append((p_start, len(text), P))
-    return [s for s in spans if s[1] > s[0]], answer_spans
+    return [s for s in spans if s[1] > s[0]], answer_spans, [c for c in content if c[1] > c[0]]
 
 
 def _turn_end(text: str, end: int, tokenizer) -> int:

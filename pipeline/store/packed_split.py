@@ -23,6 +23,8 @@ class PackedSplit:
     offsets: np.ndarray
     lengths: np.ndarray
     rows: np.ndarray
+    texts: list[str] | None = None  # (S,) rendered texts, when the samples carry them
+    char_spans: np.ndarray | None = None  # (N, 2) int32 spans in the texts ((-1, -1) = template token)
 
     @classmethod
     def from_samples(cls, samples: Sequence[dict], rows: Sequence[int]) -> PackedSplit:
@@ -37,7 +39,15 @@ class PackedSplit:
             parts = [np.asarray(torch.as_tensor(s[key]).cpu(), dtype=dt).reshape(-1) for s in samples]
             return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
 
+        with_text = bool(samples) and all("text" in s and "char_spans" in s for s in samples)
+        spans = (
+            [np.asarray(torch.as_tensor(s["char_spans"]), dtype=np.int32) for s in samples]
+            if with_text
+            else []
+        )
         return cls(
+            texts=[s["text"] for s in samples] if with_text else None,
+            char_spans=np.concatenate(spans).reshape(-1, 2) if with_text else None,
             input_ids=cat("input_ids", np.int32),
             segment_ids=cat("segment_ids", np.int8),
             answer_mask=cat("answer_mask", np.uint8),

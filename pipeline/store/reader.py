@@ -36,6 +36,7 @@ from pipeline.store.schema import (
     READABLE_SCHEMA_VERSIONS,
     SAMPLE_ARRAYS,
     SPLITS,
+    TEXT_ARRAYS,
     TOKEN_ARRAYS,
     fingerprint_of,
     scale_key,
@@ -142,6 +143,27 @@ class KVStore:
         if name not in TOKEN_ARRAYS and name not in SAMPLE_ARRAYS:
             raise KeyError(f"name={name!r}: expected one of {[*TOKEN_ARRAYS, *SAMPLE_ARRAYS]}")
         return self._array(split, name)
+
+    def has_text(self, split: str = "train") -> bool:
+        """Whether `split` holds the rendered texts and per-token char spans (stores written before they were
+        recorded do not; cross-tokenizer arms need them)."""
+        return all(name in self._split(split) for name in TEXT_ARRAYS)
+
+    def read_texts(self, indices: Sequence[int], split: str = "train") -> list[tuple[str, np.ndarray]]:
+        """(text, char_spans (T, 2) int32) of each sample: its rendered text and each token's [start, end)
+        in it, (-1, -1) for a template token. Raises a one-line KeyError for a store without texts."""
+        if not self.has_text(split):
+            raise KeyError(
+                f"store '{self.path}' split {split!r} holds no texts / char_spans (written before stage 1 kept "
+                "them): re-extract it for a cross-tokenizer arm"
+            )
+        texts, spans = self._array(split, "texts"), self._array(split, "char_spans")
+        offsets, lengths = self.offsets(split), self.lengths(split)
+        out = []
+        for i in indices:
+            o, n = int(offsets[i]), int(lengths[i])
+            out.append((str(texts[int(i)]), np.asarray(spans[o : o + n], dtype=np.int32)))
+        return out
 
     def has_states(self, split: str = "train") -> bool:
         """Whether `split` holds teacher states (the eval split never does)."""

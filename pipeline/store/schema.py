@@ -19,6 +19,10 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
         offsets       (S,) int64      first token of sample i on the packed axis
         lengths       (S,) int32      tokens of sample i (sample i = [offsets[i], offsets[i] + lengths[i]))
         rows          (S,) int64      row index of sample i in the source dataset (skipped rows are absent)
+        texts         (S,) string     the rendered text of sample i (stores written before it lack it)
+        char_spans    (N, 2) int32    each token's [start, end) characters in its sample's text; (-1, -1) =
+                                      a template token (chat markup, added special tokens: no character of
+                                      the row's content); stored with `texts`, read by cross-tokenizer arms
         layers/{l}/q  (N, H, D)       teacher layer l (0-based), post-RoPE queries
         layers/{l}/k  (N, G, D)       post-RoPE keys, KV heads before any GQA repeat
         layers/{l}/v  (N, G, D)       values, KV heads before any GQA repeat
@@ -81,6 +85,9 @@ SPLITS = ("train", "eval")
 COMPONENTS = ("q", "k", "v")
 TOKEN_ARRAYS = {"input_ids": "int32", "segment_ids": "int8", "answer_mask": "uint8"}
 SAMPLE_ARRAYS = {"offsets": "int64", "lengths": "int32", "rows": "int64"}
+# Optional (stores written before them read without): the rendered text per sample, character spans per token.
+TEXT_ARRAYS = {"texts": "str", "char_spans": "int32"}
+TEMPLATE_SPAN = (-1, -1)  # the char span of a token outside the row's content
 LOGIT_ARRAYS = ("values", "indices")
 PROGRESS_DIR = "_kvmap_progress"
 # Attributes that change between otherwise identical stores (timings) are left out of the fingerprint.
@@ -96,6 +103,8 @@ ARRAYS = (
     ("offsets", "(S,)", "int64", "first token of sample i on the packed axis"),
     ("lengths", "(S,)", "int32", "tokens of sample i"),
     ("rows", "(S,)", "int64", "row index of sample i in the source dataset (skipped rows are absent)"),
+    ("texts", "(S,)", "string", "the rendered text of sample i (absent in stores written before it)"),
+    ("char_spans", "(N, 2)", "int32", "each token's [start, end) in its text; (-1, -1) = template token"),
     ("layers/{l}/q", "(N, H, D)", "storage dtype", "teacher layer l, post-RoPE queries (train split only)"),
     ("layers/{l}/k", "(N, G, D)", "storage dtype", "post-RoPE keys, KV heads before any GQA repeat"),
     ("layers/{l}/v", "(N, G, D)", "storage dtype", "values, KV heads before any GQA repeat"),

@@ -41,6 +41,7 @@ from pipeline.store.schema import (
     SAMPLE_ARRAYS,
     SCHEMA_VERSION,
     STORAGE_DTYPES,
+    TEXT_ARRAYS,
     TOKEN_ARRAYS,
     scale_key,
 )
@@ -164,6 +165,16 @@ class StoreWriter:
             a = g.create_array(name, shape=data.shape, dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
             if len(data):
                 a[:] = data.astype(dt)
+        if packed.texts is not None:  # what cross-tokenizer arms re-tokenise and align on
+            texts = np.array(packed.texts, dtype=object)
+            t = g.create_array("texts", shape=texts.shape, dtype=str, chunks=(max(min(len(texts), 1024), 1),))
+            t[:] = texts
+            spans = packed.char_spans
+            chunks = (min(max(len(spans), 1), 1 << 16), 2)
+            c = g.create_array(
+                "char_spans", shape=spans.shape, dtype=TEXT_ARRAYS["char_spans"], chunks=chunks
+            )
+            c[:] = spans
 
     @classmethod
     def _create_state_arrays(cls, g, n: int, attrs: dict, state_shapes: dict[str, tuple[int, int]]) -> None:

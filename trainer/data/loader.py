@@ -239,11 +239,13 @@ def make_loader(
     num_workers: int = 0,
     prefetch_factor: int = 4,
     pin_memory: bool = False,
+    collate=collate_right_pad,
 ) -> DataLoader:
     """A DataLoader with right-padding collate, worker prefetch and (optionally) a resumable sampler.
 
     Without a sampler the order is the dataset order (evaluation). `drop_last=False`: callers size the
     sampler's stream as a multiple of the global batch. `pin_memory`: page-locked batches, for CUDA runs.
+    `collate(samples, pad_id)`: `collate_right_pad`, or trainer/data/cross_tokens.py's for a cross-tokenizer arm.
     """
     kw = {}
     if num_workers > 0:
@@ -254,7 +256,7 @@ def make_loader(
         sampler=sampler,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=partial(collate_right_pad, pad_id=pad_id),
+        collate_fn=partial(collate, pad_id=pad_id),
         drop_last=False,
         pin_memory=pin_memory,
         **kw,

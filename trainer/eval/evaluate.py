@@ -114,7 +114,7 @@ def eval_metrics(sums: torch.Tensor, em: torch.Tensor | None, n: int, ce_ids, fi
 
 @torch.no_grad()
 def evaluate(
-    accelerator, student, tokenizer, store_path, split: str, eval_cfg, pad_id: int, ce_ids=None
+    accelerator, student, tokenizer, store_path, split: str, eval_cfg, pad_id: int, ce_ids=None, dataset=None
 ) -> dict:
     """CE overall and per segment, teacher-forced answer-token accuracy in R and A, greedy exact match.
 
@@ -125,6 +125,8 @@ def evaluate(
         store_path, split: the store and its held-out split (tokens, segments, answer mask; no states).
         eval_cfg: pipeline.config.train.EvalConfig.
         ce_ids: the segment ids training's CE counts (train.ce_segments); None = all segments.
+        dataset: the split as the student reads it (default: the store's tokens); a cross-tokenizer arm passes
+            its `CrossTokenDataset` (student tokens; no teacher fidelity: the vocabularies differ).
     Returns:
         {"eval/ce", "eval/ce_trained", "eval/ce_P", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A",
          "eval/acc", "eval/exact_match", "eval/samples"}; a value is NaN where its count is 0, and
@@ -134,8 +136,12 @@ def evaluate(
     """
     was_training = student.training
     student.eval()
-    fidelity = KVStore(store_path).has_logits(split)  # the teacher's top-k log-probs of the held-out rows
-    ds = StoreDataset(store_path, split, components=("logits",) if fidelity else ())
+    fidelity = dataset is None and KVStore(store_path).has_logits(split)  # the teacher's held-out top-k
+    ds = (
+        dataset
+        if dataset is not None
+        else StoreDataset(store_path, split, components=("logits",) if fidelity else ())
+    )
     n = len(ds) if eval_cfg.max_samples is None else min(len(ds), eval_cfg.max_samples)
     mine = _shard(n, accelerator.process_index, accelerator.num_processes)
     sums = teacher_forced_sums(accelerator, student, ds, mine, eval_cfg.batch_size, pad_id, ce_ids, fidelity)

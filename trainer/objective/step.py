@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignment.losses.logit_kd import lse_gather
+from alignment.mapping.time_warping import WarpPlan
 from pipeline.models.capture import capture_qkv
 from trainer.objective.losses import ce_targets, per_layer_cosine
 from trainer.objective.schedules import auto_lambda
@@ -115,18 +116,24 @@ class DistillModel(nn.Module):
         v_t=None,
         logit_mask=None,
         structural=True,
+        token_map=None,
+        t_segment_ids=None,
     ):
         # structural=False: a step whose lambda_kv is 0 (e.g. after train.lambda_until) runs the CE path only.
+        # token_map (a cross-tokenizer W): the teacher states are on their own axis (t_segment_ids (B, T_t)).
         if self.aligner is None or not structural:
             return self._logits(input_ids, attention_mask, logit_mask), None, None
         with capture_qkv(self.student, layers=self.layers, detach=False) as cap:
             logits = self._logits(input_ids, attention_mask, logit_mask)
         # k/v (B, L_s, G_s, T', D_s), q (B, L_s, H_s, T', D_s)
-        out = self.aligner.align(k_t, v_t, q_t, segment_ids)
+        if token_map is not None:
+            out = self.aligner.align(k_t, v_t, q_t, t_segment_ids, token_map=token_map)
+        else:
+            out = self.aligner.align(k_t, v_t, q_t, segment_ids)
         q_s = cap.stack("q", self.layers)  # (B, L_s, H_s, T, D_s)
         k_s = cap.stack("k", self.layers)  # (B, L_s, G_s, T, D_s)
         v_s = cap.stack("v", self.layers)  # (B, L_s, G_s, T, D_s)
-        if not out.plan.is_identity:
+        if not out.plan.is_identity and token_map is None:
             # Same tokens on both sides: warp the student with the teacher's plan (use (a) of the warper).
             q_s, k_s, v_s = (self.aligner.warp_student(x, out.plan) for x in (q_s, k_s, v_s))  # (., T', .)
         if (
@@ -194,6 +201,11 @@ def token_terms(logits, targets, batch: dict, keep, kd: KDTerm | None) -> dict[s
     n = max(int(targets.numel()), 1)
     if kd is None:
         return {"loss_ce": F.cross_entropy(logits.float(), targets, reduction="sum") / n}
+    if "kd_rows" in batch:  # cross-tokenizer: KD on the rows whose teacher position ends where they do
+        rows = batch["kd_rows"][keep]  # (N,)
+        t_logp, t_idx = batch["topk_logprobs"][keep][rows], batch["topk_indices"][keep][rows]
+        loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+        return {"loss_ce": loss_ce, "loss_kd": kd.loss_fn(logits[rows], t_logp, t_idx)}
     t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
     lse = z_top = None
     if kd.loss_fn.temperature == 1.0:
@@ -205,6 +217,19 @@ def token_terms(logits, targets, batch: dict, keep, kd: KDTerm | None) -> dict[s
     else:
         loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
     return {"loss_ce": loss_ce, "loss_kd": kd.loss_fn(logits, t_logp, t_idx, lse=lse, z_top=z_top)}
+
+
+def token_map_of(batch: dict) -> dict:
+    """{token_map: W as a WarpPlan, t_segment_ids} of a cross-tokenizer batch (trainer/data/cross_tokens.py),
+    {} for a same-tokenizer one. Shapes: map_index / map_weight (B, T_s, K), map_rows (B, T_s), t_segment_ids
+    (B, T_t)."""
+    if "map_index" not in batch:
+        return {}
+    seg, t_seg = batch["segment_ids"], batch["t_segment_ids"]
+    plan = WarpPlan(
+        batch["map_index"], batch["map_weight"], batch["map_rows"] & (seg >= 0), seg, t_seg.shape[1]
+    )
+    return {"token_map": plan, "t_segment_ids": t_seg}
 
 
 def forward_step(
@@ -242,7 +267,10 @@ def forward_step(
     keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
     structural = not (isinstance(lambda_kv, (int, float)) and lambda_kv == 0)
     q_t, k_t, v_t = batch.get("q_t"), batch.get("k_t"), batch.get("v_t")
-    logits, student, out = model(ids, attn, seg, q_t, k_t, v_t, logit_mask=keep, structural=structural)
+    cross = token_map_of(batch) if structural and k_t is not None else {}
+    logits, student, out = model(
+        ids, attn, seg, q_t, k_t, v_t, logit_mask=keep, structural=structural, **cross
+    )
     if logits.dim() == 3:  # the student's own forward ran: every position
         logits = logits[keep]  # (N, V)
     terms = token_terms(logits, targets, batch, keep, kd)
@@ -250,6 +278,8 @@ def forward_step(
     if kd is not None:
         loss = loss + kd.alpha * terms["loss_kd"]
     logs = {name: float(term.detach()) for name, term in terms.items()}
+    if kd is not None and "kd_rows" in batch:  # cross-tokenizer: the rows KD could compare (end-aligned)
+        logs["kd_rows"] = float(batch["kd_rows"][keep].sum())
     if out is None:
         logs["loss"] = float(loss.detach())
         return StepResult(loss, terms, logs, logits)

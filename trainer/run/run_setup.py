@@ -25,11 +25,13 @@ from pipeline.config.configlib import ConfigError, load_config, to_dict, write_r
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.trained_tokens import check_trained_tokens, segment_token_counts
 from pipeline.models.load import load_model, pad_token_id
-from trainer.data.loader import ResumableSampler, StoreDataset, make_loader
+from trainer.data.cross_tokens import collate_cross
+from trainer.data.loader import ResumableSampler, StoreDataset, collate_right_pad, make_loader
 from trainer.data.preload import preload_bytes
 from trainer.objective.schedules import lr_schedule
 from trainer.objective.step import DistillModel
 from trainer.run.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
+from trainer.run.cross_setup import build_cross_kd, check_cross, cross_dataset, is_cross_tokenizer
 from trainer.run.loop_utils import flat_config, notice, trackers
 from trainer.run.run_dir import check_run_dir_writable
 from trainer.run.setup import (
@@ -67,6 +69,9 @@ class Run:
     pad_id: int = 0
     start_step: int = 0
     recent: list[dict] = field(default_factory=list)  # the last `log_every` steps' logs (final train/*)
+    cross_tokenizer: bool = (
+        False  # the student's tokenizer differs from the store's (trainer/run/cross_setup.py)
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -176,14 +181,17 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     set_seed(cfg.seed)  # the student's random init and the aligner's init come from this seed
     student, tokenizer = load_model(cfg.student, for_training=True)
     vocab = int(student.get_input_embeddings().weight.shape[0])
-    check_tokenizer(store, tokenizer, vocab)
+    cross = is_cross_tokenizer(store, tokenizer)
+    check_cross(cfg, store, tokenizer, cross)
+    if not cross:
+        check_tokenizer(store, tokenizer, vocab)
     student = wrap_student(student, cfg)  # checkpointing / LoRA before the aligner, optimizer and prepare
     if is_lora(student):
         notice(
             accelerator, "student.lora: {:,} of {:,} parameters train".format(*trainable_parameters(student))
         )
     aligner = build_aligner(cfg, store, student)
-    kd = build_kd(cfg, store, vocab)
+    kd = build_cross_kd(cfg, store, tokenizer) if cross else build_kd(cfg, store, vocab)
     if aligner is not None and aligner.head_selection is not None:
         notice(accelerator, aligner.head_selection.describe())
     layers, comps, loss_fn = [], (), None
@@ -193,7 +201,7 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
     if kd is not None:
         comps = (*comps, "logits")
-    train_ds = open_train_split(cfg, store, layers, comps, accelerator)
+    train_ds = open_train_split(cfg, store, layers, comps, accelerator, tokenizer if cross else None)
     pad_id = pad_token_id(tokenizer)
     return dict(
         store=store,
@@ -204,6 +212,7 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
         loss_fn=loss_fn,
         train_ds=train_ds,
         pad_id=pad_id,
+        cross_tokenizer=cross,
     )
 
 
@@ -214,10 +223,13 @@ URL_ORDER_NOTE = (
 )
 
 
-def open_train_split(cfg: KVMapConfig, store, layers: list[int], comps, accelerator) -> StoreDataset:
-    """`train_dataset`, telling the user what its read order or preload costs."""
+def open_train_split(
+    cfg: KVMapConfig, store, layers: list[int], comps, accelerator, cross_tokenizer=None
+) -> StoreDataset:
+    """`train_dataset`, telling the user what its read order or preload costs; with `cross_tokenizer` (the
+    student's tokenizer, when it differs from the store's) the split re-tokenised for the student."""
     t_load = time.perf_counter()
-    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload)
+    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload, cross_tokenizer)
     if train_ds.shard_cache:
         notice(accelerator, shard_order_line(cfg, store, layers, comps))
     elif store.location.remote and not cfg.train.preload:
@@ -230,14 +242,18 @@ def open_train_split(cfg: KVMapConfig, store, layers: list[int], comps, accelera
     return train_ds
 
 
-def train_dataset(cfg: KVMapConfig, store, layers: list[int], comps, preload: bool) -> StoreDataset:
+def train_dataset(
+    cfg: KVMapConfig, store, layers: list[int], comps, preload: bool, cross_tokenizer=None
+) -> StoreDataset:
     """The train split as the trainer reads it; `train.shuffle: shards` reads whole shards through a cache of
-    shuffle_window + 1 shards per array (preload reads the split whole anyway)."""
+    shuffle_window + 1 shards per array (preload reads the split whole anyway). `cross_tokenizer`: the
+    student's tokenizer, for a `CrossTokenDataset` (trainer/data/cross_tokens.py)."""
     shards = cfg.train.shuffle == "shards" and not preload
     cache = cfg.train.shuffle_window + 1 if shards else 0
-    return StoreDataset(
-        store.path, "train", layers=layers, components=comps, preload=preload, shard_cache=cache
-    )
+    kw = dict(layers=layers, components=comps, preload=preload, shard_cache=cache)
+    if cross_tokenizer is not None:
+        return cross_dataset(cfg, store, "train", cross_tokenizer, **kw)
+    return StoreDataset(store.path, "train", **kw)
 
 
 def train_sampler(
@@ -324,6 +340,7 @@ def sample_stream(run: Run, train_ds: StoreDataset):
         cfg.train.num_workers,
         cfg.train.prefetch_factor,
         pin_memory=acc.device.type == "cuda",
+        collate=collate_cross if run.cross_tokenizer else collate_right_pad,
     )
     return iter(acc.prepare_data_loader(loader, device_placement=True))
 
@@ -361,6 +378,7 @@ def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
         kd=parts["kd"],
         eval_split="eval" if "eval" in store.splits else None,
         pad_id=parts["pad_id"],
+        cross_tokenizer=parts["cross_tokenizer"],
     )
     restore(run, ckpt, resume)
     if accelerator.log_with:  # train.report_to, through accelerate's trackers, with the resolved config
