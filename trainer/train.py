@@ -54,6 +54,7 @@ from trainer.run.sharding import (
     is_sharded,
     save_sharded_state,
     sync_replicated_grads,
+    with_launch_fsdp,
 )
 from trainer.run.student_wrap import is_lora, save_merged
 
@@ -263,6 +264,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         >>> run_training(cfg)["eval/ce"]
     """
     t0 = time.time()
+    cfg = with_launch_fsdp(cfg)
     done_before = finished_metrics(cfg, resume, overwrite)
     if done_before is not None:
         return done_before

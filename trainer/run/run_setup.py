@@ -339,7 +339,7 @@ def prepare_model(cfg: KVMapConfig, accelerator, parts: dict):
     if not cfg.train.fsdp:
         optimizer, scheduler = optimizer_and_schedule(cfg, parts["student"], parts["aligner"])
         return accelerator.prepare(model, optimizer, scheduler)
-    model = shard_model(model, accelerator, cfg.train.mixed_precision)
+    model = shard_model(model, accelerator, accelerator.mixed_precision)  # what autocast uses too
     optimizer, scheduler = optimizer_and_schedule(cfg, model.student, model.aligner)
     return model, optimizer, accelerator.prepare(scheduler)
 

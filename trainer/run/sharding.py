@@ -22,11 +22,13 @@ for model + optimizer, which also reshard on resume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from accelerate.utils import parse_flag_from_env
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -46,19 +48,33 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def with_launch_fsdp(cfg):
+    """`cfg` with `train.fsdp` on when `accelerate launch` was given an FSDP config (configs/accelerate/fsdp.yaml
+    sets ACCELERATE_USE_FSDP): the run folder's config then records it, and resume checks it, as for the key."""
+    if cfg.train.fsdp or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fsdp=True))
+
+
 def check_fsdp(cfg, num_processes: int) -> None:
     """`train.fsdp` needs several processes and a fully fine-tuned student; one line otherwise."""
     if not cfg.train.fsdp:
         return
-    if num_processes < 2:
+    if cfg.train.mixed_precision == "fp16":
         raise ConfigError(
-            f"config key 'train.fsdp': got true with {num_processes} process, expected a launch of >= 2 "
-            "processes (accelerate launch --num_processes N ...): one process has nothing to shard across"
+            "config key 'train.mixed_precision': got 'fp16' with train.fsdp, expected 'no' or 'bf16' (fp16 "
+            "needs a gradient scaler over the sharded gradients, which the trainer does not run)"
         )
     if cfg.student.lora is not None:
         raise ConfigError(
             "config key 'student.lora': got adapters with train.fsdp, expected null (not supported together: "
             "the merged LoRA student is built from the whole base on one process)"
+        )
+
+    if num_processes < 2:
+        raise ConfigError(
+            f"config key 'train.fsdp': got true with {num_processes} process, expected a launch of >= 2 "
+            "processes (accelerate launch --num_processes N ...): one process has nothing to shard across"
         )
 
 
