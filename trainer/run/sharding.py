@@ -108,7 +108,9 @@ def shard_model(model, accelerator, mixed_precision: str = "no"):
     for module in list(model.student.modules()):
         if isinstance(module, classes):
             fully_shard(module, **kwargs)
-    replicated = set(model.aligner.parameters()) if model.aligner is not None else set()
+    replicated = set()
+    if model.aligner is not None:  # not FSDP's: it moves only what it shards to the mesh's device
+        replicated = set(model.aligner.to(accelerator.device).parameters())
     fully_shard(model, ignored_params=replicated, **kwargs)
     return model
 
