@@ -70,7 +70,6 @@ def check_fsdp(cfg, num_processes: int) -> None:
             "config key 'student.lora': got adapters with train.fsdp, expected null (not supported together: "
             "the merged LoRA student is built from the whole base on one process)"
         )
-
     if num_processes < 2:
         raise ConfigError(
             f"config key 'train.fsdp': got true with {num_processes} process, expected a launch of >= 2 "
@@ -83,9 +82,9 @@ def layer_classes(student) -> tuple[type, ...]:
     names = set(getattr(student, "_no_split_modules", None) or [])
     found = {type(m) for m in student.modules() if type(m).__name__ in names}
     if not found:
-        raise ValueError(
-            f"train.fsdp: the student ({type(student).__name__}) names no decoder-layer class in "
-            f"_no_split_modules ({sorted(names)}): expected an HF causal LM with decoder layers to shard"
+        raise ConfigError(
+            f"config key 'train.fsdp': got true for a {type(student).__name__} whose _no_split_modules "
+            f"({sorted(names)}) names no class it holds, expected an HF causal LM with decoder layers to shard"
         )
     return tuple(found)
 
@@ -178,7 +177,7 @@ def full_student_state(model) -> dict[str, torch.Tensor]:
     names = {n for n, _ in student.named_parameters()} | {n for n, _ in student.named_buffers()}
     prefix = "student."
     return {
-        k[len(prefix) :]: v for k, v in full.items() if k[len(prefix) :] in names and k.startswith(prefix)
+        k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix) and k[len(prefix) :] in names
     }
 
 
