@@ -36,6 +36,12 @@ def launch(config: Path, *extra: str, launch_args=("--multi_gpu", "--num_process
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def eval_ces(run_dir) -> list[float]:
+    """eval/ce of every evaluation row of metrics.jsonl (steps 2, 4 and the end)."""
+    rows = (json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r["eval/ce"] for r in rows if "eval/ce" in r]
+
+
 def gathered_checkpoint(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
     """The model weights of a distributed checkpoint, gathered by torch into one file and read back."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -49,7 +55,8 @@ def test_fsdp_two_processes_train_like_one_and_save_the_gathered_student(tmp_pat
     from transformers import AutoModelForCausalLM
 
     store = make_tiny_store(tmp_path / "s.zarr", num_train=16, num_eval=6)
-    common = {"train.steps": 5, "train.num_workers": 0, "eval.every": 0, "train.log_every": 1}
+    # eval at step 2 and 4 too: the student is called outside the sharded forward, then trains on
+    common = {"train.steps": 5, "train.num_workers": 0, "eval.every": 2, "train.log_every": 1}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     one = tiny_train_config(
@@ -75,6 +82,7 @@ def test_fsdp_two_processes_train_like_one_and_save_the_gathered_student(tmp_pat
     assert json.loads((run / "meta.json").read_text())["num_processes"] == 2
     assert "fsdp: true" in (run / "config.yaml").read_text()
     assert losses(run) == pytest.approx(losses(one["run_dir"]), rel=1e-4)
+    assert eval_ces(run) == pytest.approx(eval_ces(one["run_dir"]), rel=1e-5) and len(eval_ces(run)) == 3
     m2 = json.loads((run / "metrics.json").read_text())
     assert m2["eval/ce"] == pytest.approx(m1["eval/ce"], rel=1e-5)
     assert m2["eval/exact_match"] == m1["eval/exact_match"] and m2["eval/samples"] == 6
