@@ -75,6 +75,18 @@ def test_a_bad_row_stops_each_share_at_its_row_and_the_lowest_is_raised(tmp_path
         tokenize_packed(cfg, "train", tok)  # one process meets row 5 first too
 
 
+def test_counts_add_up_key_by_key_keeping_zero_counts():
+    a = {"rows": 3, "segment_tokens": {"P": 30, "R": 0, "A": 0}, "bad_rows": {}, "format": "text"}
+    b = {"rows": 2, "segment_tokens": {"P": 20, "R": 0, "A": 0}, "bad_rows": {"text": 1}, "format": "text"}
+    total = {
+        "rows": 5,
+        "segment_tokens": {"P": 50, "R": 0, "A": 0},
+        "bad_rows": {"text": 1},
+        "format": "text",
+    }
+    assert add_counts([a, b]) == total and list(add_counts([a, b])["segment_tokens"]) == ["P", "R", "A"]
+
+
 def test_empty_shares_merge(tok):  # noqa: F811
     empty = PackedSplit.from_stream([])
     sample = {k: torch.tensor([1, 2, 3]) for k in TOKEN_DTYPES}

@@ -16,7 +16,6 @@ one a single process would have met first.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch.distributed as dist
@@ -31,24 +30,27 @@ def _my_share(data_cfg: DataConfig, split: str, tokenizer, rank: int, world: int
     counts = new_counts()
     try:
         packed = PackedSplit.from_stream(iter_split(data_cfg, split, tokenizer, counts, rank, world))
-    except Exception as e:  # noqa: BLE001 (re-raised on every process after the exchange)
+    except Exception as e:  # re-raised on every process after the exchange
         # tokenize_sample counts a row before it can fail, so this share's failing row is its last counted
         return None, rank + (counts["rows"] - 1) * world, e
     return packed, counts, None
 
 
 def add_counts(parts: list[dict]) -> dict[str, Any]:
-    """The counts of the shares added up (ints summed, per-key counters merged; the format is row 0's)."""
+    """The counts of the shares added up (ints summed, per-key counters merged key by key, zero counts kept:
+    the trained-tokens check names a segment with 0 tokens; the format is row 0's)."""
     out: dict[str, Any] = {}
     for counts in parts:
         for key, v in counts.items():
             if isinstance(v, dict):
-                out[key] = Counter(out.get(key, {})) + Counter(v)
+                merged = out.setdefault(key, {})
+                for name, n in v.items():
+                    merged[name] = merged.get(name, 0) + n
             elif key == "format":
                 out[key] = out.get(key) or v
             else:
                 out[key] = out.get(key, 0) + v
-    return {k: dict(v) if isinstance(v, Counter) else v for k, v in out.items()}
+    return out
 
 
 def tokenize_packed(data_cfg: DataConfig, split: str, tokenizer, rank: int = 0, world: int = 1):
