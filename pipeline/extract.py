@@ -7,8 +7,9 @@ Shape glossary: B batch, T tokens (padded batch length), H query heads, G KV hea
 N packed tokens of the train split.
 
 How the work is split (why it is resumable and rank-count independent):
-- Every rank tokenises the data and computes the packed layout (offsets of all samples) before any
-  forward, so every rank knows where each sample's tokens go.
+- Each rank tokenises its share of the rows (every world-th row) and the packed shares are exchanged
+  (pipeline/data/split_shards.py), so before any forward every rank holds the packed layout (offsets of
+  all samples), the same one a single process makes, and knows where each sample's tokens go.
 - The packed axis is cut into write chunks of `extract.chunk_tokens` tokens (one zarr shard per state
   array). A chunk is the unit of work: its owner forwards every sample overlapping it (a sample that
   straddles a chunk boundary is forwarded by both owners; each keeps its own part), in batches of
@@ -37,7 +38,8 @@ from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.completions import teacher_completions
 from pipeline.data.default_data import generate_default_data
-from pipeline.data.samples import tokenize_split
+from pipeline.data.samples import load_samples
+from pipeline.data.split_shards import tokenize_packed
 from pipeline.data.trained_tokens import check_trained_tokens
 from pipeline.extraction.chunk import extract_writer_chunk
 from pipeline.extraction.plan import check_free_space, format_plan, make_plan, state_shapes
@@ -57,8 +59,9 @@ def student_num_layers(model_cfg) -> int:
     return model_geometry(load_hf_config(model_cfg))["layers"]
 
 
-def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, dict] | None:
-    """Tokenise one split (pipeline.data.samples) into the packed layout.
+def load_split(cfg: KVMapConfig, split: str, tokenizer, state=None) -> tuple[PackedSplit, dict] | None:
+    """Tokenise one split (pipeline.data.samples) into the packed layout; with several processes (`state`,
+    every one must call it) each tokenises its share of the rows (pipeline/data/split_shards.py).
 
     Returns (packed, counts) with counts {"rows", "kept", "skipped", "bad_rows", "dropped_too_long",
     "truncated", "format", "segment_tokens"}, or None when the split has no data (eval_path null). Bad rows
@@ -66,7 +69,8 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, di
     """
     if split == "eval" and cfg.data.eval_path is None:
         return None
-    samples, rows, c = tokenize_split(cfg.data, split, tokenizer)
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    packed, c = tokenize_packed(cfg.data, split, tokenizer, rank, world)
     counts = {
         "rows": c["rows"],
         "kept": c["samples"],
@@ -77,13 +81,13 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer) -> tuple[PackedSplit, di
         "format": c["format"],
         "segment_tokens": c["segment_tokens"],
     }
-    if not samples:
+    if not packed.num_tokens:
         key = "train_path" if split == "train" else "eval_path"
         raise ValueError(
             f"data.{key}={getattr(cfg.data, key)!r}: no usable sample ({counts['skipped']} rows "
             f"skipped{skip_reasons(counts)})"
         )
-    return PackedSplit.from_samples(samples, rows), counts
+    return packed, counts
 
 
 def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:
@@ -161,9 +165,11 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
         if state.is_main_process:
             generate_default_data(cfg)
     cfg, completion_counts, completion_settings = teacher_completions(cfg, model, tokenizer, state, overwrite)
-    with state.main_process_first():
-        train, counts_train = load_split(cfg, "train", tokenizer)
-        ev = load_split(cfg, "eval", tokenizer)
+    with state.main_process_first():  # rank 0 fills the datasets cache; the others then read it
+        for split in ("train", "eval") if cfg.data.eval_path is not None else ("train",):
+            load_samples(cfg.data, split)
+    train, counts_train = load_split(cfg, "train", tokenizer, state)  # each process its share of the rows
+    ev = load_split(cfg, "eval", tokenizer, state)
     where = f"data.train_path={cfg.data.train_path!r}"
     check_trained_tokens(cfg, counts_train["segment_tokens"], counts_train["format"], where)
     counts = {"train": counts_train} | ({"eval": ev[1]} if ev is not None else {})

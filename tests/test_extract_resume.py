@@ -136,6 +136,9 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stderr  # really two processes (the progress bar names the world size)
     _assert_same_store(store, ref)
+    # each rank tokenised half the rows: the exchanged shares give the same dataset counts and fingerprint
+    for key in ("dataset", "config_fingerprint"):
+        assert KVStore(store).attrs[key] == KVStore(ref).attrs[key], key
     # the summary counts both ranks' work, not rank 0's half
     summary = KVStore(store).attrs["summary"]
     assert summary["processes_last_run"] == 2

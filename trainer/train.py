@@ -25,6 +25,7 @@ What happens, in order (every check runs before the first step):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -47,6 +48,15 @@ from trainer.run.cross_setup import cross_dataset
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run.model_card import model_card
 from trainer.run.run_setup import Run, finished_metrics, setup_run
+from trainer.run.sharding import (
+    clip_grad_norm,
+    full_student_state,
+    gathered,
+    is_sharded,
+    save_sharded_state,
+    sync_replicated_grads,
+    with_launch_fsdp,
+)
 from trainer.run.student_wrap import is_lora, save_merged
 
 
@@ -60,6 +70,14 @@ def structural_weight(run: Run, step: int) -> float | str:
 
 def micro_step(run: Run, batch: dict, lam: float | str) -> StepResult:
     """The objective on one micro-batch with the run's segments, loss terms and weights."""
+    # accelerate's prepare wraps a DDP model's forward in autocast; a sharded model is not prepared
+    amp = run.accelerator.autocast() if is_sharded(run.model) else contextlib.nullcontext()
+    with amp:
+        return objective(run, batch, lam)
+
+
+def objective(run: Run, batch: dict, lam: float | str) -> StepResult:
+    """`forward_step` with the run's segments, loss terms and weights."""
     return forward_step(
         run.model,
         batch,
@@ -97,7 +115,11 @@ def update(run: Run) -> tuple[dict[str, float], float | None]:
     """Clip, AdamW step, LR schedule step; (the LR each param group used, the pre-clip gradient norm)."""
     cfg, acc = run.cfg, run.accelerator
     grad_norm = None
-    if cfg.train.clip_grad > 0:
+    if is_sharded(run.model):  # FSDP averaged the student's gradients; the replicated aligner's here
+        sync_replicated_grads(run.model, acc.num_processes)
+        if cfg.train.clip_grad > 0:
+            grad_norm = clip_grad_norm(run.model, cfg.train.clip_grad)
+    elif cfg.train.clip_grad > 0:
         grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.train.clip_grad)
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}  # this step's
     run.optimizer.step()
@@ -151,17 +173,19 @@ def record(run: Run, done: int, logs: dict) -> None:
 
 def evaluate_now(run: Run) -> dict:
     """The held-out `eval/*` metrics of the student as it is now."""
-    return evaluate(
-        run.accelerator,
-        run.base.student,
-        run.tokenizer,
-        run.store.path,
-        run.eval_split,
-        run.cfg.eval,
-        run.pad_id,
-        run.ce_ids,
-        cross_dataset(run.cfg, run.store, run.eval_split, run.tokenizer) if run.cross_tokenizer else None,
-    )
+    with gathered(run.model):
+        return evaluate(
+            run.accelerator,
+            run.base.student,
+            run.tokenizer,
+            run.store.path,
+            run.eval_split,
+            run.cfg.eval,
+            run.pad_id,
+            run.ce_ids,
+            cross_dataset(run.cfg, run.store, run.eval_split, run.tokenizer) if run.cross_tokenizer else None,
+            sharded=is_sharded(run.model),
+        )
 
 
 def maybe_evaluate(run: Run, done: int) -> None:
@@ -187,7 +211,10 @@ def maybe_checkpoint(run: Run, done: int) -> None:
             "config": to_dict(run.cfg),
             "num_processes": run.accelerator.num_processes,
         }
-        save_checkpoint(run.accelerator, run.run_dir, done, state, t.keep_checkpoints)
+        more = None
+        if is_sharded(run.model):  # model + optimizer shards: a distributed checkpoint beside accelerate's
+            more = functools.partial(save_sharded_state, run.model, run.optimizer)
+        save_checkpoint(run.accelerator, run.run_dir, done, state, t.keep_checkpoints, more)
 
 
 def finish(run: Run, t0: float) -> dict:
@@ -200,6 +227,7 @@ def finish(run: Run, t0: float) -> dict:
     metrics = {**final_eval, **final_train_metrics(run.recent), **diag}
     metrics.update(wall_s=time.time() - t0, steps=cfg.train.steps)
     metrics["align/params"] = base.aligner.num_parameters(trainable_only=True) if base.aligner else 0
+    weights = full_student_state(run.model) if is_sharded(run.model) else None  # every rank gathers
     if acc.is_main_process:
         meta = {
             "mode": cfg.kv_projection_mode,
@@ -208,7 +236,7 @@ def finish(run: Run, t0: float) -> dict:
             "teacher_layers": list(base.aligner.teacher_layers) if base.aligner else [],
             "layer_map": list(base.aligner.layer_map) if base.aligner else [],
         }
-        save_student(base.student, run.tokenizer, base.aligner, meta, run.run_dir / "student")
+        save_student(base.student, run.tokenizer, base.aligner, meta, run.run_dir / "student", weights)
         if is_lora(base.student):  # the adapter is in student/; the merged model next to it, last
             save_merged(base.student, run.tokenizer, run.run_dir / "student" / MERGED)
         (run.run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2))
@@ -238,6 +266,7 @@ def run_training(cfg: KVMapConfig, resume: bool = False, overwrite: bool = False
         >>> run_training(cfg)["eval/ce"]
     """
     t0 = time.time()
+    cfg = with_launch_fsdp(cfg)
     done_before = finished_metrics(cfg, resume, overwrite)
     if done_before is not None:
         return done_before

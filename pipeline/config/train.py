@@ -73,6 +73,9 @@ class TrainConfig:
     # Recompute each student decoder layer's activations in backward instead of keeping them (HF gradient
     # checkpointing, non-reentrant): less activation memory for a slower step; same losses and gradients.
     gradient_checkpointing: bool = False
+    # Shard the student's parameters, gradients and AdamW state across the launch's processes (FSDP2,
+    # trainer/run/sharding.py) instead of a full copy per process (DDP); the aligner stays replicated.
+    fsdp: bool = False
     # How lambda_kv (the top-level weight of loss_struct) changes over the run:
     # "constant"; "linear" = linear decay to 0 at `steps`; "cosine" = cosine decay to 0 at `steps`.
     # `lambda_warmup_steps` > 0 first ramps lambda linearly from 0 up to lambda_kv (decay starts after it).
@@ -149,6 +152,11 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'train.lambda_until': got {self.lambda_until!r}, expected an int >= 0 with "
                 "lambda_schedule 'step'"
+            )
+        if self.fsdp and self.grad_probe_every:
+            raise ConfigError(
+                f"config key 'train.grad_probe_every': got {self.grad_probe_every!r} with train.fsdp, expected 0 "
+                "(the probe takes per-term gradients of whole parameters, which FSDP shards)"
             )
         segment_ids_of(self.ce_segments, "train.ce_segments")
         segment_ids_of(self.struct_segments, "train.struct_segments")

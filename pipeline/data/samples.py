@@ -302,6 +302,21 @@ def _fit(ids, seg, ans, spans, data_cfg: DataConfig):
     return None, None, None, None, False
 
 
+def iter_split(data_cfg: DataConfig, split: str, tokenizer, counts: dict, rank: int = 0, world: int = 1):
+    """Tokenise the rows i with i % world == rank of a split, in order; yields (row index, sample) for the
+    kept ones and fills `counts` (`new_counts()`; "format" too). Every rank reads every row (cheap next to
+    tokenising) so that the format is detected once, from row 0, as with one process."""
+    counts.setdefault("format", None)
+    for i, row in enumerate(load_samples(data_cfg, split)):
+        row = _renamed(row, data_cfg) if data_cfg.streaming else row
+        counts["format"] = counts["format"] or detect_format(row, data_cfg)
+        if i % world != rank:
+            continue
+        s = tokenize_sample(row, tokenizer, data_cfg, counts, row_index=i, fmt=counts["format"])
+        if s is not None:
+            yield i, s
+
+
 def tokenize_split(data_cfg: DataConfig, split: str, tokenizer) -> tuple[list[dict], list[int], dict]:
     """Load and tokenise a whole split; the format is detected once, from its first row.
 
@@ -310,15 +325,10 @@ def tokenize_split(data_cfg: DataConfig, split: str, tokenizer) -> tuple[list[di
         source, and the counts of `new_counts()` (with "format").
     """
     counts = new_counts()
-    samples, rows, fmt = [], [], None
-    for i, row in enumerate(load_samples(data_cfg, split)):
-        row = _renamed(row, data_cfg) if data_cfg.streaming else row
-        fmt = fmt or detect_format(row, data_cfg)
-        s = tokenize_sample(row, tokenizer, data_cfg, counts, row_index=i, fmt=fmt)
-        if s is not None:
-            samples.append(s)
-            rows.append(i)
+    samples, rows = [], []
+    for i, s in iter_split(data_cfg, split, tokenizer, counts):
+        samples.append(s)
+        rows.append(i)
     counts["bad_rows"] = dict(counts["bad_rows"])
     counts["segment_tokens"] = dict(counts["segment_tokens"])
-    counts["format"] = fmt
     return samples, rows, counts

@@ -82,11 +82,22 @@ def teacher_forced_sums(
     return torch.cat([ce.flatten(), acc.flatten(), fid])
 
 
-def exact_match_sums(accelerator, student, tokenizer, ds: StoreDataset, n: int, eval_cfg) -> torch.Tensor:
-    """(hits, count) of greedy exact match on this rank's share of the first `eval.greedy_samples`."""
-    g = _shard(min(n, eval_cfg.greedy_samples), accelerator.process_index, accelerator.num_processes)
+def exact_match_sums(
+    accelerator, student, tokenizer, ds: StoreDataset, n: int, eval_cfg, sharded: bool = False
+) -> torch.Tensor:
+    """(hits, count) of greedy exact match on this rank's share of the first `eval.greedy_samples` (all of
+    them when the student is sharded; see `evaluate`)."""
+    rank, world = (0, 1) if sharded else (accelerator.process_index, accelerator.num_processes)
+    g = _shard(min(n, eval_cfg.greedy_samples), rank, world)
     hits, count = greedy_exact_match(
-        student, tokenizer, ds, g, eval_cfg.max_new_tokens, eval_cfg.batch_size, accelerator.device
+        student,
+        tokenizer,
+        ds,
+        g,
+        eval_cfg.max_new_tokens,
+        eval_cfg.batch_size,
+        accelerator.device,
+        synced=sharded,
     )
     return torch.tensor([hits, count], dtype=torch.float64, device=accelerator.device)
 
@@ -114,7 +125,16 @@ def eval_metrics(sums: torch.Tensor, em: torch.Tensor | None, n: int, ce_ids, fi
 
 @torch.no_grad()
 def evaluate(
-    accelerator, student, tokenizer, store_path, split: str, eval_cfg, pad_id: int, ce_ids=None, dataset=None
+    accelerator,
+    student,
+    tokenizer,
+    store_path,
+    split: str,
+    eval_cfg,
+    pad_id: int,
+    ce_ids=None,
+    dataset=None,
+    sharded: bool = False,
 ) -> dict:
     """CE overall and per segment, teacher-forced answer-token accuracy in R and A, greedy exact match.
 
@@ -127,6 +147,9 @@ def evaluate(
         ce_ids: the segment ids training's CE counts (train.ce_segments); None = all segments.
         dataset: the split as the student reads it (default: the store's tokens); a cross-tokenizer arm passes
             its `CrossTokenDataset` (student tokens; no teacher fidelity: the vocabularies differ).
+        sharded: the student is sharded across the processes (train.fsdp): each forward needs every
+            process, so every process evaluates every sample (same forwards, same sums; nothing to reduce),
+            and greedy decoding runs in lockstep (`synced_gpus`).
     Returns:
         {"eval/ce", "eval/ce_trained", "eval/ce_P", "eval/ce_R", "eval/ce_A", "eval/acc_R", "eval/acc_A",
          "eval/acc", "eval/exact_match", "eval/samples"}; a value is NaN where its count is 0, and
@@ -143,12 +166,17 @@ def evaluate(
         else StoreDataset(store_path, split, components=("logits",) if fidelity else ())
     )
     n = len(ds) if eval_cfg.max_samples is None else min(len(ds), eval_cfg.max_samples)
-    mine = _shard(n, accelerator.process_index, accelerator.num_processes)
+    rank, world = (0, 1) if sharded else (accelerator.process_index, accelerator.num_processes)
+    mine = _shard(n, rank, world)
     sums = teacher_forced_sums(accelerator, student, ds, mine, eval_cfg.batch_size, pad_id, ce_ids, fidelity)
     greedy = tokenizer is not None and eval_cfg.greedy_samples > 0
-    em = exact_match_sums(accelerator, student, tokenizer, ds, n, eval_cfg) if greedy else sums.new_zeros(2)
+    em = (
+        exact_match_sums(accelerator, student, tokenizer, ds, n, eval_cfg, sharded)
+        if greedy
+        else sums.new_zeros(2)
+    )
     stacked = torch.cat([sums, em])
-    if accelerator.num_processes > 1:
+    if world > 1:
         stacked = accelerator.reduce(stacked, reduction="sum")
     stacked = stacked.cpu()
     out = eval_metrics(stacked[:-2], stacked[-2:] if greedy else None, n, ce_ids, fidelity)

@@ -60,9 +60,10 @@ def generated_matches(generated: str, lead: str, answer: str) -> bool:
 
 @torch.no_grad()
 def greedy_generate(
-    model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id, device
+    model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_id, device, synced: bool = False
 ) -> list[list[int]]:
-    """Greedy continuation token ids for each prompt (left-padded batch; EOS ends a row)."""
+    """Greedy continuation token ids for each prompt (left-padded batch; EOS ends a row). `synced`: keep
+    forwarding until every process is done (HF `synced_gpus`), which a sharded student needs."""
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -76,6 +77,7 @@ def greedy_generate(
         do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
+        synced_gpus=synced,
     )  # (B, T + N)
     new = out[:, T:].tolist()
     rows = []
@@ -86,8 +88,11 @@ def greedy_generate(
     return rows
 
 
-def greedy_exact_match(model, tokenizer, dataset, indices, max_new_tokens: int, batch_size: int, device):
-    """(hits, counted) over dataset samples `indices` (see the module docstring for the rule).
+def greedy_exact_match(
+    model, tokenizer, dataset, indices, max_new_tokens: int, batch_size: int, device, synced: bool = False
+):
+    """(hits, counted) over dataset samples `indices` (see the module docstring for the rule); `synced` as
+    in `greedy_generate`.
 
     Args:
         model: the student (eval mode); tokenizer: its tokenizer (decodes generations and references).
@@ -103,7 +108,7 @@ def greedy_exact_match(model, tokenizer, dataset, indices, max_new_tokens: int, 
     for b0 in range(0, len(refs), batch_size):
         chunk = refs[b0 : b0 + batch_size]
         gens = greedy_generate(
-            model, [r[0] for r in chunk], max_new_tokens, pad_id, tokenizer.eos_token_id, device
+            model, [r[0] for r in chunk], max_new_tokens, pad_id, tokenizer.eos_token_id, device, synced
         )
         for (_, lead, answer), g in zip(chunk, gens):
             hits += generated_matches(tokenizer.decode(g, skip_special_tokens=True), lead, answer)

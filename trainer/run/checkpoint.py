@@ -58,10 +58,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    accelerator, run_dir: str | Path, step: int, state: dict[str, Any], keep: int, save_more=None
+) -> Path:
     """`accelerator.save_state` into a temp folder, add trainer_state.json, rename; keep the newest `keep`.
 
     All ranks must call this (save_state synchronises); only the main process renames and prunes.
+    `save_more(folder)`, when given, writes what accelerate does not hold (train.fsdp: the sharded model and
+    optimizer) into the temp folder on every rank, before trainer_state.json marks it complete.
 
     Why the rotation is not accelerate's `ProjectConfiguration(total_limit=...)`: accelerate applies
     `total_limit` only with `automatic_checkpoint_naming`, which names folders `checkpoint_<save count>`
@@ -76,6 +80,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if save_more is not None:
+        save_more(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
@@ -146,11 +152,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def save_student(model, tokenizer, aligner, aligner_meta: dict[str, Any], out_dir: str | Path) -> Path:
+def save_student(
+    model, tokenizer, aligner, aligner_meta: dict[str, Any], out_dir: str | Path, state_dict=None
+) -> Path:
     """Save the student as a normal HF folder (`from_pretrained` loads it) plus the aligner's weights.
 
     The aligner goes to `aligner.safetensors` (its state_dict) and `aligner.json` (mode, align config,
     teacher geometry, teacher layers): enough to rebuild it with `alignment.create_aligner` and load.
+    `state_dict`: the student's weights when `model` holds only shards of them (train.fsdp: gathered).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +167,7 @@ def save_student(model, tokenizer, aligner, aligner_meta: dict[str, Any], out_di
         # generation stops at the tokenizer's end of turn and pads with its pad token
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)  # with its chat template
     if aligner is not None:

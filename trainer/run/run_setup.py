@@ -43,6 +43,7 @@ from trainer.run.setup import (
     segment_ids,
     store_path_of,
 )
+from trainer.run.sharding import check_fsdp, is_sharded, load_sharded_state, shard_model
 from trainer.run.store_checks import check_layers, check_tokenizer, open_store
 from trainer.run.student_wrap import is_lora, trainable_parameters, wrap_student
 
@@ -304,6 +305,8 @@ def restore(run: Run, ckpt: Path | None, resume: bool) -> None:
     acc = run.accelerator
     if ckpt is not None:
         acc.load_state(str(ckpt))
+        if is_sharded(run.model):
+            load_sharded_state(run.model, run.optimizer, ckpt)
         saved = read_trainer_state(ckpt)
         run.start_step = int(saved["step"])
         run.recent = saved.get("recent", [])  # the final train/* window continues exactly
@@ -345,10 +348,24 @@ def sample_stream(run: Run, train_ds: StoreDataset):
     return iter(acc.prepare_data_loader(loader, device_placement=True))
 
 
+def prepare_model(cfg: KVMapConfig, accelerator, parts: dict):
+    """The DistillModel, AdamW and the LR schedule, through accelerate (DDP); with `train.fsdp` the model is
+    sharded first (trainer/run/sharding.py) and only the schedule goes through accelerate: its DDP wrapper
+    and main-process optimizer checkpoint would be wrong for sharded parameters."""
+    model = DistillModel(parts["student"], parts["aligner"])
+    if not cfg.train.fsdp:
+        optimizer, scheduler = optimizer_and_schedule(cfg, parts["student"], parts["aligner"])
+        return accelerator.prepare(model, optimizer, scheduler)
+    model = shard_model(model, accelerator, accelerator.mixed_precision)  # what autocast uses too
+    optimizer, scheduler = optimizer_and_schedule(cfg, model.student, model.aligner)
+    return model, optimizer, accelerator.prepare(scheduler)
+
+
 def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
     """Build the run of `cfg`: checks, model, optimizer, resume state, metadata and the sample stream."""
     ce_ids, struct_ids = segment_ids(cfg)
     accelerator = make_accelerator(cfg)
+    check_fsdp(cfg, accelerator.num_processes)
     new_folder = not Path(cfg.run_dir).exists()
     ckpt = prepare_run_dir(cfg, resume, overwrite, accelerator)
     try:
@@ -357,9 +374,7 @@ def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
         if new_folder and accelerator.is_main_process:
             remove_if_empty(Path(cfg.run_dir))  # a failed start leaves no empty run folder behind
         raise
-    model = DistillModel(parts["student"], parts["aligner"])
-    optimizer, scheduler = optimizer_and_schedule(cfg, parts["student"], parts["aligner"])
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = prepare_model(cfg, accelerator, parts)
     store = parts["store"]
     run = Run(
         cfg=cfg,
