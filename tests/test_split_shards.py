@@ -60,6 +60,9 @@ def test_shares_of_any_process_count_merge_into_the_one_process_split(tmp_path, 
         merged = PackedSplit.merge([s[0] for s in shares])
         assert all(np.array_equal(getattr(merged, n), expected[n]) for n in FIELDS), world
         assert merged.fingerprint() == one.fingerprint()
+        # the cross-tokenizer texts and character spans travel with their samples
+        assert merged.texts == [s["text"] for s in samples] and merged.texts == one.texts
+        assert np.array_equal(merged.char_spans, np.concatenate([s["char_spans"].numpy() for s in samples]))
         assert add_counts([s[1] for s in shares]) == counts
     packed, c = tokenize_packed(cfg, "train", tok)  # one process: no exchange
     assert packed.fingerprint() == one.fingerprint() and c == counts
