@@ -41,7 +41,7 @@ from trainer.run.setup import (
     segment_ids,
     store_path_of,
 )
-from trainer.run.store_checks import check_layers, check_tokenizer, open_store
+from trainer.run.store_checks import check_heads, check_layers, check_tokenizer, open_store
 from trainer.run.student_wrap import is_lora, trainable_parameters, wrap_student
 
 
@@ -186,14 +186,17 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     kd = build_kd(cfg, store, vocab)
     if aligner is not None and aligner.head_selection is not None:
         notice(accelerator, aligner.head_selection.describe())
-    layers, comps, loss_fn = [], (), None
+    layers, comps, loss_fn, heads = [], (), None, None
     if aligner is not None:
-        layers, comps = list(aligner.teacher_layers), needed_components(cfg)
-        check_layers(store, layers, comps)
+        layers, comps, heads = list(aligner.teacher_layers), needed_components(cfg), aligner.teacher_heads
+        # a selected-head arm reads only the layers holding its heads, and only those heads
+        read = layers if heads is None else [t for t, hs in zip(layers, heads["q"]) if max(hs) >= 0]
+        check_layers(store, read, comps)
+        check_heads(store, layers, comps, heads)
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
     if kd is not None:
         comps = (*comps, "logits")
-    train_ds = open_train_split(cfg, store, layers, comps, accelerator)
+    train_ds = open_train_split(cfg, store, layers, comps, accelerator, heads)
     pad_id = pad_token_id(tokenizer)
     return dict(
         store=store,
@@ -214,29 +217,41 @@ URL_ORDER_NOTE = (
 )
 
 
-def open_train_split(cfg: KVMapConfig, store, layers: list[int], comps, accelerator) -> StoreDataset:
+def open_train_split(
+    cfg: KVMapConfig, store, layers: list[int], comps, accelerator, heads=None
+) -> StoreDataset:
     """`train_dataset`, telling the user what its read order or preload costs."""
     t_load = time.perf_counter()
-    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload)
+    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload, heads)
     if train_ds.shard_cache:
         notice(accelerator, shard_order_line(cfg, store, layers, comps))
     elif store.location.remote and not cfg.train.preload:
         notice(accelerator, URL_ORDER_NOTE)
     if cfg.train.preload:
-        gb = preload_bytes(store, "train", layers or store.layers, comps) / 2**30
+        held = [t for t in layers if t in store.layers] or store.layers  # a selected-head arm: its layers
+        gb = preload_bytes(store, "train", held, comps) / 2**30
         notice(
             accelerator, f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s"
         )
     return train_ds
 
 
-def train_dataset(cfg: KVMapConfig, store, layers: list[int], comps, preload: bool) -> StoreDataset:
+def train_dataset(
+    cfg: KVMapConfig, store, layers: list[int], comps, preload: bool, heads=None
+) -> StoreDataset:
     """The train split as the trainer reads it; `train.shuffle: shards` reads whole shards through a cache of
-    shuffle_window + 1 shards per array (preload reads the split whole anyway)."""
+    shuffle_window + 1 shards per array (preload reads the split whole anyway); `heads`: a selected-head
+    arm's heads (`aligner.teacher_heads`)."""
     shards = cfg.train.shuffle == "shards" and not preload
     cache = cfg.train.shuffle_window + 1 if shards else 0
     return StoreDataset(
-        store.path, "train", layers=layers, components=comps, preload=preload, shard_cache=cache
+        store.path,
+        "train",
+        layers=layers,
+        components=comps,
+        preload=preload,
+        shard_cache=cache,
+        heads=heads,
     )
 
 
