@@ -48,6 +48,7 @@ from trainer.ablation.child_process import interrupt_on_signals, run_child
 from trainer.ablation.config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
 from trainer.ablation.report import build_report
 from trainer.ablation.results import RESULTS_NAME, append_result, done_keys, read_results
+from trainer.ablation.store_plan import store_plan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -368,12 +369,20 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+    p.add_argument(
+        "--plan-store",
+        action="store_true",
+        help="print what every arm reads of the store and the union stage 1 must extract, run nothing",
+    )
     args = parse_args(p, argv)
     if args.config is None:
         p.error("--config PATH is required (e.g. configs/ablations/default.yaml)")
 
     def body() -> None:
         abl = load_ablation(args.config, args.overrides)
+        if args.plan_store:
+            print("\n".join(store_plan(abl)), flush=True)
+            return
         try:
             run_ablation(abl, dry_run=args.dry_run)
         except (RuntimeError, FloatingPointError) as e:  # a run or the extraction failed: not bad input

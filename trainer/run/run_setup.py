@@ -191,8 +191,8 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
         layers, comps, heads = list(aligner.teacher_layers), needed_components(cfg), aligner.teacher_heads
         # a selected-head arm reads only the layers holding its heads, and only those heads
         read = layers if heads is None else [t for t, hs in zip(layers, heads["q"]) if max(hs) >= 0]
+        check_heads(store, layers, comps, heads)  # first: a missing head is named, not just its layer
         check_layers(store, read, comps)
-        check_heads(store, layers, comps, heads)
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
     if kd is not None:
         comps = (*comps, "logits")
