@@ -245,3 +245,29 @@ def test_plan_store_prints_each_arms_needs_and_the_union(tmp_path, capsys):
     out = capsys.readouterr().out  # the minimal store of these two arms
     assert "components: [q, k, logits]" in out and "layers: [1, 2, 3]" in out and "heads: selected" in out
     assert "top: 2, samples: 8" in out
+
+
+def test_int8_listed_heads_read_as_in_the_all_heads_store(stores, tmp_path):
+    from trainer.data.preload import PreloadedSplit
+
+    base = ["extract.dtype=int8", "extract.components=[q,k]", "extract.layers=[1,3]"]
+    run_extraction(
+        load_config(KVMapConfig, stores["config"], [*base, f"extract.store={tmp_path / 'a.zarr'}"])
+    )
+    listed = [*base, f"extract.store={tmp_path / 'b.zarr'}", "extract.heads=[[3,4],[1,1]]"]
+    run_extraction(load_config(KVMapConfig, stores["config"], listed))
+    a, b = KVStore(tmp_path / "a.zarr"), KVStore(tmp_path / "b.zarr")
+    assert b.attrs["heads"] == {"q": [[1, 1], [3, 4]], "k": [[1, 0], [3, 1]]} and b.layers == [1, 3]
+    assert b.array(3, "q").shape[1:] == (1, 16) and b.scale_array(3, "q").shape[1] == 1
+    want = {"q": [[1, -1], [4, -1]], "k": [[0, -1], [1, -1]]}  # one head per layer, then an empty slot
+    for i in (0, 9):
+        x = a.read_sample(i, layers=[1, 3], components=("q", "k"), heads=want)
+        y = b.read_sample(i, layers=[1, 3], components=("q", "k"), heads=want)
+        assert torch.equal(x["q"], y["q"]) and torch.equal(x["k"], y["k"]) and x["q"][:, 0].abs().sum() > 0
+        assert (y["q"][:, 1] == 0).all()
+        z = PreloadedSplit(b, "train", [1, 3], ("q", "k"), want).read_samples([i])[0]
+        assert torch.equal(z["q"], y["q"]) and torch.equal(z["k"], y["k"])
+    only3 = b.read_sample(0, layers=[0, 3], components=("q",), heads={"q": [[-1], [4]]})[
+        "q"
+    ]  # layer 0: not read
+    assert only3.shape[:2] == (2, 1) and (only3[0] == 0).all()

@@ -41,8 +41,8 @@ from alignment.projection.rope import RopePairDimMap
 class AlignedKV:
     """What `MapProjectionAligner.align` returns.
 
-    k, v: (B, L_s, G_s, T', D_s) or None (not projected); q: (B, L_s, H_s, T', D_s) or None; mask: (B, T') bool (True = real
-    token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
+    k, v: (B, L_s, G_s, T', D_s) or None (not projected); q: (B, L_s, H_s, T', D_s) or None; mask: (B, T')
+    bool (True = real token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
     `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
     the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
     head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`);
@@ -170,8 +170,8 @@ class MapProjectionAligner(nn.Module):
     def use_head_view(self, teacher_heads: dict, head_mix: torch.Tensor) -> None:
         """Read only the selected heads: `teacher_heads` {q, k: per teacher layer (`teacher_layers` order)
         the teacher heads delivered, P slots each} and the selection's one-hot mix over those slots
-        (L_s, H_s, P) (`alignment.mapping.head_select.head_view`). Only without projectors: a projector
-        maps every teacher head."""
+        (L_s, H_s, P) (`alignment.mapping.head_select.head_view`). Call after `set_head_selection`; only
+        without projectors (a projector maps every teacher head)."""
         if self.k_proj is not None or self.v_proj is not None or self.q_proj is not None:
             raise ValueError(f"use_head_view: expected an aligner without projectors, got {self.projections}")
         P = head_mix.shape[-1]

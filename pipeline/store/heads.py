@@ -47,8 +47,8 @@ def head_positions(attrs: dict, layer: int, comp: str, wanted, where: str = "sto
         else:
             kind = "query" if comp == "q" else "KV"
             raise KeyError(
-                f"{where} lacks teacher layer {layer} {kind} head {h} (component {comp}; it holds {comp} heads "
-                f"{held} of that layer): re-extract with extract.heads covering it"
+                f"{where} lacks teacher layer {layer} {kind} head {h} (component {comp}; held in that layer: "
+                f"{held or 'none'}): re-extract with extract.heads covering it"
             )
     return np.asarray(out, dtype=np.int64)
 

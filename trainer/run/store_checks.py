@@ -108,4 +108,4 @@ def check_heads(store, layers: Sequence[int], components: Sequence[str], heads: 
         try:
             store.positions_of(list(layers), c, want)
         except KeyError as e:
-            raise ValueError(f"the loss reads {e.args[0]}") from None
+            raise ValueError(f"the loss reads a head the store lacks: {e.args[0]}") from None
