@@ -207,8 +207,9 @@ def check_layers(store, specs: list[RunSpec]) -> None:
     for spec in specs:
         scfg = spec.cfg.student.config or {}
         L_s = scfg.get("num_hidden_layers")
-        if not isinstance(L_s, int) or spec.cfg.align.layer_map == "heads":
-            continue  # a student loaded from a path, or layers chosen from head scores: checked at training
+        chosen = spec.cfg.align.layer_map == "heads" or spec.cfg.align.head_select.method != "all"
+        if not isinstance(L_s, int) or chosen:
+            continue  # a student from a path; layers or heads chosen from head scores: checked at training
         need = sorted(set(build_layer_map(spec.cfg.align.layer_map, L_t, L_s)))
         missing = [layer for layer in need if layer not in store.layers]
         if missing:

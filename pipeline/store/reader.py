@@ -291,6 +291,11 @@ class KVStore:
                 last = 1 if scale and self.quantization.get(comp) == "token" else self._head_dim()
                 dtype = np.float32 if scale else np.dtype(STORAGE_DTYPES[self.dtype])
                 layers.append(np.zeros((T, len(p), last), dtype=dtype))
+        if len({x.shape for x in layers}) > 1:  # a head-subset store read without `heads`
+            raise ValueError(
+                f"store '{self.path}' holds {[x.shape[1] for x in layers]} {comp} heads in the layers read (a "
+                "head subset, attribute `heads`): pass heads= to read chosen teacher heads"
+            )
         return np.stack(layers)
 
     def _head_dim(self) -> int:
