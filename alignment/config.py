@@ -112,3 +112,22 @@ class LossConfig:
             )
         if not 0 <= self.kd_beta <= 1:
             raise ValueError(f"loss_config.kd_beta={self.kd_beta!r}: expected a value in [0, 1]")
+
+
+def used_projections(loss: LossConfig, head_select: str = "all", mode: str = "structured") -> tuple[str, ...]:
+    """The teacher components the aligner must project (a projector each) for these loss weights; a term
+    whose weight is 0 builds no projector (and its cosine is never computed).
+
+    k: the K cosine, or the attention KL against the projected teacher; v: the V cosine; q: the attention KL
+    against the projected teacher, or against the teacher's own attention mixed by the structured Q head
+    mixer (`align.head_select: all`; a head selection's one-hot mix and flat mode's fixed mix need none).
+    The relation term reads raw teacher states and needs no projector.
+    Example:
+        >>> used_projections(LossConfig(alpha_k=0, alpha_v=0, attn_target="teacher"), "top_retrieval")
+        ()
+    """
+    attn = loss.alpha_attn > 0
+    projected = attn and loss.attn_target == "projected"
+    mixed = attn and loss.attn_target == "teacher" and head_select == "all" and mode == "structured"
+    used = {"k": loss.alpha_k > 0 or projected, "v": loss.alpha_v > 0, "q": projected or mixed}
+    return tuple(c for c in ("k", "v", "q") if used[c])

@@ -33,6 +33,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
+from pipeline.analysis.head_scores import head_scores, ranked_heads
 from pipeline.cli import command_parser, config_from_args, parse_args, run_command
 from pipeline.config.configlib import ConfigError
 from pipeline.config.kvmap import KVMapConfig
@@ -42,6 +43,13 @@ from pipeline.data.samples import load_samples
 from pipeline.data.split_shards import tokenize_packed
 from pipeline.data.trained_tokens import check_trained_tokens
 from pipeline.extraction.chunk import extract_writer_chunk
+from pipeline.extraction.head_probe import (
+    heads_record,
+    listed_heads,
+    probe_samples,
+    top_heads,
+    write_probe_store,
+)
 from pipeline.extraction.plan import check_free_space, format_plan, make_plan, state_shapes
 from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
 from pipeline.extraction.summary import add_up_ranks, print_summary, skip_reasons, summarise
@@ -154,6 +162,31 @@ def plan_store(path: str | Path | StoreLocation, fingerprint: str, overwrite: bo
     return "done" if attrs.get("complete") else "resume"
 
 
+def select_store_heads(cfg: KVMapConfig, model, train: PackedSplit, attrs: dict, pad_id: int) -> dict:
+    """`extract.heads`: the store's attributes with the held heads recorded (`heads`) and its layers cut to
+    theirs; "selected" first scores every query head of the candidate layers on a probe
+    (pipeline/extraction/head_probe.py) and records the scores too (`head_select`, read by stage 2)."""
+    spec, geo = cfg.extract.heads, model_geometry(model.config)
+    if spec == "all" or not attrs["components"]:
+        return attrs
+    if spec == "selected":
+        hs = cfg.extract.head_select
+        n = probe_samples(train, hs.samples)
+        loc = write_probe_store(cfg, model, train, attrs, state_shapes(geo), pad_id, n)
+        try:
+            scores = head_scores(loc, "train", n, progress=False)
+        finally:
+            loc.delete()
+        chosen = top_heads(ranked_heads(scores, by=hs.method.removeprefix("top_")), hs.top)
+        scores = {k: v for k, v in scores.items() if k not in ("store", "fingerprint")}
+        attrs["head_select"] = {"method": hs.method, "top": hs.top, "samples": n, "scores": scores}
+    else:
+        chosen = listed_heads(spec, attrs["layers"], geo["heads"])
+    attrs["heads"] = heads_record(chosen, geo["heads"], geo["kv_heads"], attrs["components"])
+    attrs["layers"] = sorted({layer for layer, _ in chosen})
+    return attrs
+
+
 def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     """Load the teacher, have it write the completions (`data.completions: teacher`), tokenise both splits,
     resolve the layers and build the store attributes (every rank)."""
@@ -178,7 +211,9 @@ def _prepare(cfg: KVMapConfig, state, overwrite: bool):
     eval = ev[0] if ev is not None else None
     geo = model_geometry(model.config)
     layers = resolve_layers(cfg, geo["layers"])
-    attrs = teacher_attrs(cfg, model, tokenizer, layers)
+    attrs = select_store_heads(
+        cfg, model, train, teacher_attrs(cfg, model, tokenizer, layers), pad_token_id(tokenizer)
+    )
     logits = logits_attrs(cfg, geo["vocab"], eval is not None and eval.num_tokens > 0)
     if logits is not None:
         attrs["logits"] = logits

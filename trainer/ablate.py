@@ -48,6 +48,7 @@ from trainer.ablation.child_process import interrupt_on_signals, run_child
 from trainer.ablation.config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
 from trainer.ablation.report import build_report
 from trainer.ablation.results import RESULTS_NAME, append_result, done_keys, read_results
+from trainer.ablation.store_plan import store_plan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,8 +207,9 @@ def check_layers(store, specs: list[RunSpec]) -> None:
     for spec in specs:
         scfg = spec.cfg.student.config or {}
         L_s = scfg.get("num_hidden_layers")
-        if not isinstance(L_s, int) or spec.cfg.align.layer_map == "heads":
-            continue  # a student loaded from a path, or layers chosen from head scores: checked at training
+        chosen = spec.cfg.align.layer_map == "heads" or spec.cfg.align.head_select.method != "all"
+        if not isinstance(L_s, int) or chosen:
+            continue  # a student from a path; layers or heads chosen from head scores: checked at training
         need = sorted(set(build_layer_map(spec.cfg.align.layer_map, L_t, L_s)))
         missing = [layer for layer in need if layer not in store.layers]
         if missing:
@@ -368,12 +370,20 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs still to do, run nothing")
+    p.add_argument(
+        "--plan-store",
+        action="store_true",
+        help="print what every arm reads of the store and the union stage 1 must extract, run nothing",
+    )
     args = parse_args(p, argv)
     if args.config is None:
         p.error("--config PATH is required (e.g. configs/ablations/default.yaml)")
 
     def body() -> None:
         abl = load_ablation(args.config, args.overrides)
+        if args.plan_store:
+            print("\n".join(store_plan(abl)), flush=True)
+            return
         try:
             run_ablation(abl, dry_run=args.dry_run)
         except (RuntimeError, FloatingPointError) as e:  # a run or the extraction failed: not bad input

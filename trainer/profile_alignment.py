@@ -194,6 +194,9 @@ def _maybe_load_aligner(aligner, cfg: KVMapConfig, mode: str) -> str:
     meta, weights = folder / "aligner.json", folder / "aligner.safetensors"
     if not (meta.is_file() and weights.is_file()) or json.loads(meta.read_text()).get("mode") != mode:
         return "fresh init"
+    projected = json.loads(meta.read_text()).get("projections", ["k", "v", "q"])  # before the key: all
+    if tuple(projected) != aligner.projections:
+        return f"fresh init (the trained aligner projects only {projected})"
     aligner.load_state_dict(load_file(str(weights)))
     return f"trained ({weights})"
 

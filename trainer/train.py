@@ -235,6 +235,7 @@ def finish(run: Run, t0: float) -> dict:
             "teacher": teacher_config_from_attrs(run.store.attrs, run.store.path),
             "teacher_layers": list(base.aligner.teacher_layers) if base.aligner else [],
             "layer_map": list(base.aligner.layer_map) if base.aligner else [],
+            "projections": list(base.aligner.projections) if base.aligner else [],  # the others: no weights
         }
         save_student(base.student, run.tokenizer, base.aligner, meta, run.run_dir / "student", weights)
         if is_lora(base.student):  # the adapter is in student/; the merged model next to it, last

@@ -169,3 +169,33 @@ def layers_of_ranked_heads(ranked: list[tuple[int, int, float]], num_student_lay
         raise ValueError("layer_map 'heads': no ranked teacher head (no head scores)")
     chosen = [distinct[i % len(distinct)] for i in range(num_student_layers)]
     return sorted(chosen)
+
+
+def head_view(
+    selection: HeadSelection, teacher_layers: list[int], H_t: int, G_t: int
+) -> tuple[dict[str, list[list[int]]], torch.Tensor]:
+    """What a selected-head arm reads of the teacher, and its head mix over it (`aligner.use_head_view`).
+
+    Per teacher layer of `teacher_layers`, the chosen query heads of that layer (in selection order), padded
+    with -1 (no head) to P = the most chosen in one layer (at least 1); K lists, slot for slot, the KV head
+    each query head reads (h // (H_t / G_t)), so the two line up one to one.
+    Returns ({"q": [[h, ...] per layer], "k": [[g, ...] per layer]}, mix (L_s, H_s, P)): the selection's
+    one-hot rows moved from teacher head h to its slot (uniform rows elsewhere, masked out as before).
+    Example:
+        >>> sel = select_heads("list", [7, 14], 9, 4, heads=[[14, 3], [7, 7], [14, 5]])
+        >>> head_view(sel, [7, 14], 9, 3)[0]
+        {'q': [[7, -1], [3, 5]], 'k': [[2, -1], [1, 1]]}
+    """
+    per_layer: dict[int, list[int]] = {t: [] for t in teacher_layers}
+    for _, _, lt, ht, _ in selection.pairs:
+        per_layer[lt].append(ht)
+    P = max([1] + [len(hs) for hs in per_layer.values()])
+    q = [hs + [-1] * (P - len(hs)) for hs in (per_layer[t] for t in teacher_layers)]
+    group = H_t // G_t
+    k = [[h // group if h >= 0 else -1 for h in row] for row in q]
+    L_s, H_s = selection.head_mask.shape
+    mix = torch.full((L_s, H_s, P), 1.0 / P)
+    for ls, hs, lt, ht, _ in selection.pairs:
+        mix[ls, hs] = 0.0
+        mix[ls, hs, per_layer[lt].index(ht)] = 1.0
+    return {"q": q, "k": k}, mix

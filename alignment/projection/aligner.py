@@ -13,6 +13,11 @@ Modes: "structured" (HeadwiseMapProjector per K/V/Q; Q's head mixer initialised 
 optionally RoPE-consistent Q/K dim maps) and "flat" (KVDimensionProjector per K/V/Q). What an aligner is
 built from (geometry, layer map, warp, projection options) is one `AlignerSpec`
 (alignment/projection/aligner_spec.py); the factories read it from HF configs or an `AlignConfig`.
+
+Only the components in `spec.projections` get a projector (`alignment.config.used_projections`: a loss term
+of weight 0 builds no parameters); the others come back as None. A selected-head arm with no projector reads
+only its heads (`use_head_view`): the teacher Q and K then arrive as P slots per layer (P = the most heads
+chosen in one teacher layer, K repeated per query head), not as all H_t / G_t heads.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from alignment.projection.rope import RopePairDimMap
 class AlignedKV:
     """What `MapProjectionAligner.align` returns.
 
-    k, v: (B, L_s, G_s, T', D_s); q: (B, L_s, H_s, T', D_s) or None; mask: (B, T') bool (True = real
-    token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
+    k, v: (B, L_s, G_s, T', D_s) or None (not projected); q: (B, L_s, H_s, T', D_s) or None; mask: (B, T')
+    bool (True = real token); segment_ids: (B, T'); plan: the WarpPlan (apply it to student states in use (a) with
     `aligner.warp_student(x_s, out.plan)`); q_t_raw (B, L_s, H_t, T', D_t) and k_t_raw (B, L_s, G_t, T', D_t):
     the teacher's own Q/K, layer-mapped and time-warped but not projected (for `attn_target="teacher"`);
     head_mix: (H_s, H_t) or (L_s, H_s, H_t) convex Q head-mixing weights (`aligner.q_head_mix()`);
@@ -51,8 +56,8 @@ class AlignedKV:
     axis), t_mask (B, T_t) real teacher tokens.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
     q: torch.Tensor | None
     mask: torch.Tensor
     segment_ids: torch.Tensor
@@ -126,17 +131,23 @@ class MapProjectionAligner(nn.Module):
         self._slots = layer_slots(self.layer_map, self.teacher_layers)
         self.warper = spec.warper if spec.warper is not None else SegmentTimeWarper()
         self.head_selection = None  # alignment.mapping.head_select.HeadSelection (set_head_selection)
+        self.teacher_heads = None  # use_head_view: {q, k: per teacher layer, the teacher heads read}
+        self.projections = tuple(spec.projections)
         self.teacher_scaling = spec.teacher_scaling if spec.teacher_scaling is not None else t.scaling
         self.student_scaling = spec.student_scaling if spec.student_scaling is not None else s.scaling
         self.teacher_logits = spec.teacher_logits(self.layer_map)  # (L_s,) student-layer order
         self.student_logits = spec.student_logits()
         if spec.mode == "flat":
-            self.k_proj, self.v_proj, self.q_proj = _flat_projectors(spec)
+            projectors = _flat_projectors(spec)
             # Flat has no head mixer; attn_target="teacher" still needs one: the fixed GQA-consistent mix.
             mix = gqa_query_mixer(uniform_mixer(self.G_t, self.G_s), self.H_t, self.G_t, self.H_s, self.G_s)
             self.register_buffer("_flat_q_mix", mix, persistent=False)
         else:
-            self.k_proj, self.v_proj, self.q_proj = _structured_projectors(spec)
+            projectors = _structured_projectors(spec)
+        # a component without a projector builds none (and is not projected)
+        self.k_proj, self.v_proj, self.q_proj = (
+            p if c in self.projections else None for c, p in zip(("k", "v", "q"), projectors)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -150,7 +161,11 @@ class MapProjectionAligner(nn.Module):
     def q_head_mix(self) -> torch.Tensor:
         """(L_s?, H_s, H_t) convex Q head-mixing weights: the Q mixer (structured) or the fixed
         GQA-consistent uniform mix (flat, which has no head structure of its own)."""
-        return self.q_proj.head_mix() if self.mode == "structured" else self._flat_q_mix
+        if self.mode == "flat":
+            return self._flat_q_mix
+        if self.q_proj is None:
+            raise ValueError("q_head_mix: this aligner has no Q projector (projections without q)")
+        return self.q_proj.head_mix()
 
     def set_head_selection(self, selection) -> None:
         """Distil only the selected teacher heads one-to-one (`alignment.mapping.head_select`): `align` then returns the
@@ -168,7 +183,29 @@ class MapProjectionAligner(nn.Module):
         self.register_buffer("_sel_mix", selection.head_mix.clone(), persistent=False)
         self.register_buffer("_sel_mask", selection.head_mask.clone(), persistent=False)
 
-    def _select(self, x: torch.Tensor, name: str, heads: int) -> torch.Tensor:
+    def use_head_view(self, teacher_heads: dict, head_mix: torch.Tensor) -> None:
+        """Read only the selected heads: `teacher_heads` {q, k: per teacher layer (`teacher_layers` order)
+        the teacher heads delivered, P slots each} and the selection's one-hot mix over those slots
+        (L_s, H_s, P) (`alignment.mapping.head_select.head_view`). Call after `set_head_selection`; only
+        without projectors (a projector maps every teacher head)."""
+        if self.k_proj is not None or self.v_proj is not None or self.q_proj is not None:
+            raise ValueError(f"use_head_view: expected an aligner without projectors, got {self.projections}")
+        P = head_mix.shape[-1]
+        if head_mix.shape != self._sel_mix.shape[:2] + (P,) or len(teacher_heads["q"]) != len(
+            self.teacher_layers
+        ):
+            raise ValueError(
+                f"head view mix {tuple(head_mix.shape)} over {len(teacher_heads['q'])} layers: expected "
+                f"{tuple(self._sel_mix.shape[:2])} + (P,) over {len(self.teacher_layers)} teacher layers"
+            )
+        self.teacher_heads = teacher_heads
+        self.register_buffer("_sel_mix", head_mix.clone(), persistent=False)
+
+    def _select(self, x: torch.Tensor | None, name: str, heads: int) -> torch.Tensor | None:
+        if x is None:
+            return None
+        if self.teacher_heads is not None:  # the head view: P slots per layer for both q and k
+            heads = self._sel_mix.shape[-1]
         check_5d(x, name, heads, self.D_t)
         if x.shape[1] != len(self.teacher_layers):
             raise ValueError(
@@ -195,33 +232,35 @@ class MapProjectionAligner(nn.Module):
     ) -> AlignedKV:
         """Layer-map, warp and project the teacher states; returns an `AlignedKV` (see its docstring).
 
+        A teacher component the loss does not read may be None (and comes back None).
+
         token_map: a cross-tokenizer W (alignment/mapping/char_alignment.py, (B, T_s, K) -> T_t) used instead of
         the warper's plan: every output is on the student's tokens, and the teacher's Q/K stay on its own axis
         too (`q_t_axis` / `k_t_axis`: projected for attn_target "projected", raw for "teacher") for the
         warped attention KL W A_t W^T."""
         k = self._select(k_t, "k_t", self.G_t)
         v = self._select(v_t, "v_t", self.G_t)
-        q = self._select(q_t, "q_t", self.H_t) if q_t is not None else None
+        q = self._select(q_t, "q_t", self.H_t)
+        ref = next(x for x in (k, q, v) if x is not None)
         validate_segment_ids(segment_ids)
-        if segment_ids.shape != (k.shape[0], k.shape[3]):
+        if segment_ids.shape != (ref.shape[0], ref.shape[3]):
             raise ValueError(
-                f"segment_ids shape {tuple(segment_ids.shape)}: expected (B, T)={(k.shape[0], k.shape[3])}"
+                f"segment_ids shape {tuple(segment_ids.shape)}: expected (B, T)={(ref.shape[0], ref.shape[3])}"
             )
         if token_map is not None:
             return self._align_across(k, v, q, segment_ids, token_map)
         plan = self.warper.plan(segment_ids, T_s, student_segment_ids)
-        k, v = self.warper.apply(k, plan), self.warper.apply(v, plan)  # (B, L_s, G_t, T', D_t)
-        q = self.warper.apply(q, plan) if q is not None else None  # (B, L_s, H_t, T', D_t)
+        k, v, q = (self.warper.apply(x, plan) if x is not None else None for x in (k, v, q))  # (., T', D_t)
         return AlignedKV(
-            k=self.k_proj(k),  # (B, L_s, G_s, T', D_s)
-            v=self.v_proj(v),
-            q=self.q_proj(q) if q is not None else None,  # (B, L_s, H_s, T', D_s)
+            k=_project(self.k_proj, k),  # (B, L_s, G_s, T', D_s)
+            v=_project(self.v_proj, v),
+            q=_project(self.q_proj, q),  # (B, L_s, H_s, T', D_s)
             mask=plan.mask,
             segment_ids=plan.segment_ids,
             plan=plan,
             q_t_raw=q,
             k_t_raw=k,
-            head_mix=self.q_head_mix() if self.head_selection is None else self._sel_mix,
+            head_mix=self._head_mix(),
             teacher_scale=self.teacher_logits.scale,
             student_scale=self.student_logits.scale,
             v_t_raw=v,
@@ -235,21 +274,24 @@ class MapProjectionAligner(nn.Module):
     def _align_across(self, k, v, q, segment_ids, plan: WarpPlan) -> AlignedKV:
         """`align` with a cross-tokenizer W: K/V targets warped by W (projection is per position, so projecting
         first is the same), Q/K kept on the teacher's axis for the attention target."""
-        warp = self.warper.apply
-        k_p, q_p = self.k_proj(k), self.q_proj(q) if q is not None else None  # teacher axis
+
+        def warp(x):
+            return self.warper.apply(x, plan) if x is not None else None
+
+        k_p, q_p = _project(self.k_proj, k), _project(self.q_proj, q)  # teacher axis
         return AlignedKV(
-            k=warp(k_p, plan),  # (B, L_s, G_s, T_s, D_s)
-            v=warp(self.v_proj(v), plan),
-            q=warp(q_p, plan) if q_p is not None else None,  # (B, L_s, H_s, T_s, D_s)
+            k=warp(k_p),  # (B, L_s, G_s, T_s, D_s)
+            v=warp(_project(self.v_proj, v)),
+            q=warp(q_p),  # (B, L_s, H_s, T_s, D_s)
             mask=plan.mask,
             segment_ids=plan.segment_ids,
             plan=plan,
-            q_t_raw=warp(q, plan) if q is not None else None,
-            k_t_raw=warp(k, plan),
-            head_mix=self.q_head_mix() if self.head_selection is None else self._sel_mix,
+            q_t_raw=warp(q),
+            k_t_raw=warp(k),
+            head_mix=self._head_mix(),
             teacher_scale=self.teacher_logits.scale,
             student_scale=self.student_logits.scale,
-            v_t_raw=warp(v, plan),
+            v_t_raw=warp(v),
             head_mask=None if self.head_selection is None else self._sel_mask,
             teacher_softcap=self.teacher_logits.softcap,
             student_softcap=self.student_logits.softcap,
@@ -260,6 +302,12 @@ class MapProjectionAligner(nn.Module):
             k_t_axis=(k_p, k),
             t_mask=segment_ids >= 0,
         )
+
+    def _head_mix(self) -> torch.Tensor | None:
+        """The target's head mix: the selection's (one-hot), the Q mixer's, or None without either."""
+        if self.head_selection is not None:
+            return self._sel_mix
+        return self.q_head_mix() if self.mode == "flat" or self.q_proj is not None else None
 
     def forward(
         self,
@@ -273,6 +321,11 @@ class MapProjectionAligner(nn.Module):
         """`k_s, v_s, q_s = aligner(k_t, v_t, q_t, segment_ids)`; use `align` for the mask and the plan."""
         out = self.align(k_t, v_t, q_t, segment_ids, T_s, student_segment_ids)
         return out.k, out.v, out.q
+
+
+def _project(proj: nn.Module | None, x: torch.Tensor | None) -> torch.Tensor | None:
+    """x projected into student head space, or None without a projector or an input."""
+    return proj(x) if proj is not None and x is not None else None
 
 
 def _flat_projectors(spec: AlignerSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -333,7 +386,14 @@ def create_flat_aligner(teacher_cfg: Any, student_cfg: Any, **kw: Any) -> MapPro
 
 
 def create_aligner(
-    mode: str, teacher_cfg: Any, student_cfg: Any, align_cfg: AlignConfig | None = None
+    mode: str,
+    teacher_cfg: Any,
+    student_cfg: Any,
+    align_cfg: AlignConfig | None = None,
+    projections: tuple[str, ...] = ("k", "v", "q"),
 ) -> MapProjectionAligner:
-    """Aligner for `kv_projection_mode` = mode ("structured" | "flat") from an `AlignConfig` (None = defaults)."""
-    return MapProjectionAligner(spec_from_align_config(mode, teacher_cfg, student_cfg, align_cfg))
+    """Aligner for `kv_projection_mode` = mode ("structured" | "flat") from an `AlignConfig` (None = defaults);
+    `projections`: the teacher components that get a projector (`alignment.config.used_projections`)."""
+    return MapProjectionAligner(
+        spec_from_align_config(mode, teacher_cfg, student_cfg, align_cfg, projections)
+    )

@@ -52,7 +52,8 @@ class AlignerSpec:
     "last" | L_s teacher layer indices (`build_layer_map`). warper: None = identity. teacher_inv_freq,
     student_inv_freq: (P_t,), (P_s,) rotary inverse frequencies (rope_consistent only).
     teacher_scaling, student_scaling: a plain attention scaling that replaces that side's geometry in the
-    loss (no per-layer scale, softcap or window); None = the geometry's own.
+    loss (no per-layer scale, softcap or window); None = the geometry's own. projections: the teacher
+    components that get a projector (`alignment.config.used_projections`; the others are not projected).
     """
 
     mode: str
@@ -65,8 +66,11 @@ class AlignerSpec:
     student_inv_freq: torch.Tensor | None = None
     teacher_scaling: float | None = None
     student_scaling: float | None = None
+    projections: tuple[str, ...] = ("k", "v", "q")
 
     def __post_init__(self):
+        if any(c not in ("k", "v", "q") for c in self.projections):
+            raise ValueError(f"projections={self.projections!r}: expected a subset of k, v, q")
         if self.mode not in MODES:
             raise ValueError(f"kv_projection_mode={self.mode!r}: expected one of {MODES}")
         for name, dims in (("teacher", self.teacher), ("student", self.student)):
@@ -125,10 +129,15 @@ def aligner_spec(mode: str, teacher_cfg: Any, student_cfg: Any, **kw: Any) -> Al
 
 
 def spec_from_align_config(
-    mode: str, teacher_cfg: Any, student_cfg: Any, align_cfg: AlignConfig | None = None
+    mode: str,
+    teacher_cfg: Any,
+    student_cfg: Any,
+    align_cfg: AlignConfig | None = None,
+    projections: tuple[str, ...] = ("k", "v", "q"),
 ) -> AlignerSpec:
     """AlignerSpec for `kv_projection_mode` = mode from an `AlignConfig` (None = defaults); flat mode reads
-    only the options it has (layer map, per_layer, constraint, warp)."""
+    only the options it has (layer map, per_layer, constraint, warp). `projections`: the components that get
+    a projector (`alignment.config.used_projections`)."""
     a = align_cfg if align_cfg is not None else AlignConfig()
     if mode not in MODES:
         raise ValueError(f"kv_projection_mode={mode!r}: expected one of {MODES}")
@@ -138,6 +147,7 @@ def spec_from_align_config(
         constraint=a.constraint,
         ratio_map=dict(a.ratio_map) if isinstance(a.ratio_map, Mapping) else a.ratio_map,
         alpha_map=dict(a.alpha_map) if isinstance(a.alpha_map, Mapping) else a.alpha_map,
+        projections=tuple(projections),
     )
     if mode == "structured":
         kw.update(

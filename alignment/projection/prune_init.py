@@ -85,7 +85,7 @@ def init_from_prune(
             )
     q = selection_rows(kept_query_heads, aligner.H_t)  # (L_s, H_s, H_t)
     kv = selection_rows(kept_kv_heads, aligner.G_t)  # (L_s, G_s, G_t)
-    _set_mixer(aligner.q_proj.mixer, q)
-    _set_mixer(aligner.k_proj.mixer, kv)
-    _set_mixer(aligner.v_proj.mixer, kv)
+    for proj, rows in ((aligner.q_proj, q), (aligner.k_proj, kv), (aligner.v_proj, kv)):
+        if proj is not None:  # a component no loss term projects has no mixer to set
+            _set_mixer(proj.mixer, rows)
     return aligner

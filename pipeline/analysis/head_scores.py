@@ -128,10 +128,12 @@ def head_scores(
         >>> s["retrieval"][0][3]   # stored layer index 0, head 3
     """
     store = KVStore(path, require_complete=True)
-    if "q" not in store.components or "k" not in store.components:
-        raise ValueError(f"store '{path}' holds {store.components}: head scores need q and k")
     total = store.num_samples(split)
     n = total if num_samples is None else min(num_samples, total)
+    if store.attrs.get("heads"):  # a head-subset store: the scores stage 1 chose its heads by
+        return recorded_scores(store, split, n)
+    if "q" not in store.components or "k" not in store.components:
+        raise ValueError(f"store '{path}' holds {store.components}: head scores need q and k")
     if n < 1:
         raise ValueError(f"--samples={num_samples}: expected >= 1 (split {split!r} has {total} samples)")
     scale = store_logit_spec(store)  # the stored layers' scaling / softcap / windows
@@ -145,6 +147,20 @@ def head_scores(
     out.update(answer_rows=rows, layers=list(store.layers), heads=int(mean.shape[2]))
     out.update({name: mean[i].tolist() for i, name in enumerate(SCORES)})
     return out
+
+
+def recorded_scores(store: KVStore, split: str, n: int) -> dict:
+    """The head scores a head-subset store recorded when stage 1 chose its heads (`extract.heads: selected`),
+    computed exactly as `head_scores` on an all-heads store of the same extraction. Scores of other sample
+    counts cannot be computed from the held heads alone: a one-line ValueError."""
+    rec = store.attrs.get("head_select") or {}
+    if split != "train" or rec.get("samples") != n:
+        raise ValueError(
+            f"store '{store.path}' holds only selected heads, scored on {rec.get('samples', 'no')} train samples "
+            f"by stage 1: head scores of {n} {split} samples need every head (expected "
+            f"align.head_select.samples={rec.get('samples')}, or an all-heads store)"
+        )
+    return {"store": str(store.path), "fingerprint": store.fingerprint, **rec["scores"]}
 
 
 def sidecar_path(store_path) -> Path | str:

@@ -26,6 +26,7 @@ __all__ = [
     "LoRAConfig",
     "DataConfig",
     "ExtractConfig",
+    "ExtractHeadSelectConfig",
     "GenerationConfig",
 ]
 
@@ -230,6 +231,24 @@ class DataConfig:
 
 
 @dataclass
+class ExtractHeadSelectConfig:
+    """`extract.heads: selected`: which query heads stage 1 keeps, by the scorer stage 2's `align.head_select`
+    uses (pipeline/analysis/head_scores.py), run once before extraction on the first train samples."""
+
+    method: Literal["top_retrieval", "top_answer_mass"] = "top_retrieval"  # the score heads are ranked by
+    top: int = 4  # how many query heads are kept (the best, over the layers `extract.layers` names)
+    samples: int | None = 64  # train samples scored (None = the whole split; stage 2 must ask the same)
+
+    def __post_init__(self):
+        if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 1:
+            raise ConfigError(f"config key 'extract.head_select.top': got {self.top!r}, expected an int >= 1")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError(
+                f"config key 'extract.head_select.samples': got {self.samples!r}, expected null or an int >= 1"
+            )
+
+
+@dataclass
 class ExtractConfig:
     """Stage 1: which teacher states to store, and how."""
 
@@ -242,6 +261,12 @@ class ExtractConfig:
     # Any of q, k, v (per-layer states) and logits (the teacher's top-k log-probs at every token of the
     # train AND held-out splits: the logit-KD target and the held-out teacher-fidelity metrics).
     components: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    # Which heads of the stored layers: "all"; "selected" = the `head_select.top` best query heads of the
+    # layers `extract.layers` names (a probe before extraction, pipeline/extraction/head_probe.py); or
+    # [[layer, query head], ...]. q keeps those query heads, k and v their KV groups; the stored layers are
+    # theirs, and the store records the held heads (schema `heads`).
+    heads: str | list[list[int]] = "all"
+    head_select: ExtractHeadSelectConfig = field(default_factory=ExtractHeadSelectConfig)
     logits_top_k: int = 128  # K log-probs kept per token with `logits` (sorted; ~300 B/token at 128)
     # bfloat16: stored as raw 16-bit words (lossless for a bf16 teacher); float16: overflow is an error;
     # int8: symmetric int8 + float32 scales per write chunk (pipeline/store/int8.py, docs/guides/scale-out.md "int8 states").
@@ -280,6 +305,14 @@ class ExtractConfig:
                 f"extract.components={self.components!r}: expected a non-empty subset of q, k, v, logits"
             )
         check_storage_options(self.storage_options, "extract.storage_options")
+        if isinstance(self.heads, str) and self.heads not in ("all", "selected"):
+            raise ConfigError(
+                f"config key 'extract.heads': got {self.heads!r}, expected all, selected or [[layer, head], ...]"
+            )
+        if isinstance(self.heads, list) and not self.heads:
+            raise ConfigError(
+                "config key 'extract.heads': got [], expected all, selected or [[layer, head], ...]"
+            )
         if isinstance(self.layers, str) and self.layers not in ("map", "all"):
             raise ValueError(
                 f"extract.layers={self.layers!r}: expected 'map', 'all' or a list of layer indices"

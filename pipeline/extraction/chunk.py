@@ -158,18 +158,24 @@ def _chunk_rows(packed: PackedSplit, batch: np.ndarray, start: int, end: int):
     return np.concatenate(jj), np.concatenate(tt), runs
 
 
-def _gather_states(cap, layers, components, sdt, jj_d, tt_d) -> tuple[dict, torch.Tensor | None, dict]:
+def _gather_states(
+    cap, layers, components, sdt, jj_d, tt_d, heads=None
+) -> tuple[dict, torch.Tensor | None, dict]:
     """Real tokens of every (layer, component), gathered on the device (token-major, as the store) and
     converted to the storage dtype, with their finiteness as ONE device flag vector read later with the copy
     (a read here would stall the GPU until the batch is done; per-layer syncs and padded pageable copies
     cost 8.6x the forward on an H100).
 
     Returns ys {(layer, comp): (N, X, D)}, finite (L_sel * C,) bool on the device (None without states) and
-    raw {(layer, comp): (B, X, T, D)} the captured tensors (kept to name a bad sample)."""
+    raw {(layer, comp): (B, X, T, D)} the captured tensors (kept to name a bad sample). `heads`
+    {(layer, comp): (X,) long device tensor of the teacher heads held}: only those are kept; None = all."""
     ys, raw = {}, {}
     for layer in layers:
         for comp in components:
-            x = raw[(layer, comp)] = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+            x = getattr(cap, comp)[layer]  # (B, X, T, D) teacher dtype
+            if heads is not None:  # a head-subset store: the held heads only, ascending
+                x = x[:, heads[(layer, comp)]]
+            raw[(layer, comp)] = x
             y = x[jj_d, :, tt_d]  # (N, X, D)
             ys[(layer, comp)] = y if sdt is None else y.to(sdt)  # fp16: inf where |x| overflows
     if not ys:
@@ -292,6 +298,7 @@ def extract_chunk(
     top_k: int = 0,
     index_dtype: str = "uint16",
     on_batch: Callable[[int], None] | None = None,
+    heads: dict[tuple, list[int]] | None = None,
 ) -> tuple[dict[tuple, np.ndarray], dict]:
     """Teacher states (and top-k log-probs) of packed tokens [start, end) of `packed`.
 
@@ -306,6 +313,7 @@ def extract_chunk(
         index_dtype: storage dtype of the top-k token ids.
         on_batch: called after every forward batch with the chunk tokens it produced (a progress bar's
             `update`; the calls add up to end - start).
+        heads: {(layer, comp): the teacher heads to keep, ascending} for a head-subset store (None: all).
     Returns:
         ({(layer, comp): (end - start, X, D) array in the storage dtype (bf16 as uint16 words),
           ("logits", "values"): (end - start, K) float16 words, ("logits", "indices"): (end - start, K)},
@@ -320,6 +328,8 @@ def extract_chunk(
     device = next(model.parameters()).device
     copier = HostCopier(device)
     pending = None  # the previous batch, its host copy in flight while this batch's forward runs
+    if heads is not None:  # index tensors on the device once per chunk, not once per batch
+        heads = {key: _to_device(torch.as_tensor(h, dtype=torch.long), device) for key, h in heads.items()}
     for i, batch in enumerate(chunk_batches(packed, start, end, batch_size)):
         ids, seg, ans = pad_batch(packed, batch, pad_id)  # (B, T) on the CPU
         jj, tt, runs = _chunk_rows(packed, batch, start, end)
@@ -336,7 +346,7 @@ def extract_chunk(
         stats["forward_tokens"] += int(packed.lengths[batch].sum())
         lse = _row_lse(logits)  # (B, T) fp32: one pass over the vocabulary for CE and the top-k
         _accumulate_teacher_metrics(sums, logits, lse, ids_d, ans_d, seg_d, own_idx)
-        ys, finite, raw = _gather_states(cap, layers, components, sdt, jj_d, tt_d)
+        ys, finite, raw = _gather_states(cap, layers, components, sdt, jj_d, tt_d, heads)
         if top_k:
             ys.update(_topk_entries(sums, logits[jj_d, tt_d], lse[jj_d, tt_d], top_k))
         logits = lse = None
@@ -387,4 +397,5 @@ def extract_writer_chunk(cfg, model, cap, writer, splits: dict, c: int, pad_id: 
         top_k=int(logits.get("top_k", 0)) if split in writer.logit_splits else 0,
         index_dtype=logits.get("index_dtype", "uint16"),
         on_batch=on_batch,  # called per batch
+        heads=writer.held_heads() if on_train else None,
     )

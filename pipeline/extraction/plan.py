@@ -32,7 +32,7 @@ from pipeline.models.capture import capture_qkv
 from pipeline.store.int8 import INT8_SCHEMES
 from pipeline.store.location import StoreLocation
 from pipeline.store.packed_split import PackedSplit
-from pipeline.store.schema import SAMPLE_ARRAYS, STORAGE_DTYPES, TOKEN_ARRAYS, scale_key
+from pipeline.store.schema import SAMPLE_ARRAYS, STORAGE_DTYPES, TOKEN_ARRAYS, held_heads, scale_key
 from pipeline.store.writer import StoreWriter
 
 # The `summary` attribute a finished store adds to its root metadata (measured: 2.5-3.5 KB with and
@@ -58,6 +58,7 @@ def raw_bytes_per_token(
     top_k: int = 0,
     index_dtype: str = "uint16",
     chunk_tokens: int = 4096,
+    held: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Uncompressed bytes per token of every stored component, from the geometry alone (pure).
 
@@ -65,6 +66,8 @@ def raw_bytes_per_token(
         geo: `model_geometry` of the teacher (heads, kv_heads, head_dim).
         components: the state components (subset of q, k, v); top_k > 0 adds logits_values / logits_indices.
         dtype: "bfloat16" | "float16" | "int8" (int8 adds {comp}_scale: float32 per (chunk, head, channel)).
+        held: per component the heads stored over all layers (a head-subset store, `held_head_counts`);
+            None = num_layers x the geometry's heads.
     Example:
         raw_bytes_per_token({"heads": 28, "kv_heads": 4, "head_dim": 128}, 8, ["q", "k", "v"], "bfloat16")
         # -> {"q": 57344, "k": 8192, "v": 8192}
@@ -72,18 +75,27 @@ def raw_bytes_per_token(
     word = np.dtype(STORAGE_DTYPES[dtype]).itemsize
     shapes = state_shapes(geo)
     out: dict[str, float] = {}
+    count = {c: held[c] if held is not None else num_layers * shapes[c][0] for c in components}
     for comp in components:
-        heads, dim = shapes[comp]
-        out[comp] = num_layers * heads * dim * word
+        out[comp] = count[comp] * shapes[comp][1] * word
     if dtype == "int8":
         for comp in components:
-            heads, dim = shapes[comp]
+            dim = shapes[comp][1]
             per_chunk = INT8_SCHEMES[comp] == "channel"
-            out[scale_key(comp)] = num_layers * heads * (dim / chunk_tokens if per_chunk else 1) * 4
+            out[scale_key(comp)] = count[comp] * (dim / chunk_tokens if per_chunk else 1) * 4
     if top_k:
         out["logits_values"] = top_k * 2  # float16 words
         out["logits_indices"] = top_k * np.dtype(index_dtype).itemsize
     return out
+
+
+def held_head_counts(attrs: dict, geo: dict) -> dict[str, int]:
+    """Per stored component the heads its arrays hold over all stored layers (schema `held_heads`)."""
+    totals = {c: x for c, (x, _) in state_shapes(geo).items()}
+    return {
+        c: sum(len(held_heads(attrs, lay, c, totals[c])) for lay in attrs["layers"])
+        for c in attrs["components"]
+    }
 
 
 def head_split(packed: PackedSplit, end: int) -> PackedSplit:
@@ -339,6 +351,9 @@ def format_plan(plan: dict, store: str) -> list[str]:
             f"  {name:<16}{c['tokens']:>14,}{c['raw_bytes_per_token']:>14,.1f}{c['ratio']:>8.3f}"
             f"{c['bytes_per_token']:>12,.1f}{c['bytes']:>16,}"
         )
+    if plan.get("heads"):
+        held = ", ".join(f"{c} {n}" for c, n in plan["heads"].items())
+        lines.append(f"  layers {plan['layers']}; heads held over them: {held}")
     return lines
 
 
@@ -355,6 +370,7 @@ def make_plan(cfg, model, train, eval, attrs: dict, geo: dict, pad_id: int, proc
         int(logits.get("top_k", 0)),
         logits.get("index_dtype", "uint16"),
         cfg.extract.chunk_tokens,
+        held_head_counts(attrs, geo),
     )
     probe = probe_first_chunk(cfg, model, train, attrs, state_shapes(geo), pad_id)
     n = dataset_counts(train, eval, attrs, cfg.extract.chunk_tokens)
@@ -363,5 +379,7 @@ def make_plan(cfg, model, train, eval, attrs: dict, geo: dict, pad_id: int, proc
     existing = loc.size(skip_metadata=False) if loc.exists() else 0  # a resumed store holds part already
     plan["bytes_needed"] = needed_bytes(plan, existing)
     plan["free_space"] = free_space(loc)
+    plan["layers"] = list(attrs["layers"])
+    plan["heads"] = held_head_counts(attrs, geo)  # per component, over the stored layers
     plan["chunk"] = probe["chunk"]
     return plan

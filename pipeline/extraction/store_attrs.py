@@ -114,6 +114,8 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
     ex = to_dict(cfg.extract)
     for k in ("store", "storage_options", "writer_threads", "max_pending_chunks", "layers"):
         ex.pop(k)
+    if ex["heads"] == "all":  # every head: left out, so stores made before extract.heads resume
+        ex.pop("heads"), ex.pop("head_select")
     # device never changes the bits; an unset revision is left out so stores from before the key resume
     teacher = {
         k: v for k, v in to_dict(cfg.teacher).items() if k != "device" and not (k == "revision" and v is None)
@@ -133,5 +135,6 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
             # only with teacher-written completions, so dataset-mode fingerprints stay as they were
             **({"completions": attrs["completions"]} if "completions" in attrs else {}),
             **({"quantization": attrs["quantization"]} if "quantization" in attrs else {}),
+            **({"heads": attrs["heads"]} if "heads" in attrs else {}),  # a head-subset store only
         }
     )

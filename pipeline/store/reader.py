@@ -27,6 +27,7 @@ from zarr.core.sync import sync
 from pipeline.store.chunk_read import read_all
 from pipeline.store.codecs import quiet_codecs
 from pipeline.store.encoding import decode_states
+from pipeline.store.heads import head_positions, take_heads
 from pipeline.store.int8 import expand_scales, scale_rows
 from pipeline.store.location import StoreLocation
 from pipeline.store.sample import decode_sample
@@ -36,6 +37,7 @@ from pipeline.store.schema import (
     READABLE_SCHEMA_VERSIONS,
     SAMPLE_ARRAYS,
     SPLITS,
+    STORAGE_DTYPES,
     TEXT_ARRAYS,
     TOKEN_ARRAYS,
     fingerprint_of,
@@ -241,11 +243,16 @@ class KVStore:
         split: str = "train",
         layers: Sequence[int] | None = None,
         components: Sequence[str] = COMPONENTS,
+        heads: dict[str, Sequence[Sequence[int]]] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Read several samples with all zarr reads issued concurrently (the trainer's batch loader).
 
         `components` may include "logits" (the teacher's top-k log-probs; the store must hold them for
-        `split`). Returns one dict per index, as `read_sample` (decoded by pipeline/store/sample.py).
+        `split`). `heads` {component: per layer of `layers`, the teacher heads to return (NO_HEAD = a slot of
+        zeros)}, equally many per layer: those heads, read at their positions in the stored arrays
+        (pipeline/store/heads.py; a layer asking for no head is not read and need not be stored); a head the
+        store lacks is a one-line KeyError. Without it every stored head comes back in stored order.
+        Returns one dict per index, as `read_sample` (decoded by pipeline/store/sample.py).
         """
         offsets, lengths = self.offsets(split), self.lengths(split)
         n = len(lengths)
@@ -254,44 +261,81 @@ class KVStore:
                 raise IndexError(f"sample index {i}: split {split!r} has {n} samples")
         layers = self.layers if layers is None else [int(x) for x in layers]
         comps = [c for c in components if c in COMPONENTS] if self.has_states(split) else []
+        pos = {c: self.positions_of(layers, c, (heads or {}).get(c)) for c in comps}
+        reads = [(c, li, lay) for c in comps for li, lay in enumerate(layers) if _wanted(pos[c][li])]
         with_logits = "logits" in components
         arrays = [self._array(split, name) for name in TOKEN_ARRAYS]
-        arrays += [self.array(layer, c, split) for c in comps for layer in layers]
+        arrays += [self.array(layer, c, split) for c, _, layer in reads]
         arrays += [self.logit_array(name, split) for name in LOGIT_ARRAYS] if with_logits else []
         sels = [slice(int(offsets[i]), int(offsets[i]) + int(lengths[i])) for i in indices]
 
         # concurrent reads; a damaged chunk raises one line naming the array and chunk (pipeline/store/chunk_read.py)
         jobs = [(a, s) for s in sels for a in arrays]
         flat = self.shard_cache.read(self, jobs) if self.shard_cache else read_all(self, jobs)
-        scales = self._sample_scales(split, layers, comps, sels)
+        scales = self._sample_scales(split, reads, sels)
         out, per = [], len(arrays)
-        for j in range(len(sels)):
-            got = iter(
-                flat[j * per : (j + 1) * per]
-            )  # in `arrays` order: tokens, states (component-major), logits
+        for j, sel in enumerate(sels):
+            got = iter(flat[j * per : (j + 1) * per])  # in `arrays` order: tokens, states, logits
             tokens = {name: next(got) for name in TOKEN_ARRAYS}
-            states = {c: np.stack([next(got) for _ in layers]) for c in comps}  # (L, T, X, D) words
+            words = {(c, li): next(got) for c, li, _ in reads}  # (T, X, D) each
+            states = {c: self._stack(words, c, pos[c], sel.stop - sel.start) for c in comps}  # (L, T, X, D)
+            scale = None
+            if scales:
+                scale = {
+                    c: self._stack(scales[j], c, pos[c], sel.stop - sel.start, scale=True) for c in comps
+                }
             logits = {name: next(got) for name in LOGIT_ARRAYS} if with_logits else None
-            out.append(decode_sample(tokens, self.dtype, states, scales[j] if scales else None, logits))
+            out.append(decode_sample(tokens, self.dtype, states, scale, logits))
         return out
 
-    def _sample_scales(
-        self, split: str, layers: list[int], comps: list[str], sels: list[slice]
-    ) -> list[dict[str, np.ndarray]] | None:
-        """int8 stores: per sample, {component: scales broadcastable to (L, T, X, D)}; None otherwise."""
-        if self.dtype != "int8" or not comps:
+    def positions_of(self, layers: list[int], comp: str, wanted) -> list[np.ndarray | None]:
+        """Per layer of `layers` the stored positions of the `wanted` teacher heads of `comp` (one list per
+        layer; None: every stored head, as stored). A head the store lacks: one-line KeyError."""
+        if wanted is None:
+            return [None] * len(layers)
+        if len(wanted) != len(layers) or len({len(w) for w in wanted}) > 1:
+            raise ValueError(
+                f"heads[{comp!r}]: got {[len(w) for w in wanted]} heads for layers {layers}: expected one "
+                "equally long list per layer"
+            )
+        return [
+            head_positions(self.attrs, lay, comp, w, f"store '{self.path}'") for lay, w in zip(layers, wanted)
+        ]
+
+    def _stack(self, parts: dict, comp: str, pos: list, T: int, scale: bool = False) -> np.ndarray:
+        """(L, T, X, D) words (or int8 scales) of one component: each layer's read array gathered at its
+        head positions, zeros for a layer asking for no head."""
+        layers = []
+        for li, p in enumerate(pos):
+            if (comp, li) in parts:
+                layers.append(take_heads(parts[(comp, li)], p))
+            else:  # no head of this layer was asked for: nothing was read
+                last = 1 if scale and self.quantization.get(comp) == "token" else self._head_dim()
+                dtype = np.float32 if scale else np.dtype(STORAGE_DTYPES[self.dtype])
+                layers.append(np.zeros((T, len(p), last), dtype=dtype))
+        if len({x.shape for x in layers}) > 1:  # a head-subset store read without `heads`
+            raise ValueError(
+                f"store '{self.path}' holds {[x.shape[1] for x in layers]} {comp} heads in the layers read (a "
+                "head subset, attribute `heads`): pass heads= to read chosen teacher heads"
+            )
+        return np.stack(layers)
+
+    def _head_dim(self) -> int:
+        return int((self.attrs.get("teacher") or {}).get("head_dim") or 0)
+
+    def _sample_scales(self, split: str, reads: list, sels: list[slice]) -> list[dict] | None:
+        """int8 stores: per sample, {(component, layer slot): scales broadcastable to its (T, X, D) words}."""
+        if self.dtype != "int8" or not reads:
             return None
-        pairs = [(c, layer) for c in comps for layer in layers]
+        pairs = [(c, layer) for c, _, layer in reads]
         for c, layer in pairs:  # outside the event loop: whole small scale arrays are read here once
             self._cached_scales(layer, c, split)
         rows = iter(sync(self._gather_scale_rows(pairs, split, sels)))  # sample-major, then `pairs` order
         ct = self.chunk_tokens
         return [
             {
-                c: np.stack(
-                    [expand_scales(next(rows), self.quantization[c], s.start, s.stop, ct) for _ in layers]
-                )
-                for c in comps
+                (c, li): expand_scales(next(rows), self.quantization[c], s.start, s.stop, ct)
+                for c, li, _ in reads
             }
             for s in sels
         ]
@@ -316,12 +360,13 @@ class KVStore:
         split: str = "train",
         layers: Sequence[int] | None = None,
         components: Sequence[str] = COMPONENTS,
+        heads: dict[str, Sequence[Sequence[int]]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One sample: input_ids/segment_ids (T,) int64, answer_mask (T,) bool, q (L, H, T, D),
         k/v (L, G, T, D) float32 for `layers` (default: all stored, ascending). The eval split has no states.
         With "logits" in `components`: topk_logprobs (T, K) float32 and topk_indices (T, K) int64.
         """
-        return self.read_samples([i], split, layers, components)[0]
+        return self.read_samples([i], split, layers, components, heads)[0]
 
     def stored_bytes(self) -> int:
         """Bytes stored under the store root (metadata included)."""
@@ -332,3 +377,8 @@ class KVStore:
             f"KVStore('{self.path}', samples={self.num_samples()}, tokens={self.num_tokens()}, "
             f"layers={self.layers}, dtype={self.dtype}, complete={self.complete})"
         )
+
+
+def _wanted(positions: np.ndarray | None) -> bool:
+    """Whether a layer's array must be read: every stored head (None), or at least one head asked for."""
+    return positions is None or bool((positions >= 0).any())

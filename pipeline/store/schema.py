@@ -23,7 +23,8 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
         char_spans    (N, 2) int32    each token's [start, end) characters in its sample's text; (-1, -1) =
                                       a template token (chat markup, added special tokens: no character of
                                       the row's content); stored with `texts`, read by cross-tokenizer arms
-        layers/{l}/q  (N, H, D)       teacher layer l (0-based), post-RoPE queries
+        layers/{l}/q  (N, H, D)       teacher layer l (0-based), post-RoPE queries (with a `heads` record:
+                                      only the held heads of layer l, ascending; k/v likewise hold G_l)
         layers/{l}/k  (N, G, D)       post-RoPE keys, KV heads before any GQA repeat
         layers/{l}/v  (N, G, D)       values, KV heads before any GQA repeat
         layers/{l}/{q,k,v}_scale      only with dtype "int8": float32 scales (pipeline/store/int8.py), per the
@@ -64,7 +65,10 @@ Schema (schema_version 2; version 1 = the same without `logits/`, read as "no lo
 
 Group attributes: schema_version, complete (true only once every chunk is written), teacher {path,
 model_type, config_hash, num_layers, num_heads, num_kv_heads, head_dim, hidden_size, vocab_size, rope,
-dtype}, layers (stored teacher layers, ascending), components, tokenizer {name, vocab_size, hash}, dtype,
+dtype}, layers (stored teacher layers, ascending), components, heads (only when a subset of heads is stored:
+per component the held [layer, head] pairs, query heads for q and KV heads for k/v; absent = every head),
+head_select (with extract.heads: selected: method, top, samples and the probe's head scores), tokenizer
+{name, vocab_size, hash}, dtype,
 quantization (int8 only: the scale scheme per component), storage_dtype, codec, compression_level, chunk_tokens, inner_chunk_tokens, segments {P, R, A}, logits
 ({top_k, dtype, index_dtype, splits}: only when stored), dataset
 {train|eval: {source, rows, kept, skipped, bad_rows, dropped_too_long, truncated}}, config_fingerprint (of
@@ -120,6 +124,8 @@ ATTRS = {
     "teacher": "path, model_type, config_hash and the attention geometry of the teacher",
     "layers": "stored teacher layers, ascending",
     "components": "stored state components (subset of q, k, v)",
+    "heads": "only for a head subset: per component the held [layer, head] pairs (absent = every head)",
+    "head_select": "extract.heads: selected only: method, top, samples and the probe's head scores",
     "tokenizer": "name, vocab_size and hash of the teacher's tokenizer",
     "dtype": "state dtype: bfloat16, float16 or int8",
     "quantization": "int8 only: the scale scheme per component (channel | token)",
@@ -150,3 +156,12 @@ def fingerprint_of(attrs: dict) -> str:
     """Stable short hash of store attributes (volatile keys such as `complete` and `summary` excluded)."""
     stable = {k: v for k, v in attrs.items() if k not in VOLATILE_ATTRS}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def held_heads(attrs: dict, layer: int, comp: str, total: int) -> list[int]:
+    """The teacher heads (query heads for q, KV heads for k/v) array layers/{layer}/{comp} holds, in stored
+    order: the `heads` record's, or every head 0..total-1 for a store without one (every store before it)."""
+    rec = (attrs.get("heads") or {}).get(comp)
+    if rec is None:
+        return list(range(total))
+    return sorted(h for lay, h in rec if lay == layer)

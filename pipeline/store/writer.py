@@ -43,6 +43,7 @@ from pipeline.store.schema import (
     STORAGE_DTYPES,
     TEXT_ARRAYS,
     TOKEN_ARRAYS,
+    held_heads,
     scale_key,
 )
 
@@ -79,6 +80,13 @@ class StoreWriter:
         for split in ("train", "eval"):
             for key in self.chunk_keys(split):
                 self._array(key, split)
+
+    def held_heads(self) -> dict[tuple, list[int]] | None:
+        """{(layer, comp): the teacher heads its array holds} for a head-subset store; None when every head is
+        stored (no `heads` record)."""
+        if not self.attrs.get("heads"):
+            return None
+        return {(lay, c): held_heads(self.attrs, lay, c, 0) for lay in self.layers for c in self.components}
 
     def _chunk_units(self, split: str) -> list[tuple[str, int, int]]:
         n = int(self.group[f"{split}/input_ids"].shape[0])
@@ -119,7 +127,8 @@ class StoreWriter:
         Args:
             attrs: group attributes (must hold layers, components, dtype, codec, compression_level; and
                 logits {top_k, dtype, index_dtype, splits} when top-k log-probs are stored).
-            state_shapes: per component the (heads, head_dim) of one token, e.g. {"q": (H, D), "k": (G, D)}.
+            state_shapes: per component the (heads, head_dim) of one token, e.g. {"q": (H, D), "k": (G, D)};
+                with a `heads` record in attrs each layer's array holds only its held heads (schema `held_heads`).
         """
         if chunk_tokens < 1 or inner_chunk_tokens < 1 or chunk_tokens % inner_chunk_tokens:
             raise ValueError(
@@ -185,7 +194,8 @@ class StoreWriter:
         compressors = make_compressors(attrs["codec"], attrs["compression_level"], np.dtype(storage).itemsize)
         for layer in attrs["layers"]:
             for comp in attrs["components"]:
-                heads, dim = state_shapes[comp]
+                total, dim = state_shapes[comp]
+                heads = len(held_heads(attrs, layer, comp, total))
                 with quiet_codecs():
                     g.create_array(
                         f"layers/{layer}/{comp}",

@@ -51,6 +51,8 @@ class StoreDataset(Dataset):
             samples from memory; the same items, without ~40 ms of zarr reads per sample.
         shard_cache: > 0: read whole shards and keep this many per array in each process
             (pipeline/store/shard_cache.py; for `train.shuffle: shards`); the same items.
+        heads: {component: per layer, the teacher heads to read} (`KVStore.read_samples`): a selected-head
+            arm reads only its heads, at their positions in the stored arrays (a head-subset store's or not).
     Shapes:
         item: input_ids / segment_ids (T,) int64, answer_mask (T,) bool, q (L_sel, H_t, T, D_t),
         k / v (L_sel, G_t, T, D_t) float32, index () int64 (the store sample index); with "logits":
@@ -68,8 +70,10 @@ class StoreDataset(Dataset):
         indices: Sequence[int] | None = None,
         preload: bool = False,
         shard_cache: int = 0,
+        heads: dict[str, list[list[int]]] | None = None,
     ):
         self.store_path = StoreLocation(store_path)
+        self.heads = heads
         self.split = split
         self.layers = [int(x) for x in layers]
         self.components = tuple(components)
@@ -78,7 +82,9 @@ class StoreDataset(Dataset):
         self.indices = list(range(n)) if indices is None else [int(i) for i in indices]
         self._pre = None
         if preload:
-            self._pre = PreloadedSplit(self.store, split, self.layers or self.store.layers, self.components)
+            self._pre = PreloadedSplit(
+                self.store, split, self.layers or self.store.layers, self.components, heads
+            )
 
     @property
     def store(self) -> KVStore:
@@ -108,7 +114,11 @@ class StoreDataset(Dataset):
             samples = self._pre.read_samples(store_idx)
         else:
             samples = self.store.read_samples(
-                store_idx, split=self.split, layers=self.layers or None, components=self.components
+                store_idx,
+                split=self.split,
+                layers=self.layers or None,
+                components=self.components,
+                heads=self.heads,
             )
         for s, i in zip(samples, store_idx):
             s["index"] = torch.tensor(i)

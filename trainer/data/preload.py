@@ -19,9 +19,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.store.heads import take_heads
 from pipeline.store.int8 import expand_scales
 from pipeline.store.sample import decode_sample
-from pipeline.store.schema import LOGIT_ARRAYS, TOKEN_ARRAYS
+from pipeline.store.schema import LOGIT_ARRAYS, STORAGE_DTYPES, TOKEN_ARRAYS
 
 
 def preload_bytes(store, split: str, layers: Sequence[int], components: Sequence[str]) -> int:
@@ -57,22 +58,21 @@ class PreloadedSplit:
         pre.read_samples([0, 5])  # same dicts as store.read_samples([0, 5], "train", [7, 14], ...)
     """
 
-    def __init__(self, store, split: str, layers: Sequence[int], components: Sequence[str]):
+    def __init__(self, store, split: str, layers: Sequence[int], components: Sequence[str], heads=None):
         self.dtype = store.dtype
         self.layers = [int(x) for x in layers]
         self.offsets = np.asarray(store.offsets(split), dtype=np.int64)  # (S,)
         self.lengths = np.asarray(store.lengths(split), dtype=np.int64)  # (S,)
         self.tokens = {name: np.asarray(store.token_array(name, split)[:]) for name in TOKEN_ARRAYS}  # (N,)
         self.components = [c for c in components if c != "logits"] if store.has_states(split) else []
+        # `heads` as KVStore.read_samples: per component and layer, the teacher heads to hold (positions)
+        pos = {c: store.positions_of(self.layers, c, (heads or {}).get(c)) for c in self.components}
         # (L_sel, N, X, D_t) per component: one bulk read per layer, stacked so a sample is one slice.
-        self.states = {
-            c: np.stack([np.asarray(store.array(layer, c, split)[:]) for layer in self.layers])
-            for c in self.components
-        }
+        self.states = {c: _stacked(store, split, self.layers, c, pos[c], False) for c in self.components}
         # int8: (L_sel, C, X, D_t) per-chunk or (L_sel, N, X) per-token scales (pipeline/store/int8.py)
         self.quantization, self.chunk_tokens = store.quantization, store.chunk_tokens
         self.scales = {
-            c: np.stack([np.asarray(store.scale_array(layer, c, split)[:]) for layer in self.layers])
+            c: _stacked(store, split, self.layers, c, pos[c], True)
             for c in (self.components if self.dtype == "int8" else [])
         }
         # (N, K) top-k log-probs (float16 words) and token ids, when asked for
@@ -110,3 +110,21 @@ class PreloadedSplit:
         return np.stack(
             [expand_scales(x, scheme, a, b, self.chunk_tokens) for x in s[:, a // self.chunk_tokens :]]
         )
+
+
+def _stacked(store, split: str, layers: list[int], c: str, pos: list, scale: bool) -> np.ndarray:
+    """One component's whole arrays (or int8 scales), one per layer, gathered at each layer's head positions
+    (pipeline/store/heads.py) and stacked; a layer asking for no head is zeros and is not read."""
+    read = store.scale_array if scale else store.array
+    parts = [
+        None if p is not None and not (p >= 0).any() else take_heads(np.asarray(read(lay, c, split)[:]), p)
+        for lay, p in zip(layers, pos)
+    ]
+    if any(x is None for x in parts):
+        n, P, D = store.num_tokens(split), len(pos[0]), int(store.attrs["teacher"]["head_dim"])
+        if scale and store.quantization.get(c) == "channel":
+            n = -(-n // store.chunk_tokens)
+        shape = (n, P) if scale and store.quantization.get(c) == "token" else (n, P, D)
+        dtype = np.float32 if scale else np.dtype(STORAGE_DTYPES[store.dtype])
+        parts = [x if x is not None else np.zeros(shape, dtype=dtype) for x in parts]
+    return np.stack(parts)

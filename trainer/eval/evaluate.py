@@ -190,15 +190,18 @@ def alignment_diagnostics(accelerator, aligner, store_path, cfg, pad_id: int, nu
     """Effective rank of the projected teacher Q/K/V (mean over student layers) on the first train samples.
 
     A projector collapsing the teacher toward rank 1 shows here even when the cosine terms look fine.
-    Returns {"align/eff_rank_q", "align/eff_rank_k", "align/eff_rank_v"} (q only when Q is stored/used).
+    Returns {"align/eff_rank_q", "align/eff_rank_k", "align/eff_rank_v"} for the projected components only
+    (none without a projector).
     """
-    comps = ("q", "k", "v") if cfg.loss_config.alpha_attn > 0 else ("k", "v")
+    comps = [c for c in ("q", "k", "v") if c in aligner.projections]  # what the aligner projects
+    if not comps:
+        return {}
     ds = StoreDataset(store_path, "train", layers=aligner.teacher_layers, components=comps)
     idx = list(range(min(num_samples, len(ds))))
     batch = collate_right_pad(ds.__getitems__(idx), pad_id)
     dev = next(iter(aligner.parameters()), torch.empty(0, device=accelerator.device)).device
     batch = {k: v.to(dev) for k, v in batch.items()}
-    out = aligner.align(batch["k_t"], batch["v_t"], batch.get("q_t"), batch["segment_ids"])
+    out = aligner.align(batch.get("k_t"), batch.get("v_t"), batch.get("q_t"), batch["segment_ids"])
     mask = out.mask  # (B, T')
     res = {}
     for c in comps:

@@ -136,15 +136,11 @@ class DistillModel(nn.Module):
         if not out.plan.is_identity and token_map is None:
             # Same tokens on both sides: warp the student with the teacher's plan (use (a) of the warper).
             q_s, k_s, v_s = (self.aligner.warp_student(x, out.plan) for x in (q_s, k_s, v_s))  # (., T', .)
-        if (
-            k_s.shape != out.k.shape
-            or v_s.shape != out.v.shape
-            or (out.q is not None and q_s.shape != out.q.shape)
-        ):
-            raise ValueError(
-                f"aligned teacher k {tuple(out.k.shape)} / q {tuple(out.q.shape) if out.q is not None else None} "
-                f"vs student k {tuple(k_s.shape)} / q {tuple(q_s.shape)}: expected equal shapes"
-            )
+        for name, s, t in (("k", k_s, out.k), ("v", v_s, out.v), ("q", q_s, out.q)):
+            if t is not None and s.shape != t.shape:  # None: not projected (a term of weight 0)
+                raise ValueError(
+                    f"aligned teacher {name} {tuple(t.shape)} vs student {name} {tuple(s.shape)}: expected equal shapes"
+                )
         return logits, StudentStates(q_s, k_s, v_s), out
 
 
@@ -161,7 +157,8 @@ class StepResult:
 
 
 def structural_loss(loss_fn, student: StudentStates, out, struct_ids: list[int]):
-    """loss_struct and its metrics (plus per-layer cosines) counted on positions of the `struct_ids` segments.
+    """loss_struct and its metrics (plus per-layer cosines of the projected components) counted on positions
+    of the `struct_ids` segments.
 
     The segment restriction is a *query* mask: cosines and attention-KL rows are counted only at those
     positions, while attention still spans every real key (a reasoning token attends to the prompt).
@@ -173,10 +170,9 @@ def structural_loss(loss_fn, student: StudentStates, out, struct_ids: list[int])
     kw = out.loss_kwargs()  # attention_mask = every real token, raw teacher Q/K, head mix, scalings
     loss, metrics = loss_fn(student.k, student.v, student.q, out.k, out.v, out.q, query_mask=keep, **kw)
     logs = {k: float(v) for k, v in metrics.items() if not isinstance(v, (list, tuple))}
-    logs["cos_k_layer"] = per_layer_cosine(student.k, out.k, keep).tolist()
-    logs["cos_v_layer"] = per_layer_cosine(student.v, out.v, keep).tolist()
-    if out.q is not None:
-        logs["cos_q_layer"] = per_layer_cosine(student.q, out.q, keep).tolist()
+    for c in ("k", "v", "q"):  # a component without a projector (weight 0) has no cosine to log
+        if getattr(out, c) is not None:
+            logs[f"cos_{c}_layer"] = per_layer_cosine(getattr(student, c), getattr(out, c), keep).tolist()
     for c in ("k", "v", "q"):
         if f"cos_{c}_layer" in logs:
             vals = logs[f"cos_{c}_layer"]

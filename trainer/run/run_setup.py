@@ -44,7 +44,7 @@ from trainer.run.setup import (
     store_path_of,
 )
 from trainer.run.sharding import check_fsdp, is_sharded, load_sharded_state, shard_model
-from trainer.run.store_checks import check_layers, check_tokenizer, open_store
+from trainer.run.store_checks import check_heads, check_layers, check_tokenizer, open_store
 from trainer.run.student_wrap import is_lora, trainable_parameters, wrap_student
 
 
@@ -195,14 +195,17 @@ def preflight(cfg: KVMapConfig, accelerator) -> dict:
     kd = build_cross_kd(cfg, store, tokenizer) if cross else build_kd(cfg, store, vocab)
     if aligner is not None and aligner.head_selection is not None:
         notice(accelerator, aligner.head_selection.describe())
-    layers, comps, loss_fn = [], (), None
+    layers, comps, loss_fn, heads = [], (), None, None
     if aligner is not None:
-        layers, comps = list(aligner.teacher_layers), needed_components(cfg)
-        check_layers(store, layers, comps)
+        layers, comps, heads = list(aligner.teacher_layers), needed_components(cfg), aligner.teacher_heads
+        # a selected-head arm reads only the layers holding its heads, and only those heads
+        read = layers if heads is None else [t for t, hs in zip(layers, heads["q"]) if max(hs) >= 0]
+        check_heads(store, layers, comps, heads)  # first: a missing head is named, not just its layer
+        check_layers(store, read, comps)
         loss_fn = create_structural_loss(**dataclasses.asdict(cfg.loss_config))
     if kd is not None:
         comps = (*comps, "logits")
-    train_ds = open_train_split(cfg, store, layers, comps, accelerator, tokenizer if cross else None)
+    train_ds = open_train_split(cfg, store, layers, comps, accelerator, tokenizer if cross else None, heads)
     pad_id = pad_token_id(tokenizer)
     return dict(
         store=store,
@@ -225,18 +228,20 @@ URL_ORDER_NOTE = (
 
 
 def open_train_split(
-    cfg: KVMapConfig, store, layers: list[int], comps, accelerator, cross_tokenizer=None
+    cfg: KVMapConfig, store, layers: list[int], comps, accelerator, cross_tokenizer=None, heads=None
 ) -> StoreDataset:
     """`train_dataset`, telling the user what its read order or preload costs; with `cross_tokenizer` (the
-    student's tokenizer, when it differs from the store's) the split re-tokenised for the student."""
+    student's tokenizer, when it differs from the store's) the split re-tokenised for the student;
+    `heads`: a selected-head arm's heads (`aligner.teacher_heads`)."""
     t_load = time.perf_counter()
-    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload, cross_tokenizer)
+    train_ds = train_dataset(cfg, store, layers, comps, cfg.train.preload, cross_tokenizer, heads)
     if train_ds.shard_cache:
         notice(accelerator, shard_order_line(cfg, store, layers, comps))
     elif store.location.remote and not cfg.train.preload:
         notice(accelerator, URL_ORDER_NOTE)
     if cfg.train.preload:
-        gb = preload_bytes(store, "train", layers or store.layers, comps) / 2**30
+        held = [t for t in layers if t in store.layers] or store.layers  # a selected-head arm: its layers
+        gb = preload_bytes(store, "train", held, comps) / 2**30
         notice(
             accelerator, f"preloaded the train split: {gb:.2f} GiB in {time.perf_counter() - t_load:.1f} s"
         )
@@ -244,14 +249,15 @@ def open_train_split(
 
 
 def train_dataset(
-    cfg: KVMapConfig, store, layers: list[int], comps, preload: bool, cross_tokenizer=None
+    cfg: KVMapConfig, store, layers: list[int], comps, preload: bool, cross_tokenizer=None, heads=None
 ) -> StoreDataset:
     """The train split as the trainer reads it; `train.shuffle: shards` reads whole shards through a cache of
     shuffle_window + 1 shards per array (preload reads the split whole anyway). `cross_tokenizer`: the
-    student's tokenizer, for a `CrossTokenDataset` (trainer/data/cross_tokens.py)."""
+    student's tokenizer, for a `CrossTokenDataset` (trainer/data/cross_tokens.py); `heads`: a selected-head
+    arm's heads (`aligner.teacher_heads`)."""
     shards = cfg.train.shuffle == "shards" and not preload
     cache = cfg.train.shuffle_window + 1 if shards else 0
-    kw = dict(layers=layers, components=comps, preload=preload, shard_cache=cache)
+    kw = dict(layers=layers, components=comps, preload=preload, shard_cache=cache, heads=heads)
     if cross_tokenizer is not None:
         return cross_dataset(cfg, store, "train", cross_tokenizer, **kw)
     return StoreDataset(store.path, "train", **kw)

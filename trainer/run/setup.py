@@ -12,9 +12,10 @@ import dataclasses
 import torch
 
 from alignment import create_aligner
+from alignment.config import used_projections
 from alignment.losses.logit_kd import create_logit_kd_loss
 from alignment.losses.relation import check_relation_heads
-from alignment.mapping.head_select import layers_of_ranked_heads, select_heads
+from alignment.mapping.head_select import head_view, layers_of_ranked_heads, select_heads
 from alignment.projection.prune_init import init_from_prune
 from pipeline.analysis.head_scores import load_or_compute, ranked_heads
 from pipeline.config.configlib import ConfigError
@@ -81,6 +82,8 @@ def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
         raise ConfigError(str(e)) from None
     if sel is not None:
         aligner.set_head_selection(sel)
+        if not aligner.projections and cfg.loss_config.relation.weight == 0:  # attention KL alone: its heads
+            aligner.use_head_view(*head_view(sel, aligner.teacher_layers, aligner.H_t, aligner.G_t))
 
 
 def store_path_of(cfg: KVMapConfig):
@@ -106,7 +109,9 @@ def layer_map_from_head_scores(cfg: KVMapConfig, store, student) -> list[int]:
 
 
 def build_aligner(cfg: KVMapConfig, store, student):
-    """The aligner from the store's teacher geometry and the student's config; None when lambda_kv == 0."""
+    """The aligner from the store's teacher geometry and the student's config; None when lambda_kv == 0.
+    Only the components a nonzero loss term projects get a projector (`used_projections`); a selected-head
+    arm without any reads only its heads (`aligner.teacher_heads`, `MapProjectionAligner.use_head_view`)."""
     if cfg.lambda_kv == 0:
         return None
     teacher_cfg = teacher_config_from_attrs(store.attrs, store.path)
@@ -117,13 +122,19 @@ def build_aligner(cfg: KVMapConfig, store, student):
     elif cfg.align.layer_map == "heads":  # the layers of the best heads, for this student's depth
         align_cfg = dataclasses.replace(cfg.align, layer_map=layer_map_from_head_scores(cfg, store, student))
     try:
-        aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, align_cfg)
+        used = used_projections(cfg.loss_config, cfg.align.head_select.method, cfg.kv_projection_mode)
+        aligner = create_aligner(cfg.kv_projection_mode, teacher_cfg, student.config, align_cfg, used)
         if meta is not None:
             init_from_prune(aligner, meta["kept_query_heads"], meta["kept_kv_heads"])
     except ValueError as e:
         raise ConfigError(f"aligner ({cfg.kv_projection_mode}): {e}".splitlines()[0]) from None
     lc = cfg.loss_config
-    needs_mixer = lc.alpha_attn > 0 and lc.attn_target == "teacher" and aligner.q_head_mix() is None
+    needs_mixer = (
+        lc.alpha_attn > 0
+        and lc.attn_target == "teacher"
+        and cfg.align.head_select.method == "all"
+        and aligner.q_head_mix() is None
+    )
     if needs_mixer and aligner.H_t != aligner.H_s:
         raise ConfigError(
             f"config key 'loss_config.attn_target': 'teacher' with kv_projection_mode='{cfg.kv_projection_mode}' "
@@ -169,11 +180,14 @@ def build_kd(cfg: KVMapConfig, store, student_vocab: int):
 
 
 def needed_components(cfg: KVMapConfig) -> tuple[str, ...]:
-    """Store components the loss reads: K and V always (the aligner maps both), Q for the attention term or a
-    Q relation."""
-    rel = cfg.loss_config.relation
-    q = cfg.loss_config.alpha_attn > 0 or (rel.weight > 0 and "q" in rel.components)
-    return ("q", "k", "v") if q else ("k", "v")
+    """Store components the loss reads (a term of weight 0 reads nothing): Q for the attention term or a Q
+    relation; K for the K cosine, the attention term or a K relation; V for the V cosine or a V relation."""
+    lc, rel = cfg.loss_config, cfg.loss_config.relation
+    related = set(rel.components) if rel.weight > 0 else set()
+    attn = lc.alpha_attn > 0
+    used = {"q": attn or "q" in related, "k": lc.alpha_k > 0 or attn or "k" in related}
+    used["v"] = lc.alpha_v > 0 or "v" in related
+    return tuple(c for c in ("q", "k", "v") if used[c])
 
 
 def param_groups(student, aligner, cfg: KVMapConfig) -> list[dict]:

@@ -92,3 +92,20 @@ def check_tokenizer(store, tokenizer, student_vocab: int, hash_fn=None) -> None:
             f"hash {ours}) differs from the store's {rec.get('name')!r} ({rec.get('vocab_size')} tokens, hash "
             f"{rec['hash']}): expected the same tokenizer (no token map is configured)"
         )
+
+
+def check_heads(store, layers: Sequence[int], components: Sequence[str], heads: dict | None) -> None:
+    """Every teacher head the loss reads must be stored: `heads` {component: per layer the heads read}
+    (a selected-head arm), else every head of every layer in `layers`. A head-subset store (extract.heads)
+    lacking one is refused in one line naming the head (pipeline/store/heads.py); all-heads stores pass."""
+    if not store.attrs.get("heads"):
+        return
+    for c in components:
+        want = (heads or {}).get(c)
+        if want is None:
+            total = int(store.attrs["teacher"]["num_heads" if c == "q" else "num_kv_heads"])
+            want = [list(range(total))] * len(layers)
+        try:
+            store.positions_of(list(layers), c, want)
+        except KeyError as e:
+            raise ValueError(f"the loss reads a head the store lacks: {e.args[0]}") from None
