@@ -14,6 +14,7 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.load import load_tokenizer
 from trainer.data.cross_tokens import CrossTokenDataset
 from trainer.objective.step import KDTerm
+from trainer.run.setup import require_store_logits
 from trainer.run.store_checks import tokenizer_fingerprint
 
 
@@ -82,11 +83,7 @@ def build_cross_kd(cfg: KVMapConfig, store, student_tokenizer):
     lc = cfg.loss_config
     if lc.alpha_logit == 0:
         return None
-    if not store.has_logits("train"):
-        raise ConfigError(
-            f"loss_config.alpha_logit={lc.alpha_logit}: store '{store.path}' holds no teacher logits: re-extract "
-            "it with 'logits' in extract.components"
-        )
+    require_store_logits(lc.alpha_logit, store)
     if lc.kd_temperature != 1.0:
         raise ConfigError(
             f"loss_config.kd_temperature={lc.kd_temperature}: expected 1.0 with kd_cross (the stored log-probs are "

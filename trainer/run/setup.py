@@ -145,6 +145,15 @@ def build_aligner(cfg: KVMapConfig, store, student):
     return aligner
 
 
+def require_store_logits(alpha_logit: float, store) -> None:
+    """A logit-KD arm needs the store's teacher top-k log-probs: one-line ConfigError otherwise."""
+    if not store.has_logits("train"):
+        raise ConfigError(
+            f"loss_config.alpha_logit={alpha_logit}: store '{store.path}' holds no teacher logits: re-extract "
+            "it with 'logits' in extract.components (e.g. extract.components=[q,k,v,logits])"
+        )
+
+
 def build_kd(cfg: KVMapConfig, store, student_vocab: int):
     """The logit-KD term (`trainer.objective.step.KDTerm`) when `loss_config.alpha_logit > 0`, else None.
 
@@ -159,11 +168,7 @@ def build_kd(cfg: KVMapConfig, store, student_vocab: int):
     lc = cfg.loss_config
     if lc.alpha_logit == 0:
         return None
-    if not store.has_logits("train"):
-        raise ConfigError(
-            f"loss_config.alpha_logit={lc.alpha_logit}: store '{store.path}' holds no teacher logits: re-extract "
-            "it with 'logits' in extract.components (e.g. extract.components=[q,k,v,logits])"
-        )
+    require_store_logits(lc.alpha_logit, store)
     teacher_rows = int(store.attrs.get("teacher", {}).get("vocab_size") or 0)
     if teacher_rows > student_vocab:
         top = max(int(store.logit_array("indices", s)[:].max()) for s in store.logits["splits"])
