@@ -74,12 +74,13 @@ def union_needs(needs: list[dict]) -> dict:
 
 def format_store_plan(arms: list[tuple[str, dict]], union: dict) -> list[str]:
     """One line per arm, then the union as an `extract:` section to paste into the base config."""
-    lines = [f"{'arm':<20}{'components':<22}{'layers':<24}heads"]
+    w = max([18] + [len(name) for name, _ in arms]) + 2  # a long arm name keeps its column
+    lines = [f"{'arm':<{w}}{'components':<22}{'layers':<24}heads"]
     for name, n in arms:
         reads_states = any(c in n["components"] for c in ("q", "k", "v"))
         heads = n["heads"] if n["heads"] != "selected" else f"selected {n['head_select']}"
         layers, heads = (str(n["layers"]), heads) if reads_states else ("-", "-")
-        lines.append(f"{name:<20}{','.join(n['components']) or '-':<22}{layers:<24}{heads}")
+        lines.append(f"{name:<{w}}{','.join(n['components']) or '-':<22}{layers:<24}{heads}")
     lines += ["", "union to extract (stage 1 config):", "extract:"]
     if union["layers"] != []:
         lines.append(f"  layers: {union['layers']}")
