@@ -57,7 +57,7 @@ def test_all_group_equals_the_matrix_evaluator_and_reruns_resume(matrix):
     store, src, out = matrix
     evals = [["heldout", str(store), "eval", str(src)]]
     cfg = EvalConfig(greedy_samples=4, max_new_tokens=4, batch_size=4)
-    rows = evaluate_matrix(out, evals, "type", str(teacher_dir(store)), cfg, [1, 2])
+    rows = evaluate_matrix(out, evals, "type", str(teacher_dir(store)), cfg, [1, 2], needle_samples=6)
     run = out / "arm" / "seed_1"
     got = json.loads((run / OUT_NAME).read_text())["heldout"]
     student, tok = load_model(ModelConfig(path=str(run / "student")))
@@ -71,7 +71,7 @@ def test_all_group_equals_the_matrix_evaluator_and_reruns_resume(matrix):
     assert same["needle/mass"] == pytest.approx(same["needle/teacher_mass"], rel=1e-5)
     # a rerun reuses the files (a changed file is read back, not recomputed)
     before = (run / OUT_NAME).stat().st_mtime_ns
-    evaluate_matrix(out, evals, "type", str(teacher_dir(store)), cfg, [1, 2])
+    evaluate_matrix(out, evals, "type", str(teacher_dir(store)), cfg, [1, 2], needle_samples=6)
     assert (run / OUT_NAME).stat().st_mtime_ns == before
     text = grouped_report(rows, "ctl")
     assert "### heldout, a" in text and "### heldout, b" in text and "`arm`" in text

@@ -73,11 +73,12 @@ def group_indices(store_path: str, split: str, source: str, by: str) -> dict[str
     return groups
 
 
-def needle_stats(model, ds: StoreDataset, desc: str) -> dict[int, tuple[float, bool]]:
-    """{dataset index: (best head's needle mass, whether it points at the needle)} over a split."""
+def needle_stats(model, ds: StoreDataset, desc: str, limit: int) -> dict[int, tuple[float, bool]]:
+    """{dataset index: (best head's needle mass, whether it points at the needle)} over the first `limit`
+    samples of a split (eager attention over every layer is the slow part of this evaluation)."""
     use_eager_attention(model)
     out = {}
-    for i in tqdm(range(len(ds)), desc=desc, leave=False):
+    for i in tqdm(range(min(limit, len(ds))), desc=desc, leave=False):
         s = ds[i]
         pos = needle_positions(s["input_ids"], s["segment_ids"], s["answer_mask"])
         if pos is not None:
@@ -85,21 +86,25 @@ def needle_stats(model, ds: StoreDataset, desc: str) -> dict[int, tuple[float, b
     return out
 
 
-def teacher_needles(teacher: str, evals: list, cache: Path) -> dict[str, dict[int, tuple[float, bool]]]:
+def teacher_needles(
+    teacher: str, evals: list, cache: Path, limit: int
+) -> dict[str, dict[int, tuple[float, bool]]]:
     """The teacher's needle stats per held-out set, computed once and cached in `cache` (JSON)."""
     have = json.loads(cache.read_text()) if cache.is_file() else {}
+    if have.get("limit") != limit:
+        have = {"limit": limit}
     todo = [e for e in evals if e[0] not in have]
     if todo:
         model, _ = load_model(ModelConfig(path=teacher))
         model.eval()
         for name, store, split, _ in todo:
-            stats = needle_stats(model, StoreDataset(store, split), f"teacher needles {name}")
+            stats = needle_stats(model, StoreDataset(store, split), f"teacher needles {name}", limit)
             have[name] = {str(i): v for i, v in stats.items()}
         cache.write_text(json.dumps(have))
-    return {k: {int(i): tuple(v) for i, v in d.items()} for k, d in have.items()}
+    return {k: {int(i): tuple(v) for i, v in d.items()} for k, d in have.items() if k != "limit"}
 
 
-def evaluate_groups(student, tok, evals, groups, teacher, eval_cfg, ce_ids) -> dict:
+def evaluate_groups(student, tok, evals, groups, teacher, eval_cfg, ce_ids, needle_samples: int = 32) -> dict:
     """{eval name: {group: metrics}} of one student (see the module docstring)."""
     acc = Accelerator(cpu=True)
     pad_id = pad_token_id(tok)
@@ -107,7 +112,7 @@ def evaluate_groups(student, tok, evals, groups, teacher, eval_cfg, ce_ids) -> d
     for name, store, split, _ in evals:
         fidelity = KVStore(store).has_logits(split)
         ds = StoreDataset(store, split, components=("logits",) if fidelity else ())
-        mine = needle_stats(student, ds, f"student needles {name}")
+        mine = needle_stats(student, ds, f"student needles {name}", needle_samples)
         res[name] = {}
         for g, idx in groups[name].items():
             sums = teacher_forced_sums(acc, student, ds, idx, eval_cfg.batch_size, pad_id, ce_ids, fidelity)
@@ -129,13 +134,15 @@ def evaluate_groups(student, tok, evals, groups, teacher, eval_cfg, ce_ids) -> d
     return res
 
 
-def evaluate_matrix(matrix: Path, evals, by: str, teacher: str, eval_cfg, ce_ids) -> list[dict]:
+def evaluate_matrix(
+    matrix: Path, evals, by: str, teacher: str, eval_cfg, ce_ids, needle_samples: int = 32
+) -> list[dict]:
     """Evaluate every finished run of the matrix that has no `grouped_eval.json` yet; return all rows."""
     rows = read_results(matrix / RESULTS_NAME)
     if not rows:
         raise ValueError(f"{matrix}: no finished run in {RESULTS_NAME} (expected an ablation output folder)")
     groups = {e[0]: group_indices(e[1], e[2], e[3], by) for e in evals}
-    tstats = teacher_needles(teacher, evals, matrix / "teacher_needles.json")
+    tstats = teacher_needles(teacher, evals, matrix / "teacher_needles.json", needle_samples)
     for row in rows:
         run = resolve_run_dir(matrix, row)
         out = run / OUT_NAME
@@ -143,7 +150,7 @@ def evaluate_matrix(matrix: Path, evals, by: str, teacher: str, eval_cfg, ce_ids
             torch.manual_seed(0)
             student, tok = load_model(ModelConfig(path=str(run / "student")))
             student.eval()
-            res = evaluate_groups(student, tok, evals, groups, tstats, eval_cfg, ce_ids)
+            res = evaluate_groups(student, tok, evals, groups, tstats, eval_cfg, ce_ids, needle_samples)
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1))
             tmp.replace(out)
@@ -199,13 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ce-segments", default="R,A", help="the segments CE (R+A) counts, as training's")
     p.add_argument("--greedy", type=int, default=48, help="rows per group decoded for exact match")
     p.add_argument("--max-new-tokens", type=int, default=48, help="greedy budget (R and A)")
+    p.add_argument(
+        "--needle-samples", type=int, default=32, help="samples per held-out set for needle attention"
+    )
     a = p.parse_args(argv)
 
     def run() -> int:
         ce_ids = [SEGMENTS[s.strip()] for s in a.ce_segments.split(",")]
         cfg = EvalConfig(greedy_samples=a.greedy, max_new_tokens=a.max_new_tokens, batch_size=8)
         matrix = Path(a.matrix)
-        rows = evaluate_matrix(matrix, a.eval, a.by, a.teacher, cfg, ce_ids)
+        rows = evaluate_matrix(matrix, a.eval, a.by, a.teacher, cfg, ce_ids, a.needle_samples)
         text = f"# Held-out metrics by {a.by}: {matrix}\n\n" + grouped_report(rows, a.control)
         (matrix / "grouped_report.md").write_text(text)
         print(text)
