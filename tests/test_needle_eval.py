@@ -34,7 +34,11 @@ def test_needle_positions_find_the_single_run_in_the_prompt():
     ids, seg, mask = _sample([5, 6, 9, 7, 8, 9], [11, 12], [13, 14, 7, 8], ans=[2, 3])
     q, needle = needle_positions(ids, seg, mask)
     assert needle == [3, 4]
-    assert q == 6 + 2 + 2 - 1  # the row before A's first answer token
+    assert q == 6 + 2 + 2 - 1  # no answer in R: the row before A's first answer token
+    # R quotes the answer: the row before R's first answer token (where it is looked up)
+    ids4, seg4, mask4 = _sample([5, 6, 9, 7, 8, 9], [11, 7, 8], [13, 7, 8], ans=[1, 2])
+    mask4[6 + 1], mask4[6 + 2] = True, True
+    assert needle_positions(ids4, seg4, mask4) == (6, [3, 4])
     # twice in P (ambiguous) or absent: no needle
     ids2, seg2, mask2 = _sample([7, 8, 9, 7, 8], [11], [7, 8], ans=[0, 1])
     assert needle_positions(ids2, seg2, mask2) is None

@@ -5,7 +5,8 @@ Shape glossary: T tokens of one sample, L layers, H query heads per layer, N = L
 The needle is the answer's occurrence in the prompt: the token run that A's answer-bearing tokens spell,
 found in P (the retrieval task's codes occur once in a context; a sample whose run is absent from P, or
 occurs there twice, has no needle and is not counted). The query row is the position whose next-token
-logits write A's first answer token. For every head: the attention mass of that row on the needle tokens,
+logits write the answer's first token where it is first written: in R when R quotes it (the lookup; by A
+the model can copy it from R instead of the context), else in A. For every head: the attention mass of that row on the needle tokens,
 and whether the row's largest attention weight falls on one of them (the head "points at" the needle).
 A model's best head for a sample is the one with the most needle mass. Wu et al. (2024) call heads that
 copy from the needle retrieval heads; `needle_agreement` asks whether the student's best head points at
@@ -30,12 +31,14 @@ def needle_positions(
     if len(a_ans) == 0:
         return None
     run = input_ids[a_ans].tolist()
+    r_ans = ((segment_ids == SEGMENTS["R"]) & answer_mask.bool()).nonzero().flatten()
+    first = int(r_ans[0]) if len(r_ans) else int(a_ans[0])
     p_end = int((segment_ids == SEGMENTS["P"]).nonzero().flatten().max()) + 1
     p = input_ids[:p_end].tolist()
     hits = [i for i in range(p_end - len(run) + 1) if p[i : i + len(run)] == run]
     if len(hits) != 1:
         return None
-    return int(a_ans[0]) - 1, list(range(hits[0], hits[0] + len(run)))
+    return first - 1, list(range(hits[0], hits[0] + len(run)))
 
 
 @torch.no_grad()
