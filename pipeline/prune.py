@@ -33,6 +33,7 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.default_data import generate_default_data
 from pipeline.data.samples import load_samples, tokenize_sample
 from pipeline.models.load import load_model, pad_token_id
+from pipeline.pruning.block_removal import drop_contiguous_blocks, search_evaluations
 from pipeline.pruning.importance import compute_importance
 from pipeline.pruning.meta import FORMAT, META_FILE
 from pipeline.pruning.select import check_counts, choose_layers, explicit_layers, make_plan
@@ -109,7 +110,17 @@ def write_folder(out: Path, student, tokenizer, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _meta(cfg, teacher, shape, plan, scores, calib) -> dict:
+def contiguous_layers(cfg: KVMapConfig, teacher, shape, batches) -> tuple[list[int] | None, list[dict]]:
+    """`prune.layers: contiguous`: the kept layers and the per-round removal costs (else None, [])."""
+    if cfg.prune.layers != "contiguous":
+        return None, []
+    keep, block = check_counts(cfg.prune, shape)["layers"], cfg.prune.drop_block
+    n = search_evaluations(shape.layers, keep, block)
+    with tqdm(total=n, desc="prune: removal cost of contiguous blocks", unit="cand") as bar:
+        return drop_contiguous_blocks(teacher, batches, keep, block, bar)
+
+
+def _meta(cfg, teacher, shape, plan, scores, calib, removal) -> dict:
     return {
         "format": FORMAT,
         "teacher": {"path": cfg.teacher.path, "model_type": teacher.config.model_type, **vars(shape)},
@@ -119,6 +130,7 @@ def _meta(cfg, teacher, shape, plan, scores, calib) -> dict:
         "kept_mlp_channels": plan.mlp,
         "kept_hidden_channels": plan.hidden,
         "importance": {k: scores[k].tolist() for k in ("depth", "heads", "mlp", "hidden")},
+        "block_removal": removal,  # prune.layers: contiguous: each round's window and every candidate's loss
         "calibration": calib,
         "prune_config": to_dict(cfg.prune),
         "layer_map_spec": cfg.align.layer_map,
@@ -142,10 +154,11 @@ def run_prune(cfg: KVMapConfig, overwrite: bool = False) -> dict:
     batches, calib = calibration_batches(cfg, tokenizer, seed)
     with tqdm(total=len(batches), desc="prune: calibration", unit="batch") as bar:
         scores = compute_importance(teacher, batches, bar)
-    layers = choose_layers(cfg.prune, cfg.align.layer_map, shape, scores["depth"])
+    searched, removal = contiguous_layers(cfg, teacher, shape, batches)
+    layers = choose_layers(cfg.prune, cfg.align.layer_map, shape, scores["depth"], searched)
     plan = make_plan(layers, counts, scores, shape)
     student = build_pruned_model(teacher, plan)
-    meta = _meta(cfg, teacher, shape, plan, scores, calib)
+    meta = _meta(cfg, teacher, shape, plan, scores, calib, removal)
     write_folder(out, student, tokenizer, meta)
     n_t, n_s = (sum(p.numel() for p in m.parameters()) for m in (teacher, student))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEPTH_SPECS = ("map", "importance")
+DEPTH_SPECS = ("map", "importance", "contiguous")
 WIDTH_KEYS = ("heads_per_kv_group", "kv_heads", "intermediate_size", "hidden_size")
 
 
@@ -16,14 +16,17 @@ class PruneConfig:
     """Which teacher layers / heads / channels the pruned student keeps, and the calibration data.
 
     Depth (`layers`): "map" (the teacher layers `align.layer_map` picks for `num_layers` student layers),
-    "importance" (keep the `num_layers` blocks with the largest 1 - cos(block input, block output)), or an
-    explicit list of teacher layer indices. Width: each 0 = keep all; otherwise the count to keep, chosen
+    "importance" (keep the `num_layers` blocks with the largest 1 - cos(block input, block output)),
+    "contiguous" (Minitron: greedily remove the contiguous window of `drop_block` layers whose removal costs
+    the least calibration LM loss, never the last layer, until `num_layers` remain), or an explicit list of
+    teacher layer indices. Width: each 0 = keep all; otherwise the count to keep, chosen
     by mean activation magnitude on `calibration_samples` rows of the train split.
     """
 
     out: str | None = None  # output HF folder; null = `student.path`
-    layers: str | list[int] = "map"  # "map" | "importance" | explicit teacher layers
-    num_layers: int = 0  # student layers for map / importance; 0 = as many as the teacher
+    layers: str | list[int] = "map"  # "map" | "importance" | "contiguous" | explicit teacher layers
+    num_layers: int = 0  # student layers for map / importance / contiguous; 0 = as many as the teacher
+    drop_block: int = 0  # contiguous: layers removed per greedy round; 0 = all at once (one window)
     heads_per_kv_group: int = 0  # query heads kept in each kept KV group (GQA grouping stays consistent)
     kv_heads: int = 0  # KV heads (groups) kept per layer
     intermediate_size: int = 0  # MLP channels kept per layer
@@ -35,11 +38,12 @@ class PruneConfig:
     def __post_init__(self):
         if isinstance(self.layers, str) and self.layers not in DEPTH_SPECS:
             raise ValueError(
-                f"prune.layers={self.layers!r}: expected 'map', 'importance' or a list of teacher layer indices"
+                f"prune.layers={self.layers!r}: expected 'map', 'importance', 'contiguous' or a list of "
+                "teacher layer indices"
             )
         if isinstance(self.layers, list) and not self.layers:
             raise ValueError("prune.layers=[]: expected a non-empty list of teacher layer indices")
-        for key in ("num_layers", *WIDTH_KEYS):
+        for key in ("num_layers", "drop_block", *WIDTH_KEYS):
             if getattr(self, key) < 0:
                 raise ValueError(f"prune.{key}={getattr(self, key)!r}: expected an int >= 0 (0 = keep all)")
         for key in ("calibration_samples", "batch_size"):

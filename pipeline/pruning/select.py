@@ -65,8 +65,14 @@ def check_counts(p: PruneConfig, t: TeacherShape) -> dict[str, int]:
             f"prune.heads_per_kv_group={p.heads_per_kv_group}: expected at most {n_t} (the teacher's "
             f"{t.heads} query heads over {t.kv_heads} KV heads: GQA groups of {n_t})"
         )
+    keep = _count("num_layers", p.num_layers, t.layers, "layers")
+    if p.layers == "contiguous" and p.drop_block > t.layers - keep:
+        raise ConfigError(
+            f"prune.drop_block={p.drop_block}: expected at most {t.layers - keep} (the teacher's {t.layers} "
+            f"layers minus the {keep} kept; 0 = all at once)"
+        )
     return {
-        "layers": _count("num_layers", p.num_layers, t.layers, "layers"),
+        "layers": keep,
         "group": p.heads_per_kv_group or n_t,
         "kv_heads": _count("kv_heads", p.kv_heads, t.kv_heads, "KV heads"),
         "intermediate": _count("intermediate_size", p.intermediate_size, t.intermediate, "MLP channels"),
@@ -86,13 +92,22 @@ def explicit_layers(layers: list[int], num_teacher_layers: int) -> list[int]:
     return list(layers)
 
 
-def choose_layers(p: PruneConfig, layer_map_spec, t: TeacherShape, depth: torch.Tensor | None) -> list[int]:
-    """Kept teacher layers for `prune.layers` = list | "map" | "importance" (depth scores needed then)."""
+def choose_layers(
+    p: PruneConfig,
+    layer_map_spec,
+    t: TeacherShape,
+    depth: torch.Tensor | None,
+    searched: list[int] | None = None,
+) -> list[int]:
+    """Kept teacher layers for `prune.layers` = list | "map" | "importance" (depth scores needed then) |
+    "contiguous" (`searched`: the result of `block_removal.drop_contiguous_blocks`)."""
     if isinstance(p.layers, list):
         return explicit_layers(p.layers, t.layers)
     n = _count("num_layers", p.num_layers, t.layers, "layers")
     if p.layers == "importance":
         return top_k(depth, n)
+    if p.layers == "contiguous":
+        return explicit_layers(searched, t.layers)
     try:
         kept = build_layer_map(layer_map_spec, t.layers, n)
     except ValueError as e:
