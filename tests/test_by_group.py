@@ -88,3 +88,18 @@ def test_report_marks_differences_beyond_two_se():
     line_y = next(x for x in text.splitlines() if x.startswith("| `y`"))
     assert "+0.400, **better**" in line_x
     assert "**" not in line_y and "+0.010" in line_y
+
+
+def test_grouped_deltas_plot_is_drawn_with_a_control_and_skipped_without(tmp_path):
+    from trainer.ablation.plots import plot_grouped_deltas
+
+    def row(arm, seed, acc, mass):
+        m = {"eval/acc_R": acc, "eval/ce_trained": 1.0 - acc, "eval/agree_top1": 0.5, "needle/mass": mass}
+        return {"arm": arm, "seed": seed, "grouped": {"h": {"all": m, "a": m}, "long": {"all": m}}}
+
+    rows = [row("c", s, 0.1 + 0.01 * s, 0.02) for s in range(3)]
+    rows += [row("x", s, 0.3 + 0.01 * s, 0.05) for s in range(3)]
+    path = plot_grouped_deltas(tmp_path, rows, "c")
+    assert path == tmp_path / "grouped_deltas.png" and path.stat().st_size > 10_000
+    assert plot_grouped_deltas(tmp_path / "none", rows, None) is None
+    assert plot_grouped_deltas(tmp_path / "none", rows, "absent") is None

@@ -15,7 +15,8 @@ segments, answer-token accuracy in R and A, greedy exact match (decoding R and A
 agreement and KL to the teacher (the store's top-k), and needle attention (`trainer.eval.needle`; the
 teacher's is computed once and cached). Results go to `run_dir/grouped_eval.json` (an existing one is reused:
 the command resumes), the table to `grouped_report.md` beside `results.jsonl`: mean ± std over seeds and
-the difference to the control, marked where it is beyond 2 SE.
+the difference to the control, marked where it is beyond 2 SE, and those differences with ± 2 SE bars in
+`grouped_deltas.png`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.config.kvmap import SEGMENTS, ModelConfig
 from pipeline.config.train import EvalConfig
 from pipeline.models.load import load_model, pad_token_id
 from pipeline.store.reader import KVStore
+from trainer.ablation.plots import plot_grouped_deltas
 from trainer.ablation.results import RESULTS_NAME, read_results, resolve_run_dir
 from trainer.ablation.stats import delta, mean_std, verdict
 from trainer.data.loader import StoreDataset
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         matrix = Path(a.matrix)
         rows = evaluate_matrix(matrix, a.eval, a.by, a.teacher, cfg, ce_ids, a.needle_samples)
         text = f"# Held-out metrics by {a.by}: {matrix}\n\n" + grouped_report(rows, a.control)
+        if plot_grouped_deltas(matrix, rows, a.control) is not None:
+            text += "\n![grouped deltas](grouped_deltas.png)\n"
         (matrix / "grouped_report.md").write_text(text)
         print(text)
         return 0

@@ -5,6 +5,8 @@
 - cos_layers.png: final per-layer K and V cosine (train/cos_k_layer, train/cos_v_layer) per arm, bars with
   ± std error bars over seeds.
 - deltas.png: Δ held-out CE and Δ R-segment answer accuracy vs the control with ± 2 SE bars.
+- grouped_deltas.png (`python -m trainer.ablation.by_group`): the same Δ per held-out set and row group, for
+  acc R, CE (R+A), agreement and needle mass.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from trainer.ablation.results import read_curve, resolve_run_dir
-from trainer.ablation.stats import delta
+from trainer.ablation.stats import delta, mean_std
 
 TRAIN_CE_KEYS = ("loss_ce", "train/loss_ce")
 # Held-out CE over the segments training counts (eval/ce_trained); rows written before it existed: eval/ce.
@@ -184,3 +186,49 @@ def write_plots(out_dir: Path, groups: dict[str, list[dict]], stats: dict, contr
         plot_deltas(out_dir, stats, control),
     ]
     return [p for p in paths if p is not None]
+
+
+GROUPED_PANELS = [
+    ("eval/acc_R", "Δ acc R (higher is better)"),
+    ("eval/ce_trained", "Δ CE R+A (lower is better)"),
+    ("eval/agree_top1", "Δ agree top-1 (higher is better)"),
+    ("needle/mass", "Δ needle mass (higher is better)"),
+]
+
+
+def plot_grouped_deltas(out_dir: Path, rows: list[dict], control: str | None) -> Path | None:
+    """grouped_deltas.png: each arm minus the control per (held-out set, group), ± 2 SE; None without one.
+
+    `rows`: results rows each carrying "grouped" = {set: {group: {metric: value}}} (by_group's evaluation).
+    """
+    arms = [a for a in dict.fromkeys(r["arm"] for r in rows) if a != control]
+    if control is None or not arms or not any(r["arm"] == control for r in rows):
+        return None
+    cells = [(name, g) for name, groups in rows[0]["grouped"].items() for g in groups]
+    fig, axes = plt.subplots(1, len(GROUPED_PANELS), figsize=(4 * len(GROUPED_PANELS), 0.45 * len(cells) + 2))
+    for ax, (key, title) in zip(axes, GROUPED_PANELS):
+        for j, arm in enumerate(arms):
+            ys, ds, errs = [], [], []
+            for i, (name, g) in enumerate(cells):
+                stats = {
+                    a: {key: mean_std([r["grouped"][name][g].get(key) for r in rows if r["arm"] == a])}
+                    for a in (arm, control)
+                }
+                d, se = delta(stats, arm, control, key)
+                if not math.isnan(d):
+                    ys.append(i + 0.15 * (j - (len(arms) - 1) / 2))
+                    ds.append(d)
+                    errs.append(0.0 if math.isnan(se) else 2 * se)
+            ax.errorbar(ds, ys, xerr=errs, fmt="o", capsize=3, label=arm)
+        ax.axvline(0.0, color="grey", lw=1)
+        ax.set_yticks(range(len(cells)), [f"{n} / {g}" for n, g in cells])
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    _legend(axes)
+    fig.suptitle(f"Each arm minus '{control}' per held-out set / group (bars = ± 2 SE over seeds)")
+    fig.tight_layout()
+    path = out_dir / "grouped_deltas.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
