@@ -307,4 +307,37 @@ def test_invocations_with_disjoint_seeds_share_out_dir_and_the_report_sees_every
     out = Path(load_ablation(path).out_dir)
     assert yaml.safe_load((out / "ablation.yaml").read_text())["seeds"] == [0, 1]
     assert "Incomplete arms" not in (out / "report.md").read_text()
-    assert not list(out.glob(".ablation.yaml.*"))  # the atomic write leaves no temp file
+    assert not list(out.glob(".ablation.yaml.*.tmp"))  # the atomic write leaves no temp file
+
+
+def test_concurrent_invocations_starting_together_keep_every_seed(tmp_path, monkeypatch):
+    """Processes started at the same moment (one per seed) all read ablation.yaml before any writes it;
+    without the lock the last write drops the others' seeds. A slow dump widens that window."""
+    import threading
+    import time
+
+    import trainer.ablation.config as ablation_config
+
+    path = write_ablation(tmp_path, runner="fake")
+    configs = [load_ablation(path, [f"seeds=[{s}]"]) for s in range(8)]
+    out = Path(configs[0].out_dir)
+    out.mkdir(parents=True)
+    dump = yaml.safe_dump
+
+    def slow_dump(*a, **k):
+        time.sleep(0.02)
+        return dump(*a, **k)
+
+    monkeypatch.setattr(ablation_config.yaml, "safe_dump", slow_dump)
+    go = threading.Barrier(8)
+
+    def one(abl):
+        go.wait()
+        ablation_config.record_ablation(out, abl)
+
+    threads = [threading.Thread(target=one, args=(a,)) for a in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert yaml.safe_load((out / "ablation.yaml").read_text())["seeds"] == list(range(8))

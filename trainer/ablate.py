@@ -45,7 +45,14 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.extract import run_extraction
 from pipeline.store.reader import KVStore
 from trainer.ablation.child_process import interrupt_on_signals, run_child
-from trainer.ablation.config import AblationConfig, RunSpec, config_hash, load_ablation, plan_runs
+from trainer.ablation.config import (
+    AblationConfig,
+    RunSpec,
+    config_hash,
+    load_ablation,
+    plan_runs,
+    record_ablation,
+)
 from trainer.ablation.report import build_report
 from trainer.ablation.results import RESULTS_NAME, append_result, done_keys, read_results
 from trainer.ablation.store_plan import store_plan
@@ -134,23 +141,6 @@ def pick_runner(abl: AblationConfig) -> tuple[str, Callable]:
             "runner=inprocess, or launch ablate.py as one process with launcher=[accelerate,launch,...]"
         )
     return name, RUNNERS[name]
-
-
-def record_ablation(out: Path, abl: AblationConfig) -> None:
-    """Write `out/ablation.yaml` (what the report reads: arms, control, planned seeds), atomically.
-
-    Seeds are the union with those an earlier or concurrent invocation recorded: two processes sharing
-    `out_dir` with disjoint `seeds` (README, "Ablations"), or a later run adding seeds, must not hide each
-    other's seeds from the report.
-    """
-    d = to_dict(abl)
-    path = out / "ablation.yaml"
-    if path.exists():
-        before = yaml.safe_load(path.read_text()) or {}
-        d["seeds"] = sorted(set(before.get("seeds") or []) | set(d["seeds"]))
-    tmp = path.with_name(f".ablation.yaml.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(d, sort_keys=False))
-    tmp.replace(path)
 
 
 def ensure_store(abl: AblationConfig, specs: list[RunSpec], inprocess: bool) -> str:

@@ -23,8 +23,10 @@ means exactly `align.share_dim_proj=x` (it merges into the base, it does not rep
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,3 +266,24 @@ def plan_runs(abl: AblationConfig) -> list[RunSpec]:
                 )
             specs.append(RunSpec(arm.name, seed, arm_ovr, cfg, config_hash(cfg)))
     return specs
+
+
+def record_ablation(out: Path, abl: AblationConfig) -> None:
+    """Write `out/ablation.yaml` (what the report reads: arms, control, planned seeds), atomically.
+
+    Seeds are the union with those an earlier or concurrent invocation recorded: two processes sharing
+    `out_dir` with disjoint `seeds` (README, "Ablations"), or a later run adding seeds, must not hide each
+    other's seeds from the report. The read-modify-write holds an exclusive lock on `.ablation.yaml.lock`:
+    two invocations started together otherwise both read the old seeds and the second write drops the
+    first's.
+    """
+    d = to_dict(abl)
+    path = out / "ablation.yaml"
+    with open(out / ".ablation.yaml.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.exists():
+            before = yaml.safe_load(path.read_text()) or {}
+            d["seeds"] = sorted(set(before.get("seeds") or []) | set(d["seeds"]))
+        tmp = path.with_name(f".ablation.yaml.{os.getpid()}.tmp")
+        tmp.write_text(yaml.safe_dump(d, sort_keys=False))
+        tmp.replace(path)
