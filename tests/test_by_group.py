@@ -103,3 +103,22 @@ def test_grouped_deltas_plot_is_drawn_with_a_control_and_skipped_without(tmp_pat
     assert path == tmp_path / "grouped_deltas.png" and path.stat().st_size > 10_000
     assert plot_grouped_deltas(tmp_path / "none", rows, None) is None
     assert plot_grouped_deltas(tmp_path / "none", rows, "absent") is None
+
+
+def test_group_sums_adds_up_all_from_a_partition_and_computes_it_otherwise():
+    from trainer.ablation.by_group import group_sums
+
+    calls = []
+
+    def sums(idx):
+        calls.append(list(idx))
+        return torch.tensor([float(sum(idx)), float(len(idx))], dtype=torch.float64)
+
+    out = group_sums({"all": [0, 1, 2, 3], "a": [0, 2], "b": [3, 1]}, sums)
+    assert calls == [[0, 2], [3, 1]]  # "all" is not run again
+    assert torch.equal(out["all"], sums([0, 1, 2, 3])) and torch.equal(
+        out["a"], torch.tensor([2.0, 2.0]).double()
+    )
+    calls.clear()
+    out = group_sums({"all": [0, 1, 2, 3], "a": [0, 2]}, sums)  # not a partition: computed directly
+    assert calls == [[0, 2], [0, 1, 2, 3]] and out["all"][0] == 6

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,6 +107,19 @@ def teacher_needles(
     return {k: {int(i): tuple(v) for i, v in d.items()} for k, d in have.items() if k != "limit"}
 
 
+def group_sums(groups: dict[str, list[int]], sums) -> dict[str, torch.Tensor]:
+    """`sums(indices)` for every group; "all" is added up from the others when they split it exactly.
+
+    Teacher-forced sums are additive over samples, so the forward over every row runs once, not twice
+    (the "all" group and its parts); a grouping that does not partition "all" is computed directly.
+    """
+    parts = {g: sums(idx) for g, idx in groups.items() if g != "all"}
+    if "all" in groups:
+        split = sorted(i for g, idx in groups.items() if g != "all" for i in idx) == sorted(groups["all"])
+        parts["all"] = torch.stack(list(parts.values())).sum(0) if split and parts else sums(groups["all"])
+    return parts
+
+
 def evaluate_groups(student, tok, evals, groups, teacher, eval_cfg, ce_ids, needle_samples: int = 32) -> dict:
     """{eval name: {group: metrics}} of one student (see the module docstring)."""
     acc = Accelerator(cpu=True)
@@ -116,8 +130,10 @@ def evaluate_groups(student, tok, evals, groups, teacher, eval_cfg, ce_ids, need
         ds = StoreDataset(store, split, components=("logits",) if fidelity else ())
         mine = needle_stats(student, ds, f"student needles {name}", needle_samples)
         res[name] = {}
+        one = partial(teacher_forced_sums, acc, student, ds, batch_size=eval_cfg.batch_size, pad_id=pad_id)
+        sums_of = group_sums(groups[name], partial(one, ce_ids=ce_ids, fidelity=fidelity))
         for g, idx in groups[name].items():
-            sums = teacher_forced_sums(acc, student, ds, idx, eval_cfg.batch_size, pad_id, ce_ids, fidelity)
+            sums = sums_of[g]
             g_idx = idx[: eval_cfg.greedy_samples]
             hits, n = greedy_exact_match(
                 student, tok, ds, g_idx, eval_cfg.max_new_tokens, eval_cfg.batch_size, acc.device
