@@ -28,6 +28,14 @@ TRAIN_CE_KEYS = ("loss_ce", "train/loss_ce")
 EVAL_CE_KEYS = ("eval/ce_trained", "eval/ce")
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write at 110 dpi and close `fig`; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _legend(axes) -> None:
     """One legend, on the last panel that has labelled artists."""
     for ax in reversed(list(axes)):
@@ -87,11 +95,7 @@ def plot_loss_curves(out_dir: Path, groups: dict[str, list[dict]]) -> Path | Non
         return None
     _legend(axes)
     fig.suptitle("Loss and accuracy per arm: mean over seeds, band = ± 1 std")
-    fig.tight_layout()
-    path = out_dir / "loss_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "loss_curves.png")
 
 
 def _layer_stats(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -132,11 +136,7 @@ def plot_cos_layers(out_dir: Path, groups: dict[str, list[dict]]) -> Path | None
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("cosine(student, projected teacher)")
     _legend(axes)
-    fig.tight_layout()
-    path = out_dir / "cos_layers.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "cos_layers.png")
 
 
 def plot_deltas(out_dir: Path, stats: dict, control: str | None) -> Path | None:
@@ -171,11 +171,7 @@ def plot_deltas(out_dir: Path, stats: dict, control: str | None) -> Path | None:
         plt.close(fig)
         return None
     fig.suptitle(f"Each arm minus the control '{control}' (bars = ± 2 SE over seeds)")
-    fig.tight_layout()
-    path = out_dir / "deltas.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "deltas.png")
 
 
 def write_plots(out_dir: Path, groups: dict[str, list[dict]], stats: dict, control: str | None) -> list[Path]:
@@ -227,8 +223,4 @@ def plot_grouped_deltas(out_dir: Path, rows: list[dict], control: str | None) ->
         ax.grid(alpha=0.3, axis="x")
     _legend(axes)
     fig.suptitle(f"Each arm minus '{control}' per held-out set / group (bars = ± 2 SE over seeds)")
-    fig.tight_layout()
-    path = out_dir / "grouped_deltas.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "grouped_deltas.png")
