@@ -5,8 +5,8 @@ Shape glossary: B batch, T tokens (calibration batches are right-padded), V voca
 Per-layer importance (`importance.py`, 1 - cos(in, out)) scores each block alone, as if the others stayed;
 Minitron (Muralidharan et al. 2024; Sreenivas et al. 2024) instead removes *contiguous* blocks and ranks
 each candidate by the language-model loss of the model without it, which accounts for what the remaining
-blocks do with the changed residual stream. The last block is always kept: removing it costs the most in
-their measurements and in ours (it writes the stream the LM head reads).
+blocks do with the changed residual stream. The last block is always kept (Minitron found removing it
+costs the most; it writes the stream the LM head reads; this search never tries removing it).
 
 The search is greedy over blocks of `block` layers: each round removes the window (among the layers still
 present, never the last) whose removal gives the lowest calibration loss, until `keep` layers remain. With
