@@ -90,6 +90,19 @@ def test_report_marks_differences_beyond_two_se():
     assert "**" not in line_y and "+0.010" in line_y
 
 
+def test_report_leaves_out_a_column_no_run_measured_and_counts_seeds():
+    def row(arm, seed, acc):
+        m = {"eval/exact_match": math.nan, "eval/acc_A": acc}
+        return {"arm": arm, "seed": seed, "grouped": {"h": {"all": m}}}
+
+    text = grouped_report([row("c", 0, 0.1), row("c", 1, 0.2), row("x", 0, 0.3)], "c")
+    header = next(x for x in text.splitlines() if x.startswith("| arm"))
+    assert "exact match" not in header and "acc A" in header
+    assert "| `c` | 2 | 0.150" in text and "| `x` | 1 | 0.300" in text
+    note = next(x for x in text.splitlines() if x.startswith("Not measured in this evaluation"))
+    assert "exact match" in note and "acc A" not in note
+
+
 def test_grouped_deltas_plot_is_drawn_with_a_control_and_skipped_without(tmp_path):
     from trainer.ablation.plots import plot_grouped_deltas
 

@@ -54,6 +54,7 @@ OUT_NAME = "grouped_eval.json"
 COLUMNS = {
     "eval/exact_match": ("exact match", "higher"),
     "eval/acc_R": ("acc R", "higher"),
+    "eval/acc_A": ("acc A", "higher"),
     "eval/ce_trained": ("CE (R+A)", "lower"),
     "eval/agree_top1": ("agree top-1", "higher"),
     "eval/kl_teacher": ("KL(t‖s)", "lower"),
@@ -178,15 +179,14 @@ def evaluate_matrix(
 
 
 def grouped_report(rows: list[dict], control: str | None) -> str:
-    """Markdown tables: per held-out set and group, each arm's mean ± std and Δ vs the control (2-SE marks)."""
+    """Markdown tables: per held-out set and group, each arm's seed count, mean ± std and Δ vs the control
+    (2-SE marks). A column no arm has a value for (exact match with `--greedy 0`) is left out, and said so."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    lines = []
+    seeds = {a: sum(r["arm"] == a for r in rows) for a in arms}
+    lines, left_out = [], set()
     first = rows[0]["grouped"]
     for name in first:
         for g in first[name]:
-            lines += [f"### {name}, {g}", ""]
-            head = ["arm", "n"] + [h for h, _ in COLUMNS.values()]
-            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             stats = {
                 a: {
                     k: mean_std([r["grouped"][name][g].get(k) for r in rows if r["arm"] == a])
@@ -194,9 +194,13 @@ def grouped_report(rows: list[dict], control: str | None) -> str:
                 }
                 for a in arms
             }
+            cols = {k: v for k, v in COLUMNS.items() if any(stats[a][k][2] for a in arms)}
+            left_out |= {h for k, (h, _) in COLUMNS.items() if k not in cols}
+            head = ["arm", "seeds"] + [h for h, _ in cols.values()]
+            lines += [f"### {name}, {g}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for a in arms:
-                cells = [f"`{a}`", str(stats[a]["eval/exact_match"][2])]
-                for k, (_, better) in COLUMNS.items():
+                cells = [f"`{a}`", str(seeds[a])]
+                for k, (_, better) in cols.items():
                     m, s, _ = stats[a][k]
                     cell = f"{m:.3f} ± {s:.3f}"
                     if control in stats and a != control:
@@ -206,6 +210,10 @@ def grouped_report(rows: list[dict], control: str | None) -> str:
                     cells.append(cell)
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+    if left_out:
+        lines.append(
+            f"Not measured in this evaluation (no run has a value): {', '.join(sorted(left_out))}.\n"
+        )
     return "\n".join(lines)
 
 
