@@ -1,6 +1,7 @@
 """Stage 1's tokenisation: peak RSS per process at 1x and 4x the rows, 1 process and 2 (each its share).
 
     python benchmarks/bench_tokenize_memory.py [--config configs/default.yaml] [--rows 20000] [--processes 2]
+        [--no-texts]
 
 Shape glossary: N tokens of the split, S samples.
 
@@ -10,7 +11,8 @@ The rows are the embedded default task (pipeline/data/default_data.py, ~65 token
 forward, `pipeline.extract.load_split` (tokenise, count, pack into the store layout), with the config's
 teacher tokenizer. Per process it reports the RSS after the tokenizer is loaded (`start`), the peak of the
 whole process (ru_maxrss) and the rise between them, per 1,000 rows. The packed layout itself, which every
-process keeps (the extraction loop reads any chunk's tokens from it), is 6 bytes per token + 20 per sample.
+process keeps (the extraction loop reads any chunk's tokens from it), is 6 bytes per token + 20 per sample for the token arrays, plus 8 bytes per token of
+character spans and the rendered texts (kept for cross-tokenizer arms).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ def _args(argv):
     ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"))
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument(
+        "--no-texts", action="store_true", help="extract.texts: false (no rendered texts or char spans kept)"
+    )
     ap.add_argument("--worker", default=None, help="internal: the train.jsonl one process tokenises")
     return ap.parse_args(argv)
 
@@ -58,7 +63,8 @@ def worker(a) -> None:
 
     state = PartialState(cpu=True)
     cfg = load_config(KVMapConfig, a.config)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_path=a.worker, eval_path=None))
+    data = dataclasses.replace(cfg.data, train_path=a.worker, eval_path=None)
+    cfg = dataclasses.replace(cfg, data=data, extract=dataclasses.replace(cfg.extract, texts=not a.no_texts))
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path)
     start = _rss_kib()
     t0 = time.perf_counter()
@@ -77,7 +83,7 @@ def worker(a) -> None:
 
 def measure(a, train: Path, processes: int) -> list[dict]:
     """Fresh process(es) tokenising `train`; their rows by rank."""
-    me = [__file__, "--worker", str(train), "--config", a.config]
+    me = [__file__, "--worker", str(train), "--config", a.config] + (["--no-texts"] if a.no_texts else [])
     cmd = [sys.executable, *me]
     if processes > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]

@@ -78,7 +78,7 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer, state=None) -> tuple[Pac
     if split == "eval" and cfg.data.eval_path is None:
         return None
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    packed, c = tokenize_packed(cfg.data, split, tokenizer, rank, world)
+    packed, c = tokenize_packed(cfg.data, split, tokenizer, rank, world, texts=cfg.extract.texts)
     counts = {
         "rows": c["rows"],
         "kept": c["samples"],

@@ -46,8 +46,9 @@ def _plan_json(cfg, capsys, *extra) -> dict:
     [
         {},  # bf16 states of the mapped layers
         {"dtype": "int8", "components": ["q", "k", "v", "logits"], "logits_top_k": 8, "layers": "all"},
+        {"components": ["logits"], "logits_top_k": 8, "texts": False},  # the smallest store: no texts
     ],
-    ids=["bf16", "int8-logits"],
+    ids=["bf16", "int8-logits", "logits-no-texts"],
 )
 def test_estimate_is_within_15_percent_of_the_stored_bytes(tmp_path, teacher, capsys, extract):
     cfg = write_extract_config(tmp_path, teacher, num_rows=40, **extract)
@@ -55,13 +56,16 @@ def test_estimate_is_within_15_percent_of_the_stored_bytes(tmp_path, teacher, ca
     assert not (tmp_path / "store.zarr").exists()  # --plan writes no store
     assert {"bytes_total", "bytes_per_token", "tokens", "components", "seconds_estimate"} <= set(plan)
     comps = set(plan["components"])
-    assert {"q", "k", "v", "tokens", "metadata"} <= comps
+    states = extract.get("components", ["q"]) != ["logits"]
+    assert {"tokens", "metadata"} <= comps and ({"q", "k", "v"} <= comps) == states
+    assert ("texts" in comps) == extract.get("texts", True)
     if extract.get("dtype") == "int8":
         assert {"q_scale", "k_scale", "v_scale", "logits_values", "logits_indices"} <= comps
     assert plan["bytes_total"] == sum(c["bytes"] for c in plan["components"].values())
     assert main(["--config", str(cfg)]) == 0
     store = KVStore(tmp_path / "store.zarr", require_complete=True)
     assert plan["train_tokens"] == store.num_tokens()
+    assert store.has_text("train") == store.has_text("eval") == extract.get("texts", True)
     assert plan["tokens"] == store.num_tokens() + store.num_tokens("eval")
     real = store.stored_bytes()
     assert abs(plan["bytes_total"] / real - 1) < 0.15, (plan["bytes_total"], real)
@@ -119,6 +123,7 @@ def test_head_split_keeps_chunk_zero():
     assert head.num_tokens >= 64 and head.num_tokens < 64 + packed.lengths.max()
     assert np.array_equal(head.input_ids, packed.input_ids[: head.num_tokens])
     assert np.array_equal(head.samples_in(0, 64), packed.samples_in(0, 64))
+    assert head.texts is None and head.char_spans is None  # random_split keeps no texts
 
 
 def test_estimate_scales_chunk_zero_to_the_dataset():

@@ -66,6 +66,36 @@ def test_shares_of_any_process_count_merge_into_the_one_process_split(tmp_path, 
         assert add_counts([s[1] for s in shares]) == counts
     packed, c = tokenize_packed(cfg, "train", tok)  # one process: no exchange
     assert packed.fingerprint() == one.fingerprint() and c == counts
+    # extract.texts: false drops each sample's text and spans as it arrives; the tokens are the same
+    bare, c = tokenize_packed(cfg, "train", tok, texts=False)
+    assert bare.texts is None and bare.char_spans is None and c == counts
+    assert bare.fingerprint() == one.fingerprint()
+    assert _my_share(cfg, "train", tok, 1, 2, texts=False)[0].texts is None
+
+
+def test_texts_key_leaves_the_default_fingerprint_as_before(monkeypatch):
+    """extract.texts: true (the default) is left out of the store fingerprint, so stores written before the
+    key existed resume; false gives another fingerprint (another store)."""
+    import dataclasses
+
+    from pipeline.config.kvmap import ExtractConfig, KVMapConfig
+    from pipeline.extraction import store_attrs
+
+    split = PackedSplit.from_arrays(
+        {k: np.ones(3, dtype=dt) for k, dt in TOKEN_DTYPES.items()},
+        np.array([3], dtype=np.int32),
+        np.array([0], dtype=np.int64),
+    )
+    attrs = {"teacher": {}, "tokenizer": {"name": "t"}, "layers": [0]}
+    cfg = KVMapConfig()
+    default = store_attrs.config_fingerprint(cfg, attrs, split, None)
+    no_texts = dataclasses.replace(cfg, extract=ExtractConfig(texts=False))
+    assert store_attrs.config_fingerprint(no_texts, attrs, split, None) != default
+    to_dict = store_attrs.to_dict  # the code before the key: its extract dict had no "texts"
+    monkeypatch.setattr(
+        store_attrs, "to_dict", lambda x: {k: v for k, v in to_dict(x).items() if k != "texts"}
+    )
+    assert store_attrs.config_fingerprint(cfg, attrs, split, None) == default
 
 
 def test_a_bad_row_stops_each_share_at_its_row_and_the_lowest_is_raised(tmp_path, tok):  # noqa: F811

@@ -230,6 +230,10 @@ def test_plan_store_prints_each_arms_needs_and_the_union(tmp_path, capsys):
         {"name": "kd_only", "overrides": ["lambda_kv=0", "loss_config.alpha_logit=1"]},
         {"name": "kd_v40", "overrides": ["loss_config.alpha_logit=1"]},
         {"name": "kd_heads_top", "overrides": ARM},
+        {
+            "name": "kd_cross",
+            "overrides": ["lambda_kv=0", "loss_config.alpha_logit=1", "loss_config.kd_cross=uld"],
+        },
     ]
     abl = {"base_config": str(base), "seeds": [0], "out_dir": str(tmp_path / "out"), "arms": arms}
     path = tmp_path / "abl.yaml"
@@ -241,10 +245,12 @@ def test_plan_store_prints_each_arms_needs_and_the_union(tmp_path, capsys):
     )
     assert "kd_v40              q,k,v,logits          [1, 2, 3]               all" in out
     assert "components: [q, k, v, logits]" in out and "heads:" not in out  # the union: every head
+    assert "texts: false" not in out  # a cross-tokenizer arm reads the texts
     assert main(["--config", str(path), "--plan-store", "only_arms=[kd_only,kd_heads_top]"]) == 0
     out = capsys.readouterr().out  # the minimal store of these two arms
     assert "components: [q, k, logits]" in out and "layers: [1, 2, 3]" in out and "heads: selected" in out
     assert "top: 2, samples: 8" in out
+    assert "texts: false" in out  # no cross-tokenizer arm among them
 
 
 def test_int8_listed_heads_read_as_in_the_all_heads_store(stores, tmp_path):

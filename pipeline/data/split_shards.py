@@ -7,7 +7,8 @@ Why each process still holds the whole packed split: a write chunk's owner forwa
 overlapping it, and the chunks are cut from the packed token axis, so every process needs the offsets of all
 samples and the tokens of its chunks. What no longer happens is every process tokenising every row (W times
 the CPU) and keeping a dict of int64 tensors per sample: a process keeps 6 bytes per token and 16 per
-sample of its share while it tokenises (`PackedSplit.from_stream`), then the exchanged shares.
+sample of its share while it tokenises (`PackedSplit.from_stream`; + 8 per token of character spans and the
+rendered texts where the store keeps them), then the exchanged shares.
 
 Shares: rows i with i % W == rank. A bad row under `data.on_bad_row: error` stops the process that reads it;
 the others learn of it at the exchange, and every process raises the error of the lowest failing row, the
@@ -25,11 +26,20 @@ from pipeline.data.samples import iter_split, new_counts
 from pipeline.store.packed_split import PackedSplit
 
 
-def _my_share(data_cfg: DataConfig, split: str, tokenizer, rank: int, world: int) -> tuple:
+def _without_texts(items):
+    """(row, sample) pairs with each sample's rendered text and char spans dropped as it arrives."""
+    for row, sample in items:
+        yield row, {k: v for k, v in sample.items() if k not in ("text", "char_spans")}
+
+
+def _my_share(
+    data_cfg: DataConfig, split: str, tokenizer, rank: int, world: int, texts: bool = True
+) -> tuple:
     """(packed share, counts, None) or (None, failing row, the exception)."""
     counts = new_counts()
     try:
-        packed = PackedSplit.from_stream(iter_split(data_cfg, split, tokenizer, counts, rank, world))
+        items = iter_split(data_cfg, split, tokenizer, counts, rank, world)
+        packed = PackedSplit.from_stream(items if texts else _without_texts(items))
     except Exception as e:  # re-raised on every process after the exchange
         # tokenize_sample counts a row before it can fail, so this share's failing row is its last counted
         return None, rank + (counts["rows"] - 1) * world, e
@@ -53,15 +63,18 @@ def add_counts(parts: list[dict]) -> dict[str, Any]:
     return out
 
 
-def tokenize_packed(data_cfg: DataConfig, split: str, tokenizer, rank: int = 0, world: int = 1):
+def tokenize_packed(
+    data_cfg: DataConfig, split: str, tokenizer, rank: int = 0, world: int = 1, texts: bool = True
+):
     """Tokenise and pack a split with `world` processes (this one is `rank`); every process must call it.
+    `texts`: keep each sample's rendered text and char spans (`extract.texts`).
 
     Returns:
         (packed, counts): the whole split packed in source-row order (pipeline/store/packed_split.py) and the
         counts of `pipeline.data.samples.new_counts()` with "format", as `tokenize_split` + `from_samples`
         give with one process.
     """
-    mine = _my_share(data_cfg, split, tokenizer, rank, world)
+    mine = _my_share(data_cfg, split, tokenizer, rank, world, texts)
     shares = [mine]
     if world > 1:
         shares = [None] * world

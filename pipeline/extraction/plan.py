@@ -32,7 +32,14 @@ from pipeline.models.capture import capture_qkv
 from pipeline.store.int8 import INT8_SCHEMES
 from pipeline.store.location import StoreLocation
 from pipeline.store.packed_split import PackedSplit
-from pipeline.store.schema import SAMPLE_ARRAYS, STORAGE_DTYPES, TOKEN_ARRAYS, held_heads, scale_key
+from pipeline.store.schema import (
+    SAMPLE_ARRAYS,
+    STORAGE_DTYPES,
+    TEXT_ARRAYS,
+    TOKEN_ARRAYS,
+    held_heads,
+    scale_key,
+)
 from pipeline.store.writer import StoreWriter
 
 # The `summary` attribute a finished store adds to its root metadata (measured: 2.5-3.5 KB with and
@@ -110,10 +117,19 @@ def head_split(packed: PackedSplit, end: int) -> PackedSplit:
         offsets=packed.offsets[:hi],
         lengths=packed.lengths[:hi],
         rows=packed.rows[:hi],
+        texts=packed.texts[:hi] if packed.texts is not None else None,
+        char_spans=packed.char_spans[:n] if packed.char_spans is not None else None,
     )
 
 
-def _component_keys(writer: StoreWriter) -> dict[str, list[str]]:
+def _raw_text_bytes(packed: PackedSplit) -> int:
+    """Uncompressed bytes of a split's texts (UTF-8) and char spans; 0 when it keeps none."""
+    if packed.texts is None:
+        return 0
+    return sum(len(t.encode()) for t in packed.texts) + packed.char_spans.nbytes
+
+
+def _component_keys(writer: StoreWriter, texts: bool) -> dict[str, list[str]]:
     """Plan component -> the array paths (under the store root) that hold it."""
     keys: dict[str, list[str]] = {}
     for comp in writer.components:
@@ -123,6 +139,8 @@ def _component_keys(writer: StoreWriter) -> dict[str, list[str]]:
     if writer.logit_splits:
         keys["logits_values"], keys["logits_indices"] = ["train/logits/values"], ["train/logits/indices"]
     keys["tokens"] = [f"train/{name}" for name in (*TOKEN_ARRAYS, *SAMPLE_ARRAYS)]
+    if texts:
+        keys["texts"] = [f"train/{name}" for name in TEXT_ARRAYS]
     return keys
 
 
@@ -131,7 +149,7 @@ def _metadata_bytes(loc: StoreLocation, keys: dict[str, list[str]], eval_logits:
     arrays, and its logits when stored: copies of the train ones), plus the end summary."""
     total = loc.size(skip_metadata=False) - loc.size()
     if has_eval:
-        extra = ["train/zarr.json"] + [f"{k}/zarr.json" for k in keys["tokens"]]
+        extra = ["train/zarr.json"] + [f"{k}/zarr.json" for k in keys["tokens"] + keys.get("texts", [])]
         if eval_logits:
             extra += [
                 "train/logits/zarr.json",
@@ -177,7 +195,7 @@ def probe_first_chunk(cfg, model, train: PackedSplit, attrs: dict, shapes: dict,
         t1 = time.perf_counter()
         writer.write_chunk(0, bufs, stats)
         t2 = time.perf_counter()
-        keys = _component_keys(writer)
+        keys = _component_keys(writer, head.texts is not None)
         stored = {name: sum(loc.size(k) for k in paths) for name, paths in keys.items()}
         logits = attrs.get("logits") or {}
         metadata = _metadata_bytes(loc, keys, "eval" in logits.get("splits", []), "eval" in attrs["dataset"])
@@ -187,6 +205,7 @@ def probe_first_chunk(cfg, model, train: PackedSplit, attrs: dict, shapes: dict,
         "tokens": end,
         "split_tokens": head.num_tokens,
         "split_samples": len(head.lengths),
+        "text_bytes": _raw_text_bytes(head),
         "compute_s": t1 - t0,
         "write_s": t2 - t1,
         "stored": stored,
@@ -205,6 +224,13 @@ def _units(name: str, raw: dict, probe: dict, n: dict) -> tuple[int, int, float,
             "split_tokens"
         ]
         return n["all_tokens"], probe["split_tokens"], per, n["all_tokens"]
+    if name == "texts":  # char spans per token + the texts, scaled by tokens like the token arrays
+        return (
+            n["all_tokens"],
+            probe["split_tokens"],
+            probe["text_bytes"] / probe["split_tokens"],
+            n["all_tokens"],
+        )
     if name.startswith("logits_"):
         return n["forward"], probe["tokens"], raw[name], n["forward"]
     if name.endswith("_scale") and INT8_SCHEMES[name[: -len("_scale")]] == "channel":

@@ -114,6 +114,8 @@ def config_fingerprint(cfg: KVMapConfig, attrs: dict, train: PackedSplit, eval: 
     ex = to_dict(cfg.extract)
     for k in ("store", "storage_options", "writer_threads", "max_pending_chunks", "layers"):
         ex.pop(k)
+    if ex.get("texts", True):  # the default: left out, so stores made before extract.texts resume
+        ex.pop("texts", None)
     if ex["heads"] == "all":  # every head: left out, so stores made before extract.heads resume
         ex.pop("heads"), ex.pop("head_select")
     # device never changes the bits; an unset revision is left out so stores from before the key resume

@@ -35,13 +35,16 @@ def arm_needs(cfg) -> dict:
     """What stage 2 reads of the store for one resolved config (pipeline.config.kvmap.KVMapConfig).
 
     Returns {"components": [q, k, v, logits subset], "layers": [teacher layers] | "all" | [],
-    "heads": "all" | "selected" | [[layer, head], ...], "head_select": {method, top, samples} (selected)}.
+    "heads": "all" | "selected" | [[layer, head], ...], "head_select": {method, top, samples} (selected),
+    "texts": whether it reads the samples' texts and char spans (a cross-tokenizer arm, known by its
+    `loss_config.kd_cross`)}.
     """
     structural = cfg.lambda_kv != 0
     comps = list(needed_components(cfg)) if structural else []
     if cfg.loss_config.alpha_logit > 0:
         comps.append("logits")
     out = {"components": comps, "layers": _layers(cfg) if structural else [], "heads": "all"}
+    out["texts"] = cfg.loss_config.kd_cross is not None
     hs, lc = cfg.align.head_select, cfg.loss_config
     only_heads = not used_projections(lc, hs.method, cfg.kv_projection_mode) and lc.relation.weight == 0
     if structural and hs.method != "all" and only_heads:
@@ -63,7 +66,7 @@ def union_needs(needs: list[dict]) -> dict:
         layers = "all"
     elif states:
         layers = sorted({t for n in states for t in n["layers"]})
-    out = {"components": comps, "layers": layers, "heads": "all"}
+    out = {"components": comps, "layers": layers, "heads": "all", "texts": any(n["texts"] for n in needs)}
     picks = {repr((n["heads"], n.get("head_select"), n["layers"])) for n in states}
     if len(picks) == 1 and states[0]["heads"] != "all":
         out["heads"] = states[0]["heads"]
@@ -90,6 +93,8 @@ def format_store_plan(arms: list[tuple[str, dict]], union: dict) -> list[str]:
     if "head_select" in union:
         hs = union["head_select"]
         lines.append(f"  head_select: {{method: {hs['method']}, top: {hs['top']}, samples: {hs['samples']}}}")
+    if not union["texts"]:  # no cross-tokenizer arm: the texts and char spans are not read
+        lines.append("  texts: false")
     return lines
 
 

@@ -43,7 +43,7 @@ def check_cross(cfg: KVMapConfig, store, tokenizer, cross: bool) -> None:
             raise ConfigError(
                 f"student tokenizer {name!r} differs from the store's "
                 f"{(store.attrs.get('tokenizer') or {}).get('name')!r} and store '{store.path}' keeps no texts / "
-                f"char_spans for split {split!r}: expected a store written with them (re-extract it) for a "
+                f"char_spans for split {split!r}: expected a store written with them (extract.texts: true) for a "
                 "cross-tokenizer arm"
             )
     if lc.alpha_logit > 0 and lc.kd_cross is None:
