@@ -40,6 +40,7 @@ import zarr  # noqa: E402
 from pipeline.config.configlib import load_config  # noqa: E402
 from pipeline.config.kvmap import KVMapConfig  # noqa: E402
 from pipeline.data.default_data import generate_default_data  # noqa: E402
+from pipeline.data.split_shards import remove_staging  # noqa: E402
 from pipeline.extract import load_split, resolve_layers, run_extraction  # noqa: E402
 from pipeline.extraction.chunk import chunk_batches, pad_batch  # noqa: E402
 from pipeline.models.load import load_model, model_geometry, pad_token_id  # noqa: E402
@@ -295,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("JSON " + json.dumps(result))
     shutil.rmtree(workdir)
+    remove_staging(cfg.extract.store, cfg.extract.storage_options)  # load_split's staged tokens
     ok = result["throughput_ratio"] >= 0.85 and result["stored_over_raw_fp16"] <= 0.75
     return 0 if ok else 1
 

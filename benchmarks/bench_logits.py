@@ -38,6 +38,7 @@ import zarr  # noqa: E402
 from pipeline.config.configlib import load_config  # noqa: E402
 from pipeline.config.kvmap import KVMapConfig  # noqa: E402
 from pipeline.data.default_data import generate_default_data  # noqa: E402
+from pipeline.data.split_shards import remove_staging  # noqa: E402
 from pipeline.extract import load_split, run_extraction  # noqa: E402
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.store.codecs import make_compressors, quiet_codecs  # noqa: E402
@@ -124,6 +125,7 @@ def _fidelity(cfg, k: int, samples: int) -> dict:
         kl_support += float((p_r.exp() * (p_r - s_r)).sum())
         missing += float((1 - p_top.sum(-1)).sum())
         n += lp.shape[0]
+    remove_staging(cfg.extract.store, cfg.extract.storage_options)  # load_split's staged tokens
     return {
         "tokens": n,
         "kl_bucket": kl_bucket / n,

@@ -64,11 +64,13 @@ def worker(a) -> None:
     state = PartialState(cpu=True)
     cfg = load_config(KVMapConfig, a.config)
     data = dataclasses.replace(cfg.data, train_path=a.worker, eval_path=None)
-    cfg = dataclasses.replace(cfg, data=data, extract=dataclasses.replace(cfg.extract, texts=not a.no_texts))
+    store = str(Path(a.worker).parent / "store.zarr")  # the tokens are staged beside it, in the temp folder
+    extract = dataclasses.replace(cfg.extract, texts=not a.no_texts, store=store)
+    cfg = dataclasses.replace(cfg, data=data, extract=extract)
     tokenizer = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path)
     start = _rss_kib()
     t0 = time.perf_counter()
-    packed, counts = load_split(cfg, "train", tokenizer)
+    packed, counts = load_split(cfg, "train", tokenizer, state)
     row = {
         "rank": state.process_index,
         "processes": state.num_processes,

@@ -7,9 +7,10 @@ Shape glossary: B batch, T tokens (padded batch length), H query heads, G KV hea
 N packed tokens of the train split.
 
 How the work is split (why it is resumable and rank-count independent):
-- Each rank tokenises its share of the rows (every world-th row) and the packed shares are exchanged
-  (pipeline/data/split_shards.py), so before any forward every rank holds the packed layout (offsets of
-  all samples), the same one a single process makes, and knows where each sample's tokens go.
+- Each rank tokenises one block of the rows into a staging folder beside the store and the ranks exchange
+  the samples' lengths (pipeline/data/split_shards.py), so before any forward every rank holds the packed
+  layout (offsets of all samples), the same one a single process makes, and reads any chunk's tokens from
+  the staged shares; no rank holds the split's tokens in RAM.
 - The packed axis is cut into write chunks of `extract.chunk_tokens` tokens (one zarr shard per state
   array). A chunk is the unit of work: its owner forwards every sample overlapping it (a sample that
   straddles a chunk boundary is forwarded by both owners; each keeps its own part), in batches of
@@ -40,7 +41,7 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.completions import teacher_completions
 from pipeline.data.default_data import generate_default_data
 from pipeline.data.samples import load_samples
-from pipeline.data.split_shards import tokenize_packed
+from pipeline.data.split_shards import remove_staging, tokenize_packed
 from pipeline.data.trained_tokens import check_trained_tokens
 from pipeline.extraction.chunk import extract_writer_chunk
 from pipeline.extraction.head_probe import (
@@ -78,7 +79,16 @@ def load_split(cfg: KVMapConfig, split: str, tokenizer, state=None) -> tuple[Pac
     if split == "eval" and cfg.data.eval_path is None:
         return None
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    packed, c = tokenize_packed(cfg.data, split, tokenizer, rank, world, texts=cfg.extract.texts)
+    packed, c = tokenize_packed(
+        cfg.data,
+        split,
+        tokenizer,
+        cfg.extract.store,
+        rank,
+        world,
+        texts=cfg.extract.texts,
+        storage_options=cfg.extract.storage_options,
+    )
     counts = {
         "rows": c["rows"],
         "kept": c["samples"],
@@ -272,6 +282,14 @@ def _extract_loop(
     return computed, time.perf_counter() - t_loop, time.process_time() - cpu_loop
 
 
+def _remove_staging(cfg: KVMapConfig, state) -> None:
+    """Once every rank is past reading them, delete the splits' staged tokens (pipeline/data/split_shards.py)."""
+    state.wait_for_everyone()
+    if state.is_main_process:
+        remove_staging(cfg.extract.store, cfg.extract.storage_options)
+    state.wait_for_everyone()
+
+
 def _state(cfg: KVMapConfig) -> PartialState:
     # accelerate only forms a multi-process CPU group (gloo) when asked for cpu=True; without it every
     # process of `accelerate launch --multi_gpu` on a GPU-less machine believes it is alone.
@@ -291,6 +309,7 @@ def plan_extraction(cfg: KVMapConfig) -> dict:
     model, tokenizer, train, eval, _, attrs = _prepare(cfg, state, overwrite=False)
     plan = _plan(cfg, state, model, tokenizer, train, eval, attrs)
     plan.pop("chunk")
+    _remove_staging(cfg, state)
     return plan
 
 
@@ -306,6 +325,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False, force: bool = Fals
     action = plan_store(path, attrs["config_fingerprint"], overwrite)
     state.wait_for_everyone()  # everyone has read the old store before rank 0 replaces it
     if action == "done":
+        _remove_staging(cfg, state)
         if state.is_main_process:
             print(
                 f"store {path} is complete (config fingerprint {attrs['config_fingerprint']}): nothing to do"
@@ -341,7 +361,7 @@ def run_extraction(cfg: KVMapConfig, overwrite: bool = False, force: bool = Fals
         summary["processes_last_run"] = state.num_processes
         writer.mark_complete(summary)
         print_summary(path, summary)
-    state.wait_for_everyone()
+    _remove_staging(cfg, state)
     return summary if summary is not None else KVStore(path).attrs.get("summary", {})
 
 

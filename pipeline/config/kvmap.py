@@ -285,8 +285,8 @@ class ExtractConfig:
     max_pending_chunks: int = 2  # chunks buffered for the writer threads (bounds memory)
     # Keep each sample's rendered text and per-token character spans ({split}/texts, {split}/char_spans): what
     # cross-tokenizer arms re-tokenise and align on (docs/guides/cross-tokenizer.md). They cost 8 bytes per
-    # token + the text in every stage-1 process's memory (more than the 6 B/token of the token arrays) and
-    # in the store; false for a store no cross-tokenizer arm reads (`kvmap-ablate --plan-store` says which).
+    # token + the text in stage 1's staging (more than the 6 B/token of the token arrays) and in the store;
+    # false for a store no cross-tokenizer arm reads (`kvmap-ablate --plan-store` says which).
     texts: bool = True
 
     def __post_init__(self):

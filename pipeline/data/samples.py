@@ -23,6 +23,7 @@ one raises a one-line ValueError naming the row and field.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from pathlib import Path
@@ -302,16 +303,32 @@ def _fit(ids, seg, ans, spans, data_cfg: DataConfig):
     return None, None, None, None, False
 
 
-def iter_split(data_cfg: DataConfig, split: str, tokenizer, counts: dict, rank: int = 0, world: int = 1):
-    """Tokenise the rows i with i % world == rank of a split, in order; yields (row index, sample) for the
-    kept ones and fills `counts` (`new_counts()`; "format" too). Every rank reads every row (cheap next to
-    tokenising) so that the format is detected once, from row 0, as with one process."""
-    counts.setdefault("format", None)
-    for i, row in enumerate(load_samples(data_cfg, split)):
-        row = _renamed(row, data_cfg) if data_cfg.streaming else row
-        counts["format"] = counts["format"] or detect_format(row, data_cfg)
-        if i % world != rank:
-            continue
+def count_rows(data_cfg: DataConfig, split: str) -> int:
+    """Rows of a split (a streamed dataset is read through once to count them)."""
+    ds = load_samples(data_cfg, split)
+    if isinstance(ds, datasets.IterableDataset):
+        return sum(1 for _ in ds)
+    return len(ds)
+
+
+def iter_rows(data_cfg: DataConfig, split: str, tokenizer, counts: dict, lo: int = 0, hi: int | None = None):
+    """Tokenise rows lo..hi-1 of a split (hi None: to the end), in order; yields (row index, sample) for the
+    kept ones and fills `counts` (`new_counts()`; "format" too). The format is detected once, from row 0,
+    whatever `lo` is, as with one process; a streamed dataset is read (not tokenised) up to `lo`."""
+    ds = load_samples(data_cfg, split)
+    streaming = isinstance(ds, datasets.IterableDataset)
+    first = next(iter(ds), None)
+    if first is None:
+        return
+    counts["format"] = counts.get("format") or detect_format(
+        _renamed(first, data_cfg) if streaming else first, data_cfg
+    )
+    if streaming:
+        rows = itertools.islice(ds, lo, hi)
+    else:
+        rows = ds.select(range(lo, len(ds) if hi is None else min(hi, len(ds))))
+    for i, row in enumerate(rows, start=lo):
+        row = _renamed(row, data_cfg) if streaming else row
         s = tokenize_sample(row, tokenizer, data_cfg, counts, row_index=i, fmt=counts["format"])
         if s is not None:
             yield i, s
@@ -326,7 +343,7 @@ def tokenize_split(data_cfg: DataConfig, split: str, tokenizer) -> tuple[list[di
     """
     counts = new_counts()
     samples, rows = [], []
-    for i, s in iter_split(data_cfg, split, tokenizer, counts):
+    for i, s in iter_rows(data_cfg, split, tokenizer, counts):
         samples.append(s)
         rows.append(i)
     counts["bad_rows"] = dict(counts["bad_rows"])

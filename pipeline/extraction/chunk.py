@@ -67,11 +67,19 @@ def pad_batch(packed: PackedSplit, batch: np.ndarray, pad_id: int):
     ids = torch.full((len(batch), int(lens.max())), pad_id, dtype=torch.long)  # (B, T)
     seg = torch.full_like(ids, -1)
     ans = torch.zeros_like(ids, dtype=torch.bool)
+    # one read per array for the whole batch: the token arrays may be staged on disk (split_shards.py)
+    lo = int(packed.offsets[batch].min())
+    hi = int((packed.offsets[batch] + lens).max())
+    win_ids, win_seg, win_ans = (
+        packed.input_ids[lo:hi],
+        packed.segment_ids[lo:hi],
+        packed.answer_mask[lo:hi],
+    )
     for j, i in enumerate(batch):
-        o, n = int(packed.offsets[i]), int(lens[j])
-        ids[j, :n] = torch.from_numpy(packed.input_ids[o : o + n].astype(np.int64))
-        seg[j, :n] = torch.from_numpy(packed.segment_ids[o : o + n].astype(np.int64))
-        ans[j, :n] = torch.from_numpy(packed.answer_mask[o : o + n].astype(bool))
+        o, n = int(packed.offsets[i]) - lo, int(lens[j])
+        ids[j, :n] = torch.from_numpy(win_ids[o : o + n].astype(np.int64))
+        seg[j, :n] = torch.from_numpy(win_seg[o : o + n].astype(np.int64))
+        ans[j, :n] = torch.from_numpy(win_ans[o : o + n].astype(bool))
     return ids, seg, ans
 
 

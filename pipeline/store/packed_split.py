@@ -19,11 +19,13 @@ TOKEN_DTYPES = {"input_ids": np.int32, "segment_ids": np.int8, "answer_mask": np
 
 @dataclass
 class PackedSplit:
-    """One split's samples packed end to end: token arrays (N,) plus per-sample offsets/lengths/rows (S,)."""
+    """One split's samples packed end to end: token arrays (N,) plus per-sample offsets/lengths/rows (S,). The
+    token arrays (and texts / char spans) are numpy arrays or, in stage 1, `StagedArray`s read per range from
+    disk; read them by slices."""
 
-    input_ids: np.ndarray
-    segment_ids: np.ndarray
-    answer_mask: np.ndarray
+    input_ids: np.ndarray | StagedArray
+    segment_ids: np.ndarray | StagedArray
+    answer_mask: np.ndarray | StagedArray
     offsets: np.ndarray
     lengths: np.ndarray
     rows: np.ndarray
@@ -91,38 +93,18 @@ class PackedSplit:
             char_spans=char_spans,
         )
 
-    @classmethod
-    def merge(cls, parts: Sequence[PackedSplit]) -> PackedSplit:
-        """One split from parts holding disjoint source rows (e.g. each process's share), in source-row order."""
-        if len(parts) == 1:
-            return parts[0]
-        rows = np.concatenate([p.rows for p in parts])
-        lengths = np.concatenate([p.lengths for p in parts])
-        bases = np.cumsum([0] + [p.num_tokens for p in parts[:-1]])
-        starts = np.concatenate([p.offsets + b for p, b in zip(parts, bases, strict=True)])
-        order = np.argsort(rows, kind="stable")
-        lengths, starts = lengths[order], starts[order]
-        out_starts = np.zeros(len(order), dtype=np.int64)
-        out_starts[1:] = np.cumsum(lengths[:-1], dtype=np.int64)
-        src = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - out_starts, lengths)  # (N,)
-        tokens = {k: np.concatenate([getattr(p, k) for p in parts])[src] for k in TOKEN_DTYPES}
-        texts = spans = None
-        if all(p.texts is not None for p in parts):
-            every = [t for p in parts for t in p.texts]
-            texts = [every[i] for i in order]
-            spans = np.concatenate([p.char_spans for p in parts])[src]
-        return cls.from_arrays(tokens, lengths, rows[order], texts=texts, char_spans=spans)
-
     @property
     def num_tokens(self) -> int:
         """Tokens of the packed split (all samples end to end)."""
         return int(self.input_ids.shape[0])
 
-    def fingerprint(self) -> str:
-        """A hash of the tokens, segments, answer mask, lengths and source rows (part of the store fingerprint)."""
+    def fingerprint(self, block: int = 1 << 20) -> str:
+        """A hash of the tokens, segments, answer mask, lengths and source rows (part of the store fingerprint);
+        read `block` entries at a time (the same hash as hashing each array whole)."""
         h = hashlib.sha256()
         for a in (self.input_ids, self.segment_ids, self.answer_mask, self.lengths, self.rows):
-            h.update(np.ascontiguousarray(a).tobytes())
+            for i in range(0, len(a), block):
+                h.update(np.ascontiguousarray(a[i : i + block]).tobytes())
         return h.hexdigest()[:16]
 
     def samples_in(self, start: int, end: int) -> np.ndarray:
@@ -131,6 +113,70 @@ class PackedSplit:
         lo = int(np.searchsorted(ends, start, side="right"))
         hi = int(np.searchsorted(self.offsets, end, side="left"))
         return np.arange(lo, hi)
+
+
+class StagedArray:
+    """Arrays end to end along axis 0, read per range: a PackedSplit's token arrays when they stay on disk
+    (pipeline/data/split_shards.py). Only slices with step 1 are read; each returns a numpy array.
+
+    Example:
+        >>> StagedArray([np.arange(3), np.arange(2)], dtype=np.int64)[2:4].tolist()
+        [2, 0]
+    """
+
+    def __init__(self, parts: Sequence, dtype):
+        self.parts = list(parts)
+        self.dtype = np.dtype(dtype)
+        self.starts = np.concatenate([[0], np.cumsum([p.shape[0] for p in self.parts])]).astype(np.int64)
+        tail = tuple(self.parts[0].shape[1:]) if self.parts else ()
+        self.shape = (int(self.starts[-1]), *tail)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"StagedArray index {key!r}: expected a slice with step 1")
+        lo, hi, _ = key.indices(len(self))
+        out = [np.zeros((0, *self.shape[1:]), dtype=self.dtype)]
+        first = max(int(np.searchsorted(self.starts, lo, side="right")) - 1, 0)
+        for p in range(first, len(self.parts)):
+            s0, s1 = int(self.starts[p]), int(self.starts[p + 1])
+            if s0 >= hi:
+                break
+            a, b = max(lo, s0) - s0, min(hi, s1) - s0
+            if a < b:
+                out.append(np.asarray(self.parts[p][a:b], dtype=self.dtype))
+        return np.concatenate(out) if len(out) > 2 else out[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+
+class StagedTexts:
+    """Strings stored as their UTF-8 bytes end to end (a `StagedArray` of uint8) plus each one's byte length:
+    a PackedSplit's texts when they stay on disk. Fixed-width arrays, not variable-length strings, because
+    writing those from zarr's I/O threads grew the heap of a stage-1 process with the rows (glibc arenas:
+    118 vs 38 MiB at 80,000 rows). Slices with step 1 return numpy object arrays of str."""
+
+    def __init__(self, data: StagedArray, lengths: np.ndarray):
+        self.data = data
+        self.ends = np.cumsum(lengths, dtype=np.int64)
+        self.shape = (len(lengths),)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"StagedTexts index {key!r}: expected a slice with step 1")
+        lo, hi, _ = key.indices(len(self))
+        hi = max(hi, lo)
+        b0 = int(self.ends[lo - 1]) if lo else 0
+        raw = self.data[b0 : int(self.ends[hi - 1]) if hi else 0].tobytes()
+        cuts = (self.ends[lo:hi] - b0).tolist()
+        return np.array([raw[a:b].decode() for a, b in zip([0, *cuts[:-1]], cuts)], dtype=object)
 
 
 def _join_block(done: dict, pending: dict) -> None:

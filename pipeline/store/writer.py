@@ -166,24 +166,28 @@ class StoreWriter:
         return cls(loc)
 
     @staticmethod
-    def _create_token_arrays(g, packed: PackedSplit) -> None:
-        """The per-token (N,) and per-sample arrays of a split, filled from its packed layout."""
+    def _create_token_arrays(g, packed: PackedSplit, block: int = 1 << 20) -> None:
+        """The per-token (N,) and per-sample arrays of a split, filled from its packed layout `block` entries at
+        a time (its token arrays may be staged on disk: pipeline/data/split_shards.py)."""
         for name, dt in {**TOKEN_ARRAYS, **SAMPLE_ARRAYS}.items():
             data = getattr(packed, name)
             n = max(len(data), 1)
-            a = g.create_array(name, shape=data.shape, dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
-            if len(data):
-                a[:] = data.astype(dt)
+            a = g.create_array(name, shape=(len(data),), dtype=dt, chunks=(min(n, 1 << 16),), fill_value=0)
+            for i in range(0, len(data), block):
+                a[i : i + block] = np.asarray(data[i : i + block]).astype(dt)
         if packed.texts is not None:  # what cross-tokenizer arms re-tokenise and align on
-            texts = np.array(packed.texts, dtype=object)
-            t = g.create_array("texts", shape=texts.shape, dtype=str, chunks=(max(min(len(texts), 1024), 1),))
-            t[:] = texts
-            spans = packed.char_spans
+            texts, spans = packed.texts, packed.char_spans
+            t = g.create_array(
+                "texts", shape=(len(texts),), dtype=str, chunks=(max(min(len(texts), 1024), 1),)
+            )
+            for i in range(0, len(texts), block):
+                t[i : i + block] = np.array(list(texts[i : i + block]), dtype=object)
             chunks = (min(max(len(spans), 1), 1 << 16), 2)
             c = g.create_array(
-                "char_spans", shape=spans.shape, dtype=TEXT_ARRAYS["char_spans"], chunks=chunks
+                "char_spans", shape=(len(spans), 2), dtype=TEXT_ARRAYS["char_spans"], chunks=chunks
             )
-            c[:] = spans
+            for i in range(0, len(spans), block):
+                c[i : i + block] = spans[i : i + block]
 
     @classmethod
     def _create_state_arrays(cls, g, n: int, attrs: dict, state_shapes: dict[str, tuple[int, int]]) -> None:
