@@ -115,6 +115,14 @@ class PackedSplit:
         return np.arange(lo, hi)
 
 
+def _unit_slice(key, n: int, what: str) -> tuple[int, int]:
+    """(lo, hi) of a step-1 slice over n entries (hi >= lo); TypeError naming `what` for anything else."""
+    if not isinstance(key, slice) or key.step not in (None, 1):
+        raise TypeError(f"{what} index {key!r}: expected a slice with step 1")
+    lo, hi, _ = key.indices(n)
+    return lo, max(hi, lo)
+
+
 class StagedArray:
     """Arrays end to end along axis 0, read per range: a PackedSplit's token arrays when they stay on disk
     (pipeline/data/split_shards.py). Only slices with step 1 are read; each returns a numpy array.
@@ -135,9 +143,7 @@ class StagedArray:
         return self.shape[0]
 
     def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError(f"StagedArray index {key!r}: expected a slice with step 1")
-        lo, hi, _ = key.indices(len(self))
+        lo, hi = _unit_slice(key, len(self), "StagedArray")
         out = [np.zeros((0, *self.shape[1:]), dtype=self.dtype)]
         first = max(int(np.searchsorted(self.starts, lo, side="right")) - 1, 0)
         for p in range(first, len(self.parts)):
@@ -169,10 +175,7 @@ class StagedTexts:
         return self.shape[0]
 
     def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError(f"StagedTexts index {key!r}: expected a slice with step 1")
-        lo, hi, _ = key.indices(len(self))
-        hi = max(hi, lo)
+        lo, hi = _unit_slice(key, len(self), "StagedTexts")
         b0 = int(self.ends[lo - 1]) if lo else 0
         raw = self.data[b0 : int(self.ends[hi - 1]) if hi else 0].tobytes()
         cuts = (self.ends[lo:hi] - b0).tolist()
