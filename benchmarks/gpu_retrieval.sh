@@ -2,7 +2,8 @@
 # The long-context retrieval comparisons of docs/results/2026-12-05-structure-on-long-context-retrieval at 10x
 # their CPU budgets on one GPU, 5 seeds each, for when a GPU is lent:
 #   - the winning one, pruned student (configs/ablations/retrieval_pruned_student.yaml: logit KD vs KD +
-#     attention KL on the top-4 stored retrieval heads of the kept layers): 240 steps of batch 8 instead of 24;
+#     attention KL on the top-2 and top-4 stored retrieval heads of the kept layers): 240 steps of batch 8
+#     instead of 24;
 #   - random-init student (configs/ablations/retrieval_random_student.yaml, kd_only vs kd_heads_top4):
 #     1,000 steps instead of 100, on 3x the train rows (1,200).
 # Not yet run on a GPU: the CPU result is the deliverable. Expected on an H100/H200 (from the CPU step costs
@@ -22,7 +23,7 @@ $PY pipeline/extract.py --config configs/retrieval.yaml extract.store=$STORE dat
 $PY pipeline/extract.py --config configs/retrieval.yaml extract.store=$LONG data.train_path=data/retrieval/heldout_long.jsonl \
     data.eval_path=null data.max_train_samples=96 'extract.components=[logits]' extract.heads=all 'extract.layers=[29]'
 $PY trainer/ablate.py --config configs/ablations/retrieval_pruned_student.yaml out_dir=${OUT}_pruned train.store=$STORE \
-    extract.store=$STORE train.steps=240 train.warmup_steps=24 'only_arms=[kd_only,kd_heads_top4_prune]'
+    extract.store=$STORE train.steps=240 train.warmup_steps=24 'only_arms=[kd_only,kd_heads_top2_prune,kd_heads_top4_prune]'
 $PY -m trainer.ablation.by_group ${OUT}_pruned --control kd_only "${EVALS[@]}"
 $PY trainer/ablate.py --config configs/ablations/retrieval_random_student.yaml out_dir=${OUT}_random train.store=$STORE \
     extract.store=$STORE train.steps=1000 eval.every=250 'only_arms=[kd_only,kd_heads_top4]'
