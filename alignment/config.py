@@ -54,11 +54,14 @@ class AlignConfig:
 @dataclass
 class RelationConfig:
     """MiniLMv2 relation KL (alignment/losses/relation.py): + weight * sum over components of KL(teacher || student)
-    of softmax(X X^T / sqrt(d_r)) over `heads` relation heads re-split from each side's concatenated heads."""
+    of softmax(X X^T / sqrt(d_r)) over `heads` relation heads re-split from each side's concatenated heads, or
+    over the selected heads themselves (`heads: selected`)."""
 
     # the relation heads built from these
     components: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
-    heads: int = 8  # R: must divide H*D of every chosen component on both sides
+    # R: must divide H*D of every chosen component on both sides; "selected": one relation map per head that
+    # `align.head_select` chose, into the student head it maps to (relation KD on the retrieval heads)
+    heads: int | Literal["selected"] = 8
     weight: float = 0.0  # 0 = off
 
 
@@ -131,3 +134,9 @@ def used_projections(loss: LossConfig, head_select: str = "all", mode: str = "st
     mixed = attn and loss.attn_target == "teacher" and head_select == "all" and mode == "structured"
     used = {"k": loss.alpha_k > 0 or projected, "v": loss.alpha_v > 0, "q": projected or mixed}
     return tuple(c for c in ("k", "v", "q") if used[c])
+
+
+def only_selected_heads(relation: RelationConfig) -> bool:
+    """Whether the relation term reads no teacher head beyond `align.head_select`'s (off, or `heads: selected`),
+    so a head selection can read (and a store can hold) those heads alone."""
+    return relation.weight == 0 or relation.heads == "selected"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignment import attention_kl, create_structural_loss, naive_attention_kl
-from alignment.losses.relation import naive_relation_kl, relation_kl
+from alignment.losses.relation import naive_relation_kl, relation_kl, selected_relation_kl
 from tests.helpers_align import single_thread  # noqa: F401 (autouse fixture)
 from tests.test_align_loss import TOL, B, L, T, _compare, _mask, _states
 
@@ -109,6 +109,64 @@ def test_relation_is_zero_for_identical_relations_and_in_the_loss():
     assert set(m) == {"rel_q", "rel_v", "loss_struct"}
 
 
+def _one_to_one(seed, H_s, H_t):
+    """A random head selection: head_mask (L, H_s) with every layer but one holding a head, and a one-hot
+    head_mix (L, H_s, H_t) sending each selected student head to a random teacher head."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(L, H_s, generator=g) < 0.5
+    mask[0, 1], mask[1] = True, False
+    mix = torch.zeros(L, H_s, H_t, dtype=torch.float64)
+    mix[torch.arange(L)[:, None], torch.arange(H_s)[None], torch.randint(0, H_t, (L, H_s), generator=g)] = 1
+    return mix, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("component", ["q", "k"])
+def test_selected_relation_matches_a_relation_per_selected_head_pair(dtype, component):
+    """heads: selected = the plain one-head relation of each (student head, its teacher head) pair, averaged
+    over the selected pairs; K pairs compare the KV groups the two heads read (student 4 q / 2 kv heads,
+    teacher 6 q / 3 kv heads)."""
+    rtol, gtol = TOL[dtype]
+    seed = _fresh_seed()
+    q_s, k_s, q_t, k_t = _states(4, 2, 8, 6, 3, 16, dtype, seed)
+    x_s, x_t = (q_s, q_t) if component == "q" else (k_s, k_t)
+    mix, head_mask = _one_to_one(seed + 1, 4, 6)
+    mask, rows = _mask(), torch.zeros(B, T, dtype=torch.bool)
+    rows[:, 8:27] = True
+    fast = selected_relation_kl(x_s, x_t, mix.to(dtype), head_mask, mask, query_mask=rows, chunk_size=7)
+    ref_in = [x.detach().double().requires_grad_() for x in (x_s, x_t)]
+    per_pair = []
+    for layer, s in head_mask.nonzero().tolist():
+        h = int(mix[layer, s].argmax())
+        a, b = (s, h) if component == "q" else (s // 2, h // 2)  # the KV group each head reads
+        x_a, x_b = ref_in[0][:, layer : layer + 1, a : a + 1], ref_in[1][:, layer : layer + 1, b : b + 1]
+        per_pair.append(naive_relation_kl(x_a, x_b, 1, mask, query_mask=rows))
+    ref = torch.stack(per_pair).mean()
+    assert abs(fast.item() - ref.item()) <= rtol * abs(ref.item()) + 1e-12, (fast.item(), ref.item())
+    for a, b, x in zip(torch.autograd.grad(fast, [x_s, x_t]), torch.autograd.grad(ref, ref_in), (x_s, x_t)):
+        assert a.dtype == x.dtype
+        assert (a.double() - b).abs().max().item() <= gtol * b.abs().max().item() + 1e-12
+
+
+def test_selected_relation_in_the_loss_reads_the_head_selection():
+    q_s, k_s, q_t, k_t = _states(4, 2, 8, 6, 3, 16, torch.float64, _fresh_seed())
+    mix, head_mask = _one_to_one(_fresh_seed(), 4, 6)
+    rel = {"components": ["q", "k"], "heads": "selected", "weight": 0.5}
+    fn = create_structural_loss(alpha_k=0.0, alpha_v=0.0, alpha_attn=0.0, relation=rel)
+    kw = dict(attention_mask=_mask(), t_q_raw=q_t, t_k_raw=k_t, head_mix=mix, head_mask=head_mask)
+    loss, m = fn(k_s, None, q_s, None, None, None, **kw)
+    want = sum(selected_relation_kl(x, y, mix, head_mask, _mask()) for x, y in ((q_s, q_t), (k_s, k_t)))
+    assert loss.item() == pytest.approx(0.5 * want.item(), rel=1e-10)
+    assert set(m) == {"rel_q", "rel_k", "loss_struct"}
+    x = torch.randn(B, L, 4, T, 8, dtype=torch.float64)  # a student head equal to its teacher head: zero
+    assert selected_relation_kl(
+        x, x, torch.eye(4)[None].expand(L, 4, 4), None, _mask()
+    ).item() == pytest.approx(0.0, abs=1e-10)
+    with pytest.raises(ValueError, match="head_mix is None, expected the aligner's head mixer") as e:
+        fn(k_s, None, q_s, None, None, None, attention_mask=_mask(), t_q_raw=q_t, t_k_raw=k_t)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -119,6 +177,16 @@ def test_relation_is_zero_for_identical_relations_and_in_the_loss():
         (
             lambda: create_structural_loss(relation={"components": ["o"], "heads": 2, "weight": 1}),
             r"relation.components=\['o'\]",
+        ),  # fmt: skip
+        (
+            lambda: create_structural_loss(relation={"components": ["q"], "heads": "some", "weight": 1}),
+            r"relation.heads='some': expected a positive int or 'selected'",
+        ),  # fmt: skip
+        (
+            lambda: selected_relation_kl(
+                torch.randn(1, 1, 3, 5, 6), torch.randn(1, 1, 4, 5, 6), torch.eye(4), None
+            ),
+            r"student x: got shape \(1, 1, 3, 5, 6\), expected \(B, L, H, T, D\) with H dividing the 4 query heads",
         ),  # fmt: skip
         (lambda: create_structural_loss(sink="cut"), r"loss_config.sink='cut'"),
         (lambda: create_structural_loss(sink="drop", sink_keys=[-1]), r"loss_config.sink_keys=\[-1\]"),

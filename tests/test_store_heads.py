@@ -6,6 +6,8 @@ the minimal store of a selected-head arm (the 2 best retrieval heads' Q and K, a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -90,6 +92,24 @@ def test_the_arm_trains_from_the_minimal_store_as_from_the_full_store(stores):
     run_training(_train(stores, stores["min"], "min", **{"train.preload": True}))
     a, b = losses(stores["tmp"] / "full"), losses(stores["tmp"] / "min")
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+
+
+def test_a_relation_on_the_selected_heads_trains_from_the_minimal_store(stores):
+    """`loss_config.relation.heads: selected` reads the chosen heads alone, so the minimal store serves it
+    with the losses of the all-heads store; a re-split relation reads every head and is refused there."""
+    rel = {**ARM["loss_config"], "relation": {"components": ["q", "k"], "heads": "selected", "weight": 1.0}}
+    run_training(_train(stores, stores["full"], "rel_full", loss_config=rel))
+    run_training(_train(stores, stores["min"], "rel_min", loss_config=rel))
+    a, b = losses(stores["tmp"] / "rel_full"), losses(stores["tmp"] / "rel_min")
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    rows = [json.loads(x) for x in (stores["tmp"] / "rel_min" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rel_q"] > 0 and r["rel_k"] > 0 and r["attn_kl"] > 0 for r in rows if "loss" in r)
+    run_training(_train(stores, stores["min"], "rel_only", loss_config={**rel, "alpha_attn": 0.0}))
+    rows = [json.loads(x) for x in (stores["tmp"] / "rel_only" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rel_q"] > 0 and "attn_kl" not in r for r in rows if "loss" in r)  # the relation alone
+    resplit = {**rel, "relation": {"components": ["q"], "heads": 2, "weight": 1.0}}
+    with pytest.raises(ValueError, match=r"lacks teacher layer \d+ (query|KV) head \d+"):
+        run_training(_train(stores, stores["min"], "rel_resplit", loss_config=resplit))
 
 
 def test_a_head_the_store_lacks_is_refused_in_one_line(stores):

@@ -150,6 +150,10 @@ ATTN_ONLY = {"loss_config.attn_target": "teacher", "loss_config.alpha_k": 0.0, "
             {"loss_config.relation": {"components": ["q"], "heads": 3, "weight": 1.0}},
             "relation.heads=3: expected a positive int dividing the student q width 32",
         ),  # fmt: skip
+        (
+            {"loss_config.relation": {"components": ["q"], "heads": "selected", "weight": 1.0}},
+            "'selected' with align.head_select.method='all': expected a head selection",
+        ),  # fmt: skip
         ({"train.lambda_schedule": "step"}, "train.lambda_until"),
         ({"lambda_kv": "auto", "train.lambda_schedule": "linear"}, "'auto' with train.lambda_schedule"),
     ],

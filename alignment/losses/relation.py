@@ -10,9 +10,15 @@ For one component X (q: query heads; k, v: KV heads) of each side (Wang et al., 
     loss = mean over counted query rows, layers and relation heads of KL(relation_t || relation_s)
 
 Both sides are re-split into the same R heads, so any head counts and head dims compare, with no learned
-parameters. The relation map is an attention map whose queries and keys are the same tensor, so the
-streaming attention KL (`alignment.losses.attention_kl`, O(T) memory, analytic gradients) computes it: the gradient
-with respect to X is the sum of its query and key parts. `naive_relation_kl` is the plain T x T reference.
+parameters. With `heads: "selected"` (`selected_relation_kl`) nothing is re-split: each teacher head that
+`align.head_select` chose gives its own relation map, the target of the student head it maps to (the head
+mixer, one-hot for one-to-one), averaged over the selected (layer, student head) pairs only: relation KD on
+the retrieval heads, as the attention KL does for attention maps. KV components (G heads) are first expanded
+to the query heads that read them, so a head's K relation is its KV group's.
+
+The relation map is an attention map whose queries and keys are the same tensor, so the streaming attention
+KL (`alignment.losses.attention_kl`, O(T) memory, analytic gradients) computes it: the gradient with respect
+to X is the sum of its query and key parts. `naive_relation_kl` is the plain T x T reference.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from alignment.geometry.attention_probs import LogitSpec, attention_logits
 from alignment.losses.attention_kl import attention_kl
 
 COMPONENTS = ("q", "k", "v")
+SELECTED = "selected"  # `loss_config.relation.heads`: one relation map per selected head, no re-split
 
 
 def check_relation_heads(width: int, heads: int, name: str) -> None:
@@ -110,3 +117,59 @@ def naive_relation_kl(
     rows = mask if query_mask is None else mask & query_mask
     w = rows[:, None, None, :].to(wd)
     return (kl * w).sum() / (rows.sum() * L * heads).clamp_min(1)
+
+
+def to_query_heads(x: torch.Tensor, heads: int, name: str = "x") -> torch.Tensor:
+    """(B, L, H or G, T, D) -> (B, L, H, T, D): KV heads repeated for the query heads that read them (GQA:
+    query head h reads KV head h // (H / G)); query-head tensors are returned as they are."""
+    if x.dim() != 5 or heads % x.shape[2]:
+        raise ValueError(
+            f"selected relation input {name}: got shape {tuple(x.shape)}, expected (B, L, H, T, D) with H "
+            f"dividing the {heads} query heads"
+        )
+    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
+def selected_relation_kl(
+    x_s: torch.Tensor,
+    x_t: torch.Tensor,
+    head_mix: torch.Tensor,
+    head_mask: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    *,
+    query_mask: torch.Tensor | None = None,
+    chunk_size: int = 128,
+    name: str = "x",
+) -> torch.Tensor:
+    """Mean row KL(teacher head relation || student head relation) over the selected heads (module docstring).
+
+    Args:
+        x_s: student (B, L, H_s or G_s, T, D_s); x_t: teacher (B, L, H_t or G_t, T, D_t), raw, layer-mapped.
+        head_mix: (H_s, H_t) or (L, H_s, H_t) convex weights over query heads (the aligner's; detached here,
+            so the target is fixed); head_mask: (L, H_s) bool, the pairs that count (None: all).
+        mask, query_mask, chunk_size: as `relation_kl`.
+    Returns: a 0-dim tensor (float32, or float64 for float64 inputs).
+    Example:
+        >>> selected_relation_kl(q_s, q_t_raw, out.head_mix, head_mask, mask)
+    """
+    if head_mix is None:
+        raise ValueError(
+            f"relation {name} on selected heads: head_mix is None, expected the aligner's head mixer "
+            "(set align.head_select)"
+        )
+    H_s, H_t = head_mix.shape[-2:]
+    x_s = to_query_heads(x_s, H_s, f"student {name}")  # (B, L, H_s, T, D_s)
+    x_t = to_query_heads(x_t, H_t, f"teacher {name}")  # (B, L, H_t, T, D_t)
+    return attention_kl(
+        x_s,
+        x_s,
+        x_t,
+        x_t,
+        mask,
+        scale_s=x_s.shape[-1] ** -0.5,
+        scale_t=x_t.shape[-1] ** -0.5,
+        head_mix=head_mix.detach(),
+        head_mask=head_mask,
+        query_mask=query_mask,
+        chunk_size=chunk_size,
+    )

@@ -28,7 +28,8 @@ Structural signals (all off by default; off = the plain loss above, bit for bit)
       count in the attention KL; with `head_mix` a one-hot selection each is distilled one-to-one.
   relation={"components": [q, k, v], "heads": R, "weight": w}: + w * sum over components of the MiniLMv2
       relation KL (alignment/losses/relation.py) between the student's own states and the teacher's layer-mapped raw
-      states (`t_q_raw`, `t_k_raw`, `t_v_raw`); metrics "rel_q" / "rel_k" / "rel_v".
+      states (`t_q_raw`, `t_k_raw`, `t_v_raw`); metrics "rel_q" / "rel_k" / "rel_v". "heads": "selected" =
+      one relation map per selected head, into the student head `head_mix` maps it to (needs head_mix).
 
 Cross-tokenizer batches (`token_map` = W, from `aligner.align(token_map=W)`): the cosines compare the student
 with the W-warped teacher K/V on the student's tokens (masks on that axis: rows W has); the attention KL's
@@ -46,7 +47,7 @@ from alignment.losses.attention_kl import attention_kl
 from alignment.losses.attention_kl_fused import IMPLS as KL_IMPLS
 from alignment.losses.cross_attention import warped_attention_kl
 from alignment.losses.relation import COMPONENTS as RELATION_COMPONENTS
-from alignment.losses.relation import relation_kl
+from alignment.losses.relation import SELECTED, relation_kl, selected_relation_kl
 
 ATTN_TARGETS = ("projected", "teacher")
 SINK_MODES = ("keep", "drop")
@@ -65,8 +66,8 @@ def check_relation(relation: dict | None) -> dict | None:
         raise ValueError(f"loss_config.relation.weight={weight!r}: expected a number >= 0")
     if weight == 0 or not comps:
         return None
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"loss_config.relation.heads={heads!r}: expected a positive int")
+    if heads != SELECTED and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise ValueError(f"loss_config.relation.heads={heads!r}: expected a positive int or {SELECTED!r}")
     return {"components": list(dict.fromkeys(comps)), "heads": heads, "weight": float(weight)}
 
 
@@ -101,7 +102,8 @@ class StructuralKVLoss(nn.Module):
         optional subset of positions the losses count (cosine positions, KL query rows), e.g. one segment,
         while attention still spans every real key. metrics: floats "loss_struct" and, per computed term,
         "loss_k", "cos_k", "loss_v", "cos_v", "attn_kl". teacher_softcap / teacher_window (attn_target="teacher"
-        only) and student_softcap / student_window (always): attention geometry, None = plain causal softmax. Inputs only a zero-alpha term would read may be None
+        only) and student_softcap / student_window (always): attention geometry, None = plain causal softmax.
+        Inputs only a zero-alpha term would read may be None
         (attention-only with attn_target="teacher" needs s_k, s_q, t_q_raw, t_k_raw, head_mix).
     Example:
         >>> loss_fn = create_structural_loss(alpha_attn=0.5)
@@ -228,7 +230,8 @@ class StructuralKVLoss(nn.Module):
             metrics["attn_kl"] = float(kl.detach())
         if self.relation is not None:
             students, teachers = {"q": s_q, "k": s_k, "v": s_v}, {"q": t_q_raw, "k": t_k_raw, "v": t_v_raw}
-            total = self._add_relation(total, students, teachers, attention_mask, query_mask, metrics)
+            heads = (head_mix, head_mask)
+            total = self._add_relation(total, students, teachers, attention_mask, query_mask, heads, metrics)
         metrics["loss_struct"] = float(total.detach())
         return total, metrics
 
@@ -268,14 +271,21 @@ class StructuralKVLoss(nn.Module):
             kw["head_mask"] = head_mask
         return kw
 
-    def _add_relation(self, total, students: dict, teachers: dict, mask, query_mask, metrics: dict):
-        """total + weight * relation KL of each component (student's own states vs the teacher's raw ones)."""
+    def _add_relation(
+        self, total, students: dict, teachers: dict, mask, query_mask, selection, metrics: dict
+    ):
+        """total + weight * relation KL of each component (student's own states vs the teacher's raw ones);
+        selection = (head_mix, head_mask), read only with `heads: "selected"`."""
         heads, weight = self.relation["heads"], self.relation["weight"]
+        kw = dict(query_mask=query_mask, chunk_size=self.chunk_size)
         for c in self.relation["components"]:
             s, t = students[c], teachers[c]
             if s is None or t is None:
                 raise ValueError(f"relation component {c!r}: expected s_{c} and t_{c}_raw, got None")
-            rel = relation_kl(s, t, heads, mask, query_mask=query_mask, chunk_size=self.chunk_size, name=c)
+            if heads == SELECTED:
+                rel = selected_relation_kl(s, t, *selection, mask, name=c, **kw)
+            else:
+                rel = relation_kl(s, t, heads, mask, name=c, **kw)
             total = total + weight * rel
             metrics[f"rel_{c}"] = float(rel.detach())
         return total

@@ -39,6 +39,8 @@ class ConfigError(ValueError):
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -371,12 +371,23 @@ def _check_lambda(cfg: KVMapConfig) -> None:
 
 
 def _check_structural(cfg: KVMapConfig) -> None:
-    """head_select distils teacher heads one to one (attention term only); relation settings are sane."""
-    lc, hs = cfg.loss_config, cfg.align.head_select
-    if hs.method != "all" and (lc.attn_target != "teacher" or lc.alpha_attn <= 0 or lc.alpha_k or lc.alpha_v):
+    """head_select distils teacher heads one to one (their attention and/or relation maps only); relation
+    settings are sane."""
+    lc, hs, rel = cfg.loss_config, cfg.align.head_select, cfg.loss_config.relation
+    head_relation = rel.heads == "selected" and rel.weight > 0
+    attention = lc.attn_target == "teacher" and lc.alpha_attn > 0
+    if hs.method != "all" and (
+        lc.alpha_k or lc.alpha_v or not (attention or head_relation) or (lc.alpha_attn > 0 and not attention)
+    ):
         raise ConfigError(
             f"config key 'align.head_select.method': {hs.method!r} distils teacher heads one-to-one: expected "
-            "loss_config.attn_target=teacher, alpha_attn > 0, alpha_k = alpha_v = 0"
+            "alpha_k = alpha_v = 0 and the attention KL (attn_target=teacher, alpha_attn > 0) or a relation on "
+            "them (loss_config.relation.heads=selected, weight > 0)"
+        )
+    if head_relation and hs.method == "all":
+        raise ConfigError(
+            "config key 'loss_config.relation.heads': 'selected' with align.head_select.method='all': "
+            "expected a head selection (top_retrieval, top_answer_mass, list, ...)"
         )
     try:
         check_relation(dataclasses.asdict(lc.relation))

@@ -12,7 +12,7 @@ arm's `align.head_select`); any projector reads every head of its layers.
 
 from __future__ import annotations
 
-from alignment.config import used_projections
+from alignment.config import only_selected_heads, used_projections
 from alignment.mapping.layer_map import build_layer_map, teacher_layers_needed
 from pipeline.models.load import load_hf_config, model_geometry
 from pipeline.pruning.meta import read_prune_meta
@@ -46,7 +46,8 @@ def arm_needs(cfg) -> dict:
     out = {"components": comps, "layers": _layers(cfg) if structural else [], "heads": "all"}
     out["texts"] = cfg.loss_config.kd_cross is not None
     hs, lc = cfg.align.head_select, cfg.loss_config
-    only_heads = not used_projections(lc, hs.method, cfg.kv_projection_mode) and lc.relation.weight == 0
+    projected = used_projections(lc, hs.method, cfg.kv_projection_mode)
+    only_heads = not projected and only_selected_heads(lc.relation)
     if structural and hs.method != "all" and only_heads:
         if hs.method == "list":
             out["heads"] = [list(p) for p in hs.heads]

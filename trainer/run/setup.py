@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from alignment import create_aligner
-from alignment.config import used_projections
+from alignment.config import only_selected_heads, used_projections
 from alignment.losses.logit_kd import create_logit_kd_loss
 from alignment.losses.relation import check_relation_heads
 from alignment.mapping.head_select import head_view, layers_of_ranked_heads, select_heads
@@ -46,6 +46,8 @@ def segment_ids(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
 def _check_relation_widths(cfg: KVMapConfig, aligner) -> None:
     rel = cfg.loss_config.relation
     if rel.weight == 0:
+        return
+    if rel.heads == "selected":  # no re-split: each selected teacher head goes to its student head
         return
     a = aligner
     widths = {"q": (a.H_s * a.D_s, a.H_t * a.D_t), "k": (a.G_s * a.D_s, a.G_t * a.D_t)}
@@ -82,7 +84,8 @@ def _apply_head_selection(cfg: KVMapConfig, store, aligner) -> None:
         raise ConfigError(str(e)) from None
     if sel is not None:
         aligner.set_head_selection(sel)
-        if not aligner.projections and cfg.loss_config.relation.weight == 0:  # attention KL alone: its heads
+        # attention KL (and a relation on the selected heads) alone: the teacher's chosen heads are all it reads
+        if not aligner.projections and only_selected_heads(cfg.loss_config.relation):
             aligner.use_head_view(*head_view(sel, aligner.teacher_layers, aligner.H_t, aligner.G_t))
 
 
