@@ -77,17 +77,13 @@ def relation_kl(
         )
     r_s = split_relation_heads(x_s, heads, f"student {name}")  # (B, L, R, T, d_s)
     r_t = split_relation_heads(x_t, heads, f"teacher {name}")  # (B, L, R, T, d_t)
-    return attention_kl(
-        r_s,
-        r_s,
-        r_t,
-        r_t,
-        mask,
-        scale_s=r_s.shape[-1] ** -0.5,
-        scale_t=r_t.shape[-1] ** -0.5,
-        query_mask=query_mask,
-        chunk_size=chunk_size,
-    )
+    return _self_relation_kl(r_s, r_t, mask, query_mask=query_mask, chunk_size=chunk_size)
+
+
+def _self_relation_kl(x_s: torch.Tensor, x_t: torch.Tensor, mask, **kw) -> torch.Tensor:
+    """The streaming attention KL with queries = keys = X on each side, scaled by 1/sqrt(its head dim)."""
+    scales = {"scale_s": x_s.shape[-1] ** -0.5, "scale_t": x_t.shape[-1] ** -0.5}
+    return attention_kl(x_s, x_s, x_t, x_t, mask, **scales, **kw)
 
 
 def naive_relation_kl(
@@ -160,16 +156,5 @@ def selected_relation_kl(
     H_s, H_t = head_mix.shape[-2:]
     x_s = to_query_heads(x_s, H_s, f"student {name}")  # (B, L, H_s, T, D_s)
     x_t = to_query_heads(x_t, H_t, f"teacher {name}")  # (B, L, H_t, T, D_t)
-    return attention_kl(
-        x_s,
-        x_s,
-        x_t,
-        x_t,
-        mask,
-        scale_s=x_s.shape[-1] ** -0.5,
-        scale_t=x_t.shape[-1] ** -0.5,
-        head_mix=head_mix.detach(),
-        head_mask=head_mask,
-        query_mask=query_mask,
-        chunk_size=chunk_size,
-    )
+    kw = dict(head_mix=head_mix.detach(), head_mask=head_mask, query_mask=query_mask, chunk_size=chunk_size)
+    return _self_relation_kl(x_s, x_t, mask, **kw)
