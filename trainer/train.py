@@ -48,6 +48,7 @@ from trainer.run.cross_setup import cross_dataset
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run.model_card import model_card
 from trainer.run.run_setup import Run, finished_metrics, setup_run
+from trainer.run.setup import token_loss_ids
 from trainer.run.sharding import (
     clip_grad_norm,
     full_student_state,
@@ -84,6 +85,7 @@ def objective(run: Run, batch: dict, lam: float | str) -> StepResult:
         ce_ids=run.ce_ids,
         struct_ids=run.struct_ids,
         lambda_kv=lam,
+        kd_ids=run.kd_ids,
         loss_fn=run.loss_fn,
         kd=run.kd,
         ce_weight=run.cfg.loss_config.ce_weight,
@@ -182,7 +184,7 @@ def evaluate_now(run: Run) -> dict:
             run.eval_split,
             run.cfg.eval,
             run.pad_id,
-            run.ce_ids,
+            token_loss_ids(run.ce_ids, run.kd_ids),
             cross_dataset(run.cfg, run.store, run.eval_split, run.tokenizer) if run.cross_tokenizer else None,
             sharded=is_sharded(run.model),
         )

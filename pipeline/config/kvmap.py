@@ -353,6 +353,11 @@ class KVMapConfig:
             )
         _check_lambda(self)
         _check_structural(self)
+        if self.train.kd_segments is not None and self.loss_config.alpha_logit == 0:
+            raise ConfigError(
+                f"config key 'train.kd_segments': got {self.train.kd_segments!r} with loss_config.alpha_logit 0, "
+                "expected null (there is no logit-KD term to place)"
+            )
 
 
 def _check_lambda(cfg: KVMapConfig) -> None:

@@ -106,6 +106,10 @@ class TrainConfig:
     shuffle: Literal["global", "shards"] = "global"
     shuffle_window: int = 4  # shuffle: shards, the shards whose samples are mixed together
     ce_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # target-token segments for CE
+    # Target-token segments for logit KD; null = ce_segments. E.g. CE on [A] with KD on [R, A]: the teacher's
+    # distribution on the reasoning, gold tokens only on the answer (removes the CE/KD conflict on greedy
+    # teacher text while keeping the answer's likelihood).
+    kd_segments: list[str] | None = None
     struct_segments: list[str] = field(default_factory=lambda: ["P", "R", "A"])  # tokens in loss_struct
     progress: bool = True  # tqdm progress bar on the main process
     # Keep a final checkpoint (optimizer state + RNG: ~3x the student's size) in run_dir/checkpoints, so the
@@ -160,6 +164,8 @@ class TrainConfig:
             )
         segment_ids_of(self.ce_segments, "train.ce_segments")
         segment_ids_of(self.struct_segments, "train.struct_segments")
+        if self.kd_segments is not None:
+            segment_ids_of(self.kd_segments, "train.kd_segments")
         check_storage_options(self.storage_options, "train.storage_options")
 
 

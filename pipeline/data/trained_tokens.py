@@ -22,12 +22,16 @@ def segment_token_counts(segment_ids) -> dict[str, int]:
 
 
 def trained_segment_keys(cfg: KVMapConfig) -> dict[str, list[str]]:
-    """{config key: segments} of the loss terms this config trains: CE and logit KD read
-    `train.ce_segments`; the structural loss (lambda_kv > 0 or auto) reads `train.struct_segments`."""
-    loss = cfg.loss_config
+    """{config key: segments} of the loss terms this config trains: CE reads `train.ce_segments`, logit KD
+    `train.kd_segments` (or CE's when null); the structural loss (lambda_kv > 0 or auto) reads
+    `train.struct_segments`."""
+    loss, t = cfg.loss_config, cfg.train
     keys = {}
-    if loss.ce_weight > 0 or loss.alpha_logit > 0:
-        keys["train.ce_segments"] = list(cfg.train.ce_segments)
+    kd_own = loss.alpha_logit > 0 and t.kd_segments is not None
+    if loss.ce_weight > 0 or (loss.alpha_logit > 0 and not kd_own):
+        keys["train.ce_segments"] = list(t.ce_segments)
+    if kd_own:
+        keys["train.kd_segments"] = list(t.kd_segments)
     if cfg.lambda_kv == "auto" or cfg.lambda_kv > 0:
         keys["train.struct_segments"] = list(cfg.train.struct_segments)
     return keys

@@ -18,13 +18,13 @@ from pipeline.cli import command_parser, config_from_args, parse_args, run_comma
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.models.load import load_model, pad_token_id
 from trainer.eval.evaluate import evaluate
-from trainer.run.setup import segment_ids, store_path_of
+from trainer.run.setup import kd_segment_ids, segment_ids, store_path_of, token_loss_ids
 from trainer.run.store_checks import check_tokenizer, open_store
 
 
 def evaluate_student(cfg: KVMapConfig) -> dict:
-    """The `eval/*` metrics of `cfg.student` on the store's eval split (CE over `train.ce_segments` too)."""
-    ce_ids, _ = segment_ids(cfg)
+    """The `eval/*` metrics of `cfg.student` on the store's eval split (CE over the trained segments too)."""
+    ce_ids = token_loss_ids(segment_ids(cfg)[0], kd_segment_ids(cfg))
     store = open_store(store_path_of(cfg))
     if "eval" not in store.splits:
         raise ValueError(

@@ -144,7 +144,8 @@ def evaluate(
         tokenizer: the student's tokenizer (None skips exact match: nothing to decode with).
         store_path, split: the store and its held-out split (tokens, segments, answer mask; no states).
         eval_cfg: pipeline.config.train.EvalConfig.
-        ce_ids: the segment ids training's CE counts (train.ce_segments); None = all segments.
+        ce_ids: the segment ids training's token losses count (train.ce_segments, plus train.kd_segments
+            when KD reads others: `trainer.run.setup.token_loss_ids`); None = all segments.
         dataset: the split as the student reads it (default: the store's tokens); a cross-tokenizer arm passes
             its `CrossTokenDataset` (student tokens; no teacher fidelity: the vocabularies differ).
         sharded: the student is sharded across the processes (train.fsdp): each forward needs every

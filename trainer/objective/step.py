@@ -28,7 +28,7 @@ from torch import nn
 from alignment.losses.logit_kd import lse_gather
 from alignment.mapping.time_warping import WarpPlan
 from pipeline.models.capture import capture_qkv
-from trainer.objective.losses import ce_targets, per_layer_cosine
+from trainer.objective.losses import ce_targets, per_layer_cosine, segment_mask, shifted_targets
 from trainer.objective.schedules import auto_lambda
 
 # Config attributes of HF models whose causal-LM head does more than `lm_head(hidden)` (softcapping, a
@@ -188,19 +188,23 @@ class KDTerm:
     alpha: float
 
 
-def token_terms(logits, targets, batch: dict, keep, kd: KDTerm | None) -> dict[str, torch.Tensor]:
-    """loss_ce, and loss_kd with a KD term, over the N rows CE counts.
+def token_terms(
+    logits, targets, batch: dict, keep, kd: KDTerm | None, ce_rows=None, kd_rows=None
+) -> dict[str, torch.Tensor]:
+    """loss_ce, and loss_kd with a KD term, over the N rows the token losses count.
 
-    Each is a sum / max(N, 1) rather than a mean, so a batch without counted targets gives 0, not NaN.
+    Each is a sum / max(rows, 1) rather than a mean, so a batch without counted targets gives 0, not NaN.
+    `ce_rows` / `kd_rows` (N,) bool narrow CE / KD to their own segments when `train.kd_segments` differs
+    from `train.ce_segments` (None: all N rows, the default).
     Shapes: logits (N, V), targets (N,), keep (B, T); batch topk_logprobs / topk_indices (B, T, K).
     """
-    n = max(int(targets.numel()), 1)
     if kd is None:
-        return {"loss_ce": F.cross_entropy(logits.float(), targets, reduction="sum") / n}
+        return {"loss_ce": _rows_ce(logits, targets, ce_rows)}
     if "kd_rows" in batch:  # cross-tokenizer: KD on the rows whose teacher position ends where they do
         rows = batch["kd_rows"][keep]  # (N,)
+        rows = rows if kd_rows is None else rows & kd_rows
         t_logp, t_idx = batch["topk_logprobs"][keep][rows], batch["topk_indices"][keep][rows]
-        loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+        loss_ce = _rows_ce(logits, targets, ce_rows)
         return {"loss_ce": loss_ce, "loss_kd": kd.loss_fn(logits[rows], t_logp, t_idx)}
     t_logp, t_idx = batch["topk_logprobs"][keep], batch["topk_indices"][keep]  # (N, K)
     lse = z_top = None
@@ -209,10 +213,35 @@ def token_terms(logits, targets, batch: dict, keep, kd: KDTerm | None) -> dict[s
         # rows dominate a small student's step; separate passes made KD steps ~1.7x CE-only): CE = lse - z_t.
         lse, sel = lse_gather(logits.float(), torch.cat([targets[:, None], t_idx], dim=1))  # (N,1), (N,1+K)
         z_top = sel[:, 1:]  # (N, K)
-        loss_ce = (lse.squeeze(-1) - sel[:, 0]).sum() / n
+        ce = lse.squeeze(-1) - sel[:, 0]  # (N,)
+        ce = ce if ce_rows is None else ce[ce_rows]
+        loss_ce = ce.sum() / max(int(ce.numel()), 1)
     else:
-        loss_ce = F.cross_entropy(logits.float(), targets, reduction="sum") / n
+        loss_ce = _rows_ce(logits, targets, ce_rows)
+    if kd_rows is not None:
+        logits, t_logp, t_idx = logits[kd_rows], t_logp[kd_rows], t_idx[kd_rows]
+        lse = None if lse is None else lse[kd_rows]
+        z_top = None if z_top is None else z_top[kd_rows]
     return {"loss_ce": loss_ce, "loss_kd": kd.loss_fn(logits, t_logp, t_idx, lse=lse, z_top=z_top)}
+
+
+def _rows_ce(logits, targets, rows=None) -> torch.Tensor:
+    """Summed CE over `rows` of (N, V) logits (all N when None) / max(count, 1)."""
+    if rows is not None:
+        logits, targets = logits[rows], targets[rows]
+    return F.cross_entropy(logits.float(), targets, reduction="sum") / max(int(targets.numel()), 1)
+
+
+def loss_rows(input_ids, segment_ids, ce_ids: list[int], kd_ids: list[int] | None):
+    """(keep (B, T), targets (N,), ce_rows, kd_rows) for CE on `ce_ids` and KD on `kd_ids`: keep holds the
+    union, and ce_rows / kd_rows (N,) bool mark each term's own rows (both None when kd_ids is None)."""
+    if kd_ids is None:
+        keep, targets = ce_targets(input_ids, segment_ids, ce_ids)
+        return keep, targets, None, None
+    keep, targets = ce_targets(input_ids, segment_ids, sorted(set(ce_ids) | set(kd_ids)))
+    _, target_seg = shifted_targets(input_ids, segment_ids)
+    rows_seg = target_seg[keep]  # (N,)
+    return keep, targets, segment_mask(rows_seg, ce_ids), segment_mask(rows_seg, kd_ids)
 
 
 def token_map_of(batch: dict) -> dict:
@@ -235,6 +264,7 @@ def forward_step(
     ce_ids: list[int],
     struct_ids: list[int],
     lambda_kv: float | str,
+    kd_ids: list[int] | None = None,
     loss_fn=None,
     kd: KDTerm | None = None,
     ce_weight: float = 1.0,
@@ -247,6 +277,7 @@ def forward_step(
         batch: collated batch (trainer.data.loader.collate_right_pad) on the model's device; q_t/k_t/v_t only
             when the model has an aligner; topk_logprobs/topk_indices only with `kd`.
         ce_ids / struct_ids: segment ids counted by CE and KD (by target token) / by the structural loss.
+        kd_ids: segment ids KD counts when they differ from CE's (`train.kd_segments`; None = ce_ids).
         lambda_kv: weight of the structural term at this step; 0 skips the structural forward (no capture,
             no aligner: the same update as CE alone); "auto" = L_ref / L_struct of this batch, detached and
             clipped to `lambda_auto_range` (`trainer.objective.schedules.auto_lambda`; L_ref = terms["loss_kd"] when a
@@ -260,7 +291,7 @@ def forward_step(
         logits in value and gradient (tests/test_step_logits.py). topk_* (B, T, K) -> (N, K) rows.
     """
     ids, attn, seg = batch["input_ids"], batch["attention_mask"], batch["segment_ids"]
-    keep, targets = ce_targets(ids, seg, ce_ids)  # (B, T), (N,)
+    keep, targets, ce_rows, kd_rows = loss_rows(ids, seg, ce_ids, kd_ids)  # (B, T), (N,), (N,) | None
     structural = not (isinstance(lambda_kv, (int, float)) and lambda_kv == 0)
     q_t, k_t, v_t = batch.get("q_t"), batch.get("k_t"), batch.get("v_t")
     cross = token_map_of(batch) if structural and k_t is not None else {}
@@ -269,7 +300,7 @@ def forward_step(
     )
     if logits.dim() == 3:  # the student's own forward ran: every position
         logits = logits[keep]  # (N, V)
-    terms = token_terms(logits, targets, batch, keep, kd)
+    terms = token_terms(logits, targets, batch, keep, kd, ce_rows, kd_rows)
     loss = terms["loss_ce"] if ce_weight == 1.0 else ce_weight * terms["loss_ce"]
     if kd is not None:
         loss = loss + kd.alpha * terms["loss_kd"]

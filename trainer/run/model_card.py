@@ -52,6 +52,7 @@ def _losses(cfg: dict) -> list[str]:
     if loss.get("alpha_logit"):
         terms.append(
             f"logit KD ({loss.get('kd_loss')}) x {loss['alpha_logit']}, temperature {loss.get('kd_temperature')}"
+            f", on segments {train.get('kd_segments') or train.get('ce_segments')}"
         )
     if cfg.get("lambda_kv") not in (None, 0, 0.0):
         parts = [f"{k}={loss[k]}" for k in ("alpha_k", "alpha_v", "alpha_attn") if loss.get(k)]

@@ -38,6 +38,7 @@ from trainer.run.setup import (
     build_aligner,
     build_kd,
     check_resume_config,
+    kd_segment_ids,
     needed_components,
     param_groups,
     segment_ids,
@@ -66,6 +67,7 @@ class Run:
     struct_ids: list[int]
     loss_fn: Any = None  # StructuralKVLoss, or None when lambda_kv == 0
     kd: Any = None  # trainer.objective.step.KDTerm, or None without logit KD
+    kd_ids: list[int] | None = None  # KD's segments when they differ from CE's (train.kd_segments)
     eval_split: str | None = None
     pad_id: int = 0
     start_step: int = 0
@@ -397,6 +399,7 @@ def setup_run(cfg: KVMapConfig, resume: bool, overwrite: bool) -> Run:
         struct_ids=struct_ids,
         loss_fn=parts["loss_fn"],
         kd=parts["kd"],
+        kd_ids=kd_segment_ids(cfg),
         eval_split="eval" if "eval" in store.splits else None,
         pad_id=parts["pad_id"],
         cross_tokenizer=parts["cross_tokenizer"],

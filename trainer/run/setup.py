@@ -43,6 +43,22 @@ def segment_ids(cfg: KVMapConfig) -> tuple[list[int], list[int]]:
     )
 
 
+def kd_segment_ids(cfg: KVMapConfig) -> list[int] | None:
+    """The target-token segment ids logit KD counts when they differ from CE's (`train.kd_segments`), else
+    None: CE and KD read the same rows, the default."""
+    t = cfg.train
+    if t.kd_segments is None:
+        return None
+    kd = segment_ids_of(t.kd_segments, "train.kd_segments")
+    return None if kd == segment_ids_of(t.ce_segments, "train.ce_segments") else kd
+
+
+def token_loss_ids(ce_ids: list[int], kd_ids: list[int] | None) -> list[int]:
+    """The segment ids whose target tokens any token loss (CE or KD) trains: what held-out CE, agreement and
+    KL count as 'trained', so arms that move CE or KD off some rows stay comparable."""
+    return sorted(set(ce_ids) | set(kd_ids or ()))
+
+
 def _check_relation_widths(cfg: KVMapConfig, aligner) -> None:
     rel = cfg.loss_config.relation
     if rel.weight == 0:
