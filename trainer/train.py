@@ -47,7 +47,8 @@ from trainer.run.checkpoint import MERGED, jsonable, save_checkpoint, save_stude
 from trainer.run.cross_setup import cross_dataset
 from trainer.run.loop_utils import check_finite, final_train_metrics, reduce_logs
 from trainer.run.model_card import model_card
-from trainer.run.run_setup import Run, finished_metrics, setup_run
+from trainer.run.run_dir import finished_metrics
+from trainer.run.run_setup import Run, setup_run
 from trainer.run.setup import token_loss_ids
 from trainer.run.sharding import (
     clip_grad_norm,

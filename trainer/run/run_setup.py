@@ -9,8 +9,6 @@ the checkpoint to resume from, the run metadata and the resumable sample stream.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from alignment import create_structural_loss
-from pipeline.config.configlib import ConfigError, load_config, to_dict, write_run_metadata
+from pipeline.config.configlib import write_run_metadata
 from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.trained_tokens import check_trained_tokens, segment_token_counts
 from pipeline.models.load import load_model, pad_token_id
@@ -30,14 +28,13 @@ from trainer.data.loader import ResumableSampler, StoreDataset, collate_right_pa
 from trainer.data.preload import preload_bytes
 from trainer.objective.schedules import lr_schedule
 from trainer.objective.step import DistillModel
-from trainer.run.checkpoint import MetricsLog, latest_checkpoint, read_trainer_state
+from trainer.run.checkpoint import MetricsLog, read_trainer_state
 from trainer.run.cross_setup import build_cross_kd, check_cross, cross_dataset, is_cross_tokenizer
 from trainer.run.loop_utils import flat_config, notice, trackers
-from trainer.run.run_dir import check_run_dir_writable
+from trainer.run.run_dir import prepare_run_dir, remove_if_empty
 from trainer.run.setup import (
     build_aligner,
     build_kd,
-    check_resume_config,
     kd_segment_ids,
     needed_components,
     param_groups,
@@ -79,79 +76,6 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
-
-
-def finished_metrics(cfg: KVMapConfig, resume: bool, overwrite: bool) -> dict | None:
-    """metrics.json of an already finished run of this config when `--resume` is asked (nothing to do).
-
-    A finished run keeps no checkpoint unless `train.save_final_state`; without `--resume` or `--overwrite`
-    its folder is refused like one holding checkpoints.
-    """
-    run_dir = Path(cfg.run_dir)
-    done = run_dir / "metrics.json"
-    if overwrite or not done.is_file() or latest_checkpoint(run_dir) is not None:
-        return None
-    if not resume:
-        raise ConfigError(
-            f"run_dir='{run_dir}' holds a finished run (metrics.json): pass --resume to read it, --overwrite to "
-            "retrain, or choose another run_dir"
-        )
-    saved = load_config(KVMapConfig, run_dir / "config.yaml")
-    check_resume_config(to_dict(saved), to_dict(cfg))
-    return json.loads(done.read_text())
-
-
-def check_resume_batch(cfg: KVMapConfig, saved_cfg: dict, world: int, now_world: int, ckpt_name: str) -> None:
-    """Elastic resume: another process count is fine when every step still consumes the same number of
-    samples (batch_size x grad_accum x processes), because the global sample stream is a function of the
-    stream position alone; the resumed run then reads exactly the samples the first one had not."""
-    saved_train = saved_cfg.get("train", {})
-    before = saved_train.get("batch_size", 0) * saved_train.get("grad_accum", 0) * world
-    now = cfg.train.batch_size * cfg.train.grad_accum * now_world
-    if before != now:
-        raise ConfigError(
-            f"--resume: checkpoint {ckpt_name} consumed {before} samples per step (train.batch_size x "
-            f"train.grad_accum x {world} process(es)), this launch {now} ({now_world} process(es)): keep the product "
-            "equal so the sample stream continues where it stopped"
-        )
-    if world != now_world and cfg.train.shuffle == "shards":
-        raise ConfigError(
-            f"--resume: checkpoint {ckpt_name} was written by {world} processes, this launch has {now_world}: "
-            "train.shuffle=shards deals shards to the run's readers, so resume it with the same process count"
-        )
-
-
-def prepare_run_dir(cfg: KVMapConfig, resume: bool, overwrite: bool, accelerator) -> Path | None:
-    """The checkpoint to resume from (or None); refuses to silently restart over an existing run, or to
-    resume one with a different training config."""
-    run_dir = Path(cfg.run_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        saved = read_trainer_state(ckpt)
-        saved_cfg = saved.get("config", to_dict(cfg))
-        check_resume_config(saved_cfg, to_dict(cfg))
-        world = saved.get("num_processes", accelerator.num_processes)
-        check_resume_batch(cfg, saved_cfg, world, accelerator.num_processes, ckpt.name)
-    ckpt_root = run_dir / "checkpoints"
-    existing = (ckpt_root.is_dir() and any(ckpt_root.iterdir())) or (run_dir / "metrics.json").is_file()
-    if not resume and existing:
-        if not overwrite:
-            raise ConfigError(
-                f"run_dir='{run_dir}' already holds checkpoints: pass --resume to continue it or --overwrite to restart"
-            )
-        accelerator.wait_for_everyone()  # every rank has looked before the main one deletes
-        if accelerator.is_main_process:
-            shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        check_run_dir_writable(run_dir)
-    return ckpt
-
-
-def remove_if_empty(folder: Path) -> None:
-    """Delete `folder` when no file lives anywhere under it (only empty folders)."""
-    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def tracker_init_kwargs(cfg: KVMapConfig, names: list[str]) -> dict:

@@ -247,7 +247,7 @@ RESUME_FREE_KEYS = (
     "train.save_final_state",
     "train.num_workers",
     "train.prefetch_factor",
-    # per-process batch shape: free as long as the samples per step stay equal (run_setup.check_resume_batch)
+    # per-process batch shape: free as long as the samples per step stay equal (run_dir.check_resume_batch)
     "train.batch_size",
     "train.grad_accum",
     "eval.",
