@@ -252,8 +252,8 @@ def section_capture(geo: dict, dev: torch.device, repeats: int) -> dict:
 
 def _topk_rows(dev: torch.device, N: int, V: int, repeats: int) -> dict:
     """ms of the stored top-k log-probs of N rows of bf16 logits (N, V): the fp32 log-softmax then top-k
-    (before) vs `pipeline.extraction.chunk.topk_logprobs` (top-k of the raw logits minus the log-sum-exp)."""
-    from pipeline.extraction.chunk import topk_logprobs
+    (before) vs `pipeline.extraction.teacher_outputs.topk_logprobs` (top-k of the raw logits minus the log-sum-exp)."""
+    from pipeline.extraction.teacher_outputs import topk_logprobs
 
     z = torch.randn(N, V, device=dev, dtype=torch.bfloat16) * 3  # (N, V)
     old = lambda: torch.log_softmax(z.float(), -1).topk(KD_TOP_K, -1)  # noqa: E731

@@ -116,12 +116,12 @@ def make_tiny_store(
     The teacher and its tokenizer are saved as an HF folder at `teacher_dir(path)` (for live-teacher tools).
     `poison=True` writes a NaN into the teacher keys of the first sample (for NaN-detection tests).
     `top_k > 0` also stores the teacher's top-k log-probs of both splits (as stage 1 computes them:
-    `pipeline.extraction.chunk.topk_logprobs` on an unpadded forward).
+    `pipeline.extraction.teacher_outputs.topk_logprobs` on an unpadded forward).
     `with_text`: also the rendered texts and char spans stage 1 keeps (`with_texts`).
     """
     from transformers import AutoModelForCausalLM
 
-    from pipeline.extraction.chunk import topk_logprobs
+    from pipeline.extraction.teacher_outputs import topk_logprobs
     from pipeline.models.capture import capture_qkv
     from pipeline.store.encoding import encode_logprobs
     from pipeline.store.writer import StoreWriter

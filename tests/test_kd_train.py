@@ -13,7 +13,7 @@ import torch
 from alignment.losses.logit_kd import LogitKDLoss
 from pipeline.config.configlib import ConfigError, from_dict
 from pipeline.config.kvmap import KVMapConfig
-from pipeline.extraction.chunk import topk_logprobs
+from pipeline.extraction.teacher_outputs import topk_logprobs
 from pipeline.store.encoding import decode_logprobs, encode_logprobs
 from pipeline.store.reader import KVStore
 from tests.conftest import tiny_student_config

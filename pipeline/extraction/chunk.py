@@ -16,8 +16,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.config.kvmap import SEGMENTS
 from pipeline.extraction.host_copy import HostCopier
+from pipeline.extraction.teacher_outputs import (
+    accumulate_teacher_metrics,
+    metrics_into,
+    row_lse,
+    topk_logprobs,
+)
 from pipeline.store.encoding import LOGPROB_FLOOR
 from pipeline.store.int8 import INT8_SCHEMES, quantize
 from pipeline.store.packed_split import PackedSplit
@@ -81,72 +86,6 @@ def pad_batch(packed: PackedSplit, batch: np.ndarray, pad_id: int):
         seg[j, :n] = torch.from_numpy(win_seg[o : o + n].astype(np.int64))
         ans[j, :n] = torch.from_numpy(win_ans[o : o + n].astype(bool))
     return ids, seg, ans
-
-
-def topk_logprobs(
-    logits: torch.Tensor, k: int, lse: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's log-softmax (fp32, temperature 1) reduced to its top k, sorted descending.
-
-    Shapes: logits (..., V) -> values (..., k) float32, indices (..., k) int64.
-    """
-    # top-k of the raw logits in their own dtype (bf16 -> fp32 is exact and log-softmax is monotone: the same
-    # ids), then minus the fp32 log-sum-exp: no (N, V) fp32 log-softmax written, a 16-bit radix select on GPU
-    vals, idx = logits.topk(k, dim=-1, sorted=True)
-    lse = _row_lse(logits) if lse is None else lse  # (...) fp32, when the caller already has it
-    return vals.float() - lse[..., None], idx
-
-
-def _row_lse(z: torch.Tensor, rows: int = 2048) -> torch.Tensor:
-    """log-sum-exp over the vocabulary in fp32, (..., V) -> (...), a block of rows at a time (the fp32 copy
-    of a 150k-vocabulary batch would be GBs)."""
-    flat = z.reshape(-1, z.shape[-1])
-    out = torch.cat(
-        [torch.logsumexp(flat[i : i + rows].float(), dim=-1) for i in range(0, flat.shape[0], rows)]
-    )
-    return out.view(z.shape[:-1])
-
-
-def _accumulate_teacher_metrics(sums: dict, logits, lse, ids, ans, seg, own_idx) -> None:
-    """Answer-token accuracy counts and per-segment teacher CE sums of the samples starting in this chunk,
-    added to `sums` as device tensors: no host sync per batch (`_metrics_into` reads them once per chunk).
-    Shapes: logits (B, T, V), lse (B, T) its fp32 log-sum-exp, ids / ans / seg (B, T) on the device; own_idx (B',) device rows to count or None
-    (all)."""
-    if own_idx is not None:  # a sample crossing into this chunk was counted where it starts
-        if own_idx.numel() == 0:
-            return
-        logits, lse, ids, ans, seg = (x.index_select(0, own_idx) for x in (logits, lse, ids, ans, seg))
-    z, target = logits[:, :-1], ids[:, 1:]  # (B, T-1, V), (B, T-1): position t-1 predicts token t
-    hit = z.argmax(-1) == target
-    tgt_seg, scored = seg[:, 1:], ans[:, 1:]
-    # Teacher-forced CE per target segment: how well the teacher's own distribution fits the data (a
-    # teacher that does not write like the data is a poor logit-KD target). CE = lse - z[target].
-    ce = lse[:, :-1].double() - z.gather(-1, target[..., None]).squeeze(-1).double()  # (B, T-1)
-    add = {}
-    for name in ("R", "A"):
-        m = scored & (tgt_seg == SEGMENTS[name])
-        add[("acc", f"n_{name}")], add[("acc", f"correct_{name}")] = m.sum(), (hit & m).sum()
-    for name in ("P", "R", "A"):
-        m = tgt_seg == SEGMENTS[name]
-        add[("ce", f"sum_{name}")] = torch.where(m, ce, 0.0).sum()
-        add[("ce", f"n_{name}")] = m.sum()
-    for key, v in add.items():
-        sums[key] = sums[key] + v if key in sums else v
-
-
-def _metrics_into(stats: dict, sums: dict) -> None:
-    """Device sums {(group, key): 0-dim tensor} -> the chunk's stats (one host read for all of them)."""
-    if not sums:
-        return
-    values = torch.stack([v.double() for v in sums.values()]).tolist()
-    for (group, key), v in zip(sums, values):
-        if group == "topk_mass":
-            stats["topk_mass"] = v
-        else:
-            stats[group][key] = v if key.startswith("sum_") else int(v)
-    acc = stats["acc"]
-    if acc:  # the summed R + A counts, for code keyed by segment name
-        acc["n_all"], acc["correct_all"] = acc["n_R"] + acc["n_A"], acc["correct_R"] + acc["correct_A"]
 
 
 def _chunk_rows(packed: PackedSplit, batch: np.ndarray, start: int, end: int):
@@ -352,8 +291,8 @@ def extract_chunk(
             _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
             pending = None
         stats["forward_tokens"] += int(packed.lengths[batch].sum())
-        lse = _row_lse(logits)  # (B, T) fp32: one pass over the vocabulary for CE and the top-k
-        _accumulate_teacher_metrics(sums, logits, lse, ids_d, ans_d, seg_d, own_idx)
+        lse = row_lse(logits)  # (B, T) fp32: one pass over the vocabulary for CE and the top-k
+        accumulate_teacher_metrics(sums, logits, lse, ids_d, ans_d, seg_d, own_idx)
         ys, finite, raw = _gather_states(cap, layers, components, sdt, jj_d, tt_d, heads)
         if top_k:
             ys.update(_topk_entries(sums, logits[jj_d, tt_d], lse[jj_d, tt_d], top_k))
@@ -367,7 +306,7 @@ def extract_chunk(
             pending = None
     if pending is not None:
         _finish(copier, pending, bufs, end - start, index_dtype, sdt, on_batch)
-    _metrics_into(stats, sums)
+    metrics_into(stats, sums)
     if dev:
         bufs.update(_quantize_chunk(dev, INT8_SCHEMES, device))
     return bufs, stats
