@@ -238,10 +238,10 @@ def loss_rows(input_ids, segment_ids, ce_ids: list[int], kd_ids: list[int] | Non
     if kd_ids is None:
         keep, targets = ce_targets(input_ids, segment_ids, ce_ids)
         return keep, targets, None, None
-    keep, targets = ce_targets(input_ids, segment_ids, sorted(set(ce_ids) | set(kd_ids)))
-    _, target_seg = shifted_targets(input_ids, segment_ids)
+    target, target_seg = shifted_targets(input_ids, segment_ids)  # once: ce_targets' rule on the union
+    keep = segment_mask(target_seg, sorted(set(ce_ids) | set(kd_ids)))  # (B, T)
     rows_seg = target_seg[keep]  # (N,)
-    return keep, targets, segment_mask(rows_seg, ce_ids), segment_mask(rows_seg, kd_ids)
+    return keep, target[keep], segment_mask(rows_seg, ce_ids), segment_mask(rows_seg, kd_ids)
 
 
 def token_map_of(batch: dict) -> dict:
