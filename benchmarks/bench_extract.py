@@ -41,8 +41,9 @@ from pipeline.config.configlib import load_config  # noqa: E402
 from pipeline.config.kvmap import KVMapConfig  # noqa: E402
 from pipeline.data.default_data import generate_default_data  # noqa: E402
 from pipeline.data.split_shards import remove_staging  # noqa: E402
-from pipeline.extract import load_split, resolve_layers, run_extraction  # noqa: E402
+from pipeline.extract import resolve_layers, run_extraction  # noqa: E402
 from pipeline.extraction.chunk import chunk_batches, pad_batch  # noqa: E402
+from pipeline.extraction.inputs import load_split  # noqa: E402
 from pipeline.models.load import load_model, model_geometry, pad_token_id  # noqa: E402
 from pipeline.store.codecs import CODECS, make_compressors, quiet_codecs  # noqa: E402
 from pipeline.store.reader import KVStore  # noqa: E402

@@ -39,7 +39,8 @@ from pipeline.config.configlib import load_config  # noqa: E402
 from pipeline.config.kvmap import KVMapConfig  # noqa: E402
 from pipeline.data.default_data import generate_default_data  # noqa: E402
 from pipeline.data.split_shards import remove_staging  # noqa: E402
-from pipeline.extract import load_split, run_extraction  # noqa: E402
+from pipeline.extract import run_extraction  # noqa: E402
+from pipeline.extraction.inputs import load_split  # noqa: E402
 from pipeline.models.load import load_model  # noqa: E402
 from pipeline.store.codecs import make_compressors, quiet_codecs  # noqa: E402
 from pipeline.store.encoding import decode_logprobs, encode_logprobs  # noqa: E402

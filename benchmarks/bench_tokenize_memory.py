@@ -8,7 +8,7 @@ Shape glossary: N tokens of the split, S samples.
 The rows are the embedded default task (pipeline/data/default_data.py, ~65 tokens each) generated at
 `--rows` and 4x `--rows` into a temporary folder. Each measurement is one fresh process (or one
 `accelerate launch` of `--processes` processes, gloo) running exactly what stage 1 runs before its first
-forward, `pipeline.extract.load_split` (tokenise, count, pack into the store layout), with the config's
+forward, `pipeline.extraction.inputs.load_split` (tokenise, count, pack into the store layout), with the config's
 teacher tokenizer. Per process it reports the RSS after the tokenizer is loaded (`start`), the peak of the
 whole process (ru_maxrss) and the rise between them, per 1,000 rows. The packed layout itself, which every
 process keeps (the extraction loop reads any chunk's tokens from it), is 6 bytes per token + 20 per sample for the token arrays, plus 8 bytes per token of
@@ -58,7 +58,7 @@ def worker(a) -> None:
 
     from pipeline.config.configlib import load_config
     from pipeline.config.kvmap import KVMapConfig
-    from pipeline.extract import load_split
+    from pipeline.extraction.inputs import load_split
     from pipeline.models.load import load_tokenizer
 
     state = PartialState(cpu=True)

@@ -41,7 +41,7 @@ from pipeline.config.kvmap import KVMapConfig
 from pipeline.data.completions import teacher_completions
 from pipeline.data.default_data import generate_default_data
 from pipeline.data.samples import load_samples
-from pipeline.data.split_shards import remove_staging, tokenize_packed
+from pipeline.data.split_shards import remove_staging
 from pipeline.data.trained_tokens import check_trained_tokens
 from pipeline.extraction.chunk import extract_writer_chunk
 from pipeline.extraction.head_probe import (
@@ -51,9 +51,11 @@ from pipeline.extraction.head_probe import (
     top_heads,
     write_probe_store,
 )
-from pipeline.extraction.plan import check_free_space, format_plan, make_plan, state_shapes
+from pipeline.extraction.inputs import load_split
+from pipeline.extraction.plan import make_plan, state_shapes
+from pipeline.extraction.plan_report import check_free_space, format_plan
 from pipeline.extraction.store_attrs import config_fingerprint, logits_attrs, state_components, teacher_attrs
-from pipeline.extraction.summary import add_up_ranks, print_summary, skip_reasons, summarise
+from pipeline.extraction.summary import add_up_ranks, print_summary, summarise
 from pipeline.models.capture import capture_qkv
 from pipeline.models.load import load_hf_config, load_model, model_geometry, pad_token_id
 from pipeline.pruning.meta import read_prune_meta
@@ -66,46 +68,6 @@ from pipeline.store.writer import AsyncChunkWriter, StoreWriter
 def student_num_layers(model_cfg) -> int:
     """Decoder layer count of the student named by a ModelConfig (config dict, HF folder, .gguf, builtin)."""
     return model_geometry(load_hf_config(model_cfg))["layers"]
-
-
-def load_split(cfg: KVMapConfig, split: str, tokenizer, state=None) -> tuple[PackedSplit, dict] | None:
-    """Tokenise one split (pipeline.data.samples) into the packed layout; with several processes (`state`,
-    every one must call it) each tokenises its share of the rows (pipeline/data/split_shards.py).
-
-    Returns (packed, counts) with counts {"rows", "kept", "skipped", "bad_rows", "dropped_too_long",
-    "truncated", "format", "segment_tokens"}, or None when the split has no data (eval_path null). Bad rows
-    follow `data.on_bad_row`; a split that keeps no sample is an error.
-    """
-    if split == "eval" and cfg.data.eval_path is None:
-        return None
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    packed, c = tokenize_packed(
-        cfg.data,
-        split,
-        tokenizer,
-        cfg.extract.store,
-        rank,
-        world,
-        texts=cfg.extract.texts,
-        storage_options=cfg.extract.storage_options,
-    )
-    counts = {
-        "rows": c["rows"],
-        "kept": c["samples"],
-        "skipped": c["rows"] - c["samples"],
-        "bad_rows": c["bad_rows"],
-        "dropped_too_long": c["dropped_too_long"],
-        "truncated": c["truncated"],
-        "format": c["format"],
-        "segment_tokens": c["segment_tokens"],
-    }
-    if not packed.num_tokens:
-        key = "train_path" if split == "train" else "eval_path"
-        raise ValueError(
-            f"data.{key}={getattr(cfg.data, key)!r}: no usable sample ({counts['skipped']} rows "
-            f"skipped{skip_reasons(counts)})"
-        )
-    return packed, counts
 
 
 def resolve_layers(cfg: KVMapConfig, num_teacher_layers: int) -> list[int]:

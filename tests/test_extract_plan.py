@@ -15,11 +15,10 @@ from pipeline.extract import main
 from pipeline.extraction.plan import (
     dataset_counts,
     estimate,
-    format_plan,
-    free_space,
     head_split,
     raw_bytes_per_token,
 )
+from pipeline.extraction.plan_report import format_plan, free_space
 from pipeline.store.location import StoreLocation
 from pipeline.store.reader import KVStore
 from tests.helpers_store import random_split, save_tiny_teacher, write_extract_config

@@ -349,32 +349,21 @@ def _warped_kl(attn_target, s_q, s_k, t_q_axis, t_k_axis, plan, t_mask, head_mix
     s_mask = plan.segment_ids >= 0  # every real student token is a key
     kw = {k: v for k, v in kw.items() if k != "impl"}  # the warped target has no fused kernel
     if attn_target == "projected":
-        scale_t = teacher_scale if teacher_scale is not None else student_scale
+        axis, scale_t = 0, teacher_scale if teacher_scale is not None else student_scale
         kw = {k: v for k, v in kw.items() if k not in ("softcap_t", "window_t")}
-        return warped_attention_kl(
-            s_q,
-            s_k,
-            t_q_axis[0],
-            t_k_axis[0],
-            plan,
-            s_mask,
-            t_mask,
-            scale_s=student_scale,
-            scale_t=scale_t,
-            **kw,
-        )
-    hm = head_mix.detach() if head_mix is not None else None
+    else:
+        axis, scale_t = 1, teacher_scale
+        kw["head_mix"] = head_mix.detach() if head_mix is not None else None
     return warped_attention_kl(
         s_q,
         s_k,
-        t_q_axis[1],
-        t_k_axis[1],
+        t_q_axis[axis],
+        t_k_axis[axis],
         plan,
         s_mask,
         t_mask,
         scale_s=student_scale,
-        scale_t=teacher_scale,
-        head_mix=hm,
+        scale_t=scale_t,
         **kw,
     )
 
