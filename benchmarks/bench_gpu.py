@@ -52,11 +52,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for _p in (REPO, HERE):  # kvmap packages without a pip install; the sibling gpu_sections.py by its own name
+for _p in (
+    REPO,
+    HERE,
+):  # kvmap packages without a pip install; the sibling gpu_sections.py and gpu_step_section.py by their own names
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 import gpu_sections as gs  # noqa: E402  (found through HERE on sys.path)
+import gpu_step_section as step_section  # noqa: E402
 
 KL_SHAPE = dict(B=1, L=1, H=9, G=3, D=64)  # as benchmarks/bench_attention_kl.py (SmolLM2-like)
 
@@ -188,7 +192,7 @@ def table_kl(res: dict) -> str:
 
 SECTIONS = {
     "1": ("capture", gs.section_capture, gs.table_capture),
-    "2": ("step", gs.section_step, gs.table_step),
+    "2": ("step", step_section.section_step, step_section.table_step),
     "3": ("attn_kl", section_kl, table_kl),
 }
 
